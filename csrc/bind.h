@@ -1,0 +1,12 @@
+// Pieces of the klanneal._C module, one per op family. Only the binding
+// files include pybind11; the core (klanneal_core) never does.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace klanneal {
+
+void register_schedules(pybind11::module_& m);
+void register_elbo(pybind11::module_& m);
+
+}  // namespace klanneal

@@ -1,0 +1,2 @@
+#include "klanneal/elbo.h"
+#include "klanneal/elbo_math.h"

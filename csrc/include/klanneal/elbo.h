@@ -1,0 +1,88 @@
+// The fused ELBO op: parameters shared by the CPU and CUDA launchers.
+//
+//   loss = recon + beta * KL_term
+//   recon: sum over elements of the per-element negative log-likelihood
+//   KL_term: sum_d KL(q(z_d|x) || N(0,1)), with free bits if asked
+//
+// Reductions over the batch of B examples: kBatchMean divides the sums by B
+// (the per-example ELBO of the paper's code), kSum does not, kNone writes
+// one value per example.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "klanneal/common.h"
+#include "klanneal/schedule.h"
+
+namespace klanneal {
+
+enum class Likelihood : int32_t { kCategorical = 0, kBernoulli = 1, kGaussian = 2, kMse = 3 };
+enum class Reduction : int32_t { kBatchMean = 0, kSum = 1, kNone = 2 };
+// kBatch: sum_d max(lambda, mean_b KL_bd) (Kingma et al. 2016);
+// kSample: sum_d max(lambda, KL_bd) for each example.
+enum class FreeBitsMode : int32_t { kBatch = 0, kSample = 1 };
+
+struct ElboParams {
+  // recon_input is viewed as [n_rows, row_len]. Categorical: one row per
+  // position, row_len = V, rows_per_example = n_rows / batch consecutive rows
+  // belong to one example. Other likelihoods: one row per example.
+  int64_t batch = 0;       // B
+  int64_t n_rows = 0;      // categorical: B * prod(middle dims); others: B
+  int64_t row_len = 0;     // categorical: V; others: elements per example
+  int64_t latent_dim = 0;  // D
+
+  Likelihood likelihood = Likelihood::kCategorical;
+  Reduction reduction = Reduction::kBatchMean;
+  FreeBitsMode free_bits_mode = FreeBitsMode::kBatch;
+  DType recon_dtype = DType::kFloat32;   // recon_input, float targets, grad_recon
+  DType latent_dtype = DType::kFloat32;  // mu, logvar, grad_mu, grad_logvar
+
+  double free_bits = 0.0;     // lambda in nats per latent dimension; 0 disables
+  double gaussian_var = 1.0;  // fixed variance of the gaussian likelihood
+  int64_t ignore_index = -100;
+
+  // Beta comes from exactly one source, checked in this order:
+  //   beta_ptr  (a float64 scalar in the op's device memory), else
+  //   step_ptr  (an int64 scalar step; beta = schedule_value(schedule, *step)), else
+  //   beta_value.
+  const double* beta_ptr = nullptr;
+  const int64_t* step_ptr = nullptr;
+  ScheduleParams schedule;
+  double beta_value = 1.0;
+
+  // Inputs (contiguous).
+  const void* recon_input = nullptr;  // [n_rows, row_len], recon_dtype
+  const void* target = nullptr;       // categorical: int64 [n_rows]; else recon_dtype [n_rows, row_len]
+  const void* mu = nullptr;           // [B, D], latent_dtype
+  const void* logvar = nullptr;       // [B, D], latent_dtype
+
+  // Outputs, all float64; the Python layer casts them to the result dtype.
+  double* loss = nullptr;        // [B] for kNone, else [1]
+  double* recon = nullptr;       // same shape as loss
+  double* kl = nullptr;          // same shape as loss; the true KL, before free bits
+  double* kl_per_dim = nullptr;  // [D], batch mean of KL_bd
+  double* beta_out = nullptr;    // [1], the beta that was used
+
+  // Gradients of `loss` (under its reduction), written in the forward pass;
+  // nullptr skips that work. grad_recon may alias recon_input (inplace).
+  // For kNone they are the gradients of each example's own loss.
+  void* grad_recon = nullptr;   // [n_rows, row_len], recon_dtype
+  void* grad_mu = nullptr;      // [B, D], latent_dtype
+  void* grad_logvar = nullptr;  // [B, D], latent_dtype
+
+  int n_threads = 1;  // CPU only: worker threads (the caller passes torch.get_num_threads())
+};
+
+// Fills the outputs. Throws std::invalid_argument on inconsistent parameters.
+void launch_elbo_cpu(const ElboParams& p);
+
+#if KLANNEAL_WITH_CUDA
+// Bytes of device scratch memory launch_elbo_cuda needs for these sizes.
+size_t elbo_cuda_workspace_bytes(const ElboParams& p);
+// Enqueues the op on `stream` (a cudaStream_t) without host synchronisation.
+// Throws std::runtime_error naming the CUDA error if a launch fails.
+void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_bytes, void* stream);
+#endif
+
+}  // namespace klanneal

@@ -1,0 +1,129 @@
+// Per-element math of the ELBO op and its derivatives: the one definition
+// used by both the CPU kernels and the CUDA kernels, so the CPU tests
+// exercise the same formulas the GPU runs. Arithmetic is in T = float for
+// fp32/fp16/bf16 inputs and T = double for fp64.
+#pragma once
+
+#include <cmath>
+
+#include "klanneal/common.h"
+
+namespace klanneal {
+
+// ---- categorical: online log-sum-exp --------------------------------------
+// State of a running max m and sum s = sum_j exp(x_j - m). The row's
+// log-sum-exp is m + log(s). NaN propagates: exp(NaN - m) is NaN.
+template <typename T>
+struct LseState {
+  T m;
+  T s;
+};
+
+template <typename T>
+KLANNEAL_HD LseState<T> lse_init() {
+  return {-INFINITY, T(0)};
+}
+
+// Adds one element. Invariants: m is never NaN (NaN > m is false), s == 0
+// while m == -inf, and a NaN element makes s NaN for good, so a NaN logit
+// gives a NaN loss as in the reference. -inf elements add nothing; a row of
+// only -inf ends with lse = -inf and a NaN loss, also as the reference.
+template <typename T>
+KLANNEAL_HD LseState<T> lse_push(LseState<T> st, T x) {
+  if (x > st.m) {
+    st.s = st.s * exp(st.m - x) + T(1);  // exp(-inf) = 0 for the first element
+    st.m = x;
+  } else if (x != -INFINITY) {
+    st.s += exp(x - st.m);
+  }
+  return st;
+}
+
+// Merges two partial states (tree or lane reductions).
+template <typename T>
+KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
+  if (b.m > a.m) {
+    LseState<T> t = a;
+    a = b;
+    b = t;
+  }
+  // Now a.m >= b.m. An empty (all -inf) b has s == 0 and adds nothing; a NaN
+  // s in either carries through the sum.
+  if (b.m == -INFINITY) return {a.m, a.s + b.s};
+  return {a.m, a.s + b.s * exp(b.m - a.m)};
+}
+
+template <typename T>
+KLANNEAL_HD T lse_value(LseState<T> st) {
+  return st.m + log(st.s);
+}
+
+// Loss of one row: logsumexp(x) - x[target].
+template <typename T>
+KLANNEAL_HD T categorical_nll(T lse, T x_target) {
+  return lse - x_target;
+}
+
+// d loss / d x_j = softmax_j - [j == target], times scale. The target term
+// is formed in T (fp32 at least) before any cast to a low-precision dtype:
+// p_t - 1 loses everything if p_t is first rounded to fp16/bf16.
+template <typename T>
+KLANNEAL_HD T categorical_grad(T x, T lse, bool is_target, T scale) {
+  const T p = exp(x - lse);
+  return (is_target ? p - T(1) : p) * scale;
+}
+
+// ---- bernoulli: binary cross-entropy with logits ---------------------------
+// max(x, 0) - x*y + log1p(exp(-|x|)); soft targets y in [0, 1] allowed.
+template <typename T>
+KLANNEAL_HD T bernoulli_nll(T x, T y) {
+  return (x > T(0) ? x : T(0)) - x * y + log1p(exp(-fabs(x)));
+}
+
+template <typename T>
+KLANNEAL_HD T bernoulli_grad(T x, T y) {
+  return T(1) / (T(1) + exp(-x)) - y;
+}
+
+// ---- gaussian with fixed variance, and plain squared error ------------------
+// 0.5 * ((x - y)^2 / var + log(2*pi*var)); log_norm = log(2*pi*var) is
+// computed once per launch.
+template <typename T>
+KLANNEAL_HD T gaussian_nll(T x, T y, T inv_var, T log_norm) {
+  const T d = x - y;
+  return T(0.5) * (d * d * inv_var + log_norm);
+}
+
+template <typename T>
+KLANNEAL_HD T gaussian_grad(T x, T y, T inv_var) {
+  return (x - y) * inv_var;
+}
+
+template <typename T>
+KLANNEAL_HD T mse_nll(T x, T y) {
+  const T d = x - y;
+  return d * d;
+}
+
+template <typename T>
+KLANNEAL_HD T mse_grad(T x, T y) {
+  return T(2) * (x - y);
+}
+
+// ---- Gaussian KL(N(mu, exp(logvar)) || N(0, 1)) per element -------------------
+template <typename T>
+KLANNEAL_HD T gaussian_kl(T mu, T logvar) {
+  return T(-0.5) * (T(1) + logvar - mu * mu - exp(logvar));
+}
+
+template <typename T>
+KLANNEAL_HD T gaussian_kl_grad_mu(T mu) {
+  return mu;
+}
+
+template <typename T>
+KLANNEAL_HD T gaussian_kl_grad_logvar(T logvar) {
+  return T(0.5) * (exp(logvar) - T(1));
+}
+
+}  // namespace klanneal

@@ -1,0 +1,1 @@
+#include "klanneal/schedule.h"

@@ -1,0 +1,23 @@
+"""klanneal: cyclical KL annealing and a fused ELBO loss for VAEs."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+try:
+    from klanneal import _C  # noqa: F401
+
+    HAS_NATIVE = True
+except ImportError:  # pragma: no cover - the fallback path is tested via KLANNEAL_DISABLE_NATIVE
+    _C = None
+    HAS_NATIVE = False
+
+
+def build_info() -> dict:
+    """How the native extension was built (see ``klanneal._C.build_info``).
+
+    Returns ``{"native": False}`` when the extension is missing.
+    """
+    if _C is None:
+        return {"native": False, "version": __version__, "cuda": False}
+    return {"native": True, **_C.build_info()}
