@@ -29,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
       "compiler, simd (ISA dispatched to on this CPU), simd_compiled.");
   klanneal::register_schedules(m);
   klanneal::register_elbo(m);
+  klanneal::register_elbo_cuda(m);
 }
