@@ -83,6 +83,16 @@ def check_args(
 ) -> None:
     """Raises TypeError/ValueError naming the first bad argument."""
     check_options(likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var)
+    tensors = (("recon_input", recon_input), ("target", target), ("mu", mu), ("logvar", logvar))
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if len({t.device for _, t in tensors}) > 1:
+        raise ValueError(
+            "recon_input, target, mu and logvar must be on one device, got "
+            f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"
+        )
+
     for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
