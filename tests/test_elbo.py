@@ -456,3 +456,19 @@ def test_mixed_latent_and_recon_dtypes():
     got = run(elbo_loss, inputs, beta=0.5)
     assert got[0][0].dtype == torch.float64 and got[1][1].dtype == torch.float32
     assert_matches(got, run(elbo_loss_ref, inputs, beta=0.5), torch.float32)
+
+
+def test_klanneal_schedules_evaluated_in_the_op_match_python():
+    # Runs once the schedules branch is merged: the op evaluates the schedule
+    # from a step tensor in C++ (schedule.h); the reference calls it in Python.
+    schedules = pytest.importorskip("klanneal.schedules")
+    inputs = make_inputs("categorical", 2, (3,), 9, 4)
+    for schedule in (
+        schedules.Cyclical(total_steps=40, n_cycles=4, ratio=0.5, shape="sigmoid"),
+        schedules.Monotonic(warmup_steps=10),
+    ):
+        for step in (0, 3, 7, 12, 39, 55):
+            got = run(elbo_loss, inputs, beta=schedule, step=torch.tensor(step))
+            assert got[0][4].item() == pytest.approx(schedule(step), abs=1e-6)
+            want = run(elbo_loss_ref, inputs, beta=schedule, step=step)
+            assert_matches(got, want, torch.float32)
