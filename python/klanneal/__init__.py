@@ -23,4 +23,4 @@ def build_info() -> dict:
     return {"native": True, **_C.build_info()}
 
 
-from klanneal import schedules  # noqa: E402
+from klanneal import schedules  # noqa: E402, F401
