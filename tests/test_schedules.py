@@ -561,6 +561,7 @@ _SCHEDULE_ERRORS = [
         "missing keys ['warmup_steps', 'stop']",
     ),
     (lambda: Schedule.from_state_dict({"type": "Linear"}), ValueError, "'type' must be one of"),
+    (lambda: Schedule(), TypeError, "Schedule is abstract"),
     (lambda: BetaScheduler(lambda step: 0.0), TypeError, "schedule must be a klanneal Schedule"),
     (lambda: BetaScheduler(Constant(1.0), last_step=-2), ValueError, "last_step must be >= -1"),
     (
