@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
-import klanneal
 import pytest
 import torch
 from elbo_cases import LinearWarmup, assert_matches, make_inputs, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import klanneal
 from klanneal import _ops, elbo_loss, elbo_loss_ref
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
