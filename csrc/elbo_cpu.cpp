@@ -18,6 +18,8 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "klanneal/cpu_features.h"
