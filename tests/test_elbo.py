@@ -422,6 +422,30 @@ def test_inplace_writes_the_gradient_into_the_logits_buffer():
     torch.testing.assert_close(base.grad, want[1][0], rtol=5e-5, atol=2e-6)
 
 
+def test_inplace_on_a_view_of_the_decoder_output():
+    # logits = linear(h).view(B, T, V) is the common case: a view, not a base.
+    x, target, mu, logvar = make_inputs("categorical", 3, (4,), 33, 5)
+    hidden = torch.randn(12, 6)
+    weight = torch.randn(6, 33, requires_grad=True)
+    logits = (hidden @ weight).view(3, 4, 33)
+    out = elbo_loss(logits, target, mu, logvar, 0.5, inplace=True)
+    (2.5 * out.loss).backward()
+    ref_weight = weight.detach().clone().requires_grad_()
+    want = elbo_loss_ref((hidden @ ref_weight).view(3, 4, 33), target, mu, logvar, 0.5)
+    (2.5 * want.loss).backward()
+    torch.testing.assert_close(out.loss.detach(), want.loss.detach())
+    torch.testing.assert_close(weight.grad, ref_weight.grad, rtol=5e-5, atol=2e-5)
+
+
+def test_inplace_overwrite_is_detected_by_a_node_that_saved_the_logits():
+    x, target, mu, logvar = make_inputs("categorical", 2, (3,), 9, 4)
+    base = x.clone().requires_grad_()
+    logits = base.exp()  # exp saves its output for backward
+    out = elbo_loss(logits, target, mu, logvar, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
 # Dynamo itself instantiates the autograd.Function while tracing it and warns
 # about that (torch 2.13); the warning is torch's, not ours.
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
