@@ -21,3 +21,9 @@ def build_info() -> dict:
     if _C is None:
         return {"native": False, "version": __version__, "cuda": False}
     return {"native": True, **_C.build_info()}
+
+
+from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
+from klanneal.reference import elbo_loss_ref  # noqa: E402
+
+__all__ = ["ELBOOutput", "HAS_NATIVE", "build_info", "elbo_loss", "elbo_loss_ref"]
