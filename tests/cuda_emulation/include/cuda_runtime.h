@@ -1,21 +1,25 @@
 // CPU emulation of the slice of the CUDA runtime that csrc/cuda/ uses, for
-// tests/test_elbo_cuda_emulated.py: every CUDA thread of a block is a
-// std::thread, blocks run one after another (so a function-local `static`
-// is block-shared memory), __syncthreads/__syncwarp are barriers. It checks
-// the kernels' index arithmetic, reductions and barrier placement on a
-// machine without a GPU; it says nothing about device performance.
+// tests/test_elbo_cuda_emulated.py. Each CUDA thread of a block is a fiber
+// (ucontext) on the calling OS thread; blocks run one after another, so a
+// function-local `static` is the block's shared memory. A fiber runs until
+// it reaches __syncthreads()/__syncwarp() or returns; between barriers the
+// runnable fibers are resumed in a fresh random order each round, so code
+// that reads shared memory written by another thread without a barrier in
+// between sees stale data and fails the comparison. A barrier that not every
+// live thread of its block (warp) can reach raises instead of hanging. This
+// checks index arithmetic, reductions and barrier placement on a machine
+// without a GPU; it says nothing about device performance.
 #pragma once
 
-#include <chrono>
-#include <condition_variable>
+#include <ucontext.h>
+
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <functional>
-#include <memory>
-#include <mutex>
+#include <random>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #define __global__
@@ -31,59 +35,112 @@ struct dim3 {
 
 namespace emu {
 
-// A reusable barrier that gives up (throws) instead of hanging when the
-// threads of a block do not all reach it: a kernel with a divergent barrier
-// fails the test instead of deadlocking it.
-class Barrier {
- public:
-  explicit Barrier(int count) : count_(count) {}
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (broken_) throw std::runtime_error("emulated barrier broken");
-    const uint64_t generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-      return;
-    }
-    if (!cv_.wait_for(lock, std::chrono::seconds(20),
-                      [&] { return generation_ != generation || broken_; }) ||
-        broken_) {
-      broken_ = true;
-      cv_.notify_all();
-      throw std::runtime_error("emulated barrier: not every thread arrived (divergent barrier?)");
-    }
-  }
-  void arrive_and_drop() {  // a thread that has finished the kernel
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (--count_ == arrived_ && arrived_ > 0) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    }
-  }
+enum class Wait { kNone, kBlock, kWarp, kDone };
 
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int count_;
-  int arrived_ = 0;
-  uint64_t generation_ = 0;
-  bool broken_ = false;
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  Wait wait = Wait::kNone;
 };
 
-struct BlockState {
-  std::unique_ptr<Barrier> block;
-  std::vector<std::unique_ptr<Barrier>> warps;
+struct Scheduler {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  int current = 0;
+  const std::function<void()>* body = nullptr;
+  std::exception_ptr error;
+  std::mt19937 rng{20261123u};
 };
 
-inline thread_local dim3 thread_idx;
-inline thread_local BlockState* block_state = nullptr;
-inline dim3 block_idx, grid_dim, block_dim;
+inline Scheduler scheduler;
+inline dim3 thread_idx, block_idx, grid_dim, block_dim;
 // The emulated launcher runs at most this many blocks, so that the kernels'
 // grid-stride loops are exercised.
 inline unsigned int max_blocks = 3;
+
+inline void yield_at(Wait wait) {
+  Fiber& f = scheduler.fibers[scheduler.current];
+  f.wait = wait;
+  swapcontext(&f.context, &scheduler.main);
+}
+
+inline void fiber_entry() {
+  try {
+    (*scheduler.body)();
+  } catch (...) {
+    if (!scheduler.error) scheduler.error = std::current_exception();
+  }
+  scheduler.fibers[scheduler.current].wait = Wait::kDone;
+  // Returning resumes uc_link (the scheduler).
+}
+
+// Releases the barriers whose every live participant is waiting there.
+inline bool release_barriers(int n) {
+  bool released = false;
+  bool block_ready = true;
+  for (const Fiber& f : scheduler.fibers) {
+    if (f.wait != Wait::kDone && f.wait != Wait::kBlock) block_ready = false;
+  }
+  for (Fiber& f : scheduler.fibers) {
+    if (block_ready && f.wait == Wait::kBlock) {
+      f.wait = Wait::kNone;
+      released = true;
+    }
+  }
+  for (int w = 0; w * 32 < n; ++w) {
+    bool warp_ready = true, any = false;
+    for (int t = 32 * w; t < n && t < 32 * (w + 1); ++t) {
+      const Wait s = scheduler.fibers[t].wait;
+      if (s != Wait::kDone && s != Wait::kWarp) warp_ready = false;
+      any = any || s == Wait::kWarp;
+    }
+    if (!warp_ready || !any) continue;
+    for (int t = 32 * w; t < n && t < 32 * (w + 1); ++t) {
+      if (scheduler.fibers[t].wait == Wait::kWarp) scheduler.fibers[t].wait = Wait::kNone;
+    }
+    released = true;
+  }
+  return released;
+}
+
+inline void run_block(int n, const std::function<void()>& body) {
+  constexpr size_t kStackBytes = 128 * 1024;
+  scheduler.fibers.resize(static_cast<size_t>(n));
+  scheduler.body = &body;
+  scheduler.error = nullptr;
+  for (Fiber& f : scheduler.fibers) {
+    f.stack.resize(kStackBytes);
+    f.wait = Wait::kNone;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.data();
+    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_link = &scheduler.main;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  std::vector<int> order;
+  for (;;) {
+    order.clear();
+    for (int t = 0; t < n; ++t) {
+      if (scheduler.fibers[t].wait == Wait::kNone) order.push_back(t);
+    }
+    if (order.empty()) {
+      bool all_done = true;
+      for (const Fiber& f : scheduler.fibers) all_done = all_done && f.wait == Wait::kDone;
+      if (all_done) break;
+      if (!release_barriers(n)) {
+        throw std::runtime_error("emulated CUDA: a barrier that not every thread reaches");
+      }
+      continue;
+    }
+    std::shuffle(order.begin(), order.end(), scheduler.rng);
+    for (int t : order) {
+      scheduler.current = t;
+      thread_idx = dim3{static_cast<unsigned int>(t), 1, 1};
+      swapcontext(&scheduler.main, &scheduler.fibers[t].context);
+    }
+  }
+  if (scheduler.error) std::rethrow_exception(scheduler.error);
+}
 
 struct Config {
   dim3 grid, block;
@@ -99,33 +156,10 @@ auto launch_with(Config cfg, void (*kernel)(Args...)) {
     const unsigned int blocks = cfg.grid.x < max_blocks ? cfg.grid.x : max_blocks;
     grid_dim = dim3{blocks, 1, 1};
     block_dim = cfg.block;
-    const int n = static_cast<int>(cfg.block.x);
+    const std::function<void()> body = [&] { kernel(args...); };
     for (unsigned int b = 0; b < blocks; ++b) {
       block_idx = dim3{b, 1, 1};
-      BlockState state;
-      state.block = std::make_unique<Barrier>(n);
-      for (int w = 0; w < (n + 31) / 32; ++w) {
-        state.warps.push_back(std::make_unique<Barrier>(n - 32 * w < 32 ? n - 32 * w : 32));
-      }
-      std::exception_ptr error;
-      std::mutex error_mutex;
-      std::vector<std::thread> threads;
-      for (int t = 0; t < n; ++t) {
-        threads.emplace_back([&, t] {
-          thread_idx = dim3{static_cast<unsigned int>(t), 1, 1};
-          block_state = &state;
-          try {
-            kernel(args...);
-          } catch (...) {
-            std::lock_guard<std::mutex> lock(error_mutex);
-            if (!error) error = std::current_exception();
-          }
-          state.warps[t / 32]->arrive_and_drop();
-          state.block->arrive_and_drop();
-        });
-      }
-      for (auto& th : threads) th.join();
-      if (error) std::rethrow_exception(error);
+      run_block(static_cast<int>(cfg.block.x), body);
     }
   };
 }
@@ -137,10 +171,8 @@ auto launch_with(Config cfg, void (*kernel)(Args...)) {
 #define gridDim (::emu::grid_dim)
 #define blockDim (::emu::block_dim)
 
-inline void __syncthreads() { emu::block_state->block->arrive_and_wait(); }
-inline void __syncwarp(unsigned int = 0xffffffffu) {
-  emu::block_state->warps[threadIdx.x / 32]->arrive_and_wait();
-}
+inline void __syncthreads() { emu::yield_at(emu::Wait::kBlock); }
+inline void __syncwarp(unsigned int = 0xffffffffu) { emu::yield_at(emu::Wait::kWarp); }
 
 // ---- runtime API -------------------------------------------------------------
 using cudaError_t = int;
