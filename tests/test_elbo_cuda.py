@@ -14,6 +14,7 @@ from typing import Any, Optional
 import klanneal
 import pytest
 import torch
+from klanneal import _ops
 from klanneal.reference import elbo_loss_ref
 
 pytestmark = [
@@ -353,6 +354,42 @@ def test_invalid_target_without_validation_gives_nan_for_that_row():
     assert torch.isnan(total.loss)
     with pytest.raises(ValueError, match="target"):
         klanneal.elbo_loss(inputs_bad["recon_input"], bad, inputs["mu"], inputs["logvar"])
+
+
+# ---- the op itself ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta_kind", BETA_KINDS)
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_opcheck_on_cuda(likelihood, beta_kind):
+    inputs = make_inputs(likelihood, (2, 3, 6), 3)
+    x, mu, logvar = (
+        inputs[n].clone().requires_grad_(True) for n in ("recon_input", "mu", "logvar")
+    )
+    beta = torch.tensor(0.5, dtype=torch.float64, device=DEVICE) if beta_kind == "tensor" else None
+    step = torch.tensor(3, device=DEVICE) if beta_kind == "schedule" else None
+    schedule = LinearRamp(0.0, 1.0, 10).to_params() if step is not None else _ops.NO_SCHEDULE
+    args = (
+        x, inputs["target"], mu, logvar, beta, step, schedule, 0.7, likelihood, "batchmean",
+        0.1, "sample", IGNORE, 1.0, True,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args + (True, True, True))
+    detached = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, detached + (False, False))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_a_device_other_than_the_current_one():
+    inputs = {k: v.to("cuda:1") for k, v in make_inputs("categorical", (2, 3, 50), 4).items()}
+    with torch.cuda.device(0):
+        out = klanneal.elbo_loss(
+            inputs["recon_input"], inputs["target"], inputs["mu"], inputs["logvar"]
+        )
+        torch.cuda.synchronize(1)
+    ref = elbo_loss_ref(*(inputs[n].cpu().double() if n != "target" else inputs[n].cpu()
+                          for n in ("recon_input", "target", "mu", "logvar")))  # fmt: skip
+    assert out.loss.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.loss.cpu().double(), ref.loss, **TOL[torch.float32])
 
 
 # ---- torch.compile and CUDA graphs --------------------------------------------------------
