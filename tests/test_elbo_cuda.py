@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-import klanneal
 import pytest
 import torch
+
+import klanneal
 from klanneal import _ops
 from klanneal.reference import elbo_loss_ref
+from klanneal.schedules import Cyclical, Monotonic
 
 pytestmark = [
     pytest.mark.cuda,
@@ -36,25 +38,6 @@ BETA_KINDS = ("float", "tensor", "schedule")
 # Tolerances of the fused op against the float64 reference (computed from the
 # same, already rounded, inputs).
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
-
-
-class LinearRamp:
-    """A linear warm-up beta schedule, duck-typed as a klanneal.schedules object.
-
-    Packs itself in the 8-float layout of ScheduleParams (kind 1 = monotonic,
-    shape 0 = linear), so the op evaluates it on the device from the step.
-    """
-
-    def __init__(self, start: float, stop: float, total_steps: int) -> None:
-        self.start, self.stop, self.total_steps = start, stop, total_steps
-
-    def to_params(self) -> list[float]:
-        return [1.0, 0.0, self.start, self.stop, float(self.total_steps), 1.0, 1.0, 0.0]
-
-    def __call__(self, step: int) -> float:
-        if step >= self.total_steps:
-            return self.stop
-        return self.start + (self.stop - self.start) * step / self.total_steps
 
 
 def make_inputs(
@@ -98,7 +81,7 @@ def make_beta(kind: str) -> tuple[Any, Any]:
         return 0.7, None
     if kind == "tensor":
         return torch.tensor(0.7, device=DEVICE), None
-    return LinearRamp(0.1, 1.0, 10), torch.tensor(4, device=DEVICE)
+    return Monotonic(10, start=0.1, stop=1.0), torch.tensor(4, device=DEVICE)
 
 
 def run(
@@ -368,7 +351,9 @@ def test_opcheck_on_cuda(likelihood, beta_kind):
     )
     beta = torch.tensor(0.5, dtype=torch.float64, device=DEVICE) if beta_kind == "tensor" else None
     step = torch.tensor(3, device=DEVICE) if beta_kind == "schedule" else None
-    schedule = LinearRamp(0.0, 1.0, 10).to_params() if step is not None else _ops.NO_SCHEDULE
+    schedule = (
+        Monotonic(10, start=0.0, stop=1.0).to_params() if step is not None else _ops.NO_SCHEDULE
+    )
     args = (
         x, inputs["target"], mu, logvar, beta, step, schedule, 0.7, likelihood, "batchmean",
         0.1, "sample", IGNORE, 1.0, True,
@@ -399,7 +384,7 @@ def test_inputs_on_a_device_other_than_the_current_one():
 def test_compile_reduce_overhead_no_recompiles(beta_kind):
     torch._dynamo.reset()
     inputs = make_inputs("categorical", (4, 5, 301), 6, ignore_fraction=0.1)
-    schedule = LinearRamp(0.0, 1.0, 8)
+    schedule = Monotonic(8, start=0.0, stop=1.0)
 
     def loss_fn(recon_input, target, mu, logvar, beta, step):
         beta_arg = schedule if step is not None else beta
@@ -458,7 +443,8 @@ def test_cuda_graph_training_step_with_scheduled_beta():
     tokens = torch.randint(0, vocab, (batch, seq_len), device=DEVICE)
     one_hot = torch.nn.functional.one_hot(tokens, vocab).float()
     noises = [torch.randn(batch, latent_dim, device=DEVICE) for _ in range(n_steps)]
-    schedule = LinearRamp(0.0, 1.0, 4)
+    # Two cosine cycles over 8 steps: beta 0, 0.5, 1, 1, 0, 0.5 over the replays.
+    schedule = Cyclical(8, n_cycles=2, ratio=0.5, shape="cosine")
 
     def make_step(model, optimizer, step, noise):
         def train_step():

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import klanneal
 import pytest
 import torch
+
+import klanneal
 
 pytestmark = pytest.mark.skipif(
     not klanneal.build_info().get("cuda", False),

@@ -12,4 +12,7 @@ PYBIND11_MODULE(_elbo_cuda_emulated, m) {
   m.def(
       "set_max_blocks", [](unsigned int n) { emu::max_blocks = n; },
       "Caps the emulated grid (grid-stride loops cover the rest).");
+  m.def(
+      "set_seed", [](unsigned int seed) { emu::scheduler.rng.seed(seed); },
+      "Seeds the random order in which threads are resumed between barriers.");
 }
