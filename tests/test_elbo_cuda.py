@@ -436,7 +436,8 @@ class TinyVAE(torch.nn.Module):
         return logits, mu, logvar
 
 
-def test_cuda_graph_training_step_with_scheduled_beta():
+@pytest.mark.parametrize("api", ["function", "module"])
+def test_cuda_graph_training_step_with_scheduled_beta(api):
     batch, seq_len, vocab, latent_dim, n_steps = 8, 6, 33, 4, 6
     torch.manual_seed(0)
     initial = TinyVAE(seq_len, vocab, latent_dim).to(DEVICE)
@@ -446,26 +447,38 @@ def test_cuda_graph_training_step_with_scheduled_beta():
     # Two cosine cycles over 8 steps: beta 0, 0.5, 1, 1, 0, 0.5 over the replays.
     schedule = Cyclical(8, n_cycles=2, ratio=0.5, shape="cosine")
 
-    def make_step(model, optimizer, step, noise):
+    def make_step(model, optimizer, noise):
+        """(train_step, step): one optimizer step; the step counter lives on the GPU."""
+        criterion = klanneal.nn.ELBOLoss(schedule, validate=False).to(DEVICE)
+        if api == "module":
+            step = criterion.current_step
+        else:
+            step = torch.zeros((), dtype=torch.int64, device=DEVICE)
+
         def train_step():
             optimizer.zero_grad(set_to_none=False)
             logits, mu, logvar = model(one_hot, noise)
-            out = klanneal.elbo_loss(
-                logits, tokens, mu, logvar, schedule, step=step, validate=False
-            )
+            if api == "module":
+                out = criterion(logits, tokens, mu, logvar)
+            else:
+                out = klanneal.elbo_loss(
+                    logits, tokens, mu, logvar, schedule, step=step, validate=False
+                )
             out.loss.backward()
             optimizer.step()
-            step.add_(1)
+            if api == "module":
+                criterion.step()
+            else:
+                step.add_(1)
             return out.loss.detach(), out.beta
 
-        return train_step
+        return train_step, step
 
     # Eager run.
     eager_model = copy.deepcopy(initial)
-    eager_step = torch.zeros((), dtype=torch.int64, device=DEVICE)
     eager_noise = torch.empty_like(noises[0])
-    eager_train = make_step(
-        eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.05), eager_step, eager_noise
+    eager_train, _ = make_step(
+        eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.05), eager_noise
     )
     eager_losses, eager_betas = [], []
     for noise in noises:
@@ -476,10 +489,9 @@ def test_cuda_graph_training_step_with_scheduled_beta():
 
     # Captured run: warm up on a side stream, restore the state, capture once, replay.
     graph_model = copy.deepcopy(initial)
-    graph_step = torch.zeros((), dtype=torch.int64, device=DEVICE)
     static_noise = noises[0].clone()
-    graph_train = make_step(
-        graph_model, torch.optim.SGD(graph_model.parameters(), lr=0.05), graph_step, static_noise
+    graph_train, graph_step = make_step(
+        graph_model, torch.optim.SGD(graph_model.parameters(), lr=0.05), static_noise
     )
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
