@@ -123,16 +123,16 @@ struct DoubleSum {
   __device__ __forceinline__ double operator()(double a, double b) const { return a + b; }
 };
 
-// Three running float64 sums reduced together (one block reduction, one
-// barrier, instead of three).
-struct Sum3 {
-  double a;
-  double b;
-  double c;
+// The three running float64 sums of an example (or of the batch), reduced
+// together: one block reduction and one barrier instead of three.
+struct ElboSums {
+  double recon;    // reconstruction NLL
+  double kl;       // true KL
+  double kl_term;  // KL term after free bits
 };
-struct Sum3Op {
-  __device__ __forceinline__ Sum3 operator()(const Sum3& x, const Sum3& y) const {
-    return {x.a + y.a, x.b + y.b, x.c + y.c};
+struct ElboSumsOp {
+  __device__ __forceinline__ ElboSums operator()(const ElboSums& x, const ElboSums& y) const {
+    return {x.recon + y.recon, x.kl + y.kl, x.kl_term + y.kl_term};
   }
 };
 
@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(kBlockThreads)
           const A xa = to_acc(xp.v[k]);
           const A ya = to_acc(yp.v[k]);
           sum += static_cast<double>(f.nll(xa, ya));
-          out.v[k] = from_acc<T>(f.grad(xa, ya) * scale);
+          if (g != nullptr) out.v[k] = from_acc<T>(f.grad(xa, ya) * scale);
         }
         if (g != nullptr) gv[i] = out;
       }
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     example_kernel(const ElboParams p, const double* partials, int64_t partials_per_example,
                    double* recon_ex, double* kl_ex, double* term_ex, Acc<T> grad_scale) {
   using A = Acc<T>;
-  using BlockReduce = cub::BlockReduce<Sum3, kBlockThreads>;
+  using BlockReduce = cub::BlockReduce<ElboSums, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -442,28 +442,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   const A factor = write_grads ? static_cast<A>(resolve_beta(p)) * grad_scale : A(0);
 
   for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
-    Sum3 acc{0.0, 0.0, 0.0};
+    ElboSums acc{0.0, 0.0, 0.0};
     const double* part = partials + b * partials_per_example;
-    for (int64_t i = tid; i < partials_per_example; i += kBlockThreads) acc.a += part[i];
+    for (int64_t i = tid; i < partials_per_example; i += kBlockThreads) acc.recon += part[i];
     for (int64_t d = tid; d < dims; d += kBlockThreads) {
       const int64_t k = b * dims + d;
       const A m = to_acc(mu[k]);
       const A lv = to_acc(logvar[k]);
       const A kl = gaussian_kl(m, lv);
       const bool pass = !sample_free_bits || free_bits_pass(kl, lambda);
-      acc.b += static_cast<double>(kl);
-      acc.c += static_cast<double>(sample_free_bits ? free_bits_clamp(kl, lambda) : kl);
+      acc.kl += static_cast<double>(kl);
+      acc.kl_term += static_cast<double>(sample_free_bits ? free_bits_clamp(kl, lambda) : kl);
       if (write_grads) {
         const A f = pass ? factor : A(0);
         if (grad_mu != nullptr) grad_mu[k] = from_acc<T>(gaussian_kl_grad_mu(m) * f);
         if (grad_logvar != nullptr) grad_logvar[k] = from_acc<T>(gaussian_kl_grad_logvar(lv) * f);
       }
     }
-    acc = BlockReduce(temp).Reduce(acc, Sum3Op{});
+    acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
     if (tid == 0) {
-      recon_ex[b] = acc.a;
-      kl_ex[b] = acc.b;
-      term_ex[b] = acc.c;
+      recon_ex[b] = acc.recon;
+      kl_ex[b] = acc.kl;
+      term_ex[b] = acc.kl_term;
     }
     __syncthreads();  // temp is reused by the next example
   }
@@ -527,7 +527,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 __global__ void __launch_bounds__(kBlockThreads)
     finalize_kernel(const ElboParams p, const double* recon_ex, const double* kl_ex,
                     const double* term_ex) {
-  using BlockReduce = cub::BlockReduce<Sum3, kBlockThreads>;
+  using BlockReduce = cub::BlockReduce<ElboSums, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -545,28 +545,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 
   const bool batch_free_bits = p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch;
-  Sum3 acc{0.0, 0.0, 0.0};
+  ElboSums acc{0.0, 0.0, 0.0};
   for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
-    acc.a += recon_ex[b];
-    acc.b += kl_ex[b];
-    if (!batch_free_bits) acc.c += term_ex[b];
+    acc.recon += recon_ex[b];
+    acc.kl += kl_ex[b];
+    if (!batch_free_bits) acc.kl_term += term_ex[b];
   }
   if (batch_free_bits) {
     for (int64_t d = tid; d < p.latent_dim; d += kBlockThreads) {
-      acc.c += free_bits_clamp(p.kl_per_dim[d], p.free_bits);
+      acc.kl_term += free_bits_clamp(p.kl_per_dim[d], p.free_bits);
     }
   }
-  acc = BlockReduce(temp).Reduce(acc, Sum3Op{});
+  acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
   if (tid == 0) {
     const double batch = static_cast<double>(p.batch);
     // Batch free bits is a per-example quantity (it applies to the batch-mean
     // KL): the batch's KL term is B times it, so that batchmean gives
     // sum_d max(lambda, mean_b KL_bd) and sum gives B times that.
-    const double term = batch_free_bits ? acc.c * batch : acc.c;
+    const double term = batch_free_bits ? acc.kl_term * batch : acc.kl_term;
     const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / batch : 1.0;
-    p.recon[0] = acc.a * scale;
-    p.kl[0] = acc.b * scale;
-    p.loss[0] = (acc.a + beta * term) * scale;
+    p.recon[0] = acc.recon * scale;
+    p.kl[0] = acc.kl * scale;
+    p.loss[0] = (acc.recon + beta * term) * scale;
   }
 }
 
