@@ -339,6 +339,30 @@ def test_invalid_target_without_validation_gives_nan_for_that_row():
         klanneal.elbo_loss(inputs_bad["recon_input"], bad, inputs["mu"], inputs["logvar"])
 
 
+@pytest.mark.slow
+def test_more_than_2_31_logits_are_indexed_with_int64():
+    free_bytes, _ = torch.cuda.mem_get_info()
+    if free_bytes < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    # 4 * 65537 * 8209 fp16 logits = 2_151_972_932 elements > 2**31: the last
+    # example's rows start past 2**31.
+    batch, seq_len, vocab = 4, 65537, 8209
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(batch, seq_len, vocab, device=DEVICE, dtype=torch.float16, generator=gen)
+    target = torch.randint(0, vocab, (batch, seq_len), device=DEVICE, generator=gen)
+    mu = torch.zeros(batch, 2, device=DEVICE, dtype=torch.float16)
+    logits.requires_grad_(True)
+    out = klanneal.elbo_loss(logits, target, mu, mu.clone(), reduction="none")
+    out.loss.sum().backward()
+    last = logits.detach()[-1:].float().requires_grad_(True)
+    ref = elbo_loss_ref(last, target[-1:], mu[-1:].float(), mu[-1:].float(), reduction="none")
+    ref.loss.sum().backward()
+    torch.testing.assert_close(out.loss[-1].float(), ref.loss[0], rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(
+        logits.grad[-1, -8:].float(), last.grad[0, -8:], rtol=1e-2, atol=1e-6
+    )
+
+
 # ---- the op itself ---------------------------------------------------------------------
 
 
