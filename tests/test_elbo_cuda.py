@@ -405,6 +405,9 @@ def test_inputs_on_a_device_other_than_the_current_one():
 # ---- torch.compile and CUDA graphs --------------------------------------------------------
 
 
+# Importing torch._inductor (torch 2.13) trips torch's own deprecation of
+# torch.jit.script_method in torch/utils/mkldnn.py; not klanneal's to fix.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("beta_kind", ["tensor", "schedule"])
 def test_compile_reduce_overhead_no_recompiles(beta_kind):
     torch._dynamo.reset()
