@@ -388,3 +388,15 @@ def test_results_do_not_depend_on_thread_scheduling(emulated):
         runs.append(run_emulated(emulated, inputs, 0.6, free_bits=0.2, free_bits_mode="sample"))
     for name, value in runs[0].items():
         assert torch.equal(value, runs[1][name]), name
+
+
+@pytest.mark.parametrize("latent_dtype", [torch.float64, torch.float16])
+def test_recon_and_latent_dtypes_are_dispatched_separately(emulated, latent_dtype):
+    inputs = make_inputs("categorical", (3, 2, 130), 5, ignore_fraction=0.2)
+    inputs["mu"] = inputs["mu"].to(latent_dtype)
+    inputs["logvar"] = inputs["logvar"].to(latent_dtype)
+    got = run_emulated(emulated, inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
+    assert got["grad_mu"].dtype == latent_dtype
+    want = reference(inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
+    tol = TOL[torch.float32] if latent_dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    assert_matches(got, want, tol)
