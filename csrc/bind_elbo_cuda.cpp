@@ -1,7 +1,51 @@
+// _C.elbo_cuda_workspace_bytes / _C.elbo_forward_cuda: the CUDA entry points
+// of the fused ELBO op. klanneal/_ops.py allocates the outputs and the
+// workspace as torch tensors on the inputs' device and passes raw pointers
+// and torch's current stream; nothing here knows about torch.
 #include "bind.h"
+
+#if KLANNEAL_WITH_CUDA
+#include <cstddef>
+#include <cstdint>
+
+#include "bind_common.h"
+#include "klanneal/elbo.h"
+#endif
 
 namespace klanneal {
 
+#if KLANNEAL_WITH_CUDA
+void register_elbo_cuda(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def(
+      "elbo_cuda_workspace_bytes",
+      [](const py::dict& params) -> size_t {
+        const ElboParams p = elbo_params_from_dict(params);
+        py::gil_scoped_release release;
+        return elbo_cuda_workspace_bytes(p);
+      },
+      py::arg("params"),
+      "Bytes of device scratch memory elbo_forward_cuda needs for these params "
+      "(a dict keyed by ElboParams field names).");
+  m.def(
+      "elbo_forward_cuda",
+      [](const py::dict& params, uint64_t workspace_ptr, uint64_t workspace_bytes,
+         uint64_t stream) {
+        const ElboParams p = elbo_params_from_dict(params);
+        py::gil_scoped_release release;
+        launch_elbo_cuda(p, reinterpret_cast<void*>(static_cast<uintptr_t>(workspace_ptr)),
+                         static_cast<size_t>(workspace_bytes),
+                         reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+      },
+      py::arg("params"), py::arg("workspace_ptr"), py::arg("workspace_bytes"), py::arg("stream"),
+      "Enqueues the fused ELBO op on `stream` (torch.cuda.current_stream().cuda_stream) without "
+      "host synchronisation: fills the float64 outputs and, where the pointers are non-zero, "
+      "the gradients. Raises ValueError on inconsistent params and RuntimeError naming the "
+      "CUDA error if a launch fails.");
+}
+#else
+// Built without CUDA: _C has no CUDA entry points (build_info()["cuda"] is False).
 void register_elbo_cuda(pybind11::module_& m) { (void)m; }
+#endif
 
 }  // namespace klanneal

@@ -1,2 +1,267 @@
+// Launcher of the fused ELBO op on CUDA: checks the parameters, lays out the
+// workspace, picks the kernels for the dtypes and enqueues them on the
+// caller's stream (elbo_kernel.cuh describes the four stages). No host
+// synchronisation and no allocation, so a training step that calls the op
+// can be captured in a CUDA graph.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "elbo_kernel.cuh"
 #include "klanneal/elbo.h"
-#include "klanneal/elbo_math.h"
+
+namespace klanneal {
+namespace {
+
+using cuda::kBlockThreads;
+
+// Grid-stride loops cover whatever does not fit; this only bounds the grid.
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+unsigned int grid_for(int64_t work_items) {
+  return static_cast<unsigned int>(work_items < kMaxBlocks ? work_items : kMaxBlocks);
+}
+
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("klanneal: CUDA error launching ") + kernel + ": " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  }
+}
+
+void check_call(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("klanneal: CUDA error in ") + what + ": " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Partial recon sums per example row: categorical rows are reduced by one
+// warp/block each; long non-categorical rows are split into chunks.
+int64_t chunks_per_row(const ElboParams& p) {
+  if (p.likelihood == Likelihood::kCategorical) return 1;
+  return (p.row_len + cuda::kElementwiseChunk - 1) / cuda::kElementwiseChunk;
+}
+
+// Workspace: float64 arrays, each starting on a 256-byte boundary.
+//   partials [n_rows * chunks_per_row], recon_ex [B], kl_ex [B], term_ex [B]
+struct WorkspaceLayout {
+  size_t partials = 0, recon_ex = 0, kl_ex = 0, term_ex = 0;  // byte offsets
+  size_t bytes = 0;
+};
+
+size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
+
+WorkspaceLayout workspace_layout(const ElboParams& p) {
+  WorkspaceLayout w;
+  const size_t n_partials = static_cast<size_t>(p.n_rows * chunks_per_row(p));
+  const size_t per_example = static_cast<size_t>(p.batch) * sizeof(double);
+  w.partials = 0;
+  w.recon_ex = align_up(n_partials * sizeof(double));
+  w.kl_ex = w.recon_ex + align_up(per_example);
+  w.term_ex = w.kl_ex + align_up(per_example);
+  w.bytes = w.term_ex + align_up(per_example);
+  return w;
+}
+
+bool valid_dtype(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat64 || t == DType::kFloat16 ||
+         t == DType::kBFloat16;
+}
+
+// The shape checks behind the workspace size; Python checks tensors first.
+void check_sizes(const ElboParams& p) {
+  KLANNEAL_CHECK_ARG(p.batch > 0, "elbo_cuda: batch must be positive, got " +
+                                      std::to_string(p.batch));
+  KLANNEAL_CHECK_ARG(p.row_len > 0, "elbo_cuda: row_len must be positive, got " +
+                                        std::to_string(p.row_len));
+  KLANNEAL_CHECK_ARG(p.n_rows >= 0 && p.latent_dim >= 0,
+                     "elbo_cuda: n_rows and latent_dim must not be negative");
+  const int lik = static_cast<int>(p.likelihood);
+  KLANNEAL_CHECK_ARG(lik >= 0 && lik <= 3, "elbo_cuda: unknown likelihood " + std::to_string(lik));
+  if (p.likelihood == Likelihood::kCategorical) {
+    KLANNEAL_CHECK_ARG(p.n_rows % p.batch == 0,
+                       "elbo_cuda: categorical n_rows must be a multiple of batch");
+  } else {
+    KLANNEAL_CHECK_ARG(p.n_rows == p.batch,
+                       "elbo_cuda: non-categorical likelihoods have one row per example");
+  }
+}
+
+void check_params(const ElboParams& p) {
+  check_sizes(p);
+  const int red = static_cast<int>(p.reduction);
+  const int mode = static_cast<int>(p.free_bits_mode);
+  KLANNEAL_CHECK_ARG(red >= 0 && red <= 2, "elbo_cuda: unknown reduction " + std::to_string(red));
+  KLANNEAL_CHECK_ARG(mode >= 0 && mode <= 1,
+                     "elbo_cuda: unknown free_bits_mode " + std::to_string(mode));
+  KLANNEAL_CHECK_ARG(valid_dtype(p.recon_dtype) && valid_dtype(p.latent_dtype),
+                     "elbo_cuda: unknown dtype");
+  KLANNEAL_CHECK_ARG(!(p.reduction == Reduction::kNone && p.free_bits > 0.0 &&
+                       p.free_bits_mode == FreeBitsMode::kBatch),
+                     "elbo_cuda: reduction 'none' does not allow free_bits_mode 'batch'");
+  KLANNEAL_CHECK_ARG(p.free_bits >= 0.0 && std::isfinite(p.free_bits),
+                     "elbo_cuda: free_bits must be finite and >= 0");
+  KLANNEAL_CHECK_ARG(p.gaussian_var > 0.0 && std::isfinite(p.gaussian_var),
+                     "elbo_cuda: gaussian_var must be finite and > 0");
+  KLANNEAL_CHECK_ARG((p.n_rows == 0 || (p.recon_input != nullptr && p.target != nullptr)) &&
+                         (p.latent_dim == 0 || (p.mu != nullptr && p.logvar != nullptr)),
+                     "elbo_cuda: null input pointer");
+  KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
+                         p.kl_per_dim != nullptr && p.beta_out != nullptr,
+                     "elbo_cuda: null output pointer");
+}
+
+// Restores the calling thread's current device of this library's CUDA
+// runtime (statically linked: it does not share torch's current device).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const void* device_ptr) {
+    check_call(cudaGetDevice(&previous_), "cudaGetDevice");
+    cudaPointerAttributes attrs{};
+    check_call(cudaPointerGetAttributes(&attrs, device_ptr), "cudaPointerGetAttributes");
+    KLANNEAL_CHECK_ARG(attrs.type == cudaMemoryTypeDevice || attrs.type == cudaMemoryTypeManaged,
+                       "elbo_cuda: the inputs are not in CUDA device memory");
+    if (attrs.device != previous_) {
+      check_call(cudaSetDevice(attrs.device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // best effort: destructors must not throw
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+template <typename T>
+void launch_recon(const ElboParams& p, double* partials, int64_t n_chunks, cudaStream_t stream) {
+  using A = cuda::Acc<T>;
+  if (p.n_rows == 0) return;
+  const A scale = p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch))
+                                                       : A(1);
+  switch (p.likelihood) {
+    case Likelihood::kCategorical:
+      if (p.row_len <= cuda::kWarpRowMaxLen) {
+        const int64_t blocks = (p.n_rows + cuda::kWarpsPerBlock - 1) / cuda::kWarpsPerBlock;
+        cuda::categorical_warp_kernel<T>
+            <<<grid_for(blocks), kBlockThreads, 0, stream>>>(p, partials, scale);
+        check_launch("categorical_warp_kernel");
+      } else {
+        cuda::categorical_block_kernel<T>
+            <<<grid_for(p.n_rows), kBlockThreads, 0, stream>>>(p, partials, scale);
+        check_launch("categorical_block_kernel");
+      }
+      return;
+    case Likelihood::kBernoulli: {
+      const cuda::ElementwiseLoss<Likelihood::kBernoulli, A> f{A(0), A(0)};
+      cuda::elementwise_kernel<T, Likelihood::kBernoulli>
+          <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
+                                                                       scale);
+      check_launch("elementwise_kernel<bernoulli>");
+      return;
+    }
+    case Likelihood::kGaussian: {
+      // log(2*pi*var) and 1/var once per launch, in float64.
+      const double two_pi = 6.283185307179586476925286766559;
+      const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{A(1.0 / p.gaussian_var),
+                                                              A(std::log(two_pi * p.gaussian_var))};
+      cuda::elementwise_kernel<T, Likelihood::kGaussian>
+          <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
+                                                                       scale);
+      check_launch("elementwise_kernel<gaussian>");
+      return;
+    }
+    case Likelihood::kMse: {
+      const cuda::ElementwiseLoss<Likelihood::kMse, A> f{A(0), A(0)};
+      cuda::elementwise_kernel<T, Likelihood::kMse>
+          <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
+                                                                       scale);
+      check_launch("elementwise_kernel<mse>");
+      return;
+    }
+  }
+}
+
+template <typename T>
+void launch_latent(const ElboParams& p, const double* partials, int64_t partials_per_example,
+                   double* recon_ex, double* kl_ex, double* term_ex, cudaStream_t stream) {
+  using A = cuda::Acc<T>;
+  const A grad_scale = p.reduction == Reduction::kBatchMean
+                           ? A(1.0 / static_cast<double>(p.batch))
+                           : A(1);
+  cuda::example_kernel<T><<<grid_for(p.batch), kBlockThreads, 0, stream>>>(
+      p, partials, partials_per_example, recon_ex, kl_ex, term_ex, grad_scale);
+  check_launch("example_kernel");
+  if (p.latent_dim > 0) {
+    cuda::kl_dims_kernel<T><<<grid_for(p.latent_dim), kBlockThreads, 0, stream>>>(p, grad_scale);
+    check_launch("kl_dims_kernel");
+  }
+}
+
+template <typename F>
+void dispatch_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat32:
+      f(float{});
+      return;
+    case DType::kFloat64:
+      f(double{});
+      return;
+    case DType::kFloat16:
+      f(__half{});
+      return;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      return;
+  }
+  throw std::invalid_argument("elbo_cuda: unknown dtype " + std::to_string(static_cast<int>(t)));
+}
+
+}  // namespace
+
+size_t elbo_cuda_workspace_bytes(const ElboParams& p) {
+  check_sizes(p);
+  return workspace_layout(p).bytes;
+}
+
+void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_bytes, void* stream) {
+  check_params(p);
+  const WorkspaceLayout w = workspace_layout(p);
+  KLANNEAL_CHECK_ARG(workspace != nullptr && workspace_bytes >= w.bytes,
+                     "elbo_cuda: workspace of " + std::to_string(workspace_bytes) +
+                         " bytes, need " + std::to_string(w.bytes));
+  KLANNEAL_CHECK_ARG(reinterpret_cast<uintptr_t>(workspace) % alignof(double) == 0,
+                     "elbo_cuda: workspace must be 8-byte aligned");
+  // `stream` is torch's current stream of the inputs' device; 0 when that is
+  // the legacy default stream, which is then what torch itself uses.
+  const DeviceGuard guard(p.loss);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  char* base = static_cast<char*>(workspace);
+  double* partials = reinterpret_cast<double*>(base + w.partials);
+  double* recon_ex = reinterpret_cast<double*>(base + w.recon_ex);
+  double* kl_ex = reinterpret_cast<double*>(base + w.kl_ex);
+  double* term_ex = reinterpret_cast<double*>(base + w.term_ex);
+  const int64_t n_chunks = chunks_per_row(p);
+  const int64_t partials_per_example = (p.n_rows / p.batch) * n_chunks;
+
+  dispatch_dtype(p.recon_dtype, [&](auto tag) {
+    launch_recon<decltype(tag)>(p, partials, n_chunks, s);
+  });
+  dispatch_dtype(p.latent_dtype, [&](auto tag) {
+    launch_latent<decltype(tag)>(p, partials, partials_per_example, recon_ex, kl_ex, term_ex, s);
+  });
+  cuda::finalize_kernel<<<1, kBlockThreads, 0, s>>>(p, recon_ex, kl_ex, term_ex);
+  check_launch("finalize_kernel");
+}
+
+}  // namespace klanneal
