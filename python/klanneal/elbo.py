@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from klanneal import _validate
+from klanneal import _ops, _validate
 from klanneal.reference import ELBOOutput, elbo_loss_ref
 
 __all__ = ["ELBOOutput", "elbo_loss"]
@@ -99,26 +99,68 @@ def elbo_loss(
             "inplace=True would overwrite recon_input, a leaf tensor that requires grad; "
             "use inplace=False"
         )
-    if validate:
-        _validate.check_values(
-            recon_input,
-            target,
-            likelihood,
-            ignore_index,
-            beta if isinstance(beta, torch.Tensor) else None,
-            step if isinstance(step, torch.Tensor) else None,
+    if not _ops.native_available(recon_input.device):
+        if validate:
+            _validate.check_values(
+                recon_input,
+                target,
+                likelihood,
+                ignore_index,
+                beta if isinstance(beta, torch.Tensor) else None,
+                step if isinstance(step, torch.Tensor) else None,
+            )
+        return elbo_loss_ref(
+            recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
+            reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
+            ignore_index=ignore_index, gaussian_var=gaussian_var,
+        )  # fmt: skip
+
+    device = recon_input.device
+    beta_tensor: Optional[torch.Tensor] = None
+    step_tensor: Optional[torch.Tensor] = None
+    schedule = _ops.NO_SCHEDULE
+    beta_value = 0.0
+    if _validate.is_schedule(beta):
+        if isinstance(step, torch.Tensor):
+            # Evaluated inside the op from the step tensor: no recompiles as it changes.
+            schedule = [float(v) for v in beta.to_params()]
+            step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
+        else:
+            beta_value = float(beta(step))
+    elif isinstance(beta, torch.Tensor):
+        beta_tensor = beta.detach().to(device=device, dtype=torch.float64).reshape(())
+    else:
+        beta_value = float(beta)
+
+    # is_grad_enabled() is False inside the op, so the caller decides which
+    # gradients the forward pass computes.
+    grad_enabled = torch.is_grad_enabled()
+    need_grad_recon = grad_enabled and recon_input.requires_grad
+    need_grad_mu = grad_enabled and mu.requires_grad
+    need_grad_logvar = grad_enabled and logvar.requires_grad
+    if likelihood == "categorical":
+        target = target.to(torch.int64)
+    else:
+        target = target.to(recon_input.dtype)
+    args = (
+        target.contiguous(), mu.contiguous(), logvar.contiguous(), beta_tensor, step_tensor,
+        schedule, beta_value, likelihood, reduction, float(free_bits), free_bits_mode,
+        ignore_index, float(gaussian_var), validate,
+    )  # fmt: skip
+    if inplace and need_grad_recon:
+        outs = _ops.elbo_loss_inplace(
+            recon_input.contiguous(), *args, need_grad_mu, need_grad_logvar
         )
-    return elbo_loss_ref(
-        recon_input,
-        target,
-        mu,
-        logvar,
-        beta,
-        step=step,
-        likelihood=likelihood,
-        reduction=reduction,
-        free_bits=free_bits,
-        free_bits_mode=free_bits_mode,
-        ignore_index=ignore_index,
-        gaussian_var=gaussian_var,
+    else:
+        outs = _ops.elbo_loss_op(
+            recon_input.contiguous(), *args, need_grad_recon, need_grad_mu, need_grad_logvar
+        )
+    dtype = torch.promote_types(recon_input.dtype, mu.dtype)
+    loss, recon, kl, kl_per_dim, beta_used = outs[:5]
+    return ELBOOutput(
+        loss.to(dtype),
+        recon.detach().to(dtype),
+        kl.detach().to(dtype),
+        kl_per_dim.detach().to(dtype),
+        beta_used.detach().to(dtype),
     )
