@@ -340,11 +340,12 @@ def _method_section(config: dict[str, Any], notes: list[str]) -> list[str]:
         "cross-entropy + a PyTorch KL (CUDA only); `memcpy` = `dst.copy_(logits)` into a "
         "preallocated buffer (one read + one write of the logits: the physical limit). "
         "Beta is a 0-d tensor for every provider.",
-        "- Full mode: the logits are the output of a stand-in for the decoder's last layer "
-        "(an autograd.Function): before every call, outside the timed region and for every "
-        "provider alike, it copies a fixed base tensor into fresh logits (the in-place provider "
-        "overwrites them with their gradient); its backward receives the logits' gradient and "
-        "drops it, as a decoder's matmul would consume it, so no decoder work is timed. "
+        "- Before every call, outside the timed region and for every provider alike, a fixed "
+        "base tensor is copied into fresh logits (klanneal-inplace and Liger overwrite their "
+        "input with the gradient). Full mode: the logits are the output of a stand-in for the "
+        "decoder's last layer (an autograd.Function doing that copy) whose backward receives "
+        "the logits' gradient and drops it, as a decoder's matmul would consume it: no decoder "
+        "work is timed and no provider keeps the gradient in a leaf's `.grad`. "
         "klanneal-inplace is not run in forward mode: without a gradient, inplace changes "
         "nothing.",
         f"- Peak memory, CPU: {config['memory_method']['cpu']}. The worker warms the provider "

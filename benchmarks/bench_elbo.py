@@ -14,16 +14,19 @@ Modes: ``forward`` runs the loss under torch.no_grad(); ``full`` runs forward an
 backward. Beta is a 0-d tensor for every provider, as a training loop with a
 schedule passes it (and so that torch.compile does not specialise on it).
 
+Fresh logits for every call: before every timed call, outside the timed
+region and for every provider alike, a fixed base tensor is copied into fresh
+logits, so each call starts from the same state even when a provider
+overwrites its input (klanneal-inplace and Liger write the gradient there).
+
 How ``full`` mode is made fair to the in-place provider: the logits are not a
 leaf but the output of ``_DecoderStandIn``, an autograd.Function standing in
-for the decoder's last layer. Its forward copies a fixed base tensor into a
-fresh buffer; that copy runs in the untimed setup before every call, for every
-provider alike, so each timed call starts from fresh logits (the in-place op
-overwrote the previous ones with their gradient). Its backward receives the
-logits' gradient and drops it, as a real decoder's matmul would consume it, so
-the decoder's own backward is not timed for anyone. ``forward`` mode computes
-no gradient, so ``inplace`` changes nothing there and klanneal-inplace is not
-run in that mode.
+for the decoder's last layer (its forward is that copy). Its backward receives
+the logits' gradient and drops it, as a real decoder's matmul would consume
+it, so the decoder's own backward is not timed for anyone, and the gradient is
+not kept in a leaf's ``.grad`` for anyone. ``forward`` mode computes no
+gradient, so ``inplace`` changes nothing there and klanneal-inplace is not run
+in that mode.
 
 Peak memory: CPU rows run each provider in its own process (this module with
 ``--worker``); CUDA rows measure in-process. See _harness for the methods.
@@ -213,13 +216,14 @@ def build_entry(
     loss_fn = loss_function(provider, likelihood, compiled_ref)
     if mode == "forward":
 
-        def forward(_: Any) -> torch.Tensor:
+        def forward(logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return loss_fn(
-                    inputs.recon_base, inputs.target, inputs.mu, inputs.logvar, inputs.beta
-                )
+                return loss_fn(logits, inputs.target, inputs.mu, inputs.logvar, inputs.beta)
 
-        return _harness.Timed(provider, forward)
+        # A fresh copy here too: every timed call of every provider starts from
+        # freshly written logits, and a provider that writes into its input
+        # (Liger's cross-entropy does) cannot alter the others' inputs.
+        return _harness.Timed(provider, forward, setup=inputs.recon_base.clone)
 
     def fresh_logits() -> torch.Tensor:
         inputs.anchor.grad = None
