@@ -295,9 +295,14 @@ def _details(rows: list[dict[str, Any]]) -> list[str]:
                     f"| {_fmt(_ratio(peak, r['logits_bytes']))} "
                     f"| {'-' if diff is None else f'{diff:.1e}'} |"
                 )
-            errors = [r for r in in_mode if r.get("memory_error")]
-            for r in errors:
-                lines.append(f"\nMemory of {r['provider']} not measured: {r['memory_error']}")
+            for r in in_mode:
+                if r.get("memory_error"):
+                    lines.append(f"\nMemory of {r['provider']} not measured: {r['memory_error']}")
+                if r.get("compile_graph_breaks") is not None:
+                    lines.append(
+                        f"\ntorch.compile graph breaks in this case so far: "
+                        f"{r['compile_graph_breaks']}"
+                    )
             lines.append("")
     return lines
 
