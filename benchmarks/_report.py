@@ -233,7 +233,7 @@ def _targets_section(targets: list[dict[str, Any]], quick: bool) -> list[str]:
     lines = [
         "## Targets",
         "",
-        "The issues' targets hold for this 2-core CPU, fp32, full mode (forward + backward). "
+        "The issues' targets are set for a 2-core CPU, fp32, full mode (forward + backward). "
         "klanneal means the fused op with inplace=False unless the row says otherwise.",
     ]
     if quick:

@@ -39,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -394,6 +395,13 @@ def _run_group(
     log(f"[{label}] timing {', '.join(names)} ({repeats} repeats, round-robin)")
     times = _harness.time_round_robin(entries, device, repeats=repeats, warmup=warmup)
 
+    memory_results = {}
+    if memory:
+        log(f"[{label}] peak memory of {', '.join(memory_providers)}")
+        memory_results = _measure_memory(
+            case, device, dtype_name, mode, memory_providers, entries, quick, memory_samples
+        )
+
     recon_shape, latent_dim = case.shape(quick)
     logits_bytes = inputs.recon_base.nelement() * inputs.recon_base.element_size()
     reference_loss = losses.get("eager")
@@ -422,12 +430,8 @@ def _run_group(
             row["loss_rel_diff_vs_eager"] = abs(losses[name] - reference_loss) / scale
         if name == "compile":
             row["compile_graph_breaks"] = _dynamo_graph_breaks()
-        if memory and name in memory_providers:
-            row.update(
-                _measure_memory(
-                    case, device, dtype_name, mode, name, entries, quick, memory_samples
-                )
-            )
+        if name in memory_results:
+            row.update(memory_results[name])
             log(f"[{label}] memory {name}: {_format_memory(row)}")
         rows.append(row)
     return rows
@@ -438,35 +442,56 @@ def _measure_memory(
     device: torch.device,
     dtype_name: str,
     mode: str,
-    provider: str,
+    providers: list[str],
     entries: list[_harness.Timed],
     quick: bool,
     samples: int,
-) -> dict[str, Any]:
-    """Peak extra memory of one provider's call: max over ``samples`` measured calls."""
+) -> dict[str, dict[str, Any]]:
+    """Peak extra memory of each provider's call: the max over ``samples`` measured calls.
+
+    CUDA: in this process, one provider after the other. CPU: one worker
+    process per provider, run a few at a time (each measures only itself).
+    """
     if device.type == "cuda":
-        entry = next(e for e in entries if e.name == provider)
-        peak = max(
-            _harness.cuda_peak_extra_bytes(entry.call, entry.prepare(), device)
-            for _ in range(samples)
-        )
-        return {"peak_extra_bytes": peak, "memory_method": _harness.CUDA_MEMORY_METHOD}
-    spec = {
-        "case": case.name,
-        "quick": quick,
-        "device": device.type,
-        "dtype": dtype_name,
-        "mode": mode,
-        "provider": provider,
-        "samples": samples,
-    }
-    result = measure_cpu_memory(spec)
-    if "error" in result:
-        return {"memory_error": result["error"], "memory_method": _harness.CPU_MEMORY_METHOD}
-    return {
-        "peak_extra_bytes": result["peak_extra_bytes"],
-        "memory_method": _harness.CPU_MEMORY_METHOD,
-    }
+        results = {}
+        for provider in providers:
+            entry = next(e for e in entries if e.name == provider)
+            peak = max(
+                _harness.cuda_peak_extra_bytes(entry.call, entry.prepare(), device)
+                for _ in range(samples)
+            )
+            results[provider] = {
+                "peak_extra_bytes": peak,
+                "memory_method": _harness.CUDA_MEMORY_METHOD,
+            }
+        return results
+    specs = [
+        {
+            "case": case.name,
+            "quick": quick,
+            "device": device.type,
+            "dtype": dtype_name,
+            "mode": mode,
+            "provider": provider,
+            "samples": samples,
+        }
+        for provider in providers
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(specs), os.cpu_count() or 1))) as pool:
+        outcomes = list(pool.map(measure_cpu_memory, specs))
+    results = {}
+    for provider, outcome in zip(providers, outcomes):
+        if "error" in outcome:
+            results[provider] = {
+                "memory_error": outcome["error"],
+                "memory_method": _harness.CPU_MEMORY_METHOD,
+            }
+        else:
+            results[provider] = {
+                "peak_extra_bytes": outcome["peak_extra_bytes"],
+                "memory_method": _harness.CPU_MEMORY_METHOD,
+            }
+    return results
 
 
 def _format_memory(row: dict[str, Any]) -> str:
