@@ -23,6 +23,7 @@ def build_info() -> dict:
     return {"native": True, **_C.build_info()}
 
 
+from klanneal import schedules  # noqa: E402, F401
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.reference import elbo_loss_ref  # noqa: E402
 
