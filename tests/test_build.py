@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import klanneal
+import pytest
 
 
 def test_native_extension_is_importable():
