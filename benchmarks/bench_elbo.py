@@ -284,7 +284,11 @@ def _worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     samples = [
         _harness.cpu_peak_extra_bytes(entry.call, entry.prepare()) for _ in range(spec["samples"])
     ]
-    return {"peak_extra_bytes": max(samples), "samples": samples}
+    return {
+        "peak_extra_bytes": max(samples),
+        "samples": samples,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def measure_cpu_memory(spec: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
@@ -489,6 +493,8 @@ def _measure_memory(
         else:
             results[provider] = {
                 "peak_extra_bytes": outcome["peak_extra_bytes"],
+                "memory_samples_bytes": outcome["samples"],
+                "memory_worker_threads": outcome["threads"],
                 "memory_method": _harness.CPU_MEMORY_METHOD,
             }
     return results

@@ -9,6 +9,7 @@ See docs/bench.md for what is measured and how to read the output.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=None,
         help="results directory (default benchmarks/results/full or benchmarks/results/quick)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads, also for the memory workers (default: torch's own choice)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     args = parser.parse_args(argv)
 
@@ -98,6 +105,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"--repeats: must be at least 1, got {args.repeats}")
     if args.warmup < 0:
         parser.error(f"--warmup: must be non-negative, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: must be at least 1, got {args.threads}")
     if args.out is None:
         args.out = DEFAULT_OUT / ("quick" if args.quick else "full")
     return args
@@ -123,6 +132,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
+    if args.threads is not None:
+        # The environment variable carries the choice into the memory workers.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     machine = _harness.machine_info()
     log(
         f"{machine['cpu_model']}, {machine['usable_cores']} cores, torch threads "
@@ -171,6 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "devices": [d.type for d in args.devices],
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
         "memory": memory,
         "memory_samples": memory_samples,
         "memory_method": {
