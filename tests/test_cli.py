@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,16 @@ def test_bad_arguments_exit_with_status_2(argv, fragment, capsys):
         main(argv)
     assert info.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_plot_schedules_example_prints_a_table_and_writes_a_png(tmp_path, capsys):
+    example = Path(__file__).resolve().parents[1] / "examples" / "plot_schedules.py"
+    namespace = runpy.run_path(str(example), run_name="example")
+    out = tmp_path / "demo" / "schedules.png"
+    assert namespace["main"](["--steps", "800", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "cyclical", "monotonic"]
+    # Step 200 starts the second of 4 cycles: cyclical is back at 0 while the
+    # monotonic schedule (100 warm-up steps) has reached 1.
+    assert lines[4].split() == ["200", "0.0000", "1.0000"]

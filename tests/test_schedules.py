@@ -163,7 +163,11 @@ def _linear_args(draw):
     ratio = draw(st.one_of(st.just(1.0), st.floats(min_value=1e-4, max_value=1.0)))
     start = draw(_finite)
     stop = draw(st.one_of(_finite, st.just(start), st.just(start + 1.0)))
-    if start == stop:  # the published loop is O(n_cycle * n_iter) there
+    # Where the step is below an ulp of v the published ramp stalls (start ==
+    # stop is the extreme case) and its loop costs O(n_cycle * n_iter).
+    if n_iter and (stop - start) / (n_iter / n_cycle * ratio) <= 2 * np.spacing(
+        max(abs(start), abs(stop))
+    ):
         n_cycle = min(n_cycle, 40)
     return n_iter, start, stop, n_cycle, ratio
 
@@ -557,6 +561,7 @@ _SCHEDULE_ERRORS = [
         "missing keys ['warmup_steps', 'stop']",
     ),
     (lambda: Schedule.from_state_dict({"type": "Linear"}), ValueError, "'type' must be one of"),
+    (lambda: Schedule(), TypeError, "Schedule is abstract"),
     (lambda: BetaScheduler(lambda step: 0.0), TypeError, "schedule must be a klanneal Schedule"),
     (lambda: BetaScheduler(Constant(1.0), last_step=-2), ValueError, "last_step must be >= -1"),
     (

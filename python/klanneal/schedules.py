@@ -337,6 +337,9 @@ class Schedule:
     _fields: tuple[str, ...] = ()
     _kind: int = -1
 
+    def __init__(self) -> None:
+        raise TypeError("Schedule is abstract: use Constant, Monotonic, Cyclical or Capacity")
+
     def _configure(self, **kwargs: Any) -> None:
         raise NotImplementedError
 
