@@ -189,6 +189,14 @@ def _git_sha() -> Optional[str]:
     return sha + ("-dirty" if dirty else "")
 
 
+def _transparent_hugepages() -> Optional[str]:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            return setting.read().strip()
+    except OSError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU, threads, GPU, versions, git sha, load."""
     import klanneal
@@ -209,6 +217,10 @@ def machine_info() -> dict[str, Any]:
         "klanneal": klanneal.__version__,
         "klanneal_build_info": klanneal.build_info(),
         "git_sha": _git_sha(),
+        # Page faults on fresh logits-sized buffers are a large part of every
+        # provider's time on the CPU; these two decide how many there are.
+        "transparent_hugepage": _transparent_hugepages(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": sys.argv,

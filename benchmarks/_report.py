@@ -158,6 +158,15 @@ def _header(machine: dict[str, Any], config: dict[str, Any]) -> list[str]:
     build = machine.get("klanneal_build_info", {})
     build_text = ", ".join(f"{k}={v}" for k, v in build.items() if k != "version")
     load = machine.get("load_average_at_start")
+    thp = machine.get("transparent_hugepage") or ""
+    thp_env = machine.get("THP_MEM_ALLOC_ENABLE")
+    if "[always]" in thp or ("[madvise]" in thp and thp_env == "1"):
+        thp_effect = "large CPU tensors can use 2 MiB pages"
+    else:
+        thp_effect = (
+            "every fresh logits-sized CPU tensor is faulted in 4 KiB pages, a large part of "
+            "each provider's time (see docs/bench.md)"
+        )
     lines = [
         "# klanneal benchmark results",
         "",
@@ -171,6 +180,8 @@ def _header(machine: dict[str, Any], config: dict[str, Any]) -> list[str]:
         f"- Load average at start: {', '.join(f'{x:.2f}' for x in load) if load else 'unknown'}"
         " (a shared machine makes absolute times noisy; the ratios come from one run, "
         "with providers timed round-robin).",
+        f"- Transparent huge pages: {thp or 'unknown'}; THP_MEM_ALLOC_ENABLE="
+        f"{thp_env or 'unset'}: {thp_effect}.",
         f"- Repeats: {config['repeats']} timed calls per provider after {config['warmup']} "
         "warm-up rounds; median and p20-p80.",
     ]
