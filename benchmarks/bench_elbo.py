@@ -322,6 +322,7 @@ def run(
     memory: bool,
     memory_samples: int = 3,
     log: Callable[[str], None] = print,
+    failures: Optional[list[str]] = None,
 ) -> list[dict[str, Any]]:
     """Times (and optionally measures the memory of) every provider on every case.
 
@@ -329,18 +330,26 @@ def run(
     and memory is measured only on the first case in full mode, for every
     provider but compile, to keep the smoke run short.
 
+    Args:
+        failures: receives one message per provider that failed its checked
+            first call (that provider is then left out of its group).
+
     Returns:
         One dict per (case, device, dtype, mode, provider), the memcpy limit
         included as provider "memcpy".
     """
+    if failures is None:
+        failures = []
     rows: list[dict[str, Any]] = []
     for device in devices:
         for dtype in dtypes_for(device):
             for case_index, case_name in enumerate(cases):
                 case = CASES[case_name]
                 first_case = case_index == 0
-                _reset_dynamo()
-                compiled_ref = make_compiled_ref()
+                compiled_ref = None
+                if "compile" in providers:
+                    _reset_dynamo()
+                    compiled_ref = make_compiled_ref()
                 for mode in modes:
                     chosen = [
                         p
@@ -363,6 +372,7 @@ def run(
                         memory_providers=[p for p in chosen if not (quick and p == "compile")],
                         memory_samples=memory_samples,
                         log=log,
+                        failures=failures,
                     )
     return rows
 
@@ -373,7 +383,7 @@ def _run_group(
     dtype: torch.dtype,
     mode: str,
     providers: list[str],
-    compiled_ref: Callable,
+    compiled_ref: Optional[Callable],
     *,
     repeats: int,
     warmup: int,
@@ -382,20 +392,31 @@ def _run_group(
     memory_providers: list[str],
     memory_samples: int,
     log: Callable[[str], None],
+    failures: list[str],
 ) -> list[dict[str, Any]]:
     dtype_name = str(dtype).removeprefix("torch.")
     label = f"{case.name} {device.type} {dtype_name} {mode}"
     inputs = make_inputs(case, quick, device, dtype, requires_grad=mode == "full")
-    names = [*providers, MEMCPY]
-    entries = [build_entry(p, inputs, case.likelihood, mode, compiled_ref) for p in names]
-
     # One checked call each (this also compiles): a provider that computes a
-    # different loss would make its timing meaningless.
+    # different loss would make its timing meaningless. A provider that fails
+    # here (no Triton for torch.compile on a GPU, say) is reported and left
+    # out, so that one failure does not lose the whole run.
+    entries: list[_harness.Timed] = []
     losses: dict[str, float] = {}
-    for entry in entries:
-        if entry.name != MEMCPY:
-            log(f"[{label}] warm-up {entry.name}")
-            losses[entry.name] = float(entry.call(entry.prepare()))
+    for provider in providers:
+        log(f"[{label}] warm-up {provider}")
+        try:
+            entry = build_entry(provider, inputs, case.likelihood, mode, compiled_ref)
+            losses[provider] = float(entry.call(entry.prepare()))
+        except Exception as error:
+            message = f"{label}: {provider} failed: {type(error).__name__}: {error}"
+            log(message)
+            failures.append(message)
+            continue
+        entries.append(entry)
+    entries.append(build_entry(MEMCPY, inputs, case.likelihood, mode, compiled_ref))
+    names = [entry.name for entry in entries]
+    memory_providers = [p for p in memory_providers if p in names]
     log(f"[{label}] timing {', '.join(names)} ({repeats} repeats, round-robin)")
     times = _harness.time_round_robin(entries, device, repeats=repeats, warmup=warmup)
 

@@ -159,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         notes.append("liger not run: it needs a CUDA device and the liger_kernel package")
 
     memory_samples = 1 if args.quick else 3
+    failures: list[str] = []
     elbo_cases = [c for c in args.cases if c != SCHEDULES]
     rows = bench_elbo.run(
         cases=elbo_cases,
@@ -171,7 +172,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         memory=memory,
         memory_samples=memory_samples,
         log=log,
+        failures=failures,
     )
+    notes += [f"FAILED: {failure}" for failure in failures]
     if SCHEDULES in args.cases:
         log("schedules (benchmarks/bench_schedules.py)")
         rows += _schedule_rows(args.quick, notes)
@@ -203,6 +206,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"  target {target['case']}: {target['target']} {target['required']}: "
             f"{measured} {status}"
         )
+    if failures:
+        print(f"{len(failures)} provider(s) failed; see the notes in results.md", file=sys.stderr)
+        return 1
     return 0
 
 

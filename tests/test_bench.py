@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN = REPO_ROOT / "benchmarks" / "run.py"
@@ -163,3 +164,31 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert inplace["measured"] == pytest.approx(0.2) and inplace["met"] is False
     assert targets[("image", "klanneal: speed-up over eager")]["met"] is False
     assert targets[("large-vocab", "klanneal: speed-up over eager")]["met"] is None
+
+
+def test_a_failing_provider_is_reported_and_left_out(monkeypatch):
+    import bench_elbo
+
+    real_loss_function = bench_elbo.loss_function
+
+    def failing_for_klanneal(provider, likelihood, compiled_ref):
+        if provider == "klanneal":
+            raise RuntimeError("no kernel here")
+        return real_loss_function(provider, likelihood, compiled_ref)
+
+    monkeypatch.setattr(bench_elbo, "loss_function", failing_for_klanneal)
+    failures: list[str] = []
+    rows = bench_elbo.run(
+        cases=["image"],
+        providers=["eager", "klanneal"],
+        modes=["forward"],
+        devices=[torch.device("cpu")],
+        repeats=2,
+        warmup=0,
+        quick=True,
+        memory=False,
+        log=lambda message: None,
+        failures=failures,
+    )
+    assert {row["provider"] for row in rows} == {"eager", "memcpy"}
+    assert len(failures) == 1 and "klanneal failed: RuntimeError: no kernel here" in failures[0]
