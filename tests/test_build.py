@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-import klanneal
 import pytest
+
+import klanneal
 
 
 def test_native_extension_is_importable():

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
-import klanneal
 import pytest
 import torch
 from elbo_cases import LinearWarmup, assert_matches, make_inputs, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import klanneal
 from klanneal import _ops, elbo_loss, elbo_loss_ref
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
@@ -412,6 +413,26 @@ def test_inplace_writes_the_gradient_into_the_logits_buffer():
     (2.5 * out.loss).backward()
     assert logits.data_ptr() == address
     torch.testing.assert_close(base.grad, want[1][0], rtol=5e-5, atol=2e-6)
+
+
+# Dynamo itself instantiates the autograd.Function while tracing it and warns
+# about that (torch 2.13); the warning is torch's, not ours.
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+def test_inplace_under_torch_compile():
+    x, target, mu, logvar = make_inputs("categorical", 2, (3,), 11, 4)
+
+    def loss(base, target, mu, logvar, beta):
+        return elbo_loss(base * 2.0, target, mu, logvar, beta, inplace=True).loss
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = run(lambda *a, beta: klanneal.ELBOOutput(compiled(*a, beta), *([torch.zeros(())] * 4)),
+              (x, target, mu, logvar), beta=torch.tensor(0.5))  # fmt: skip
+    want = run(
+        lambda x, *a, beta: elbo_loss_ref(x * 2.0, *a, beta), (x, target, mu, logvar), beta=0.5
+    )
+    torch.testing.assert_close(got[0][0], want[0][0])
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=5e-5, atol=2e-6)
 
 
 def test_inplace_is_a_no_op_without_gradients():

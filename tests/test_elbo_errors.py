@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from elbo_cases import LinearWarmup, make_inputs
+
 from klanneal import _C, elbo_loss
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from elbo_cases import LinearWarmup, assert_matches, make_inputs, run
+
 from klanneal import elbo_loss, elbo_loss_ref
 from klanneal.nn import ELBOLoss
 

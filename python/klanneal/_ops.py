@@ -272,6 +272,8 @@ def _backward_common(ctx, grad_loss) -> list:
     """
     if ctx.scaled_in_place:
         raise RuntimeError(_SECOND_BACKWARD)
+    if grad_loss is None:  # only non-differentiable outputs reached this node
+        return [None, None, None]
     saved = ctx.saved_tensors
     eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
     skip = eager and _is_one(grad_loss)
@@ -301,6 +303,9 @@ def _backward_common(ctx, grad_loss) -> list:
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # Without this autograd would materialise a zero tensor for the unused
+    # gradient of every other output, a logits-sized one for grad_recon.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[9]
     ctx.scaled_in_place = False
     ctx.save_for_backward(*output[5:])
@@ -324,6 +329,7 @@ class _ElboInplace(torch.autograd.Function):
         # free_bits_mode, ignore_index, gaussian_var, validate, need_grad_mu,
         # need_grad_logvar
         outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, *options)
+        ctx.set_materialize_grads(False)  # see _setup_context
         ctx.mark_dirty(recon_input)
         ctx.reduction = options[3]
         ctx.scaled_in_place = False

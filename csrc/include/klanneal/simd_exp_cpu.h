@@ -20,10 +20,10 @@
 namespace klanneal {
 namespace simd {
 
-constexpr float kExpHi = 89.0f;     // exp(89) > FLT_MAX: overflows to +inf
-constexpr float kExpLo = -104.0f;   // exp(-104) < half the smallest subnormal: 0
+constexpr float kExpHi = 89.0f;   // exp(89) > FLT_MAX: overflows to +inf
+constexpr float kExpLo = -104.0f; // exp(-104) < half the smallest subnormal: 0
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;  // 8 significant bits: n * kLn2Hi is exact
+constexpr float kLn2Hi = 0.693359375f; // 8 significant bits: n * kLn2Hi is exact
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kExpP0 = 1.9875691500e-4f;
 constexpr float kExpP1 = 1.3981999507e-3f;
@@ -87,7 +87,8 @@ KLANNEAL_TARGET_AVX2 inline __m256 log1p_unit_avx2(__m256 e) {
   const __m256 s = _mm256_div_ps(e, _mm256_add_ps(_mm256_set1_ps(2.0f), e));
   const __m256 s2 = _mm256_mul_ps(s, s);
   __m256 p = _mm256_set1_ps(kAtanhC[5]);
-  for (int k = 4; k >= 0; --k) p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(kAtanhC[k]));
+  for (int k = 4; k >= 0; --k)
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(kAtanhC[k]));
   p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f));
   return _mm256_mul_ps(_mm256_add_ps(s, s), p);
 }
@@ -96,12 +97,13 @@ KLANNEAL_TARGET_AVX512 inline __m512 log1p_unit_avx512(__m512 e) {
   const __m512 s = _mm512_div_ps(e, _mm512_add_ps(_mm512_set1_ps(2.0f), e));
   const __m512 s2 = _mm512_mul_ps(s, s);
   __m512 p = _mm512_set1_ps(kAtanhC[5]);
-  for (int k = 4; k >= 0; --k) p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(kAtanhC[k]));
+  for (int k = 4; k >= 0; --k)
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(kAtanhC[k]));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f));
   return _mm512_mul_ps(_mm512_add_ps(s, s), p);
 }
 
-}  // namespace simd
-}  // namespace klanneal
+} // namespace simd
+} // namespace klanneal
 
 #endif
