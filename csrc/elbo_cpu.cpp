@@ -10,19 +10,26 @@
 // (blocks of 4 vectors: one rescale of the running sum per block, one exp per
 // element), then one pass writing the gradient softmax - onehot. fp32 rows
 // use the AVX-512 or AVX2 kernels where the CPU has them (simd_exp_cpu.h),
-// else the scalar formulas of elbo_math.h; fp16/bf16 rows are widened to an
-// fp32 scratch row and take the fp32 path; fp64 rows use the scalar formulas.
+// else the scalar formulas of elbo_math.h; fp64 rows have the same kernels
+// with fp64 lanes; fp16/bf16 rows are widened to an fp32 scratch row and take
+// the fp32 path.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "klanneal/cpu_features.h"
 #include "klanneal/elbo.h"
 #include "klanneal/elbo_math.h"
 #include "klanneal/simd_exp_cpu.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace klanneal {
 namespace {
@@ -138,10 +145,10 @@ double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale
 #if defined(KLANNEAL_X86_SIMD)
 
 // Per-lane (max, sum) states merged in lane order with the scalar lse_merge.
-template <int kLanes> float merge_lanes(const float *m, const float *s) {
-  LseState<float> st{m[0], s[0]};
+template <int kLanes, typename T> T merge_lanes(const T *m, const T *s) {
+  LseState<T> st{m[0], s[0]};
   for (int l = 1; l < kLanes; ++l)
-    st = lse_merge(st, LseState<float>{m[l], s[l]});
+    st = lse_merge(st, LseState<T>{m[l], s[l]});
   return lse_value(st);
 }
 
@@ -270,6 +277,126 @@ double categorical_row_avx512(const float *x, int64_t V, int64_t t, float *grad,
     grad[t] = categorical_grad(x_target, lse, true, scale);
   }
   return static_cast<double>(categorical_nll(lse, x_target));
+}
+
+// fp64 rows: the fp32 kernels above with 4 (AVX2) or 8 (AVX-512) lanes.
+
+KLANNEAL_TARGET_AVX2 inline __m256d shift_for(__m256d m_new) {
+  const __m256d is_neg_inf = _mm256_cmp_pd(m_new, _mm256_set1_pd(-INFINITY), _CMP_EQ_OQ);
+  return _mm256_blendv_pd(m_new, _mm256_setzero_pd(), is_neg_inf);
+}
+
+KLANNEAL_TARGET_AVX2 inline __m256i tail_mask64(__m256i lane, int64_t left) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(std::min<int64_t>(left, 4)), lane);
+}
+
+KLANNEAL_TARGET_AVX512 inline __m512d shift_for(__m512d m_new) {
+  const __mmask8 is_neg_inf = _mm512_cmp_pd_mask(m_new, _mm512_set1_pd(-INFINITY), _CMP_EQ_OQ);
+  return _mm512_mask_blend_pd(is_neg_inf, m_new, _mm512_setzero_pd());
+}
+
+inline __mmask8 tail_mask8(int64_t left) {
+  return left >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << left) - 1u);
+}
+
+KLANNEAL_TARGET_AVX2
+double categorical_row_avx2_f64(const double *x, int64_t V, int64_t t, double *grad, double scale) {
+  const __m256d neg_inf = _mm256_set1_pd(-INFINITY);
+  const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+  __m256d vm = neg_inf;
+  __m256d vs = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m256d a0 = _mm256_loadu_pd(x + i);
+    const __m256d a1 = _mm256_loadu_pd(x + i + 4);
+    const __m256d a2 = _mm256_loadu_pd(x + i + 8);
+    const __m256d a3 = _mm256_loadu_pd(x + i + 12);
+    const __m256d m_new =
+        _mm256_max_pd(_mm256_max_pd(_mm256_max_pd(a0, a1), _mm256_max_pd(a2, a3)), vm);
+    const __m256d shift = shift_for(m_new);
+    const __m256d e01 = _mm256_add_pd(simd::exp_avx2(_mm256_sub_pd(a0, shift)),
+                                      simd::exp_avx2(_mm256_sub_pd(a1, shift)));
+    const __m256d e23 = _mm256_add_pd(simd::exp_avx2(_mm256_sub_pd(a2, shift)),
+                                      simd::exp_avx2(_mm256_sub_pd(a3, shift)));
+    vs = _mm256_fmadd_pd(vs, simd::exp_avx2(_mm256_sub_pd(vm, shift)), _mm256_add_pd(e01, e23));
+    vm = m_new;
+  }
+  for (; i < V; i += 4) {
+    const __m256i mask = tail_mask64(lane, V - i);
+    const __m256d a =
+        _mm256_blendv_pd(neg_inf, _mm256_maskload_pd(x + i, mask), _mm256_castsi256_pd(mask));
+    const __m256d m_new = _mm256_max_pd(a, vm);
+    const __m256d shift = shift_for(m_new);
+    vs = _mm256_fmadd_pd(vs, simd::exp_avx2(_mm256_sub_pd(vm, shift)),
+                         simd::exp_avx2(_mm256_sub_pd(a, shift)));
+    vm = m_new;
+  }
+  alignas(32) double m[4], s[4];
+  _mm256_store_pd(m, vm);
+  _mm256_store_pd(s, vs);
+  const double lse = merge_lanes<4>(m, s);
+  const double x_target = x[t];
+  if (grad != nullptr) {
+    const __m256d vlse = _mm256_set1_pd(lse);
+    const __m256d vscale = _mm256_set1_pd(scale);
+    for (i = 0; i < V; i += 4) {
+      const __m256i mask = tail_mask64(lane, V - i);
+      const __m256d a = _mm256_maskload_pd(x + i, mask);
+      _mm256_maskstore_pd(grad + i, mask,
+                          _mm256_mul_pd(simd::exp_avx2(_mm256_sub_pd(a, vlse)), vscale));
+    }
+    grad[t] = categorical_grad(x_target, lse, true, scale);
+  }
+  return categorical_nll(lse, x_target);
+}
+
+KLANNEAL_TARGET_AVX512
+double categorical_row_avx512_f64(const double *x, int64_t V, int64_t t, double *grad,
+                                  double scale) {
+  const __m512d neg_inf = _mm512_set1_pd(-INFINITY);
+  __m512d vm = neg_inf;
+  __m512d vs = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 32 <= V; i += 32) {
+    const __m512d a0 = _mm512_loadu_pd(x + i);
+    const __m512d a1 = _mm512_loadu_pd(x + i + 8);
+    const __m512d a2 = _mm512_loadu_pd(x + i + 16);
+    const __m512d a3 = _mm512_loadu_pd(x + i + 24);
+    const __m512d m_new =
+        _mm512_max_pd(_mm512_max_pd(_mm512_max_pd(a0, a1), _mm512_max_pd(a2, a3)), vm);
+    const __m512d shift = shift_for(m_new);
+    const __m512d e01 = _mm512_add_pd(simd::exp_avx512(_mm512_sub_pd(a0, shift)),
+                                      simd::exp_avx512(_mm512_sub_pd(a1, shift)));
+    const __m512d e23 = _mm512_add_pd(simd::exp_avx512(_mm512_sub_pd(a2, shift)),
+                                      simd::exp_avx512(_mm512_sub_pd(a3, shift)));
+    vs = _mm512_fmadd_pd(vs, simd::exp_avx512(_mm512_sub_pd(vm, shift)), _mm512_add_pd(e01, e23));
+    vm = m_new;
+  }
+  for (; i < V; i += 8) {
+    const __m512d a = _mm512_mask_loadu_pd(neg_inf, tail_mask8(V - i), x + i);
+    const __m512d m_new = _mm512_max_pd(a, vm);
+    const __m512d shift = shift_for(m_new);
+    vs = _mm512_fmadd_pd(vs, simd::exp_avx512(_mm512_sub_pd(vm, shift)),
+                         simd::exp_avx512(_mm512_sub_pd(a, shift)));
+    vm = m_new;
+  }
+  alignas(64) double m[8], s[8];
+  _mm512_store_pd(m, vm);
+  _mm512_store_pd(s, vs);
+  const double lse = merge_lanes<8>(m, s);
+  const double x_target = x[t];
+  if (grad != nullptr) {
+    const __m512d vlse = _mm512_set1_pd(lse);
+    const __m512d vscale = _mm512_set1_pd(scale);
+    for (i = 0; i < V; i += 8) {
+      const __mmask8 mask = tail_mask8(V - i);
+      const __m512d a = _mm512_maskz_loadu_pd(mask, x + i);
+      _mm512_mask_storeu_pd(grad + i, mask,
+                            _mm512_mul_pd(simd::exp_avx512(_mm512_sub_pd(a, vlse)), vscale));
+    }
+    grad[t] = categorical_grad(x_target, lse, true, scale);
+  }
+  return categorical_nll(lse, x_target);
 }
 
 // ---- bernoulli / gaussian / mse on fp32, vectorised -------------------------
@@ -409,17 +536,25 @@ PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
 
 #endif // KLANNEAL_X86_SIMD
 
-using CategoricalRowF32 = double (*)(const float *, int64_t, int64_t, float *, float);
+template <typename T> using CategoricalRow = double (*)(const T *, int64_t, int64_t, T *, T);
 
-CategoricalRowF32 categorical_row_f32(SimdLevel level) {
+// The row kernel for fp32 (T = float) or fp64 rows at this SIMD level.
+template <typename T> CategoricalRow<T> categorical_row(SimdLevel level) {
 #if defined(KLANNEAL_X86_SIMD)
-  if (level == SimdLevel::kAvx512)
-    return categorical_row_avx512;
-  if (level == SimdLevel::kAvx2)
-    return categorical_row_avx2;
+  if constexpr (std::is_same_v<T, float>) {
+    if (level == SimdLevel::kAvx512)
+      return categorical_row_avx512;
+    if (level == SimdLevel::kAvx2)
+      return categorical_row_avx2;
+  } else {
+    if (level == SimdLevel::kAvx512)
+      return categorical_row_avx512_f64;
+    if (level == SimdLevel::kAvx2)
+      return categorical_row_avx2_f64;
+  }
 #endif
   (void)level;
-  return categorical_row_scalar<float>;
+  return categorical_row_scalar<T>;
 }
 
 // ---- threading --------------------------------------------------------------
@@ -462,7 +597,8 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
   auto *grad = static_cast<S *>(p.grad_recon);
   const int64_t V = p.row_len;
   const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
-  const CategoricalRowF32 row_f32 = categorical_row_f32(level);
+  const CategoricalRow<float> row_f32 = categorical_row<float>(level);
+  const CategoricalRow<double> row_f64 = categorical_row<double>(level);
   const S zero = Elem<S>::store(T(0));
   const S nan = Elem<S>::store(std::numeric_limits<T>::quiet_NaN());
 
@@ -480,7 +616,7 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
         continue;
       }
       if constexpr (std::is_same_v<S, double>) {
-        unit_loss[r] = categorical_row_scalar<double>(xr, V, t, gr, scale);
+        unit_loss[r] = row_f64(xr, V, t, gr, scale);
       } else if constexpr (std::is_same_v<S, float>) {
         unit_loss[r] = row_f32(xr, V, t, gr, scale);
       } else {
@@ -693,6 +829,26 @@ void check_params(const ElboParams &p) {
                      "elbo: null output pointer");
 }
 
+// A fresh logits-sized gradient buffer is untouched memory. On Linux, ask for
+// transparent huge pages before the first write: one page fault per 2 MiB
+// instead of 512. Only advice: where THP is off, or the pages already exist,
+// nothing changes.
+void advise_huge_pages(void *ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (start + bytes) & ~(kHuge - 1);
+  if (end > begin)
+    madvise(reinterpret_cast<void *>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+size_t dtype_size(DType d) { return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2; }
+
 } // namespace
 
 void launch_elbo_cpu(const ElboParams &p) {
@@ -709,6 +865,9 @@ void launch_elbo_cpu(const ElboParams &p) {
   const int64_t elems = p.n_rows * p.row_len;
   const int n_threads = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(std::max(p.n_threads, 1), elems / kMinElemsPerThread)));
+
+  if (p.grad_recon != nullptr && p.grad_recon != p.recon_input)
+    advise_huge_pages(p.grad_recon, static_cast<size_t>(elems) * dtype_size(p.recon_dtype));
 
   std::vector<double> unit_loss(static_cast<size_t>(n_units));
   dispatch_dtype(p.recon_dtype, [&](auto s) {

@@ -314,9 +314,13 @@ def test_fallback_path_matches_native(monkeypatch):
     assert_matches(run(elbo_loss, inputs, **kwargs), native, torch.float32)
 
 
-def test_nan_and_inf_logits_behave_like_the_reference():
-    x, target, mu, logvar = make_inputs("categorical", 3, (2,), 40, 3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf_logits_behave_like_the_reference(dtype):
+    x, target, mu, logvar = make_inputs("categorical", 3, (2,), 40, 3, dtype=dtype)
     target[:] = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    x[2, 1, :6] = torch.tensor(
+        [-1000.0, 0.0, 80.0, -745.0, 30.0, 700.0 if dtype == torch.float64 else 85.0]
+    )
     x[0, 0, 7] = float("nan")  # NaN logit: NaN loss
     x[1, 0, 0] = float("-inf")  # -inf in a non-target logit: fine
     x[1, 1, 4] = float("-inf")  # -inf in the target logit: +inf loss for that row
@@ -324,7 +328,7 @@ def test_nan_and_inf_logits_behave_like_the_reference():
     for reduction in ("none", "sum"):
         got = run(elbo_loss, (x, target, mu, logvar), reduction=reduction)
         want = run(elbo_loss_ref, (x, target, mu, logvar), reduction=reduction)
-        assert_matches(got, want, torch.float32)
+        assert_matches(got, want, dtype)
     loss = elbo_loss(x[1:2, :1], target[1:2, :1], mu[1:2], logvar[1:2]).loss
     assert torch.isfinite(loss)
     assert torch.isnan(elbo_loss(x[:1], target[:1], mu[:1], logvar[:1]).loss)
@@ -374,6 +378,9 @@ for likelihood in ("categorical", "bernoulli", "gaussian", "mse"):
         kwargs = {{"beta": 0.5, "likelihood": likelihood}}
         assert_matches(run(klanneal.elbo_loss, inputs, **kwargs),
                        run(klanneal.elbo_loss_ref, inputs, **kwargs), torch.float32)
+        wide = [t.double() if t.is_floating_point() else t for t in inputs]
+        assert_matches(run(klanneal.elbo_loss, wide, **kwargs),
+                       run(klanneal.elbo_loss_ref, wide, **kwargs), torch.float64)
         # bf16 rows are widened to fp32 and take the same vector kernels.
         low = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
         got = run(klanneal.elbo_loss, low, **kwargs)
