@@ -39,14 +39,21 @@ def _upstream(reduction: str, batch: int) -> torch.Tensor:
     return torch.tensor(2.5)
 
 
-@pytest.mark.parametrize("beta_kind", ["float", "tensor", "schedule"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("free_bits", list(FREE_BITS))
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
-@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+# Every likelihood x reduction x free-bits mode x dtype x beta kind, less
+# "none" with batch-mode free bits (an error, see test_elbo_errors).
+MATRIX = [
+    (likelihood, reduction, free_bits, dtype, beta_kind)
+    for likelihood in LIKELIHOODS
+    for reduction in ("batchmean", "sum", "none")
+    for free_bits in FREE_BITS
+    for dtype in (torch.float32, torch.float64)
+    for beta_kind in ("float", "tensor", "schedule")
+    if not (reduction == "none" and free_bits == "batch")
+]
+
+
+@pytest.mark.parametrize("likelihood,reduction,free_bits,dtype,beta_kind", MATRIX)
 def test_matches_reference(likelihood, reduction, free_bits, dtype, beta_kind):
-    if reduction == "none" and free_bits == "batch":
-        pytest.skip("not allowed (tested in test_elbo_errors)")
     inputs = make_inputs(likelihood, batch=3, middle=(4,), vocab=41, dtype=dtype)
     kwargs = dict(likelihood=likelihood, reduction=reduction, **FREE_BITS[free_bits])
     kwargs.update(_beta_kwargs(beta_kind))
@@ -420,6 +427,30 @@ def test_inplace_writes_the_gradient_into_the_logits_buffer():
     (2.5 * out.loss).backward()
     assert logits.data_ptr() == address
     torch.testing.assert_close(base.grad, want[1][0], rtol=5e-5, atol=2e-6)
+
+
+def test_inplace_on_a_view_of_the_decoder_output():
+    # logits = linear(h).view(B, T, V) is the common case: a view, not a base.
+    x, target, mu, logvar = make_inputs("categorical", 3, (4,), 33, 5)
+    hidden = torch.randn(12, 6)
+    weight = torch.randn(6, 33, requires_grad=True)
+    logits = (hidden @ weight).view(3, 4, 33)
+    out = elbo_loss(logits, target, mu, logvar, 0.5, inplace=True)
+    (2.5 * out.loss).backward()
+    ref_weight = weight.detach().clone().requires_grad_()
+    want = elbo_loss_ref((hidden @ ref_weight).view(3, 4, 33), target, mu, logvar, 0.5)
+    (2.5 * want.loss).backward()
+    torch.testing.assert_close(out.loss.detach(), want.loss.detach())
+    torch.testing.assert_close(weight.grad, ref_weight.grad, rtol=5e-5, atol=2e-5)
+
+
+def test_inplace_overwrite_is_detected_by_a_node_that_saved_the_logits():
+    x, target, mu, logvar = make_inputs("categorical", 2, (3,), 9, 4)
+    base = x.clone().requires_grad_()
+    logits = base.exp()  # exp saves its output for backward
+    out = elbo_loss(logits, target, mu, logvar, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
 
 
 # Dynamo itself instantiates the autograd.Function while tracing it and warns

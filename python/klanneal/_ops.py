@@ -321,7 +321,14 @@ elbo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ElboInplace(torch.autograd.Function):
-    """Autograd of elbo_loss_inplace: the logits buffer becomes its own gradient."""
+    """Autograd of elbo_loss_inplace: the logits buffer becomes its own gradient.
+
+    recon_input is not marked dirty: its autograd history stays that of the
+    decoder output it is, so that views (logits.view(B, T, V)) work too (a
+    Function that marks a view dirty may return only one tensor). The custom
+    op declares the mutation, which bumps recon_input's version counter: a
+    node that saved the logits for its own backward reports the overwrite.
+    """
 
     @staticmethod
     def forward(ctx, recon_input, target, mu, logvar, beta, step, *options):
@@ -330,12 +337,11 @@ class _ElboInplace(torch.autograd.Function):
         # need_grad_logvar
         outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, *options)
         ctx.set_materialize_grads(False)  # see _setup_context
-        ctx.mark_dirty(recon_input)
         ctx.reduction = options[3]
         ctx.scaled_in_place = False
         ctx.save_for_backward(recon_input, outs[5], outs[6])
-        ctx.mark_non_differentiable(*outs[1:])
-        return (*outs, recon_input)
+        ctx.mark_non_differentiable(*outs[1:5])
+        return outs[:5]
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -343,6 +349,6 @@ class _ElboInplace(torch.autograd.Function):
         return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 13
 
 
-def elbo_loss_inplace(*args) -> InplaceOutputs:
-    """Runs elbo_loss_inplace_op with autograd (same arguments, no need_grad_recon)."""
-    return _ElboInplace.apply(*args)[:7]
+def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:
+    """elbo_loss_inplace_op with autograd: loss, recon, kl, kl_per_dim, beta."""
+    return _ElboInplace.apply(*args)
