@@ -21,3 +21,6 @@ def build_info() -> dict:
     if _C is None:
         return {"native": False, "version": __version__, "cuda": False}
     return {"native": True, **_C.build_info()}
+
+
+from klanneal import schedules  # noqa: E402, F401

@@ -15,8 +15,9 @@ enum class ScheduleKind : int32_t { kConstant = 0, kMonotonic = 1, kCyclical = 2
 enum class RampShape : int32_t { kLinear = 0, kSigmoid = 1, kCosine = 2 };
 
 // Plain-old-data so it can be passed by value to a kernel. Python packs it
-// as a list of floats (schedule_to_floats in klanneal/schedules.py) in the
-// order of the fields below.
+// as a list of 8 floats (Schedule.to_params() in klanneal/schedules.py) in
+// the order of the fields below; check_schedule_params (schedules_cpu.h)
+// states which values are valid.
 struct ScheduleParams {
   ScheduleKind kind = ScheduleKind::kConstant;
   RampShape shape = RampShape::kLinear;
@@ -28,27 +29,59 @@ struct ScheduleParams {
   double zero_ratio = 0.0;   // Cyclical: fraction of each period held at start first
 };
 
+// a * b, never fused with a neighbouring add into an FMA: the host build
+// passes -ffp-contract=off and the device uses the round-to-nearest
+// intrinsic (nvcc fuses by default), so the CPU, every ISA-specific
+// translation unit and the GPU compute the same bits for the same step.
+KLANNEAL_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Ramp shapes on u in [0, 1], each mapping 0 -> 0 and 1 -> 1. The sigmoid is
 // the paper's 1/(1+exp(-(12u-6))) rescaled so that each cycle starts exactly
 // at `start` and ends at `stop` (the notebook's version starts at 0.0025).
+// exp and cos come from the platform's math library, so sigmoid and cosine
+// values may differ between CPU and GPU in the last bit; linear never does.
 KLANNEAL_HD double ramp_shape(RampShape shape, double u) {
   switch (shape) {
     case RampShape::kSigmoid: {
       const double lo = 1.0 / (1.0 + exp(6.0));
       const double hi = 1.0 / (1.0 + exp(-6.0));
-      const double s = 1.0 / (1.0 + exp(-(12.0 * u - 6.0)));
+      const double s = 1.0 / (1.0 + exp(-(mul_rn(12.0, u) - 6.0)));
       return (s - lo) / (hi - lo);
     }
     case RampShape::kCosine:
-      return 0.5 - 0.5 * cos(3.14159265358979323846 * u);
+      return 0.5 - mul_rn(0.5, cos(mul_rn(3.14159265358979323846, u)));
     default:
       return u;
   }
 }
 
+// start + (stop - start) * r for r in [0, 1], clamped to the closed interval
+// between start and stop: rounding of the product and the sum must not push
+// a value past the end of the ramp (start > stop, a decreasing ramp, is fine).
+KLANNEAL_HD double ramp_between(double start, double stop, double r) {
+  const double v = start + mul_rn(stop - start, r);
+  const double lo = start < stop ? start : stop;
+  const double hi = start < stop ? stop : start;
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 // Value of the schedule at `step` (>= 0; the Python layer rejects negative
 // steps, here they are clamped to 0). After total_steps every schedule holds
 // `stop`.
+//
+// Cyclical: period = total_steps / n_cycles, tau in [0, 1) is the position
+// inside the current period; the first zero_ratio of it holds `start`, the
+// next `ratio` ramps from start to stop, the rest holds `stop`. The cycle and
+// tau are computed from step * n_cycles with integer-valued doubles, which
+// is exact while total_steps * n_cycles <= 2**52 (checked by
+// check_schedule_params): cycle boundaries fall on exactly the right step and
+// a schedule whose period is a whole number of steps is exactly periodic.
 KLANNEAL_HD double schedule_value(const ScheduleParams& p, int64_t step) {
   const double t = step < 0 ? 0.0 : static_cast<double>(step);
   switch (p.kind) {
@@ -57,17 +90,17 @@ KLANNEAL_HD double schedule_value(const ScheduleParams& p, int64_t step) {
     case ScheduleKind::kMonotonic:
     case ScheduleKind::kCapacity: {
       if (!(t < p.total_steps)) return p.stop;  // also warm-up of 0 steps
-      return p.start + (p.stop - p.start) * (t / p.total_steps);
+      return ramp_between(p.start, p.stop, t / p.total_steps);
     }
     case ScheduleKind::kCyclical: {
       if (!(t < p.total_steps)) return p.stop;
-      const double period = p.total_steps / p.n_cycles;
-      const double cycle = floor(t / period);
-      const double tau = (t - cycle * period) / period;  // position in [0, 1)
+      const double scaled = mul_rn(t, p.n_cycles);  // < 2**52: exact
+      const double cycle = floor(scaled / p.total_steps);
+      const double tau = (scaled - mul_rn(cycle, p.total_steps)) / p.total_steps;
       if (tau < p.zero_ratio) return p.start;
       const double u = (tau - p.zero_ratio) / p.ratio;
       if (u >= 1.0) return p.stop;
-      return p.start + (p.stop - p.start) * ramp_shape(p.shape, u);
+      return ramp_between(p.start, p.stop, ramp_shape(p.shape, u));
     }
   }
   return p.stop;
