@@ -1,10 +1,568 @@
+// CPU launcher of the fused ELBO op.
+//
+// Work is split in units of a fixed size that does not depend on the thread
+// count: one logits row for the categorical likelihood, a chunk of kChunk
+// elements of an example otherwise. Each unit writes its loss into its own
+// slot of a buffer and the slots are summed afterwards, sequentially in
+// double precision, so the result is bitwise identical for any n_threads.
+//
+// Categorical rows: one read of the row for the online max / log-sum-exp
+// (blocks of 4 vectors: one rescale of the running sum per block, one exp per
+// element), then one pass writing the gradient softmax - onehot. fp32 rows
+// use the AVX-512 or AVX2 kernels where the CPU has them (simd_exp_cpu.h),
+// else the scalar formulas of elbo_math.h; fp16/bf16 rows are widened to an
+// fp32 scratch row and take the fp32 path; fp64 rows use the scalar formulas.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "klanneal/cpu_features.h"
 #include "klanneal/elbo.h"
+#include "klanneal/elbo_math.h"
+#include "klanneal/simd_exp_cpu.h"
 
 namespace klanneal {
+namespace {
+
+constexpr int64_t kChunk = 16384;               // elements per unit, non-categorical
+constexpr int64_t kMinElemsPerThread = 1 << 15; // below this a thread costs more than it saves
+
+// ---- storage types and conversions -----------------------------------------
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t bits_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// IEEE fp16 <-> fp32 with round-to-nearest-even, subnormals, Inf and NaN
+// (the bit-exact method of Maratyszcza's FP16 library).
+inline float half_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result =
+      sign | (two_w < (1u << 27) ? bits_from_float(denormalized) : bits_from_float(normalized));
+  return float_from_bits(result);
+}
+
+inline uint16_t float_to_half(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = bits_from_float(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = float_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = bits_from_float(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+inline float bfloat16_to_float(uint16_t h) { return float_from_bits(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bfloat16(float f) {
+  const uint32_t u = bits_from_float(f);
+  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // nearest even
+}
+
+// Arithmetic type T of a storage type S (float for fp32/fp16/bf16, double
+// for fp64) and the conversions.
+template <typename S>
+struct Elem;
+template <>
+struct Elem<float> {
+  using T = float;
+  static T load(float v) { return v; }
+  static float store(T v) { return v; }
+};
+template <>
+struct Elem<double> {
+  using T = double;
+  static T load(double v) { return v; }
+  static double store(T v) { return v; }
+};
+template <>
+struct Elem<Half> {
+  using T = float;
+  static T load(Half v) { return half_to_float(v.bits); }
+  static Half store(T v) { return {float_to_half(v)}; }
+};
+template <>
+struct Elem<BFloat16> {
+  using T = float;
+  static T load(BFloat16 v) { return bfloat16_to_float(v.bits); }
+  static BFloat16 store(T v) { return {float_to_bfloat16(v)}; }
+};
+
+// ---- categorical rows -------------------------------------------------------
+// Each takes one row x[0, V) with a target 0 <= t < V, returns the row's loss
+// logsumexp(x) - x[t] and, if grad is not null, writes
+// (softmax(x) - onehot(t)) * scale into grad (which may alias x: x[t] is read
+// before the gradient pass).
+
+template <typename T>
+double categorical_row_scalar(const T* x, int64_t V, int64_t t, T* grad, T scale) {
+  LseState<T> st = lse_init<T>();
+  for (int64_t i = 0; i < V; ++i) st = lse_push(st, x[i]);
+  const T lse = lse_value(st);
+  const T x_target = x[t];
+  if (grad != nullptr) {
+    for (int64_t i = 0; i < V; ++i) grad[i] = categorical_grad(x[i], lse, false, scale);
+    grad[t] = categorical_grad(x_target, lse, true, scale);
+  }
+  return static_cast<double>(categorical_nll(lse, x_target));
+}
+
+#if defined(KLANNEAL_X86_SIMD)
+
+// Per-lane (max, sum) states merged in lane order with the scalar lse_merge.
+template <int kLanes>
+float merge_lanes(const float* m, const float* s) {
+  LseState<float> st{m[0], s[0]};
+  for (int l = 1; l < kLanes; ++l) st = lse_merge(st, LseState<float>{m[l], s[l]});
+  return lse_value(st);
+}
+
+// A group of elements with max m_new is added by rescaling the running sum
+// once to the new max, shifting by 0 in lanes still at -inf so that
+// exp(-inf - shift) = 0 rather than exp(NaN).
+KLANNEAL_TARGET_AVX2 inline __m256 shift_for(__m256 m_new) {
+  const __m256 is_neg_inf = _mm256_cmp_ps(m_new, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  return _mm256_blendv_ps(m_new, _mm256_setzero_ps(), is_neg_inf);
+}
+
+KLANNEAL_TARGET_AVX2 inline __m256i tail_mask(__m256i lane, int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))), lane);
+}
+
+KLANNEAL_TARGET_AVX512 inline __m512 shift_for(__m512 m_new) {
+  const __mmask16 is_neg_inf = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  return _mm512_mask_blend_ps(is_neg_inf, m_new, _mm512_setzero_ps());
+}
+
+inline __mmask16 tail_mask16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+KLANNEAL_TARGET_AVX2
+double categorical_row_avx2(const float* x, int64_t V, int64_t t, float* grad, float scale) {
+  const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 vm = neg_inf;  // running max per lane; never NaN (it is max's second operand)
+  __m256 vs = zero;     // sum of exp(x - vm) per lane; NaN once a NaN was seen
+
+  int64_t i = 0;
+  for (; i + 32 <= V; i += 32) {
+    const __m256 a0 = _mm256_loadu_ps(x + i);
+    const __m256 a1 = _mm256_loadu_ps(x + i + 8);
+    const __m256 a2 = _mm256_loadu_ps(x + i + 16);
+    const __m256 a3 = _mm256_loadu_ps(x + i + 24);
+    const __m256 m_new = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)), vm);
+    const __m256 shift = shift_for(m_new);
+    const __m256 e01 = _mm256_add_ps(simd::exp_avx2(_mm256_sub_ps(a0, shift)),
+                                     simd::exp_avx2(_mm256_sub_ps(a1, shift)));
+    const __m256 e23 = _mm256_add_ps(simd::exp_avx2(_mm256_sub_ps(a2, shift)),
+                                     simd::exp_avx2(_mm256_sub_ps(a3, shift)));
+    vs = _mm256_fmadd_ps(vs, simd::exp_avx2(_mm256_sub_ps(vm, shift)), _mm256_add_ps(e01, e23));
+    vm = m_new;
+  }
+  for (; i < V; i += 8) {
+    const __m256i mask = tail_mask(lane, V - i);
+    const __m256 a = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(x + i, mask), _mm256_castsi256_ps(mask));
+    const __m256 m_new = _mm256_max_ps(a, vm);
+    const __m256 shift = shift_for(m_new);
+    vs = _mm256_fmadd_ps(vs, simd::exp_avx2(_mm256_sub_ps(vm, shift)), simd::exp_avx2(_mm256_sub_ps(a, shift)));
+    vm = m_new;
+  }
+  alignas(32) float m[8], s[8];
+  _mm256_store_ps(m, vm);
+  _mm256_store_ps(s, vs);
+  const float lse = merge_lanes<8>(m, s);
+  const float x_target = x[t];
+  if (grad != nullptr) {
+    const __m256 vlse = _mm256_set1_ps(lse);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (i = 0; i < V; i += 8) {
+      const __m256i mask = tail_mask(lane, V - i);
+      const __m256 a = _mm256_maskload_ps(x + i, mask);
+      _mm256_maskstore_ps(grad + i, mask, _mm256_mul_ps(simd::exp_avx2(_mm256_sub_ps(a, vlse)), vscale));
+    }
+    grad[t] = categorical_grad(x_target, lse, true, scale);
+  }
+  return static_cast<double>(categorical_nll(lse, x_target));
+}
+
+KLANNEAL_TARGET_AVX512
+double categorical_row_avx512(const float* x, int64_t V, int64_t t, float* grad, float scale) {
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 vm = neg_inf;  // as in the AVX2 kernel
+  __m512 vs = zero;
+  int64_t i = 0;
+  for (; i + 64 <= V; i += 64) {
+    const __m512 a0 = _mm512_loadu_ps(x + i);
+    const __m512 a1 = _mm512_loadu_ps(x + i + 16);
+    const __m512 a2 = _mm512_loadu_ps(x + i + 32);
+    const __m512 a3 = _mm512_loadu_ps(x + i + 48);
+    const __m512 m_new = _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)), vm);
+    const __m512 shift = shift_for(m_new);
+    const __m512 e01 = _mm512_add_ps(simd::exp_avx512(_mm512_sub_ps(a0, shift)),
+                                     simd::exp_avx512(_mm512_sub_ps(a1, shift)));
+    const __m512 e23 = _mm512_add_ps(simd::exp_avx512(_mm512_sub_ps(a2, shift)),
+                                     simd::exp_avx512(_mm512_sub_ps(a3, shift)));
+    vs = _mm512_fmadd_ps(vs, simd::exp_avx512(_mm512_sub_ps(vm, shift)), _mm512_add_ps(e01, e23));
+    vm = m_new;
+  }
+  for (; i < V; i += 16) {
+    const __m512 a = _mm512_mask_loadu_ps(neg_inf, tail_mask16(V - i), x + i);
+    const __m512 m_new = _mm512_max_ps(a, vm);
+    const __m512 shift = shift_for(m_new);
+    vs = _mm512_fmadd_ps(vs, simd::exp_avx512(_mm512_sub_ps(vm, shift)), simd::exp_avx512(_mm512_sub_ps(a, shift)));
+    vm = m_new;
+  }
+  alignas(64) float m[16], s[16];
+  _mm512_store_ps(m, vm);
+  _mm512_store_ps(s, vs);
+  const float lse = merge_lanes<16>(m, s);
+  const float x_target = x[t];
+  if (grad != nullptr) {
+    const __m512 vlse = _mm512_set1_ps(lse);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (i = 0; i + 16 <= V; i += 16) {
+      const __m512 a = _mm512_loadu_ps(x + i);
+      _mm512_storeu_ps(grad + i, _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(a, vlse)), vscale));
+    }
+    if (i < V) {
+      const __mmask16 mask = tail_mask16(V - i);
+      const __m512 a = _mm512_maskz_loadu_ps(mask, x + i);
+      _mm512_mask_storeu_ps(grad + i, mask, _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(a, vlse)), vscale));
+    }
+    grad[t] = categorical_grad(x_target, lse, true, scale);
+  }
+  return static_cast<double>(categorical_nll(lse, x_target));
+}
+
+#endif  // KLANNEAL_X86_SIMD
+
+using CategoricalRowF32 = double (*)(const float*, int64_t, int64_t, float*, float);
+
+CategoricalRowF32 categorical_row_f32(SimdLevel level) {
+#if defined(KLANNEAL_X86_SIMD)
+  if (level == SimdLevel::kAvx512) return categorical_row_avx512;
+  if (level == SimdLevel::kAvx2) return categorical_row_avx2;
+#endif
+  (void)level;
+  return categorical_row_scalar<float>;
+}
+
+// ---- threading --------------------------------------------------------------
+
+// Runs fn(begin, end) over [0, n_units) in n_threads contiguous ranges, the
+// first on the calling thread. If a thread cannot be started its range runs
+// here instead.
+template <typename F>
+void parallel_for(int64_t n_units, int n_threads, const F& fn) {
+  n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_units)));
+  if (n_threads == 1) {
+    fn(0, n_units);
+    return;
+  }
+  std::vector<std::thread> workers;
+  workers.reserve(n_threads - 1);
+  for (int k = 1; k < n_threads; ++k) {
+    const int64_t begin = n_units * k / n_threads;
+    const int64_t end = n_units * (k + 1) / n_threads;
+    try {
+      workers.emplace_back([&fn, begin, end] { fn(begin, end); });
+    } catch (...) {
+      fn(begin, end);
+    }
+  }
+  fn(0, n_units / n_threads);
+  for (auto& w : workers) w.join();
+}
+
+// ---- reconstruction term ----------------------------------------------------
+
+// Categorical: unit_loss[r] = loss of row r. Rows whose target is
+// ignore_index contribute 0 and a zero gradient; a target outside [0, V)
+// gives a NaN loss and a NaN gradient row, and is never used as an index.
+template <typename S>
+void categorical_rows(const ElboParams& p, double* unit_loss, SimdLevel level, int n_threads) {
+  using T = typename Elem<S>::T;
+  const auto* x = static_cast<const S*>(p.recon_input);
+  const auto* target = static_cast<const int64_t*>(p.target);
+  auto* grad = static_cast<S*>(p.grad_recon);
+  const int64_t V = p.row_len;
+  const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
+  const CategoricalRowF32 row_f32 = categorical_row_f32(level);
+  const S zero = Elem<S>::store(T(0));
+  const S nan = Elem<S>::store(std::numeric_limits<T>::quiet_NaN());
+
+  parallel_for(p.n_rows, n_threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened;  // fp16/bf16 row in fp32
+    for (int64_t r = begin; r < end; ++r) {
+      const S* xr = x + r * V;
+      S* gr = grad != nullptr ? grad + r * V : nullptr;
+      const int64_t t = target[r];
+      if (t == p.ignore_index || t < 0 || t >= V) {
+        const bool ignored = t == p.ignore_index;
+        unit_loss[r] = ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+        if (gr != nullptr) std::fill(gr, gr + V, ignored ? zero : nan);
+        continue;
+      }
+      if constexpr (std::is_same_v<S, double>) {
+        unit_loss[r] = categorical_row_scalar<double>(xr, V, t, gr, scale);
+      } else if constexpr (std::is_same_v<S, float>) {
+        unit_loss[r] = row_f32(xr, V, t, gr, scale);
+      } else {
+        widened.resize(V);
+        for (int64_t i = 0; i < V; ++i) widened[i] = Elem<S>::load(xr[i]);
+        float* wg = gr != nullptr ? widened.data() : nullptr;  // gradient in place, then narrowed
+        unit_loss[r] = row_f32(widened.data(), V, t, wg, scale);
+        if (gr != nullptr)
+          for (int64_t i = 0; i < V; ++i) gr[i] = Elem<S>::store(widened[i]);
+      }
+    }
+  });
+}
+
+// Bernoulli / gaussian / mse: unit u covers elements [c * kChunk, ...) of
+// example u / chunks_per_row.
+template <typename S>
+void pointwise_units(const ElboParams& p, double* unit_loss, int64_t chunks_per_row, int n_threads) {
+  using T = typename Elem<S>::T;
+  const auto* x = static_cast<const S*>(p.recon_input);
+  const auto* y = static_cast<const S*>(p.target);
+  auto* grad = static_cast<S*>(p.grad_recon);
+  const int64_t n = p.row_len;
+  const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
+  const T inv_var = T(1) / static_cast<T>(p.gaussian_var);
+  const T log_norm = static_cast<T>(std::log(2.0 * 3.14159265358979323846 * p.gaussian_var));
+
+  auto run = [&](auto nll, auto dnll) {
+    parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t row = u / chunks_per_row;
+        const int64_t lo = row * n + (u % chunks_per_row) * kChunk;
+        const int64_t hi = std::min(lo + kChunk, (row + 1) * n);
+        double acc = 0.0;
+        for (int64_t i = lo; i < hi; ++i) {
+          const T xv = Elem<S>::load(x[i]);
+          const T yv = Elem<S>::load(y[i]);
+          acc += static_cast<double>(nll(xv, yv));
+          if (grad != nullptr) grad[i] = Elem<S>::store(dnll(xv, yv) * scale);
+        }
+        unit_loss[u] = acc;
+      }
+    });
+  };
+  switch (p.likelihood) {
+    case Likelihood::kBernoulli:
+      run([](T a, T b) { return bernoulli_nll(a, b); }, [](T a, T b) { return bernoulli_grad(a, b); });
+      break;
+    case Likelihood::kGaussian:
+      run([&](T a, T b) { return gaussian_nll(a, b, inv_var, log_norm); },
+          [&](T a, T b) { return gaussian_grad(a, b, inv_var); });
+      break;
+    default:
+      run([](T a, T b) { return mse_nll(a, b); }, [](T a, T b) { return mse_grad(a, b); });
+      break;
+  }
+}
+
+template <typename S>
+void recon_units(const ElboParams& p, double* unit_loss, int64_t chunks_per_row, SimdLevel level,
+                 int n_threads) {
+  if (p.likelihood == Likelihood::kCategorical)
+    categorical_rows<S>(p, unit_loss, level, n_threads);
+  else
+    pointwise_units<S>(p, unit_loss, chunks_per_row, n_threads);
+}
+
+// ---- KL term and the outputs -----------------------------------------------
+
+// Fills kl_b (true KL per example), klterm_b (per-example KL term with
+// free bits in "sample" mode), kl_per_dim, the total KL term, and the latent
+// gradients. Comparisons against lambda are made in T, as the reference's
+// clamp(min=lambda) does in the latent dtype; at a tie the gradient passes.
+template <typename S>
+double kl_term(const ElboParams& p, double beta, std::vector<double>& kl_b,
+               std::vector<double>& klterm_b) {
+  using T = typename Elem<S>::T;
+  const int64_t B = p.batch, D = p.latent_dim;
+  const auto* mu = static_cast<const S*>(p.mu);
+  const auto* logvar = static_cast<const S*>(p.logvar);
+  auto* grad_mu = static_cast<S*>(p.grad_mu);
+  auto* grad_logvar = static_cast<S*>(p.grad_logvar);
+  const bool free_bits = p.free_bits > 0.0;
+  const bool batch_mode = free_bits && p.free_bits_mode == FreeBitsMode::kBatch;
+  const T lambda = static_cast<T>(p.free_bits);
+
+  std::vector<T> kl(static_cast<size_t>(B * D));
+  std::vector<double> dim_sum(static_cast<size_t>(D), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    double kb = 0.0, tb = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T k = gaussian_kl(Elem<S>::load(mu[b * D + d]), Elem<S>::load(logvar[b * D + d]));
+      kl[b * D + d] = k;
+      kb += static_cast<double>(k);
+      dim_sum[d] += static_cast<double>(k);
+      tb += static_cast<double>(free_bits && k < lambda ? lambda : k);  // clamp keeps NaN
+    }
+    kl_b[b] = kb;
+    klterm_b[b] = tb;
+  }
+  std::vector<T> dim_mean(static_cast<size_t>(D));
+  double total = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double mean = dim_sum[d] / static_cast<double>(B);
+    if (p.kl_per_dim != nullptr) p.kl_per_dim[d] = mean;
+    dim_mean[d] = static_cast<T>(mean);
+    if (batch_mode) total += static_cast<double>(dim_mean[d] < lambda ? lambda : dim_mean[d]);
+  }
+  if (batch_mode) {
+    total *= static_cast<double>(B);
+  } else {
+    for (int64_t b = 0; b < B; ++b) total += klterm_b[b];
+  }
+
+  if (grad_mu != nullptr || grad_logvar != nullptr) {
+    const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / static_cast<double>(B) : 1.0;
+    const T weight = static_cast<T>(beta * scale);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t i = b * D + d;
+        bool pass = true;
+        if (batch_mode) pass = dim_mean[d] >= lambda;
+        else if (free_bits) pass = kl[i] >= lambda;
+        const T w = pass ? weight : T(0);
+        if (grad_mu != nullptr)
+          grad_mu[i] = Elem<S>::store(w * gaussian_kl_grad_mu(Elem<S>::load(mu[i])));
+        if (grad_logvar != nullptr)
+          grad_logvar[i] = Elem<S>::store(w * gaussian_kl_grad_logvar(Elem<S>::load(logvar[i])));
+      }
+    }
+  }
+  return total;
+}
+
+template <typename F>
+auto dispatch_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(Half{});
+    case DType::kBFloat16: return f(BFloat16{});
+    default: return f(float{});
+  }
+}
+
+bool valid_dtype(DType d) {
+  const auto v = static_cast<int32_t>(d);
+  return v >= 0 && v <= 3;
+}
+
+void check_params(const ElboParams& p) {
+  KLANNEAL_CHECK_ARG(p.batch > 0, "elbo: batch must be > 0");
+  KLANNEAL_CHECK_ARG(p.row_len > 0, "elbo: row_len must be > 0");
+  KLANNEAL_CHECK_ARG(p.latent_dim >= 0, "elbo: latent_dim must be >= 0");
+  const auto lk = static_cast<int32_t>(p.likelihood);
+  const auto red = static_cast<int32_t>(p.reduction);
+  const auto fbm = static_cast<int32_t>(p.free_bits_mode);
+  KLANNEAL_CHECK_ARG(lk >= 0 && lk <= 3, "elbo: unknown likelihood");
+  KLANNEAL_CHECK_ARG(red >= 0 && red <= 2, "elbo: unknown reduction");
+  KLANNEAL_CHECK_ARG(fbm >= 0 && fbm <= 1, "elbo: unknown free_bits_mode");
+  KLANNEAL_CHECK_ARG(valid_dtype(p.recon_dtype) && valid_dtype(p.latent_dtype), "elbo: unknown dtype");
+  if (p.likelihood == Likelihood::kCategorical)
+    KLANNEAL_CHECK_ARG(p.n_rows > 0 && p.n_rows % p.batch == 0,
+                       "elbo: n_rows must be a positive multiple of batch");
+  else
+    KLANNEAL_CHECK_ARG(p.n_rows == p.batch, "elbo: n_rows must equal batch for this likelihood");
+  KLANNEAL_CHECK_ARG(std::isfinite(p.free_bits) && p.free_bits >= 0.0,
+                     "elbo: free_bits must be finite and >= 0");
+  KLANNEAL_CHECK_ARG(std::isfinite(p.gaussian_var) && p.gaussian_var > 0.0,
+                     "elbo: gaussian_var must be finite and > 0");
+  KLANNEAL_CHECK_ARG(!(p.reduction == Reduction::kNone && p.free_bits > 0.0 &&
+                       p.free_bits_mode == FreeBitsMode::kBatch),
+                     "elbo: reduction 'none' is not allowed with free bits in 'batch' mode");
+  KLANNEAL_CHECK_ARG(p.recon_input != nullptr && p.target != nullptr, "elbo: null input pointer");
+  KLANNEAL_CHECK_ARG(p.latent_dim == 0 || (p.mu != nullptr && p.logvar != nullptr),
+                     "elbo: null mu/logvar pointer");
+  KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr && p.beta_out != nullptr,
+                     "elbo: null output pointer");
+}
+
+}  // namespace
 
 void launch_elbo_cpu(const ElboParams& p) {
-  (void)p;
-  throw std::runtime_error("klanneal: the CPU ELBO kernel is not built yet");
+  check_params(p);
+  const SimdLevel level = cpu_simd_level();
+  const double beta = p.beta_ptr != nullptr   ? *p.beta_ptr
+                      : p.step_ptr != nullptr ? schedule_value(p.schedule, *p.step_ptr)
+                                              : p.beta_value;
+  *p.beta_out = beta;
+
+  const bool categorical = p.likelihood == Likelihood::kCategorical;
+  const int64_t chunks_per_row = categorical ? 1 : (p.row_len + kChunk - 1) / kChunk;
+  const int64_t n_units = p.n_rows * chunks_per_row;
+  const int64_t elems = p.n_rows * p.row_len;
+  const int n_threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(std::max(p.n_threads, 1), elems / kMinElemsPerThread)));
+
+  std::vector<double> unit_loss(static_cast<size_t>(n_units));
+  dispatch_dtype(p.recon_dtype, [&](auto s) {
+    recon_units<decltype(s)>(p, unit_loss.data(), chunks_per_row, level, n_threads);
+    return 0;
+  });
+
+  const int64_t B = p.batch;
+  std::vector<double> kl_b(static_cast<size_t>(B), 0.0), klterm_b(static_cast<size_t>(B), 0.0);
+  const double klterm_total = dispatch_dtype(p.latent_dtype, [&](auto s) {
+    return kl_term<decltype(s)>(p, beta, kl_b, klterm_b);
+  });
+
+  // Fixed-order sums: units of example b are consecutive.
+  const int64_t units_per_example = n_units / B;
+  double recon_total = 0.0, kl_total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    double recon_b = 0.0;
+    for (int64_t u = b * units_per_example; u < (b + 1) * units_per_example; ++u) recon_b += unit_loss[u];
+    if (p.reduction == Reduction::kNone) {
+      p.loss[b] = recon_b + beta * klterm_b[b];
+      p.recon[b] = recon_b;
+      p.kl[b] = kl_b[b];
+    }
+    recon_total += recon_b;
+    kl_total += kl_b[b];
+  }
+  if (p.reduction != Reduction::kNone) {
+    const double divisor = p.reduction == Reduction::kBatchMean ? static_cast<double>(B) : 1.0;
+    *p.loss = (recon_total + beta * klterm_total) / divisor;
+    *p.recon = recon_total / divisor;
+    *p.kl = kl_total / divisor;
+  }
 }
 
 }  // namespace klanneal

@@ -10,6 +10,16 @@
 
 namespace klanneal {
 
+#if !defined(__CUDACC__)
+// On the host, make the unqualified calls below pick the float overloads
+// for T = float (plain <cmath> would find only ::exp(double) and compute in
+// double). nvcc provides its own float overloads.
+using std::exp;
+using std::fabs;
+using std::log;
+using std::log1p;
+#endif
+
 // ---- categorical: online log-sum-exp --------------------------------------
 // State of a running max m and sum s = sum_j exp(x_j - m). The row's
 // log-sum-exp is m + log(s). NaN propagates: exp(NaN - m) is NaN.

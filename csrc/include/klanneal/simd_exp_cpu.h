@@ -1,0 +1,83 @@
+// Vectorised exp(x) for fp32 on x86-64, AVX2+FMA and AVX-512, without
+// -ffast-math: each function is compiled for its ISA with a target
+// attribute and the caller picks one at run time (cpu_features.h).
+//
+// Method (Cephes expf): x = n*ln2 + r with n = round(x*log2(e)), |r| <= ln2/2,
+// ln2 split in a high part exact in fp32 and a low part; exp(r) by a degree-5
+// polynomial (max error ~1 ulp); then the result is scaled by 2^n.
+// Special values: x is first clamped to [-104, 89] (the operand order of
+// min/max keeps NaN), so -inf -> 0 (underflow), +inf and x > 88.73 -> +inf
+// (overflow), results in the subnormal range are rounded once, NaN -> NaN.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KLANNEAL_X86_SIMD 1
+#include <immintrin.h>
+
+#define KLANNEAL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define KLANNEAL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+namespace klanneal {
+namespace simd {
+
+constexpr float kExpHi = 89.0f;     // exp(89) > FLT_MAX: overflows to +inf
+constexpr float kExpLo = -104.0f;   // exp(-104) < half the smallest subnormal: 0
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;  // 8 significant bits: n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500e-4f;
+constexpr float kExpP1 = 1.3981999507e-3f;
+constexpr float kExpP2 = 8.3334519073e-3f;
+constexpr float kExpP3 = 4.1665795894e-2f;
+constexpr float kExpP4 = 1.6666665459e-1f;
+constexpr float kExpP5 = 5.0000001201e-1f;
+
+KLANNEAL_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
+  // _mm256_min_ps/_max_ps return the second operand when either is NaN.
+  x = _mm256_min_ps(_mm256_set1_ps(kExpHi), x);
+  x = _mm256_max_ps(_mm256_set1_ps(kExpLo), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  // n in [-150, 129] does not fit one fp32 exponent: scale by 2^n1 * 2^n2,
+  // n1 = n >> 1, both factors normal. p * 2^n1 is exact; the second product
+  // rounds once, to a subnormal, a normal or +inf.
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+KLANNEAL_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(kExpHi), x);
+  x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpP0);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  // scalef computes p * 2^n with a single rounding (subnormals, overflow).
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace simd
+}  // namespace klanneal
+
+#endif

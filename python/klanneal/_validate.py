@@ -1,0 +1,205 @@
+"""Argument checks of klanneal.elbo_loss.
+
+Shape, dtype and device checks run in Python before dispatch (at trace time
+under torch.compile). Checks that need tensor values (class ids in [0, V),
+bernoulli targets in [0, 1], a tensor beta or step) run where the values
+are: `check_values` is called by the op's implementation (or before the
+reference fallback), so they work under torch.compile too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+import torch
+
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
+REDUCTIONS = ("batchmean", "sum", "none")
+FREE_BITS_MODES = ("batch", "sample")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def is_schedule(beta: Any) -> bool:
+    """A klanneal.schedules object: packs itself with to_params() and is callable."""
+    return hasattr(beta, "to_params") and callable(beta)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}")
+
+
+def _check_real(name: str, value: Any, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def check_args(
+    recon_input: Any,
+    target: Any,
+    mu: Any,
+    logvar: Any,
+    beta: Any,
+    step: Any,
+    likelihood: Any,
+    reduction: Any,
+    free_bits: Any,
+    free_bits_mode: Any,
+    ignore_index: Any,
+    gaussian_var: Any,
+) -> None:
+    """Raises TypeError/ValueError naming the first bad argument."""
+    _check_choice("likelihood", likelihood, LIKELIHOODS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("free_bits_mode", free_bits_mode, FREE_BITS_MODES)
+    free_bits = _check_real("free_bits", free_bits, positive=False)
+    _check_real("gaussian_var", gaussian_var, positive=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction == "none" and free_bits > 0 and free_bits_mode == "batch":
+        raise ValueError(
+            "reduction='none' is not allowed with free_bits_mode='batch' (free bits on the "
+            "batch-mean KL is a batch-level objective); use free_bits_mode='sample' or "
+            "another reduction"
+        )
+
+    for name, t in (
+        ("recon_input", recon_input),
+        ("target", target),
+        ("mu", mu),
+        ("logvar", logvar),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {t.device for t in (recon_input, target, mu, logvar)}
+    if len(devices) > 1:
+        raise ValueError(
+            "recon_input, target, mu and logvar must be on one device, got "
+            f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"
+        )
+
+    for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if logvar.dtype != mu.dtype:
+        raise TypeError(f"logvar must have the dtype of mu ({mu.dtype}), got {logvar.dtype}")
+    if mu.dim() != 2:
+        raise ValueError(f"mu must be 2-D [B, D], got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(
+            f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}"
+        )
+
+    if likelihood == "categorical":
+        if recon_input.dim() < 2:
+            raise ValueError(
+                "recon_input must be logits [B, ..., V] for likelihood='categorical', got "
+                f"shape {tuple(recon_input.shape)}"
+            )
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(
+                "target must be an integer tensor of class ids for likelihood='categorical', "
+                f"got {target.dtype}"
+            )
+        if tuple(target.shape) != tuple(recon_input.shape[:-1]):
+            raise ValueError(
+                f"target must have shape recon_input.shape[:-1] = {tuple(recon_input.shape[:-1])}"
+                f" for likelihood='categorical', got {tuple(target.shape)}"
+            )
+        if recon_input.shape[-1] == 0:
+            raise ValueError("recon_input has an empty class dimension (V = 0)")
+    else:
+        if recon_input.dim() < 1:
+            raise ValueError("recon_input must have a batch dimension [B, ...], got a 0-d tensor")
+        if target.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"target must be a floating-point tensor for likelihood={likelihood!r}, "
+                f"got {target.dtype}"
+            )
+        if target.shape != recon_input.shape:
+            raise ValueError(
+                f"target must have the shape of recon_input {tuple(recon_input.shape)} for "
+                f"likelihood={likelihood!r}, got {tuple(target.shape)}"
+            )
+
+    if recon_input.shape[0] != mu.shape[0]:
+        raise ValueError(
+            f"recon_input has batch size {recon_input.shape[0]} but mu has {mu.shape[0]}"
+        )
+    if mu.shape[0] == 0:
+        raise ValueError("the batch is empty (B = 0)")
+
+    if is_schedule(beta):
+        if step is None:
+            raise ValueError("step is required when beta is a schedule")
+        if isinstance(step, torch.Tensor):
+            if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
+                raise TypeError(
+                    "step must be an int or a 0-d integer tensor, got a tensor of "
+                    f"shape {tuple(step.shape)} and dtype {step.dtype}"
+                )
+            if step.device != mu.device and step.device.type != "cpu":
+                raise ValueError(f"step is on {step.device} but the inputs are on {mu.device}")
+        elif isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(
+                f"step must be an int or a 0-d integer tensor, got {type(step).__name__}"
+            )
+        elif step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+    elif step is not None:
+        raise ValueError("step is only used when beta is a schedule (klanneal.schedules)")
+    elif isinstance(beta, torch.Tensor):
+        if beta.numel() != 1 or not beta.dtype.is_floating_point:
+            raise TypeError(
+                "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
+                f"object, got a tensor of shape {tuple(beta.shape)} and dtype {beta.dtype}"
+            )
+        if beta.device != mu.device and beta.device.type != "cpu":
+            raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
+    elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):
+        _check_real("beta", beta, positive=False)
+    else:
+        raise TypeError(
+            "beta must be a float, a 0-d tensor or a klanneal.schedules object (with `step`), "
+            f"got {type(beta).__name__}"
+        )
+
+
+def check_values(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    likelihood: str,
+    ignore_index: int,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+) -> None:
+    """Value checks (they read the tensors; on a GPU they synchronise)."""
+    if likelihood == "categorical":
+        vocab = recon_input.shape[-1]
+        bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+        if bool(bad.any()):
+            first = int(target[bad].reshape(-1)[0])
+            raise ValueError(
+                f"target: class ids must lie in [0, {vocab}) or equal ignore_index="
+                f"{ignore_index}; found {first}"
+            )
+    elif likelihood == "bernoulli":
+        bad = ~((target >= 0) & (target <= 1))
+        if bool(bad.any()):
+            first = float(target[bad].reshape(-1)[0])
+            raise ValueError(f"target: bernoulli targets must lie in [0, 1]; found {first}")
+    if beta is not None:
+        value = float(beta)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"beta must be finite and >= 0, got {value}")
+    if step is not None and int(step) < 0:
+        raise ValueError(f"step must be >= 0, got {int(step)}")

@@ -1,0 +1,166 @@
+"""klanneal.elbo_loss: reconstruction + beta * Gaussian KL in one fused op."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from klanneal import _ops, _validate
+from klanneal.reference import ELBOOutput, elbo_loss_ref
+
+__all__ = ["ELBOOutput", "elbo_loss"]
+
+
+def elbo_loss(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Any = 1.0,
+    *,
+    step: Optional[Union[int, torch.Tensor]] = None,
+    likelihood: str = "categorical",
+    reduction: str = "batchmean",
+    free_bits: float = 0.0,
+    free_bits_mode: str = "batch",
+    ignore_index: int = -100,
+    gaussian_var: float = 1.0,
+    inplace: bool = False,
+    validate: bool = True,
+) -> ELBOOutput:
+    """Negative ELBO: reconstruction NLL + beta * KL(q(z|x) || N(0, I)).
+
+    Per element, the reconstruction term is: categorical
+    logsumexp(x) - x[target]; bernoulli the binary cross-entropy with logits
+    (soft targets in [0, 1] allowed); gaussian
+    0.5 * ((x - target)^2 / gaussian_var + log(2 pi gaussian_var)); mse
+    (x - target)^2. The KL of example b and latent dimension d is
+    KL_bd = -0.5 * (1 + logvar_bd - mu_bd^2 - exp(logvar_bd)).
+
+    Reductions over the batch of B examples:
+      - "batchmean": (sum of all recon terms + beta * KL term) / B, the
+        per-example ELBO (the convention of the cyclical-annealing paper's code);
+      - "sum": the same without / B;
+      - "none": the per-example vector [B].
+    The KL term is sum_{b,d} KL_bd. With free bits lambda > 0 it is
+    B * sum_d max(lambda, mean_b KL_bd) in "batch" mode (Kingma et al. 2016)
+    and sum_b sum_d max(lambda, KL_bd) in "sample" mode.
+
+    Args:
+        recon_input: categorical: logits [B, ..., V]; bernoulli: logits [B, ...];
+            gaussian/mse: means [B, ...]. float32, float64, float16 or bfloat16
+            (half types are computed in float32).
+        target: categorical: integer class ids [B, ...]; otherwise floats of
+            the shape of recon_input.
+        mu: [B, D] mean of q(z|x).
+        logvar: [B, D] log-variance of q(z|x), same dtype as mu.
+        beta: KL weight: a float, a 0-d tensor (no torch.compile recompiles as
+            its value changes) or a klanneal.schedules object evaluated at `step`.
+        step: int or 0-d integer tensor; required with a schedule, not allowed
+            otherwise.
+        likelihood: "categorical", "bernoulli", "gaussian" or "mse".
+        reduction: "batchmean", "sum" or "none" ("none" is not allowed with
+            free_bits > 0 in "batch" mode, a batch-level objective).
+        free_bits: lambda in nats per latent dimension; 0 disables.
+        free_bits_mode: "batch" or "sample" (see above).
+        ignore_index: categorical target value whose positions contribute nothing.
+        gaussian_var: the fixed variance of the gaussian likelihood (> 0).
+        inplace: write the gradient w.r.t. recon_input into recon_input's own
+            buffer (saves a logits-sized allocation). recon_input is
+            overwritten whenever a gradient for it is computed; it must not be
+            a leaf that requires grad, nor be needed afterwards.
+        validate: check class ids / bernoulli targets / tensor beta and step
+            values (a device sync on GPU). With validate=False the kernel
+            still never reads out of bounds: a row with a bad class id gets a
+            NaN loss.
+
+    Returns:
+        ELBOOutput(loss, recon, kl, kl_per_dim, beta): loss is differentiable
+        w.r.t. recon_input, mu and logvar (0-d, or [B] for "none"); recon and
+        kl are the two terms under the same reduction (kl before free bits),
+        kl_per_dim the [D] batch-mean KL, beta the weight used; all in the
+        dtype promote_types(recon_input.dtype, mu.dtype).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: mismatched shapes or devices, an empty batch or class
+            dimension, an out-of-range value (class id, bernoulli target,
+            negative or non-finite beta / free_bits / gaussian_var), an unknown
+            option, a schedule without `step`, or inplace=True on a leaf that
+            requires grad.
+    """
+    _validate.check_args(
+        recon_input, target, mu, logvar, beta, step, likelihood, reduction,
+        free_bits, free_bits_mode, ignore_index, gaussian_var,
+    )  # fmt: skip
+    if inplace and recon_input.is_leaf and recon_input.requires_grad:
+        raise ValueError(
+            "inplace=True would overwrite recon_input, a leaf tensor that requires grad; "
+            "use inplace=False"
+        )
+    if not _ops.native_available(recon_input.device):
+        if validate:
+            _validate.check_values(
+                recon_input,
+                target,
+                likelihood,
+                ignore_index,
+                beta if isinstance(beta, torch.Tensor) else None,
+                step if isinstance(step, torch.Tensor) else None,
+            )
+        return elbo_loss_ref(
+            recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
+            reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
+            ignore_index=ignore_index, gaussian_var=gaussian_var,
+        )  # fmt: skip
+
+    device = recon_input.device
+    beta_tensor: Optional[torch.Tensor] = None
+    step_tensor: Optional[torch.Tensor] = None
+    schedule = _ops.NO_SCHEDULE
+    beta_value = 0.0
+    if _validate.is_schedule(beta):
+        if isinstance(step, torch.Tensor):
+            # Evaluated inside the op from the step tensor: no recompiles as it changes.
+            schedule = [float(v) for v in beta.to_params()]
+            step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
+        else:
+            beta_value = float(beta(step))
+    elif isinstance(beta, torch.Tensor):
+        beta_tensor = beta.detach().to(device=device, dtype=torch.float64).reshape(())
+    else:
+        beta_value = float(beta)
+
+    # is_grad_enabled() is False inside the op, so the caller decides which
+    # gradients the forward pass computes.
+    grad_enabled = torch.is_grad_enabled()
+    need_grad_recon = grad_enabled and recon_input.requires_grad
+    need_grad_mu = grad_enabled and mu.requires_grad
+    need_grad_logvar = grad_enabled and logvar.requires_grad
+    if likelihood == "categorical":
+        target = target.to(torch.int64)
+    else:
+        target = target.to(recon_input.dtype)
+    args = (
+        target.contiguous(), mu.contiguous(), logvar.contiguous(), beta_tensor, step_tensor,
+        schedule, beta_value, likelihood, reduction, float(free_bits), free_bits_mode,
+        ignore_index, float(gaussian_var), validate,
+    )  # fmt: skip
+    if inplace and need_grad_recon:
+        outs = _ops.elbo_loss_inplace(
+            recon_input.contiguous(), *args, need_grad_mu, need_grad_logvar
+        )
+    else:
+        outs = _ops.elbo_loss_op(
+            recon_input.contiguous(), *args, need_grad_recon, need_grad_mu, need_grad_logvar
+        )
+    dtype = torch.promote_types(recon_input.dtype, mu.dtype)
+    loss, recon, kl, kl_per_dim, beta_used = outs[:5]
+    return ELBOOutput(
+        loss.to(dtype),
+        recon.detach().to(dtype),
+        kl.detach().to(dtype),
+        kl_per_dim.detach().to(dtype),
+        beta_used.detach().to(dtype),
+    )

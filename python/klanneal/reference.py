@@ -1,0 +1,139 @@
+"""Pure-PyTorch reference of the fused ELBO loss.
+
+Three things at once: the fallback when the native extension is missing or a
+device has no kernel, the oracle every test compares against, and the
+"eager" baseline of the benchmarks. It is written the way people write the
+loss by hand today (``F.cross_entropy`` + ``beta * kl``) and is kept short
+and obvious on purpose. It does not validate its arguments: call
+``klanneal.elbo_loss`` for that.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ELBOOutput", "elbo_loss_ref"]
+
+
+class ELBOOutput(NamedTuple):
+    """Result of ``klanneal.elbo_loss`` (and of ``elbo_loss_ref``).
+
+    Attributes:
+        loss: the objective, differentiable w.r.t. recon_input, mu and logvar;
+            0-d, or [B] for reduction="none".
+        recon: the reconstruction term under the same reduction, detached.
+        kl: the true KL term (before free bits) under the same reduction, detached.
+        kl_per_dim: [D] batch-mean KL per latent dimension, detached.
+        beta: the KL weight that was used, a 0-d tensor.
+    """
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    beta: torch.Tensor
+
+
+def _recon_per_example(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    likelihood: str,
+    ignore_index: int,
+    gaussian_var: float,
+) -> torch.Tensor:
+    """Sum of the per-element negative log-likelihood of each example: [B]."""
+    batch = recon_input.shape[0]
+    if likelihood == "categorical":
+        vocab = recon_input.shape[-1]
+        nll = F.cross_entropy(
+            recon_input.reshape(-1, vocab),
+            target.reshape(-1),
+            reduction="none",
+            ignore_index=ignore_index,
+        )
+    elif likelihood == "bernoulli":
+        nll = F.binary_cross_entropy_with_logits(recon_input, target, reduction="none")
+    elif likelihood == "gaussian":
+        nll = 0.5 * (
+            (recon_input - target) ** 2 / gaussian_var + math.log(2 * math.pi * gaussian_var)
+        )
+    elif likelihood == "mse":
+        nll = (recon_input - target) ** 2
+    else:
+        raise ValueError(f"likelihood: unknown likelihood {likelihood!r}")
+    return nll.reshape(batch, -1).sum(dim=1)
+
+
+def _beta_value(beta: Any, step: Optional[Union[int, torch.Tensor]]) -> Union[float, torch.Tensor]:
+    """A float or 0-d tensor beta, evaluating a schedule at `step` if given one."""
+    if hasattr(beta, "to_params"):
+        return float(beta(int(step)))
+    return beta
+
+
+def elbo_loss_ref(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Any = 1.0,
+    *,
+    step: Optional[Union[int, torch.Tensor]] = None,
+    likelihood: str = "categorical",
+    reduction: str = "batchmean",
+    free_bits: float = 0.0,
+    free_bits_mode: str = "batch",
+    ignore_index: int = -100,
+    gaussian_var: float = 1.0,
+) -> ELBOOutput:
+    """Reconstruction + beta * Gaussian KL in plain PyTorch.
+
+    Same arguments and semantics as ``klanneal.elbo_loss`` (without
+    validation, ``inplace`` and ``validate``): "batchmean" is (sum of all
+    recon terms + beta * KL term) / B, "sum" the same without / B, "none"
+    the per-example vector [B]. The KL term is sum_{b,d} KL_bd, or with free
+    bits lambda > 0: B * sum_d max(lambda, mean_b KL_bd) ("batch" mode) or
+    sum_b sum_d max(lambda, KL_bd) ("sample" mode).
+
+    Returns:
+        ELBOOutput(loss, recon, kl, kl_per_dim, beta).
+    """
+    batch = mu.shape[0]
+    dtype = torch.promote_types(recon_input.dtype, mu.dtype)
+    beta = _beta_value(beta, step)
+
+    recon_b = _recon_per_example(recon_input, target, likelihood, ignore_index, gaussian_var)
+    kl_bd = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # [B, D]
+    kl_per_dim = kl_bd.mean(dim=0)  # [D]
+    if free_bits > 0 and free_bits_mode == "batch":
+        # clamp, not maximum: at a tie the gradient passes (the kernels match this).
+        kl_term_total = batch * kl_per_dim.clamp(min=free_bits).sum()
+        kl_term_b = None
+    elif free_bits > 0:
+        kl_term_b = kl_bd.clamp(min=free_bits).sum(dim=1)
+        kl_term_total = kl_term_b.sum()
+    else:
+        kl_term_b = kl_bd.sum(dim=1)
+        kl_term_total = kl_term_b.sum()
+    kl_b = kl_bd.sum(dim=1)
+
+    if reduction == "none":
+        loss = recon_b + beta * kl_term_b
+        recon, kl = recon_b, kl_b
+    else:
+        divisor = batch if reduction == "batchmean" else 1
+        loss = (recon_b.sum() + beta * kl_term_total) / divisor
+        recon, kl = recon_b.sum() / divisor, kl_b.sum() / divisor
+
+    beta_t = torch.as_tensor(beta, device=mu.device).detach().to(dtype).reshape(())
+    return ELBOOutput(
+        loss.to(dtype),
+        recon.detach().to(dtype),
+        kl.detach().to(dtype),
+        kl_per_dim.detach().to(dtype),
+        beta_t,
+    )
