@@ -4,7 +4,7 @@ The pieces behind ``examples/text_vae.py`` (``make demo``): toy data and a
 corpus reader, an LSTM-encoder / LSTM-decoder VAE as in the paper's language
 model experiments (z feeds the decoder's initial state and every decoder
 step), a training loop whose loss and beta come only from klanneal's public
-API (``klanneal.nn.ELBOLoss`` and ``klanneal.schedules``), the metrics the
+API (``klanneal.elbo_loss`` and ``klanneal.schedules``), the metrics the
 paper reports (reconstruction, KL, ELBO, active units, mutual information),
 and the figures.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 import klanneal
-import klanneal.nn
 import klanneal.schedules
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -117,7 +115,8 @@ def make_toy_sequences(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if n_words**length < n_sequences:
         raise ValueError(
-            f"only {n_words}**{length} distinct sequences exist, fewer than n_sequences={n_sequences}"
+            f"only {n_words}**{length} distinct sequences exist, "
+            f"fewer than n_sequences={n_sequences}"
         )
     gen = torch.Generator().manual_seed(seed)
     seen: set[tuple[int, ...]] = set()
@@ -142,7 +141,11 @@ def _find_split(data_dir: Path, split: str) -> Path:
             return data_dir / name
     raise FileNotFoundError(
         f"--data {data_dir}: no {split}.txt or ptb.{split}.txt"
-        + (" (pass --train-split valid to train on the validation split)" if split == "train" else "")
+        + (
+            " (pass --train-split valid to train on the validation split)"
+            if split == "train"
+            else ""
+        )
     )
 
 
@@ -208,24 +211,48 @@ def make_batch(sequences: Sequence[Sequence[int]]) -> Batch:
 
 
 class BatchStream:
-    """Endless deterministic mini-batches: a seeded shuffle per epoch, then slices.
+    """Endless deterministic mini-batches drawn epoch by epoch with a seeded generator.
 
-    With ``batch_size`` equal to the data size every batch holds all of it.
+    Each epoch shuffles the data; with ``bucket`` it then sorts each run of
+    ``bucket`` batches' worth of sequences by length and shuffles the batches
+    (similar lengths share a batch, so little compute goes to padding). With
+    ``batch_size`` equal to the data size every batch holds all of it.
     """
 
-    def __init__(self, sequences: Sequence[Sequence[int]], batch_size: int, seed: int) -> None:
+    def __init__(
+        self, sequences: Sequence[Sequence[int]], batch_size: int, seed: int, bucket: int = 0
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sequences = list(sequences)
         self.batch_size = min(batch_size, len(self.sequences))
+        self.bucket = bucket
         self.gen = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
+        self.batches: list[list[int]] = []
+
+    def _epoch(self) -> list[list[int]]:
+        order = torch.randperm(len(self.sequences), generator=self.gen).tolist()
+        if self.bucket > 1:
+            span = self.bucket * self.batch_size
+            order = [
+                i
+                for start in range(0, len(order), span)
+                for i in sorted(order[start : start + span], key=lambda j: len(self.sequences[j]))
+            ]
+        # Whole batches only: the remainder of an epoch is dropped.
+        batches = [
+            order[start : start + self.batch_size]
+            for start in range(0, len(order) - self.batch_size + 1, self.batch_size)
+        ]
+        if self.bucket > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.gen)]
+        return batches
 
     def next(self) -> Batch:
-        """The next batch (a new shuffled epoch starts when fewer than a batch remain)."""
-        if len(self.order) < self.batch_size:
-            self.order = torch.randperm(len(self.sequences), generator=self.gen).tolist()
-        picked, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        """The next batch."""
+        if not self.batches:
+            self.batches = self._epoch()
+        picked = self.batches.pop()
         return make_batch([self.sequences[i] for i in picked])
 
 
@@ -274,7 +301,9 @@ class TextVAE(nn.Module):
         h0, c0 = torch.tanh(self.z_to_state(z)).chunk(2, dim=-1)
         emb = self.drop(self.embed(dec_input))
         steps = torch.cat([emb, z.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
-        hidden, _ = self.decoder(steps, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        hidden, _ = self.decoder(
+            steps, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())
+        )
         return self.out(self.drop(hidden))
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None):
@@ -411,13 +440,21 @@ def evaluate(
     recon = kl = 0.0
     n_tokens = 0
     mus, logvars = [], []
+    # Sorted by length: batches of similar lengths waste little on padding.
+    sequences = sorted(sequences, key=len)
     for start in range(0, len(sequences), batch_size):
         batch = make_batch(sequences[start : start + batch_size])
         n_tokens += batch.n_tokens
         for sample in range(z_samples):
             logits, mu, logvar = model(batch, gen)
             out = klanneal.elbo_loss(
-                logits, batch.target, mu, logvar, beta=1.0, reduction="sum", ignore_index=IGNORE_INDEX
+                logits,
+                batch.target,
+                mu,
+                logvar,
+                beta=1.0,
+                reduction="sum",
+                ignore_index=IGNORE_INDEX,
             )
             recon += float(out.recon) / z_samples
             kl += float(out.kl) / z_samples
@@ -496,10 +533,7 @@ def train_one(
     model = TextVAE(vocab_size, args.embed_dim, args.hidden_dim, args.latent_dim, args.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = make_schedule(name, args.steps, args)
-    loss_fn = klanneal.nn.ELBOLoss(
-        schedule=schedule, reduction="batchmean", ignore_index=IGNORE_INDEX
-    )
-    stream = BatchStream(train_seqs, args.batch_size, args.seed)
+    stream = BatchStream(train_seqs, args.batch_size, args.seed, bucket=args.bucket)
     z_gen = torch.Generator().manual_seed(args.seed + 1)
     curves: dict[str, list[float]] = {k: [] for k in ("step", "beta", "recon", "kl", "elbo")}
     bar = None if quiet else ProgressBar(name, args.steps)
@@ -508,13 +542,23 @@ def train_one(
     for step in range(args.steps):
         batch = stream.next()
         logits, mu, logvar = model(batch, z_gen)
-        out = loss_fn(logits, batch.target, mu, logvar)
+        # The fused op evaluates the schedule at `step` itself: no beta is
+        # computed by hand anywhere in this loop.
+        out = klanneal.elbo_loss(
+            logits,
+            batch.target,
+            mu,
+            logvar,
+            beta=schedule,
+            step=step,
+            reduction="batchmean",
+            ignore_index=IGNORE_INDEX,
+        )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if args.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
-        loss_fn.step()
         recon, kl = float(out.recon), float(out.kl)
         for key, value in (
             ("step", step),
@@ -565,7 +609,9 @@ def _pyplot():
     return plt
 
 
-def plot_curves(results: Sequence[RunResult], path: Path, title: str, optimum: float | None) -> None:
+def plot_curves(
+    results: Sequence[RunResult], path: Path, title: str, optimum: float | None
+) -> None:
     """Learning curves of -ELBO, reconstruction, KL and beta (the paper's Figure 3 layout)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
@@ -581,6 +627,11 @@ def plot_curves(results: Sequence[RunResult], path: Path, title: str, optimum: f
         for r in results:
             values = r.curves[key] if key == "beta" else _smooth(r.curves[key], window)
             ax.plot(r.curves["step"], values, label=r.name, linewidth=1.2)
+        if key in ("elbo", "recon"):
+            # The first steps (tens of nats) would flatten the part that matters.
+            settled = [v for r in results for v in _smooth(r.curves[key], window)[steps // 10 :]]
+            if settled:
+                ax.set_ylim(0, 1.2 * max(settled))
         if key == "elbo" and optimum is not None:
             ax.axhline(optimum, color="gray", linestyle=":", label=f"log N = {optimum:.3f}")
         ax.set_title(label)
@@ -598,7 +649,7 @@ def plot_latent(
 ) -> None:
     """Posterior samples and means of each sequence in 2-D, one panel per schedule.
 
-    With a 2-D latent the axes are z's two dimensions; otherwise a PCA of the
+    With a 1- or 2-D latent the axes are z's dimensions; otherwise a PCA of the
     posterior means (computed per schedule) projects means and samples.
     """
     plt = _pyplot()
@@ -611,19 +662,19 @@ def plot_latent(
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * torch.randn(
             (n, samples, d), generator=gen
         )
-        if d == 2:
-            project = lambda t: t  # noqa: E731
+        if d <= 2:
+            # eye(1, 2) draws a 1-D latent along the x axis.
+            centre, basis = torch.zeros(d), torch.eye(d, 2)
             xlabel, ylabel = "z1", "z2"
         else:
             centre = mu.mean(0)
             _, _, v = torch.linalg.svd(mu - centre, full_matrices=False)
-            basis = v[:2].T if v.shape[0] >= 2 else torch.eye(d)[:, :2]
-            project = lambda t: (t - centre) @ basis  # noqa: E731
+            basis = v[:2].T
             xlabel, ylabel = "PC1 of posterior means", "PC2"
         for i in range(n):
-            pts = project(z[i])
+            pts = (z[i] - centre) @ basis
             ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.35, color=cmap(i % 10))
-            m = project(mu[i : i + 1])
+            m = (mu[i : i + 1] - centre) @ basis
             ax.scatter(m[:, 0], m[:, 1], s=60, marker="x", color=cmap(i % 10))
         ax.set_title(f"{r.name}: KL {r.final.kl:.2f}, MI {r.final.mutual_info:.2f}")
         ax.set_xlabel(xlabel)
@@ -733,8 +784,11 @@ def write_outputs(
         "# klanneal text-VAE demo",
         "",
         f"{title}. Numbers in nats per sequence, "
-        + ("on the training data (the toy data set is the whole distribution)." if toy else
-           f"on the {args.eval_split} split."),
+        + (
+            "on the training data (the toy data set is the whole distribution)."
+            if toy
+            else f"on the {args.eval_split} split."
+        ),
         "",
         format_table(summary),
         "",
@@ -743,7 +797,8 @@ def write_outputs(
         lines += [
             f"Best possible -ELBO: log({args.n_sequences}) = {summary['optimum_elbo']:.3f}. "
             "AU = active units (Cov(E_q[z_d]) > 0.01); MI = I(x; z) in nats "
-            f"(at most {summary['optimum_elbo']:.3f}). Paper values read off Fu et al. (2019), Fig. 3.",
+            f"(at most {summary['optimum_elbo']:.3f}). "
+            "Paper values read off Fu et al. (2019), Fig. 3.",
             "",
             ordering_sentence(summary),
             "",
@@ -773,15 +828,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="demo_output", help="output directory")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    g.add_argument("--schedules", nargs="+", default=list(SCHEDULE_NAMES), choices=SCHEDULE_NAMES)
     g.add_argument(
-        "--schedules", nargs="+", default=list(SCHEDULE_NAMES), choices=SCHEDULE_NAMES
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per schedule (default: 3000 toy, 2000 corpus)",
     )
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps per schedule "
-                   "(default: 3000 toy, 3000 corpus)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="corpus directory (train/valid/test .txt, "
-                   "or ptb.*.txt); omitted: the built-in toy data")
+    g.add_argument(
+        "--data",
+        default=None,
+        help="corpus directory (train/valid/test .txt, "
+        "or ptb.*.txt); omitted: the built-in toy data",
+    )
     g.add_argument("--train-split", default="train", choices=("train", "valid"))
     g.add_argument("--eval-split", default="test", choices=("valid", "test"))
     g.add_argument("--max-sentences", type=int, default=None, help="train on the first N")
@@ -798,33 +859,78 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="default: 0 toy, 0.3 corpus")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--batch-size", type=int, default=None, help="default: 10 toy, 32 corpus")
+    g.add_argument(
+        "--bucket",
+        type=int,
+        default=None,
+        help="sort runs of this many batches by length (0: off; default 0 toy, 20 corpus)",
+    )
     g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip (0: off)")
     g = p.add_argument_group("schedules (klanneal.schedules)")
     g.add_argument("--beta", type=float, default=1.0, help="constant schedule's beta")
     g.add_argument("--beta-start", type=float, default=0.0, help="value at a ramp's start")
     g.add_argument("--beta-stop", type=float, default=1.0, help="value at a ramp's end")
-    g.add_argument("--warmup-fraction", type=float, default=0.25,
-                   help="monotonic: fraction of the steps spent ramping")
+    g.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=0.25,
+        help="monotonic: fraction of the steps spent ramping",
+    )
     g.add_argument("--n-cycles", type=int, default=4, help="cyclical: number of cycles M")
-    g.add_argument("--ratio", type=float, default=0.5,
-                   help="cyclical: fraction R of each cycle spent ramping")
-    g.add_argument("--zero-ratio", type=float, default=0.0,
-                   help="cyclical: fraction of each cycle held at beta-start first")
-    g.add_argument("--shape", default="linear", choices=("linear", "sigmoid", "cosine"),
-                   help="cyclical: ramp shape")
+    g.add_argument(
+        "--ratio", type=float, default=0.5, help="cyclical: fraction R of each cycle spent ramping"
+    )
+    g.add_argument(
+        "--zero-ratio",
+        type=float,
+        default=0.0,
+        help="cyclical: fraction of each cycle held at beta-start first",
+    )
+    g.add_argument(
+        "--shape",
+        default="linear",
+        choices=("linear", "sigmoid", "cosine"),
+        help="cyclical: ramp shape",
+    )
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-samples", type=int, default=None,
-                   help="z samples per sequence for rec/KL (default: 50 toy, 1 corpus)")
-    g.add_argument("--mi-samples", type=int, default=None,
-                   help="z samples per sequence for MI (default: 200 toy, 1 corpus)")
+    g.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="z samples per sequence for rec/KL (default: 50 toy, 1 corpus)",
+    )
+    g.add_argument(
+        "--mi-samples",
+        type=int,
+        default=None,
+        help="z samples per sequence for MI (default: 200 toy, 1 corpus)",
+    )
     g.add_argument("--eval-batch-size", type=int, default=256)
     return p
 
 
-TOY_DEFAULTS = {"steps": 3000, "embed_dim": 32, "hidden_dim": 64, "latent_dim": 2,
-                "dropout": 0.0, "batch_size": 10, "eval_samples": 50, "mi_samples": 200}
-CORPUS_DEFAULTS = {"steps": 3000, "embed_dim": 128, "hidden_dim": 256, "latent_dim": 32,
-                   "dropout": 0.3, "batch_size": 32, "eval_samples": 1, "mi_samples": 1}
+TOY_DEFAULTS = {
+    "steps": 3000,
+    "embed_dim": 32,
+    "hidden_dim": 64,
+    "latent_dim": 2,
+    "dropout": 0.0,
+    "batch_size": 10,
+    "bucket": 0,
+    "eval_samples": 50,
+    "mi_samples": 200,
+}
+CORPUS_DEFAULTS = {
+    "steps": 2000,
+    "embed_dim": 128,
+    "hidden_dim": 128,
+    "latent_dim": 32,
+    "dropout": 0.3,
+    "batch_size": 32,
+    "bucket": 20,
+    "eval_samples": 1,
+    "mi_samples": 1,
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -839,12 +945,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    positive = ("steps", "embed_dim", "hidden_dim", "latent_dim", "batch_size", "threads",
-                "eval_samples", "mi_samples", "eval_batch_size", "n_cycles", "n_sequences",
-                "seq_len", "n_words", "max_vocab")
+    positive = (
+        "steps",
+        "embed_dim",
+        "hidden_dim",
+        "latent_dim",
+        "batch_size",
+        "threads",
+        "eval_samples",
+        "mi_samples",
+        "eval_batch_size",
+        "n_cycles",
+        "n_sequences",
+        "seq_len",
+        "n_words",
+        "max_vocab",
+    )
     for key in positive:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.bucket < 0:
+        parser.error(f"--bucket must be >= 0, got {args.bucket}")
     for key in ("max_sentences", "max_eval_sentences", "max_len"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
@@ -856,13 +977,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if not 0.0 < args.warmup_fraction <= 1.0:
         parser.error(f"--warmup-fraction must be in (0, 1], got {args.warmup_fraction}")
-    if not 0.0 < args.ratio <= 1.0 or not 0.0 <= args.zero_ratio < 1.0 or (
-        args.ratio + args.zero_ratio > 1.0
-    ):
-        parser.error(
-            f"--ratio must be in (0, 1], --zero-ratio in [0, 1) and their sum <= 1; "
-            f"got {args.ratio} and {args.zero_ratio}"
-        )
+    # klanneal.schedules validates the rest (ratio, zero-ratio, shape, ...).
+    for name in args.schedules:
+        try:
+            make_schedule(name, args.steps, args)
+        except ValueError as err:
+            parser.error(f"{name} schedule: {err}")
     return args
 
 
@@ -892,22 +1012,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, evals, vocab_size = load_data(args)
     print(
         f"klanneal {klanneal.__version__} text-VAE demo: "
-        + (f"toy data, {len(train)} sequences x {args.seq_len} words"
-           if toy else f"{args.data}: {len(train)} train / {len(evals)} eval sentences, "
-           f"vocabulary {vocab_size}")
+        + (
+            f"toy data, {len(train)} sequences x {args.seq_len} words"
+            if toy
+            else f"{args.data}: {len(train)} train / {len(evals)} eval sentences, "
+            f"vocabulary {vocab_size}"
+        )
         + f"; {args.steps} steps per schedule, seed {args.seed}, {args.threads} thread(s)",
         flush=True,
     )
     results = [
-        train_one(name, train, evals, vocab_size, args, quiet=args.quiet)
-        for name in args.schedules
+        train_one(name, train, evals, vocab_size, args, quiet=args.quiet) for name in args.schedules
     ]
     out_dir = Path(args.out)
     summary = write_outputs(results, args, toy, out_dir)
     print()
     print(format_table(summary))
     if toy:
-        print(f"\nbest possible -ELBO = log({args.n_sequences}) = {summary['optimum_elbo']:.3f} nats")
+        print(
+            f"\nbest possible -ELBO = log({args.n_sequences}) = {summary['optimum_elbo']:.3f} nats"
+        )
         print(ordering_sentence(summary))
     print(f"\nwrote {out_dir}/summary.md, summary.json, curves.json and the PNG figures")
     return summary
