@@ -210,6 +210,20 @@ def make_batch(sequences: Sequence[Sequence[int]]) -> Batch:
     return Batch(enc, lengths, dec, tgt)
 
 
+def word_dropout(batch: Batch, rate: float, generator: torch.Generator) -> Batch:
+    """``batch`` with each decoder input word replaced by ``<unk>`` with probability ``rate``.
+
+    Bowman et al. (2016)'s word dropout: a decoder that cannot always see the
+    previous word has more reason to read z. BOS and padding are kept.
+    """
+    if rate <= 0.0:
+        return batch
+    drop = torch.rand(batch.dec_input.shape, generator=generator) < rate
+    drop &= batch.dec_input > EOS_ID  # words only: not PAD, BOS or EOS
+    dec_input = batch.dec_input.masked_fill(drop, UNK_ID)
+    return Batch(batch.enc_input, batch.lengths, dec_input, batch.target)
+
+
 class BatchStream:
     """Endless deterministic mini-batches drawn epoch by epoch with a seeded generator.
 
@@ -535,12 +549,13 @@ def train_one(
     schedule = make_schedule(name, args.steps, args)
     stream = BatchStream(train_seqs, args.batch_size, args.seed, bucket=args.bucket)
     z_gen = torch.Generator().manual_seed(args.seed + 1)
+    drop_gen = torch.Generator().manual_seed(args.seed + 3)
     curves: dict[str, list[float]] = {k: [] for k in ("step", "beta", "recon", "kl", "elbo")}
     bar = None if quiet else ProgressBar(name, args.steps)
     start = time.perf_counter()
     model.train()
     for step in range(args.steps):
-        batch = stream.next()
+        batch = word_dropout(stream.next(), args.word_dropout, drop_gen)
         logits, mu, logvar = model(batch, z_gen)
         # The fused op evaluates the schedule at `step` itself: no beta is
         # computed by hand anywhere in this loop.
@@ -857,6 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dim", type=int, default=None, help="default: 64 toy, 256 corpus")
     g.add_argument("--latent-dim", type=int, default=None, help="default: 2 toy, 32 corpus")
     g.add_argument("--dropout", type=float, default=None, help="default: 0 toy, 0.3 corpus")
+    g.add_argument(
+        "--word-dropout",
+        type=float,
+        default=0.0,
+        help="training only: replace decoder input words by <unk> with this probability",
+    )
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--batch-size", type=int, default=None, help="default: 10 toy, 32 corpus")
     g.add_argument(
@@ -973,6 +994,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--n-sequences must be >= 2 (active units and MI compare sequences)")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0.0 <= args.word_dropout <= 1.0:
+        parser.error(f"--word-dropout must be in [0, 1], got {args.word_dropout}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if not 0.0 < args.warmup_fraction <= 1.0:
