@@ -82,7 +82,8 @@ def _as_int(name: str, value: Any, minimum: int, maximum: int = _MAX_COUNT) -> i
     if result < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {result}")
     if result > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {result}")
+        limit = f"2**{maximum.bit_length() - 1}" if maximum > 2**20 else str(maximum)
+        raise ValueError(f"{name} must be <= {limit}, got {result}")
     return result
 
 
@@ -336,6 +337,9 @@ class Schedule:
     _fields: tuple[str, ...] = ()
     _kind: int = -1
 
+    def __init__(self) -> None:
+        raise TypeError("Schedule is abstract: use Constant, Monotonic, Cyclical or Capacity")
+
     def _configure(self, **kwargs: Any) -> None:
         raise NotImplementedError
 
@@ -393,9 +397,9 @@ class Schedule:
     def _values_array(self, steps: np.ndarray) -> np.ndarray:
         if steps.size == 0:
             return np.zeros(steps.shape, dtype=np.float64)
-        if steps.dtype.kind == "u":
-            steps = np.minimum(steps, _MAX_STEP)
-        elif steps.dtype.kind != "i":
+        if steps.dtype == np.uint64:  # beyond int64: clamp, the value is `stop` anyway
+            steps = np.minimum(steps, np.uint64(_MAX_STEP))
+        elif steps.dtype.kind not in "iu":
             raise TypeError(f"steps must be integers, got an array of dtype {steps.dtype}")
         flat = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)
         return _native().schedule_values(self._params, flat).reshape(steps.shape)
