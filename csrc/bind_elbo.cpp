@@ -6,10 +6,10 @@
 
 namespace klanneal {
 
-void register_elbo(pybind11::module_& m) {
+void register_elbo(pybind11::module_ &m) {
   m.def(
       "elbo_forward_cpu",
-      [](const pybind11::dict& d) {
+      [](const pybind11::dict &d) {
         const ElboParams p = elbo_params_from_dict(d);
         pybind11::gil_scoped_release release;
         launch_elbo_cpu(p);
@@ -19,4 +19,4 @@ void register_elbo(pybind11::module_& m) {
       "ElboParams field names). Raises ValueError on inconsistent parameters.");
 }
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -23,8 +23,16 @@ def build_info() -> dict:
     return {"native": True, **_C.build_info()}
 
 
-from klanneal import schedules  # noqa: E402, F401
+from klanneal import nn, schedules  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.reference import elbo_loss_ref  # noqa: E402
 
-__all__ = ["ELBOOutput", "HAS_NATIVE", "build_info", "elbo_loss", "elbo_loss_ref"]
+__all__ = [
+    "ELBOOutput",
+    "HAS_NATIVE",
+    "build_info",
+    "elbo_loss",
+    "elbo_loss_ref",
+    "nn",
+    "schedules",
+]

@@ -251,64 +251,84 @@ def _elbo_loss_inplace_fake(
 # ---- autograd -----------------------------------------------------------------
 
 _SECOND_BACKWARD = (
-    "klanneal.elbo_loss: backward through the same graph twice (retain_graph=True) is not "
-    "supported: the gradients saved by the forward pass are scaled in place by the first "
-    "backward. Recompute the loss for a second backward."
+    "klanneal.elbo_loss: a second backward through the same graph (retain_graph=True) is "
+    "not supported: the first backward scaled the gradients saved by the forward pass in "
+    "place. Recompute the loss for a second backward."
 )
 
 
-def _scale(
-    saved: torch.Tensor, grad_output: torch.Tensor, reduction: str
-) -> Optional[torch.Tensor]:
-    """saved * grad_output, in place when eager (no second logits-sized buffer).
+def _is_one(grad_output: torch.Tensor) -> bool:
+    """grad_output is exactly 1 everywhere (checked on CPU only: no device sync)."""
+    return grad_output.device.type == "cpu" and bool((grad_output == 1).all())
 
-    For reduction "none", grad_output is [B] and scales each example's slice.
+
+def _backward_common(ctx, grad_loss) -> list:
+    """Gradients of recon_input, mu, logvar: the saved ones times grad_loss.
+
+    Eager, the saved gradients are scaled in place (no second logits-sized
+    buffer), after which they cannot serve another backward; when grad_loss
+    is exactly 1 on CPU they are returned untouched. Under tracing
+    (torch.compile, opcheck) the product is out of place.
     """
-    if saved.numel() == 0:
-        return None  # that gradient was not asked for
-    eager = type(saved) is torch.Tensor and not torch.compiler.is_compiling()
-    if reduction == "none":
-        view = saved.view(grad_output.shape[0], -1)
-        factor = grad_output.reshape(-1, 1)
-        if eager:
-            view.mul_(factor)
-            return saved
-        return (view * factor).to(saved.dtype).view(saved.shape)
-    if eager:
-        # Skip the pass over the gradient when grad_output is exactly 1 (the
-        # common loss.backward()); only on CPU, where .item() costs no sync.
-        if saved.device.type == "cpu" and grad_output.device.type == "cpu":
-            if grad_output.item() == 1.0:
-                return saved
-        return saved.mul_(grad_output)
-    return (saved * grad_output).to(saved.dtype)
+    if ctx.scaled_in_place:
+        raise RuntimeError(_SECOND_BACKWARD)
+    if grad_loss is None:  # only non-differentiable outputs reached this node
+        return [None, None, None]
+    saved = ctx.saved_tensors
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    skip = eager and _is_one(grad_loss)
+    grads = []
+    for grad in saved:
+        if grad.numel() == 0:  # that gradient was not asked for
+            grads.append(None)
+        elif skip:
+            grads.append(grad)
+        elif ctx.reduction == "none":
+            # grad_loss is [B]: it scales each example's slice.
+            factor = grad_loss.reshape(-1, 1)
+            if eager:
+                grad.view(factor.shape[0], -1).mul_(factor)
+                grads.append(grad)
+            else:
+                grads.append(
+                    (grad.view(factor.shape[0], -1) * factor).to(grad.dtype).view(grad.shape)
+                )
+        elif eager:
+            grads.append(grad.mul_(grad_loss))
+        else:
+            grads.append((grad * grad_loss).to(grad.dtype))
+    if eager and not skip:
+        ctx.scaled_in_place = True
+    return grads
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # Without this autograd would materialise a zero tensor for the unused
+    # gradient of every other output, a logits-sized one for grad_recon.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[9]
-    ctx.backward_done = False
+    ctx.scaled_in_place = False
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *unused):
-    if ctx.backward_done:
-        raise RuntimeError(_SECOND_BACKWARD)
-    ctx.backward_done = True
-    grad_recon, grad_mu, grad_logvar = ctx.saved_tensors
-    return (
-        _scale(grad_recon, grad_loss, ctx.reduction),
-        None,
-        _scale(grad_mu, grad_loss, ctx.reduction),
-        _scale(grad_logvar, grad_loss, ctx.reduction),
-    ) + (None,) * 14
+    grad_recon, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
+    return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 14
 
 
 elbo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ElboInplace(torch.autograd.Function):
-    """Autograd of elbo_loss_inplace: the logits buffer becomes its own gradient."""
+    """Autograd of elbo_loss_inplace: the logits buffer becomes its own gradient.
+
+    recon_input is not marked dirty: its autograd history stays that of the
+    decoder output it is, so that views (logits.view(B, T, V)) work too (a
+    Function that marks a view dirty may return only one tensor). The custom
+    op declares the mutation, which bumps recon_input's version counter: a
+    node that saved the logits for its own backward reports the overwrite.
+    """
 
     @staticmethod
     def forward(ctx, recon_input, target, mu, logvar, beta, step, *options):
@@ -316,27 +336,19 @@ class _ElboInplace(torch.autograd.Function):
         # free_bits_mode, ignore_index, gaussian_var, validate, need_grad_mu,
         # need_grad_logvar
         outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, *options)
-        ctx.mark_dirty(recon_input)
+        ctx.set_materialize_grads(False)  # see _setup_context
         ctx.reduction = options[3]
-        ctx.backward_done = False
+        ctx.scaled_in_place = False
         ctx.save_for_backward(recon_input, outs[5], outs[6])
-        ctx.mark_non_differentiable(*outs[1:])
-        return (*outs, recon_input)
+        ctx.mark_non_differentiable(*outs[1:5])
+        return outs[:5]
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.backward_done:
-            raise RuntimeError(_SECOND_BACKWARD)
-        ctx.backward_done = True
-        grad_recon, grad_mu, grad_logvar = ctx.saved_tensors
-        return (
-            _scale(grad_recon, grad_loss, ctx.reduction),
-            None,
-            _scale(grad_mu, grad_loss, ctx.reduction),
-            _scale(grad_logvar, grad_loss, ctx.reduction),
-        ) + (None,) * 13
+        grad_recon, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
+        return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 13
 
 
-def elbo_loss_inplace(*args) -> InplaceOutputs:
-    """Runs elbo_loss_inplace_op with autograd (same arguments, no need_grad_recon)."""
-    return _ElboInplace.apply(*args)[:7]
+def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:
+    """elbo_loss_inplace_op with autograd: loss, recon, kl, kl_per_dim, beta."""
+    return _ElboInplace.apply(*args)

@@ -43,6 +43,30 @@ def _check_real(name: str, value: Any, *, positive: bool) -> float:
     return value
 
 
+def check_options(
+    likelihood: Any,
+    reduction: Any,
+    free_bits: Any,
+    free_bits_mode: Any,
+    ignore_index: Any,
+    gaussian_var: Any,
+) -> None:
+    """Checks the non-tensor options (also used by klanneal.nn.ELBOLoss)."""
+    _check_choice("likelihood", likelihood, LIKELIHOODS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("free_bits_mode", free_bits_mode, FREE_BITS_MODES)
+    free_bits = _check_real("free_bits", free_bits, positive=False)
+    _check_real("gaussian_var", gaussian_var, positive=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction == "none" and free_bits > 0 and free_bits_mode == "batch":
+        raise ValueError(
+            "reduction='none' is not allowed with free_bits_mode='batch' (free bits on the "
+            "batch-mean KL is a batch-level objective); use free_bits_mode='sample' or "
+            "another reduction"
+        )
+
+
 def check_args(
     recon_input: Any,
     target: Any,
@@ -58,30 +82,12 @@ def check_args(
     gaussian_var: Any,
 ) -> None:
     """Raises TypeError/ValueError naming the first bad argument."""
-    _check_choice("likelihood", likelihood, LIKELIHOODS)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("free_bits_mode", free_bits_mode, FREE_BITS_MODES)
-    free_bits = _check_real("free_bits", free_bits, positive=False)
-    _check_real("gaussian_var", gaussian_var, positive=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction == "none" and free_bits > 0 and free_bits_mode == "batch":
-        raise ValueError(
-            "reduction='none' is not allowed with free_bits_mode='batch' (free bits on the "
-            "batch-mean KL is a batch-level objective); use free_bits_mode='sample' or "
-            "another reduction"
-        )
-
-    for name, t in (
-        ("recon_input", recon_input),
-        ("target", target),
-        ("mu", mu),
-        ("logvar", logvar),
-    ):
+    check_options(likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var)
+    tensors = (("recon_input", recon_input), ("target", target), ("mu", mu), ("logvar", logvar))
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {t.device for t in (recon_input, target, mu, logvar)}
-    if len(devices) > 1:
+    if len({t.device for _, t in tensors}) > 1:
         raise ValueError(
             "recon_input, target, mu and logvar must be on one device, got "
             f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"

@@ -129,7 +129,7 @@ def elbo_loss_ref(
         loss = (recon_b.sum() + beta * kl_term_total) / divisor
         recon, kl = recon_b.sum() / divisor, kl_b.sum() / divisor
 
-    beta_t = torch.as_tensor(beta, device=mu.device).detach().to(dtype).reshape(())
+    beta_t = torch.as_tensor(beta, dtype=dtype, device=mu.device).detach().reshape(())
     return ELBOOutput(
         loss.to(dtype),
         recon.detach().to(dtype),

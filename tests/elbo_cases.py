@@ -1,0 +1,93 @@
+"""Shared inputs and comparison helpers of the ELBO tests."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+class LinearWarmup:
+    """A minimal object with the klanneal.schedules protocol (to_params, __call__).
+
+    Monotonic linear warm-up from `start` to `stop` over `total_steps`.
+    """
+
+    def __init__(self, start: float = 0.0, stop: float = 1.0, total_steps: int = 10) -> None:
+        self.start, self.stop, self.total_steps = start, stop, total_steps
+
+    def to_params(self) -> list[float]:
+        return [1.0, 0.0, self.start, self.stop, float(self.total_steps), 1.0, 1.0, 0.0]
+
+    def __call__(self, step: int) -> float:
+        if step >= self.total_steps:
+            return self.stop
+        return self.start + (self.stop - self.start) * step / self.total_steps
+
+
+def make_inputs(
+    likelihood: str,
+    batch: int = 3,
+    middle: tuple[int, ...] = (4,),
+    vocab: int = 7,
+    latent: int = 5,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """recon_input, target, mu, logvar with a few ignored positions / exact 0-1 targets."""
+    gen = torch.Generator().manual_seed(seed)
+    if likelihood == "categorical":
+        x = 2 * torch.randn(batch, *middle, vocab, generator=gen, dtype=torch.float64)
+        target = torch.randint(0, vocab, (batch, *middle), generator=gen)
+        flat = target.view(-1)
+        flat[:: max(1, flat.numel() // 3)] = ignore_index
+        if flat.numel() > 1:
+            flat[1] = vocab - 1
+    else:
+        x = torch.randn(batch, *middle, generator=gen, dtype=torch.float64)
+        if likelihood == "bernoulli":
+            target = torch.rand(batch, *middle, generator=gen, dtype=torch.float64)
+            target.view(-1)[::3] = 1.0
+            target.view(-1)[1::3] = 0.0
+        else:
+            target = torch.randn(batch, *middle, generator=gen, dtype=torch.float64)
+        target = target.to(dtype)
+    mu = torch.randn(batch, latent, generator=gen, dtype=torch.float64)
+    logvar = 0.5 * torch.randn(batch, latent, generator=gen, dtype=torch.float64)
+    return x.to(dtype), target, mu.to(dtype), logvar.to(dtype)
+
+
+def run(
+    fn: Callable,
+    inputs: tuple[torch.Tensor, ...],
+    upstream: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> tuple[tuple[torch.Tensor, ...], tuple[Optional[torch.Tensor], ...]]:
+    """Runs fn on fresh leaves; backward of (loss * upstream).sum(), upstream != 1.
+
+    Returns the five outputs and the gradients of recon_input, mu, logvar.
+    """
+    x, target, mu, logvar = (t.detach().clone() for t in inputs)
+    leaves = [x.requires_grad_(), mu.requires_grad_(), logvar.requires_grad_()]
+    out = fn(x, target, mu, logvar, **kwargs)
+    if upstream is None:
+        upstream = torch.full_like(out.loss, 2.5)
+    (out.loss * upstream).sum().backward()
+    return tuple(t.detach() for t in out), tuple(leaf.grad for leaf in leaves)
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-12}
+    return {"rtol": 5e-5, "atol": 2e-6}
+
+
+def assert_matches(got, want, dtype: torch.dtype) -> None:
+    """Outputs and gradients of two runs agree within the dtype's tolerance."""
+    (out_a, grads_a), (out_b, grads_b) = got, want
+    tol = tolerances(dtype)
+    for name, a, b in zip(("loss", "recon", "kl", "kl_per_dim", "beta"), out_a, out_b):
+        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+    for name, a, b in zip(("grad recon_input", "grad mu", "grad logvar"), grads_a, grads_b):
+        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")

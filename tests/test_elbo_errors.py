@@ -1,0 +1,257 @@
+"""Every bad input to klanneal.elbo_loss raises a clear exception naming the argument."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from elbo_cases import LinearWarmup, make_inputs
+
+from klanneal import _C, elbo_loss
+
+
+def _cat():
+    return make_inputs("categorical", 2, (3,), 5, 4)
+
+
+def _gauss():
+    return make_inputs("gaussian", 2, (3,), 1, 4)
+
+
+def _replace(inputs, **changes):
+    names = ("recon_input", "target", "mu", "logvar")
+    return tuple(changes.get(n, t) for n, t in zip(names, inputs))
+
+
+CASES = {
+    # name: (inputs, kwargs, exception, message fragment)
+    "target shape": (
+        _replace(_cat(), target=torch.zeros(2, 4, dtype=torch.int64)),
+        {},
+        ValueError,
+        "target must have shape",
+    ),
+    "target shape non-categorical": (
+        _replace(_gauss(), target=torch.zeros(2, 4)),
+        {"likelihood": "gaussian"},
+        ValueError,
+        "target must have the shape of recon_input",
+    ),
+    "logvar shape": (
+        _replace(_cat(), logvar=torch.zeros(2, 3)),
+        {},
+        ValueError,
+        "logvar must have the shape",
+    ),
+    "mu not 2-D": (
+        _replace(_cat(), mu=torch.zeros(2, 4, 1), logvar=torch.zeros(2, 4, 1)),
+        {},
+        ValueError,
+        "mu must be 2-D",
+    ),
+    "batch mismatch": (
+        _replace(_cat(), mu=torch.zeros(3, 4), logvar=torch.zeros(3, 4)),
+        {},
+        ValueError,
+        "batch size 2 but mu has 3",
+    ),
+    "float categorical target": (
+        _replace(_cat(), target=torch.zeros(2, 3)),
+        {},
+        TypeError,
+        "target must be an integer tensor",
+    ),
+    "integer recon_input": (
+        _replace(_cat(), recon_input=torch.zeros(2, 3, 5, dtype=torch.int64)),
+        {},
+        TypeError,
+        "recon_input must be float32",
+    ),
+    "integer mu": (
+        _replace(_cat(), mu=torch.zeros(2, 4, dtype=torch.int32)),
+        {},
+        TypeError,
+        "mu must be float32",
+    ),
+    "logvar dtype": (
+        _replace(_cat(), logvar=torch.zeros(2, 4, dtype=torch.float64)),
+        {},
+        TypeError,
+        "logvar must have the dtype of mu",
+    ),
+    "integer gaussian target": (
+        _replace(_gauss(), target=torch.zeros(2, 3, dtype=torch.int64)),
+        {"likelihood": "gaussian"},
+        TypeError,
+        "target must be a floating-point tensor",
+    ),
+    "target above V": (
+        _replace(_cat(), target=torch.tensor([[0, 1, 5], [0, 0, 0]])),
+        {},
+        ValueError,
+        "class ids must lie in [0, 5)",
+    ),
+    "negative target": (
+        _replace(_cat(), target=torch.tensor([[0, -1, 2], [0, 0, 0]])),
+        {},
+        ValueError,
+        "found -1",
+    ),
+    "V = 0": (_replace(_cat(), recon_input=torch.zeros(2, 3, 0)), {}, ValueError, "V = 0"),
+    "B = 0": (
+        (
+            torch.zeros(0, 3, 5),
+            torch.zeros(0, 3, dtype=torch.int64),
+            torch.zeros(0, 4),
+            torch.zeros(0, 4),
+        ),
+        {},
+        ValueError,
+        "B = 0",
+    ),
+    "negative free_bits": (
+        _cat(),
+        {"free_bits": -0.1},
+        ValueError,
+        "free_bits must be finite and >= 0",
+    ),
+    "nan free_bits": (_cat(), {"free_bits": math.nan}, ValueError, "free_bits must be finite"),
+    "negative beta": (_cat(), {"beta": -1.0}, ValueError, "beta must be finite and >= 0"),
+    "inf beta": (_cat(), {"beta": math.inf}, ValueError, "beta must be finite"),
+    "negative tensor beta": (
+        _cat(),
+        {"beta": torch.tensor(-0.5)},
+        ValueError,
+        "beta must be finite and >= 0",
+    ),
+    "nan tensor beta": (
+        _cat(),
+        {"beta": torch.tensor(math.nan)},
+        ValueError,
+        "beta must be finite",
+    ),
+    "vector beta": (_cat(), {"beta": torch.ones(2)}, TypeError, "beta must be a float, a 0-d"),
+    "string beta": (_cat(), {"beta": "1"}, TypeError, "beta must be a float"),
+    "zero gaussian_var": (
+        _gauss(),
+        {"likelihood": "gaussian", "gaussian_var": 0.0},
+        ValueError,
+        "gaussian_var must be finite and > 0",
+    ),
+    "inf gaussian_var": (
+        _gauss(),
+        {"likelihood": "gaussian", "gaussian_var": math.inf},
+        ValueError,
+        "gaussian_var must be finite",
+    ),
+    "schedule without step": (_cat(), {"beta": LinearWarmup()}, ValueError, "step is required"),
+    "step without schedule": (_cat(), {"step": 3}, ValueError, "step is only used"),
+    "negative step": (
+        _cat(),
+        {"beta": LinearWarmup(), "step": -1},
+        ValueError,
+        "step must be >= 0",
+    ),
+    "negative step tensor": (
+        _cat(),
+        {"beta": LinearWarmup(), "step": torch.tensor(-2)},
+        ValueError,
+        "step must be >= 0",
+    ),
+    "float step tensor": (
+        _cat(),
+        {"beta": LinearWarmup(), "step": torch.tensor(1.0)},
+        TypeError,
+        "step must be an int",
+    ),
+    "unknown likelihood": (
+        _cat(),
+        {"likelihood": "poisson"},
+        ValueError,
+        "likelihood must be one of",
+    ),
+    "unknown reduction": (_cat(), {"reduction": "mean"}, ValueError, "reduction must be one of"),
+    "unknown free_bits_mode": (
+        _cat(),
+        {"free_bits_mode": "dim"},
+        ValueError,
+        "free_bits_mode must be one of",
+    ),
+    "none with batch free bits": (
+        _cat(),
+        {"reduction": "none", "free_bits": 0.5},
+        ValueError,
+        "free_bits_mode='batch'",
+    ),
+    "bernoulli target above 1": (
+        _replace(make_inputs("bernoulli", 2, (3,)), target=torch.full((2, 3), 1.5)),
+        {"likelihood": "bernoulli"},
+        ValueError,
+        "bernoulli targets must lie in [0, 1]",
+    ),
+    "bernoulli target negative": (
+        _replace(make_inputs("bernoulli", 2, (3,)), target=torch.full((2, 3), -0.5)),
+        {"likelihood": "bernoulli"},
+        ValueError,
+        "found -0.5",
+    ),
+    "not a tensor": (
+        _replace(_cat(), mu=[[0.0] * 4] * 2),
+        {},
+        TypeError,
+        "mu must be a torch.Tensor",
+    ),
+    "ignore_index float": (
+        _cat(),
+        {"ignore_index": -100.0},
+        TypeError,
+        "ignore_index must be an int",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_raises(case):
+    inputs, kwargs, exc, fragment = CASES[case]
+    with pytest.raises(exc, match=_escape(fragment)):
+        elbo_loss(*inputs, **kwargs)
+
+
+def _escape(fragment: str) -> str:
+    return re.escape(fragment)
+
+
+def test_inplace_on_a_leaf_that_requires_grad():
+    x, target, mu, logvar = _cat()
+    x.requires_grad_()
+    with pytest.raises(ValueError, match="inplace=True would overwrite recon_input, a leaf"):
+        elbo_loss(x, target, mu, logvar, inplace=True)
+
+
+def test_tensors_on_different_devices_meta():
+    # The meta device stands in for a second device on CPU-only machines.
+    x, target, mu, logvar = _cat()
+    with pytest.raises(ValueError, match="must be on one device"):
+        elbo_loss(x, target, mu.to("meta"), logvar.to("meta"))
+
+
+def test_native_layer_rejects_inconsistent_params():
+    # The last line of defence below the Python checks: a ValueError, no crash.
+    x, target, mu, logvar = _cat()
+    out = torch.empty(1, dtype=torch.float64)
+    params = {
+        "batch": 0, "n_rows": 6, "row_len": 5, "latent_dim": 4, "likelihood": 0, "reduction": 0,
+        "free_bits_mode": 0, "recon_dtype": 0, "latent_dtype": 0, "free_bits": 0.0,
+        "gaussian_var": 1.0, "ignore_index": -100, "beta_ptr": 0, "step_ptr": 0,
+        "schedule": [0.0] * 8, "beta_value": 1.0, "recon_input": x.data_ptr(),
+        "target": target.data_ptr(), "mu": mu.data_ptr(), "logvar": logvar.data_ptr(),
+        "loss": out.data_ptr(), "recon": out.data_ptr(), "kl": out.data_ptr(), "kl_per_dim": 0,
+        "beta_out": out.data_ptr(), "grad_recon": 0, "grad_mu": 0, "grad_logvar": 0, "n_threads": 1,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="batch must be > 0"):
+        _C.elbo_forward_cpu(params)
+    del params["n_threads"]
+    with pytest.raises(ValueError, match="missing key 'n_threads'"):
+        _C.elbo_forward_cpu(params)
