@@ -162,3 +162,15 @@ def test_corpus_mode_on_a_ptb_slice(tmp_path):
         assert 50 < entry["perplexity"] < 5000
     assert (tmp_path / "learning_curves.png").is_file()
     assert "PPL" in (tmp_path / "summary.md").read_text()
+
+
+def test_word_dropout_replaces_only_words():
+    batch = text_vae.make_batch([[5, 6, 7, 8, 9, 10], [11]])
+    gen = torch.Generator().manual_seed(0)
+    assert text_vae.word_dropout(batch, 0.0, gen) is batch
+    all_dropped = text_vae.word_dropout(batch, 1.0, gen).dec_input
+    assert all_dropped.tolist() == [[1, 3, 3, 3, 3, 3, 3], [1, 3, 0, 0, 0, 0, 0]]
+    half = text_vae.word_dropout(batch, 0.5, gen)
+    assert torch.equal(half.target, batch.target)
+    kept = half.dec_input == batch.dec_input
+    assert bool(((half.dec_input == text_vae.UNK_ID) | kept).all())
