@@ -38,7 +38,7 @@ IGNORE_INDEX = -100
 SCHEDULE_NAMES = ("constant", "monotonic", "cyclical")
 
 # End-of-training values read off the paper's learning-curve figure for its
-# synthetic 10-sequence data set (Fu et al. 2019, Figure 3 / Section 5.1).
+# synthetic 10-sequence data set (Fu et al. 2019), as quoted in issue 6.
 PAPER_TOY = {
     "constant": {"kl": 0.15, "elbo": 2.3},
     "monotonic": {"kl": 0.95, "elbo": 2.3},
@@ -627,7 +627,7 @@ def _pyplot():
 def plot_curves(
     results: Sequence[RunResult], path: Path, title: str, optimum: float | None
 ) -> None:
-    """Learning curves of -ELBO, reconstruction, KL and beta (the paper's Figure 3 layout)."""
+    """Learning curves of -ELBO, reconstruction, KL and beta (as in the paper)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     steps = max(len(r.curves["step"]) for r in results)
@@ -815,7 +815,7 @@ def write_outputs(
             f"Best possible -ELBO: log({args.n_sequences}) = {summary['optimum_elbo']:.3f}. "
             "AU = active units (Cov(E_q[z_d]) > 0.01); MI = I(x; z) in nats "
             f"(at most {summary['optimum_elbo']:.3f}). "
-            "Paper values read off Fu et al. (2019), Fig. 3.",
+            "Paper values: end of training in the learning-curve figure of Fu et al. (2019).",
             "",
             ordering_sentence(summary),
             "",
