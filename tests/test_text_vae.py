@@ -132,6 +132,8 @@ def test_batches_pad_and_ignore_padding():
         (["--ratio", "0.8", "--zero-ratio", "0.5"], "ratio + zero_ratio"),
         (["--shape", "square"], "invalid choice"),
         (["--warmup-fraction", "0"], "--warmup-fraction"),
+        (["--clip", "-1"], "--clip must be >= 0"),
+        (["--word-dropout", "1.5"], "--word-dropout"),
     ],
 )
 def test_bad_flags_are_rejected_with_a_message(flags, fragment, capsys):

@@ -989,6 +989,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.bucket < 0:
         parser.error(f"--bucket must be >= 0, got {args.bucket}")
+    if not args.clip >= 0:
+        parser.error(f"--clip must be >= 0 (0: off), got {args.clip}")
     for key in ("max_sentences", "max_eval_sentences", "max_len"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
