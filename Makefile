@@ -27,7 +27,7 @@ install: venv
 	$(PIP) install --no-build-isolation ".[$(EXTRAS)]"
 
 demo: install
-	$(PY) examples/demo.py
+	$(PY) examples/text_vae.py --out demo_output
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Runnable examples built on klanneal's public API (see ``examples/`` in the repository)."""
