@@ -534,6 +534,27 @@ PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
   return nullptr;
 }
 
+// Index of the first block of 32 values holding one outside [0, 1] (NaN
+// included), or the start of the tail shorter than a block: the caller
+// scans on from there.
+KLANNEAL_TARGET_AVX2 inline __m256 in_unit_interval(const float *y) {
+  const __m256 v = _mm256_loadu_ps(y); // ordered compares: false for NaN
+  return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ),
+                       _mm256_cmp_ps(v, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
+}
+
+KLANNEAL_TARGET_AVX2 int64_t first_invalid_probability_avx2(const float *y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 ok = _mm256_and_ps(
+        _mm256_and_ps(in_unit_interval(y + i), in_unit_interval(y + i + 8)),
+        _mm256_and_ps(in_unit_interval(y + i + 16), in_unit_interval(y + i + 24)));
+    if (_mm256_movemask_ps(ok) != 0xFF)
+      return i;
+  }
+  return i;
+}
+
 #endif // KLANNEAL_X86_SIMD
 
 template <typename T> using CategoricalRow = double (*)(const T *, int64_t, int64_t, T *, T);
@@ -582,6 +603,39 @@ template <typename F> void parallel_for(int64_t n_units, int n_threads, const F 
   fn(0, n_units / n_threads);
   for (auto &w : workers)
     w.join();
+}
+
+// ---- target checks (ElboParams::first_invalid_target) ------------------------
+
+// Flat index of the first class id outside [0, V) that is not ignore_index, or -1.
+int64_t first_invalid_class(const ElboParams &p) {
+  const auto *target = static_cast<const int64_t *>(p.target);
+  for (int64_t r = 0; r < p.n_rows; ++r) {
+    const int64_t t = target[r];
+    if (t != p.ignore_index && (t < 0 || t >= p.row_len))
+      return r;
+  }
+  return -1;
+}
+
+// Index in [0, n) of the first bernoulli target outside [0, 1] (NaN
+// included), or -1.
+template <typename S> int64_t first_invalid_probability(const S *y, int64_t n, SimdLevel level) {
+  using T = typename Elem<S>::T;
+  int64_t i = 0;
+#if defined(KLANNEAL_X86_SIMD)
+  if constexpr (std::is_same_v<S, float>) {
+    if (level == SimdLevel::kAvx2 || level == SimdLevel::kAvx512)
+      i = first_invalid_probability_avx2(y, n); // skips whole blocks of valid values
+  }
+#endif
+  (void)level;
+  for (; i < n; ++i) {
+    const T v = Elem<S>::load(y[i]);
+    if (!(v >= T(0) && v <= T(1)))
+      return i;
+  }
+  return -1;
 }
 
 // ---- reconstruction term ----------------------------------------------------
@@ -635,9 +689,12 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
 
 // Bernoulli / gaussian / mse: unit u covers elements [c * kChunk, ...) of
 // example u / chunks_per_row.
+// unit_bad (nullptr: no check): bernoulli only, unit_bad[u] = flat index of
+// the first invalid target of unit u, or -1, found while the unit's targets
+// are still in cache.
 template <typename S>
-void pointwise_units(const ElboParams &p, double *unit_loss, int64_t chunks_per_row,
-                     SimdLevel level, int n_threads) {
+void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
+                     int64_t chunks_per_row, SimdLevel level, int n_threads) {
   using T = typename Elem<S>::T;
   const auto *x = static_cast<const S *>(p.recon_input);
   const auto *y = static_cast<const S *>(p.target);
@@ -652,6 +709,12 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t chunks_per_
     const int64_t lo = row * n + (u % chunks_per_row) * kChunk;
     return std::make_pair(lo, std::min(lo + kChunk, (row + 1) * n));
   };
+  auto check_unit = [&](int64_t u, int64_t lo, int64_t hi) {
+    if (unit_bad != nullptr) {
+      const int64_t i = first_invalid_probability(y + lo, hi - lo, level);
+      unit_bad[u] = i < 0 ? -1 : lo + i;
+    }
+  };
 #if defined(KLANNEAL_X86_SIMD)
   if constexpr (std::is_same_v<S, float>) {
     if (const PointwiseChunkF32 chunk = pointwise_chunk_f32(level, p.likelihood)) {
@@ -660,6 +723,7 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t chunks_per_
         for (int64_t u = begin; u < end; ++u) {
           const auto [lo, hi] = chunk_bounds(u);
           unit_loss[u] = chunk(x + lo, y + lo, hi - lo, grad != nullptr ? grad + lo : nullptr, c);
+          check_unit(u, lo, hi);
         }
       });
       return;
@@ -680,6 +744,7 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t chunks_per_
             grad[i] = Elem<S>::store(dnll(xv, yv) * scale);
         }
         unit_loss[u] = acc;
+        check_unit(u, lo, hi);
       }
     });
   };
@@ -699,12 +764,34 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t chunks_per_
 }
 
 template <typename S>
-void recon_units(const ElboParams &p, double *unit_loss, int64_t chunks_per_row, SimdLevel level,
-                 int n_threads) {
+void recon_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
+                 int64_t chunks_per_row, SimdLevel level, int n_threads) {
   if (p.likelihood == Likelihood::kCategorical)
     categorical_rows<S>(p, unit_loss, level, n_threads);
   else
-    pointwise_units<S>(p, unit_loss, chunks_per_row, level, n_threads);
+    pointwise_units<S>(p, unit_loss, unit_bad, chunks_per_row, level, n_threads);
+}
+
+// Flat index of the first invalid bernoulli target, or -1, in a pass of its
+// own (for inplace calls, which must not overwrite recon_input when they fail).
+template <typename S>
+int64_t first_invalid_bernoulli_prepass(const ElboParams &p, int64_t chunks_per_row,
+                                        SimdLevel level, int n_threads) {
+  const auto *y = static_cast<const S *>(p.target);
+  const int64_t n = p.row_len, n_units = p.n_rows * chunks_per_row;
+  std::vector<int64_t> unit_bad(static_cast<size_t>(n_units));
+  parallel_for(n_units, n_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t row = u / chunks_per_row;
+      const int64_t lo = row * n + (u % chunks_per_row) * kChunk;
+      const int64_t i = first_invalid_probability(y + lo, std::min(kChunk, (row + 1) * n - lo), level);
+      unit_bad[u] = i < 0 ? -1 : lo + i;
+    }
+  });
+  for (int64_t bad : unit_bad)
+    if (bad >= 0)
+      return bad;
+  return -1;
 }
 
 // ---- KL term and the outputs -----------------------------------------------
@@ -866,14 +953,42 @@ void launch_elbo_cpu(const ElboParams &p) {
   const int n_threads = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(std::max(p.n_threads, 1), elems / kMinElemsPerThread)));
 
-  if (p.grad_recon != nullptr && p.grad_recon != p.recon_input)
+  // Target checks: class ids (n_rows values) and, for inplace calls,
+  // bernoulli targets before anything is written; otherwise bernoulli
+  // targets in the main pass.
+  const bool inplace = p.grad_recon != nullptr && p.grad_recon == p.recon_input;
+  bool check_in_pass = false;
+  if (p.first_invalid_target != nullptr) {
+    int64_t bad = -1;
+    if (categorical)
+      bad = first_invalid_class(p);
+    else if (p.likelihood == Likelihood::kBernoulli && inplace)
+      bad = dispatch_dtype(p.recon_dtype, [&](auto s) {
+        return first_invalid_bernoulli_prepass<decltype(s)>(p, chunks_per_row, level, n_threads);
+      });
+    else
+      check_in_pass = p.likelihood == Likelihood::kBernoulli;
+    *p.first_invalid_target = bad;
+    if (bad >= 0)
+      return;
+  }
+
+  if (p.grad_recon != nullptr && !inplace)
     advise_huge_pages(p.grad_recon, static_cast<size_t>(elems) * dtype_size(p.recon_dtype));
 
   std::vector<double> unit_loss(static_cast<size_t>(n_units));
+  std::vector<int64_t> unit_bad(check_in_pass ? static_cast<size_t>(n_units) : 0);
   dispatch_dtype(p.recon_dtype, [&](auto s) {
-    recon_units<decltype(s)>(p, unit_loss.data(), chunks_per_row, level, n_threads);
+    recon_units<decltype(s)>(p, unit_loss.data(), check_in_pass ? unit_bad.data() : nullptr,
+                             chunks_per_row, level, n_threads);
     return 0;
   });
+  for (int64_t bad : unit_bad) { // units in flat order: the first found is the first
+    if (bad >= 0) {
+      *p.first_invalid_target = bad;
+      return;
+    }
+  }
 
   const int64_t B = p.batch;
   std::vector<double> kl_b(static_cast<size_t>(B), 0.0), klterm_b(static_cast<size_t>(B), 0.0);

@@ -75,9 +75,17 @@ def _launch(
     need_grad_logvar: bool,
 ) -> Outputs:
     """Allocates the outputs and runs the kernel of recon_input's device."""
-    if validate:
-        _validate.check_values(recon_input, target, likelihood, ignore_index, beta, step)
     device = recon_input.device
+    on_cpu = device.type == "cpu"
+    # On CPU the kernel checks class ids / bernoulli targets in its own pass
+    # over the data and reports the first bad one in first_invalid_target.
+    first_invalid_target = None
+    if validate:
+        _validate.check_values(
+            recon_input, target, likelihood, ignore_index, beta, step, check_target=not on_cpu
+        )
+        if on_cpu and likelihood in ("categorical", "bernoulli"):
+            first_invalid_target = torch.empty(1, dtype=torch.int64)
     batch, latent_dim = mu.shape
     f64 = {"dtype": torch.float64, "device": device}
     loss = torch.empty(_shapes(recon_input, mu, reduction), **f64)
@@ -127,9 +135,14 @@ def _launch(
         "grad_mu": ptr(grad_mu),
         "grad_logvar": ptr(grad_logvar),
         "n_threads": torch.get_num_threads(),
+        "first_invalid_target": ptr(first_invalid_target),
     }
-    if device.type == "cpu":
+    if on_cpu:
         _C.elbo_forward_cpu(params)
+        if first_invalid_target is not None:
+            bad = int(first_invalid_target)
+            if bad >= 0:
+                _validate.raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
     elif device.type == "cuda" and hasattr(_C, "elbo_forward_cuda"):
         workspace_bytes = _C.elbo_cuda_workspace_bytes(params)
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
