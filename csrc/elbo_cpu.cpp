@@ -14,9 +14,13 @@
 // with fp64 lanes; fp16/bf16 rows are widened to an fp32 scratch row and take
 // the fp32 path.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -27,6 +31,9 @@
 #include "klanneal/elbo_math.h"
 #include "klanneal/simd_exp_cpu.h"
 
+#if defined(__linux__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -579,28 +586,160 @@ template <typename T> CategoricalRow<T> categorical_row(SimdLevel level) {
 }
 
 // ---- threading --------------------------------------------------------------
+//
+// parallel_for(n_units, n_threads, fn) calls fn(begin, end) on disjoint
+// ranges covering [0, n_units). Ranges are claimed dynamically, `grain`
+// units at a time, by the calling thread and by up to n_threads - 1 workers
+// of a persistent pool: a worker the OS has not scheduled yet leaves its
+// share to the others instead of holding up the call. Which thread runs a
+// unit never changes a result: every unit writes only its own output slots.
+//
+// The pool is created on first use and grows to the largest thread count
+// asked for. One call uses it at a time; a concurrent call (another Python
+// thread) starts threads of its own instead of waiting. The pool is never
+// destroyed: its workers are detached and sleep on a condition variable, so
+// nothing is joined or torn down at interpreter exit. A fork()ed child gets
+// a fresh pool on first use (the parent's workers do not exist there).
 
-// Runs fn(begin, end) over [0, n_units) in n_threads contiguous ranges, the
-// first on the calling thread. If a thread cannot be started its range runs
-// here instead.
+// Claims ranges of `grain` units from `next` until none are left.
+template <typename F>
+void claim_units(std::atomic<int64_t> &next, int64_t n_units, int64_t grain, const F &fn) {
+  for (;;) {
+    const int64_t begin = next.fetch_add(grain, std::memory_order_relaxed);
+    if (begin >= n_units)
+      return;
+    fn(begin, std::min(begin + grain, n_units));
+  }
+}
+
+class WorkerPool {
+public:
+  // Runs job() on the calling thread and on up to n_helpers workers; returns
+  // when every thread that started on it has finished. False (nothing ran)
+  // if the pool is busy with another call or cannot start its threads.
+  bool run(int n_helpers, void (*job)(void *), void *context) {
+    std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
+    if (!dispatch.owns_lock() || !grow(n_helpers))
+      return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = job;
+      context_ = context;
+      seats_ = n_helpers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    std::exception_ptr error;
+    try {
+      job(context);
+    } catch (...) { // the workers still use the caller's stack: wait for them first
+      error = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    seats_ = 0; // a worker waking from now on has nothing left to do
+    idle_.wait(lock, [this] { return running_ == 0; });
+    if (error)
+      std::rethrow_exception(error);
+    return true;
+  }
+
+private:
+  bool grow(int n_helpers) {
+    try {
+      while (static_cast<int>(n_workers_) < n_helpers) {
+        std::thread([this] { work(); }).detach();
+        ++n_workers_;
+      }
+    } catch (...) { // std::system_error: no more threads
+      return false;
+    }
+    return true;
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (seats_ == 0)
+        continue;
+      --seats_;
+      ++running_;
+      void (*job)(void *) = job_;
+      void *context = context_;
+      lock.unlock();
+      job(context);
+      lock.lock();
+      if (--running_ == 0)
+        idle_.notify_one();
+    }
+  }
+
+  std::mutex dispatch_mutex_; // held by the one call using the pool
+  std::mutex mutex_;          // guards the fields below
+  std::condition_variable wake_, idle_;
+  uint64_t generation_ = 0; // bumped once per call
+  int seats_ = 0;           // workers that may still join the current call
+  int running_ = 0;         // workers inside the current call's job
+  size_t n_workers_ = 0;
+  void (*job_)(void *) = nullptr;
+  void *context_ = nullptr;
+};
+
+std::atomic<WorkerPool *> g_pool{nullptr};
+std::once_flag g_atfork_once;
+
+WorkerPool &worker_pool() {
+  std::call_once(g_atfork_once, [] {
+#if defined(__linux__) || defined(__APPLE__)
+    // The child of a fork has none of the workers: forget the pool there.
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });
+#endif
+  });
+  WorkerPool *pool = g_pool.load();
+  if (pool == nullptr) {
+    auto *fresh = new WorkerPool; // never deleted: see above
+    if (g_pool.compare_exchange_strong(pool, fresh))
+      pool = fresh;
+    else
+      delete fresh; // another thread created it first; `pool` holds that one
+  }
+  return *pool;
+}
+
 template <typename F> void parallel_for(int64_t n_units, int n_threads, const F &fn) {
   n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_units)));
   if (n_threads == 1) {
     fn(0, n_units);
     return;
   }
+  // About 8 claims per thread: small enough to balance a late or slow
+  // thread, large enough that the atomic is never contended.
+  const int64_t grain = std::max<int64_t>(1, n_units / (8 * static_cast<int64_t>(n_threads)));
+  std::atomic<int64_t> next{0};
+  struct Job {
+    std::atomic<int64_t> *next;
+    int64_t n_units, grain;
+    const F *fn;
+  } job{&next, n_units, grain, &fn};
+  auto run_job = [](void *context) {
+    const Job &j = *static_cast<const Job *>(context);
+    claim_units(*j.next, j.n_units, j.grain, *j.fn);
+  };
+  if (worker_pool().run(n_threads - 1, run_job, &job))
+    return;
+  // Pool busy (a concurrent call) or out of threads: threads of our own.
   std::vector<std::thread> workers;
   workers.reserve(n_threads - 1);
   for (int k = 1; k < n_threads; ++k) {
-    const int64_t begin = n_units * k / n_threads;
-    const int64_t end = n_units * (k + 1) / n_threads;
     try {
-      workers.emplace_back([&fn, begin, end] { fn(begin, end); });
+      workers.emplace_back(run_job, &job);
     } catch (...) {
-      fn(begin, end);
+      break; // the threads that did start, and this one, share the work
     }
   }
-  fn(0, n_units / n_threads);
+  run_job(&job);
   for (auto &w : workers)
     w.join();
 }

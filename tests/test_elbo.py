@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -308,6 +309,38 @@ def test_deterministic_across_thread_counts(likelihood):
         torch.set_num_threads(before)
     for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert torch.equal(a, b)
+
+
+def test_concurrent_calls_from_python_threads():
+    # The kernel's worker pool serves one call at a time; concurrent calls
+    # (the GIL is released) start threads of their own. Same results either way.
+    inputs = make_inputs("categorical", 4, (8,), 2100, 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = elbo_loss(*inputs).loss
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: elbo_loss(*inputs).loss, range(16)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(g, want) for g in got)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_after_the_worker_pool_started():
+    # A forked child has none of the parent's pool workers: it must not wait on them.
+    inputs = make_inputs("categorical", 4, (8,), 2100, 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = elbo_loss(*inputs).loss
+        pid = os.fork()
+        if pid == 0:  # child: exit code 0 iff the result matches
+            os._exit(0 if torch.equal(elbo_loss(*inputs).loss, want) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_fallback_path_matches_native(monkeypatch):
