@@ -421,11 +421,14 @@ KLANNEAL_TARGET_AVX2 inline __m256 pointwise_avx2(__m256 x, __m256 y, __m256 *gr
                                                   const PointwiseConsts &c) {
   const __m256 one = _mm256_set1_ps(1.0f);
   if constexpr (kKind == static_cast<int>(Likelihood::kBernoulli)) {
-    // max(x, 0) - x*y + log1p(exp(-|x|)); grad 1 / (1 + exp(-x)) - y
+    // max(x, 0) - x*y + log1p(exp(-|x|)); grad sigmoid(x) - y, with the
+    // sigmoid from the same e = exp(-|x|) (one exp per element):
+    // 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
     const __m256 abs_x = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
     const __m256 e = simd::exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), abs_x));
-    const __m256 sig = _mm256_div_ps(
-        one, _mm256_add_ps(one, simd::exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 sig =
+        _mm256_blendv_ps(r, _mm256_mul_ps(e, r), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
     *grad = _mm256_mul_ps(_mm256_sub_ps(sig, y), _mm256_set1_ps(c.scale));
     const __m256 relu = _mm256_max_ps(x, _mm256_setzero_ps());
     return _mm256_add_ps(_mm256_fnmadd_ps(x, y, relu), simd::log1p_unit_avx2(e));
@@ -447,10 +450,11 @@ KLANNEAL_TARGET_AVX512 inline __m512 pointwise_avx512(__m512 x, __m512 y, __m512
                                                       const PointwiseConsts &c) {
   const __m512 one = _mm512_set1_ps(1.0f);
   if constexpr (kKind == static_cast<int>(Likelihood::kBernoulli)) {
-    const __m512 abs_x = _mm512_abs_ps(x);
+    const __m512 abs_x = _mm512_abs_ps(x); // as in the AVX2 kernel: one exp
     const __m512 e = simd::exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), abs_x));
-    const __m512 sig = _mm512_div_ps(
-        one, _mm512_add_ps(one, simd::exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sig = _mm512_mask_mul_ps(r, negative, e, r);
     *grad = _mm512_mul_ps(_mm512_sub_ps(sig, y), _mm512_set1_ps(c.scale));
     const __m512 relu = _mm512_max_ps(x, _mm512_setzero_ps());
     return _mm512_add_ps(_mm512_fnmadd_ps(x, y, relu), simd::log1p_unit_avx512(e));
