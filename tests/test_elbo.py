@@ -297,8 +297,9 @@ def test_hypothesis_fused_vs_reference(
 
 @pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
 def test_deterministic_across_thread_counts(likelihood):
-    # Large enough that the kernel really uses two threads (>= 2 * 32768 elements).
-    inputs = make_inputs(likelihood, 4, (8, 2100) if likelihood == "bernoulli" else (8,), 2100, 8)
+    # Large enough that the kernel really uses two threads (>= 2 * 32768 elements
+    # categorical, >= 2 * 262144 bernoulli).
+    inputs = make_inputs(likelihood, 4, (8, 16500) if likelihood == "bernoulli" else (8,), 2100, 8)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
