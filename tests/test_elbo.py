@@ -188,23 +188,8 @@ def _op_args(likelihood: str, reduction: str, beta_kind: str):
     schedule = LinearWarmup(0.0, 1.0, 10).to_params() if step is not None else _ops.NO_SCHEDULE
     if likelihood != "categorical":
         target = target.to(x.dtype)
-    return (
-        x,
-        target,
-        mu,
-        logvar,
-        beta,
-        step,
-        schedule,
-        0.7,
-        likelihood,
-        reduction,
-        0.0,
-        "batch",
-        -100,
-        1.0,
-        True,
-    )
+    options = (schedule, 0.7, likelihood, reduction, 0.0, "batch", -100, 1.0, True)
+    return (x, target, mu, logvar, beta, step), options
 
 
 @pytest.mark.parametrize(
@@ -216,10 +201,12 @@ def _op_args(likelihood: str, reduction: str, beta_kind: str):
     ],
 )
 def test_opcheck(likelihood, reduction, beta_kind):
-    args = _op_args(likelihood, reduction, beta_kind)
-    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args + (True, True, True))
-    detached = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, detached + (False, False))
+    tensors, options = _op_args(likelihood, reduction, beta_kind)
+    args = tensors + _ops.pack_options(*options, True, True, True)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args)
+    detached = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors)
+    args = detached + _ops.pack_options(*options, True, False, False)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, args)
 
 
 def _count_compiles(fn, calls) -> int:
