@@ -936,7 +936,8 @@ int64_t first_invalid_bernoulli_prepass(const ElboParams &p, int64_t chunks_per_
     for (int64_t u = begin; u < end; ++u) {
       const int64_t row = u / chunks_per_row;
       const int64_t lo = row * n + (u % chunks_per_row) * kChunk;
-      const int64_t i = first_invalid_probability(y + lo, std::min(kChunk, (row + 1) * n - lo), level);
+      const int64_t hi = std::min(lo + kChunk, (row + 1) * n);
+      const int64_t i = first_invalid_probability(y + lo, hi - lo, level);
       unit_bad[u] = i < 0 ? -1 : lo + i;
     }
   });
