@@ -362,6 +362,32 @@ def test_nan_and_inf_logits_behave_like_the_reference(dtype):
     assert torch.isnan(elbo_loss(x[:1], target[:1], mu[:1], logvar[:1]).loss)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_special_logits_in_full_vector_groups(inplace):
+    # V = 150: two groups of 64 logits and a tail, the specials inside the
+    # groups (the AVX-512 row rescales each group's exps in a second pass).
+    x, target, mu, logvar = make_inputs("categorical", 4, (2,), 150, 3)
+    target[:] = torch.tensor([[1, 70], [3, 140], [5, 66], [7, 100]])
+    x[0, 0, 10] = float("nan")  # NaN row
+    x[0, 1, 64:128] = float("-inf")  # a whole group at -inf, target logit included
+    x[1, 0, :] = float("-inf")  # a row of only -inf
+    x[1, 1, 20] = float("inf")  # +inf: NaN, as log_softmax gives
+    x[2, 0, 5] = 80.0  # a large logit in the first group
+    x[2, 1, 130] = -1000.0
+    x[3, 0, :64] = -200.0  # a whole group far below the row's max
+    for reduction in ("none", "sum"):
+        want = run(elbo_loss_ref, (x, target, mu, logvar), reduction=reduction)
+        if inplace:
+            leaf = x.clone().requires_grad_()
+            out = elbo_loss(leaf * 1.0, target, mu, logvar, reduction=reduction, inplace=True)
+            (out.loss * 2.5).sum().backward()
+            assert torch.allclose(leaf.grad, want[1][0], equal_nan=True, rtol=1e-5, atol=1e-7)
+        else:
+            assert_matches(
+                run(elbo_loss, (x, target, mu, logvar), reduction=reduction), want, torch.float32
+            )
+
+
 def test_out_of_range_target_without_validation_gives_nan():
     x, target, mu, logvar = make_inputs("categorical", 2, (3,), 8, 3)
     target[1, 2] = 8
