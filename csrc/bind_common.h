@@ -71,6 +71,9 @@ inline ElboParams elbo_params_from_dict(const pybind11::dict& d) {
   p.grad_mu = ptr("grad_mu");
   p.grad_logvar = ptr("grad_logvar");
   p.n_threads = static_cast<int>(i64("n_threads"));
+  // Optional key (added after the others): absent or 0 = do not check.
+  if (d.contains("first_invalid_target"))
+    p.first_invalid_target = static_cast<int64_t*>(ptr("first_invalid_target"));
   return p;
 }
 

@@ -1,6 +1,6 @@
 // _C.elbo_forward_cpu: the dict of ElboParams fields from klanneal/_ops.py
-// -> launch_elbo_cpu, with the GIL released (the launcher starts its own
-// threads and never calls back into Python).
+// -> launch_elbo_cpu, with the GIL released (the launcher runs on its own
+// worker threads and never calls back into Python).
 #include "bind.h"
 #include "bind_common.h"
 

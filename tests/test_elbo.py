@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -187,23 +188,8 @@ def _op_args(likelihood: str, reduction: str, beta_kind: str):
     schedule = LinearWarmup(0.0, 1.0, 10).to_params() if step is not None else _ops.NO_SCHEDULE
     if likelihood != "categorical":
         target = target.to(x.dtype)
-    return (
-        x,
-        target,
-        mu,
-        logvar,
-        beta,
-        step,
-        schedule,
-        0.7,
-        likelihood,
-        reduction,
-        0.0,
-        "batch",
-        -100,
-        1.0,
-        True,
-    )
+    options = (schedule, 0.7, likelihood, reduction, 0.0, "batch", -100, 1.0, True)
+    return (x, target, mu, logvar, beta, step), options
 
 
 @pytest.mark.parametrize(
@@ -215,10 +201,12 @@ def _op_args(likelihood: str, reduction: str, beta_kind: str):
     ],
 )
 def test_opcheck(likelihood, reduction, beta_kind):
-    args = _op_args(likelihood, reduction, beta_kind)
-    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args + (True, True, True))
-    detached = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, detached + (False, False))
+    tensors, options = _op_args(likelihood, reduction, beta_kind)
+    args = tensors + _ops.pack_options(*options, True, True, True)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args)
+    detached = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors)
+    args = detached + _ops.pack_options(*options, True, False, False)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, args)
 
 
 def _count_compiles(fn, calls) -> int:
@@ -296,8 +284,9 @@ def test_hypothesis_fused_vs_reference(
 
 @pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
 def test_deterministic_across_thread_counts(likelihood):
-    # Large enough that the kernel really uses two threads (>= 2 * 32768 elements).
-    inputs = make_inputs(likelihood, 4, (8, 2100) if likelihood == "bernoulli" else (8,), 2100, 8)
+    # Large enough that the kernel really uses two threads (>= 2 * 32768 elements
+    # categorical, >= 2 * 262144 bernoulli).
+    inputs = make_inputs(likelihood, 4, (8, 16500) if likelihood == "bernoulli" else (8,), 2100, 8)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -308,6 +297,38 @@ def test_deterministic_across_thread_counts(likelihood):
         torch.set_num_threads(before)
     for a, b in zip(one[0] + one[1], two[0] + two[1]):
         assert torch.equal(a, b)
+
+
+def test_concurrent_calls_from_python_threads():
+    # The kernel's worker pool serves one call at a time; concurrent calls
+    # (the GIL is released) start threads of their own. Same results either way.
+    inputs = make_inputs("categorical", 4, (8,), 2100, 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = elbo_loss(*inputs).loss
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: elbo_loss(*inputs).loss, range(16)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(g, want) for g in got)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_after_the_worker_pool_started():
+    # A forked child has none of the parent's pool workers: it must not wait on them.
+    inputs = make_inputs("categorical", 4, (8,), 2100, 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = elbo_loss(*inputs).loss
+        pid = os.fork()
+        if pid == 0:  # child: exit code 0 iff the result matches
+            os._exit(0 if torch.equal(elbo_loss(*inputs).loss, want) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_fallback_path_matches_native(monkeypatch):
@@ -339,6 +360,32 @@ def test_nan_and_inf_logits_behave_like_the_reference(dtype):
     loss = elbo_loss(x[1:2, :1], target[1:2, :1], mu[1:2], logvar[1:2]).loss
     assert torch.isfinite(loss)
     assert torch.isnan(elbo_loss(x[:1], target[:1], mu[:1], logvar[:1]).loss)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_special_logits_in_full_vector_groups(inplace):
+    # V = 150: two groups of 64 logits and a tail, the specials inside the
+    # groups (the AVX-512 row rescales each group's exps in a second pass).
+    x, target, mu, logvar = make_inputs("categorical", 4, (2,), 150, 3)
+    target[:] = torch.tensor([[1, 70], [3, 140], [5, 66], [7, 100]])
+    x[0, 0, 10] = float("nan")  # NaN row
+    x[0, 1, 64:128] = float("-inf")  # a whole group at -inf, target logit included
+    x[1, 0, :] = float("-inf")  # a row of only -inf
+    x[1, 1, 20] = float("inf")  # +inf: NaN, as log_softmax gives
+    x[2, 0, 5] = 80.0  # a large logit in the first group
+    x[2, 1, 130] = -1000.0
+    x[3, 0, :64] = -200.0  # a whole group far below the row's max
+    for reduction in ("none", "sum"):
+        want = run(elbo_loss_ref, (x, target, mu, logvar), reduction=reduction)
+        if inplace:
+            leaf = x.clone().requires_grad_()
+            out = elbo_loss(leaf * 1.0, target, mu, logvar, reduction=reduction, inplace=True)
+            (out.loss * 2.5).sum().backward()
+            assert torch.allclose(leaf.grad, want[1][0], equal_nan=True, rtol=1e-5, atol=1e-7)
+        else:
+            assert_matches(
+                run(elbo_loss, (x, target, mu, logvar), reduction=reduction), want, torch.float32
+            )
 
 
 def test_out_of_range_target_without_validation_gives_nan():

@@ -379,13 +379,13 @@ def test_opcheck_on_cuda(likelihood, beta_kind):
     schedule = (
         Monotonic(10, start=0.0, stop=1.0).to_params() if step is not None else _ops.NO_SCHEDULE
     )
-    args = (
-        x, inputs["target"], mu, logvar, beta, step, schedule, 0.7, likelihood, "batchmean",
-        0.1, "sample", IGNORE, 1.0, True,
-    )  # fmt: skip
-    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args + (True, True, True))
-    detached = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, detached + (False, False))
+    tensors = (x, inputs["target"], mu, logvar, beta, step)
+    options = (schedule, 0.7, likelihood, "batchmean", 0.1, "sample", IGNORE, 1.0, True)
+    args = tensors + _ops.pack_options(*options, True, True, True)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args)
+    detached = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors)
+    args = detached + _ops.pack_options(*options, True, False, False)
+    torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, args)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

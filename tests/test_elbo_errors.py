@@ -255,3 +255,38 @@ def test_native_layer_rejects_inconsistent_params():
     del params["n_threads"]
     with pytest.raises(ValueError, match="missing key 'n_threads'"):
         _C.elbo_forward_cpu(params)
+
+
+# The CPU kernel checks class ids and bernoulli targets in its own pass: the
+# first bad one in flat order is reported, in every chunk position, dtype and
+# (for inplace calls) before recon_input is overwritten.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("position", [0, 31, 32, 17000, 2 * 17000 - 2])
+@pytest.mark.parametrize("bad", [1.5, -0.25, math.nan])
+def test_bernoulli_target_checked_in_the_kernel(dtype, position, bad):
+    # Two examples of 17000 pixels: two chunks each, vector blocks and a tail.
+    x, target, mu, logvar = make_inputs("bernoulli", 2, (17000,), dtype=dtype)
+    target.view(-1)[position] = bad
+    target.view(-1)[-1] = 2.0  # a later bad value is not the one reported
+    expected = "nan" if math.isnan(bad) else str(bad)
+    with pytest.raises(ValueError, match=re.escape(f"must lie in [0, 1]; found {expected}")):
+        elbo_loss(x.requires_grad_(), target, mu, logvar, likelihood="bernoulli")
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_invalid_target_leaves_inplace_input_untouched(likelihood):
+    x, target, mu, logvar = make_inputs(likelihood, 2, (3,), 5, 4)
+    target.view(-1)[4] = 7 if likelihood == "categorical" else 3.0
+    logits = x.clone().requires_grad_()
+    decoder_output = logits * 1.0  # a non-leaf, as inplace=True requires
+    before = decoder_output.detach().clone()
+    with pytest.raises(ValueError, match="found"):
+        elbo_loss(decoder_output, target, mu, logvar, likelihood=likelihood, inplace=True)
+    assert torch.equal(decoder_output.detach(), before)
+
+
+def test_invalid_target_without_validation_is_not_reported():
+    x, target, mu, logvar = make_inputs("bernoulli", 2, (40,))
+    target.view(-1)[5] = 1.5
+    out = elbo_loss(x, target, mu, logvar, likelihood="bernoulli", validate=False)
+    assert torch.isfinite(out.loss)

@@ -31,6 +31,47 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 # ScheduleParams of a constant schedule; unused unless a step tensor is passed.
 NO_SCHEDULE = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
 
+# The ops' scalar options travel in two lists, `floats` and `ints`, laid out
+# as below (see pack_options). One schema argument each would be clearer, but
+# torch's custom-op layer pays per call for every argument squared
+# (torch._library.utils.fill_defaults rebuilds the schema's argument list for
+# each argument): ~70 us per call with 18 arguments, ~10 us with 8, against a
+# kernel of ~100 us for a 128 x 784 bernoulli batch.
+FLOAT_OPTIONS = ("beta_value", "free_bits", "gaussian_var")  # then the 8 schedule floats
+INT_OPTIONS = (
+    "likelihood", "reduction", "free_bits_mode", "ignore_index", "validate",
+    "need_grad_recon", "need_grad_mu", "need_grad_logvar",
+)  # fmt: skip
+LIKELIHOODS = tuple(LIKELIHOOD_CODES)
+REDUCTIONS = tuple(REDUCTION_CODES)
+FREE_BITS_MODES = tuple(FREE_BITS_MODE_CODES)
+
+
+def pack_options(
+    schedule: list[float],
+    beta_value: float,
+    likelihood: str,
+    reduction: str,
+    free_bits: float,
+    free_bits_mode: str,
+    ignore_index: int,
+    gaussian_var: float,
+    validate: bool,
+    need_grad_recon: bool,
+    need_grad_mu: bool,
+    need_grad_logvar: bool,
+) -> tuple[list[float], list[int]]:
+    """The `floats` and `ints` arguments of the ops (need_grad_recon: ignored inplace)."""
+    floats = [float(beta_value), float(free_bits), float(gaussian_var)]
+    floats += [float(v) for v in schedule]
+    ints = [
+        LIKELIHOOD_CODES[likelihood], REDUCTION_CODES[reduction],
+        FREE_BITS_MODE_CODES[free_bits_mode], int(ignore_index), int(validate),
+        int(need_grad_recon), int(need_grad_mu), int(need_grad_logvar),
+    ]  # fmt: skip
+    return floats, ints
+
+
 Outputs = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -50,8 +91,8 @@ def native_available(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(_C, "elbo_forward_cuda")
 
 
-def _shapes(recon_input: torch.Tensor, mu: torch.Tensor, reduction: str) -> tuple[int, ...]:
-    return (mu.shape[0],) if reduction == "none" else ()
+def _shapes(mu: torch.Tensor, ints: list[int]) -> tuple[int, ...]:
+    return (mu.shape[0],) if ints[1] == REDUCTION_CODES["none"] else ()
 
 
 def _launch(
@@ -61,26 +102,28 @@ def _launch(
     logvar: torch.Tensor,
     beta: Optional[torch.Tensor],
     step: Optional[torch.Tensor],
-    schedule: list[float],
-    beta_value: float,
-    likelihood: str,
-    reduction: str,
-    free_bits: float,
-    free_bits_mode: str,
-    ignore_index: int,
-    gaussian_var: float,
-    validate: bool,
+    floats: list[float],
+    ints: list[int],
     grad_recon: Optional[torch.Tensor],
-    need_grad_mu: bool,
-    need_grad_logvar: bool,
 ) -> Outputs:
     """Allocates the outputs and runs the kernel of recon_input's device."""
-    if validate:
-        _validate.check_values(recon_input, target, likelihood, ignore_index, beta, step)
+    likelihood_code, reduction_code, free_bits_mode_code, ignore_index, validate = ints[:5]
+    likelihood = LIKELIHOODS[likelihood_code]
+    need_grad_mu, need_grad_logvar = ints[6], ints[7]
     device = recon_input.device
+    on_cpu = device.type == "cpu"
+    # On CPU the kernel checks class ids / bernoulli targets in its own pass
+    # over the data and reports the first bad one in first_invalid_target.
+    first_invalid_target = None
+    if validate:
+        _validate.check_values(
+            recon_input, target, likelihood, ignore_index, beta, step, check_target=not on_cpu
+        )
+        if on_cpu and likelihood in ("categorical", "bernoulli"):
+            first_invalid_target = torch.empty(1, dtype=torch.int64)
     batch, latent_dim = mu.shape
     f64 = {"dtype": torch.float64, "device": device}
-    loss = torch.empty(_shapes(recon_input, mu, reduction), **f64)
+    loss = torch.empty(_shapes(mu, ints), **f64)
     recon = torch.empty_like(loss)
     kl = torch.empty_like(loss)
     kl_per_dim = torch.empty(latent_dim, **f64)
@@ -102,18 +145,18 @@ def _launch(
         "n_rows": n_rows,
         "row_len": row_len,
         "latent_dim": latent_dim,
-        "likelihood": LIKELIHOOD_CODES[likelihood],
-        "reduction": REDUCTION_CODES[reduction],
-        "free_bits_mode": FREE_BITS_MODE_CODES[free_bits_mode],
+        "likelihood": likelihood_code,
+        "reduction": reduction_code,
+        "free_bits_mode": free_bits_mode_code,
         "recon_dtype": DTYPE_CODES[recon_input.dtype],
         "latent_dtype": DTYPE_CODES[mu.dtype],
-        "free_bits": free_bits,
-        "gaussian_var": gaussian_var,
+        "free_bits": floats[1],
+        "gaussian_var": floats[2],
         "ignore_index": ignore_index,
         "beta_ptr": ptr(beta),
         "step_ptr": ptr(step),
-        "schedule": list(schedule),
-        "beta_value": beta_value,
+        "schedule": floats[3:],
+        "beta_value": floats[0],
         "recon_input": ptr(recon_input),
         "target": ptr(target),
         "mu": ptr(mu),
@@ -127,9 +170,14 @@ def _launch(
         "grad_mu": ptr(grad_mu),
         "grad_logvar": ptr(grad_logvar),
         "n_threads": torch.get_num_threads(),
+        "first_invalid_target": ptr(first_invalid_target),
     }
-    if device.type == "cpu":
+    if on_cpu:
         _C.elbo_forward_cpu(params)
+        if first_invalid_target is not None:
+            bad = int(first_invalid_target)
+            if bad >= 0:
+                _validate.raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
     elif device.type == "cuda" and hasattr(_C, "elbo_forward_cuda"):
         workspace_bytes = _C.elbo_cuda_workspace_bytes(params)
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
@@ -158,26 +206,15 @@ def elbo_loss_op(
     logvar: torch.Tensor,
     beta: Optional[torch.Tensor],
     step: Optional[torch.Tensor],
-    schedule: list[float],
-    beta_value: float,
-    likelihood: str,
-    reduction: str,
-    free_bits: float,
-    free_bits_mode: str,
-    ignore_index: int,
-    gaussian_var: float,
-    validate: bool,
-    need_grad_recon: bool,
-    need_grad_mu: bool,
-    need_grad_logvar: bool,
+    floats: list[float],
+    ints: list[int],
 ) -> Outputs:
-    """Fused ELBO forward; see klanneal.elbo_loss. Inputs must be contiguous."""
-    grad_recon = torch.empty_like(recon_input) if need_grad_recon else None
-    return _launch(
-        recon_input, target, mu, logvar, beta, step, schedule, beta_value, likelihood,
-        reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate,
-        grad_recon, need_grad_mu, need_grad_logvar,
-    )  # fmt: skip
+    """Fused ELBO forward; see klanneal.elbo_loss. Inputs must be contiguous.
+
+    floats, ints: the scalar options, from pack_options.
+    """
+    grad_recon = torch.empty_like(recon_input) if ints[5] else None
+    return _launch(recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon)
 
 
 @torch.library.custom_op("klanneal::elbo_loss_inplace", mutates_args=("recon_input",))
@@ -188,32 +225,19 @@ def elbo_loss_inplace_op(
     logvar: torch.Tensor,
     beta: Optional[torch.Tensor],
     step: Optional[torch.Tensor],
-    schedule: list[float],
-    beta_value: float,
-    likelihood: str,
-    reduction: str,
-    free_bits: float,
-    free_bits_mode: str,
-    ignore_index: int,
-    gaussian_var: float,
-    validate: bool,
-    need_grad_mu: bool,
-    need_grad_logvar: bool,
+    floats: list[float],
+    ints: list[int],
 ) -> InplaceOutputs:
     """As elbo_loss, but overwrites recon_input with d loss / d recon_input."""
-    outs = _launch(
-        recon_input, target, mu, logvar, beta, step, schedule, beta_value, likelihood,
-        reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate,
-        recon_input, need_grad_mu, need_grad_logvar,
-    )  # fmt: skip
+    outs = _launch(recon_input, target, mu, logvar, beta, step, floats, ints, recon_input)
     return outs[:5] + outs[6:]
 
 
 def _fake_scalars(
-    recon_input: torch.Tensor, mu: torch.Tensor, reduction: str
+    recon_input: torch.Tensor, mu: torch.Tensor, ints: list[int]
 ) -> tuple[torch.Tensor, ...]:
     f64 = {"dtype": torch.float64, "device": recon_input.device}
-    shape = _shapes(recon_input, mu, reduction)
+    shape = _shapes(mu, ints)
     return (
         torch.empty(shape, **f64),
         torch.empty(shape, **f64),
@@ -223,29 +247,24 @@ def _fake_scalars(
     )
 
 
+def _fake_latent_grads(mu: torch.Tensor, logvar: torch.Tensor, ints: list[int]) -> tuple:
+    return (
+        torch.empty_like(mu) if ints[6] else mu.new_empty(0),
+        torch.empty_like(logvar) if ints[7] else logvar.new_empty(0),
+    )
+
+
 @elbo_loss_op.register_fake
-def _elbo_loss_fake(
-    recon_input, target, mu, logvar, beta, step, schedule, beta_value, likelihood, reduction,
-    free_bits, free_bits_mode, ignore_index, gaussian_var, validate,
-    need_grad_recon, need_grad_mu, need_grad_logvar,
-):  # fmt: skip
-    return _fake_scalars(recon_input, mu, reduction) + (
-        torch.empty_like(recon_input) if need_grad_recon else recon_input.new_empty(0),
-        torch.empty_like(mu) if need_grad_mu else mu.new_empty(0),
-        torch.empty_like(logvar) if need_grad_logvar else logvar.new_empty(0),
+def _elbo_loss_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
+    grad_recon = torch.empty_like(recon_input) if ints[5] else recon_input.new_empty(0)
+    return (
+        _fake_scalars(recon_input, mu, ints) + (grad_recon,) + _fake_latent_grads(mu, logvar, ints)
     )
 
 
 @elbo_loss_inplace_op.register_fake
-def _elbo_loss_inplace_fake(
-    recon_input, target, mu, logvar, beta, step, schedule, beta_value, likelihood, reduction,
-    free_bits, free_bits_mode, ignore_index, gaussian_var, validate,
-    need_grad_mu, need_grad_logvar,
-):  # fmt: skip
-    return _fake_scalars(recon_input, mu, reduction) + (
-        torch.empty_like(mu) if need_grad_mu else mu.new_empty(0),
-        torch.empty_like(logvar) if need_grad_logvar else logvar.new_empty(0),
-    )
+def _elbo_loss_inplace_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
+    return _fake_scalars(recon_input, mu, ints) + _fake_latent_grads(mu, logvar, ints)
 
 
 # ---- autograd -----------------------------------------------------------------
@@ -306,7 +325,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # Without this autograd would materialise a zero tensor for the unused
     # gradient of every other output, a logits-sized one for grad_recon.
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[9]
+    ctx.reduction = REDUCTIONS[inputs[7][1]]
     ctx.scaled_in_place = False
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
@@ -314,7 +333,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, *unused):
     grad_recon, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
-    return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 14
+    return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 4
 
 
 elbo_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -331,13 +350,10 @@ class _ElboInplace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, recon_input, target, mu, logvar, beta, step, *options):
-        # options: schedule, beta_value, likelihood, reduction, free_bits,
-        # free_bits_mode, ignore_index, gaussian_var, validate, need_grad_mu,
-        # need_grad_logvar
-        outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, *options)
+    def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints):
+        outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, floats, ints)
         ctx.set_materialize_grads(False)  # see _setup_context
-        ctx.reduction = options[3]
+        ctx.reduction = REDUCTIONS[ints[1]]
         ctx.scaled_in_place = False
         ctx.save_for_backward(recon_input, outs[5], outs[6])
         ctx.mark_non_differentiable(*outs[1:5])
@@ -346,7 +362,7 @@ class _ElboInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         grad_recon, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
-        return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 13
+        return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 4
 
 
 def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional, Union
 
 import torch
 
@@ -187,25 +187,54 @@ def check_values(
     ignore_index: int,
     beta: Optional[torch.Tensor],
     step: Optional[torch.Tensor],
+    *,
+    check_target: bool = True,
 ) -> None:
-    """Value checks (they read the tensors; on a GPU they synchronise)."""
-    if likelihood == "categorical":
+    """Value checks (they read the tensors; on a GPU they synchronise).
+
+    With check_target=False the class ids / bernoulli targets are left to the
+    caller: the CPU kernel checks them in its own pass over the data and the
+    caller reports a bad one with `raise_invalid_target`.
+    """
+    if check_target and likelihood == "categorical":
         vocab = recon_input.shape[-1]
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
         if bool(bad.any()):
-            first = int(target[bad].reshape(-1)[0])
-            raise ValueError(
-                f"target: class ids must lie in [0, {vocab}) or equal ignore_index="
-                f"{ignore_index}; found {first}"
-            )
-    elif likelihood == "bernoulli":
+            raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
+    elif check_target and likelihood == "bernoulli":
         bad = ~((target >= 0) & (target <= 1))
         if bool(bad.any()):
-            first = float(target[bad].reshape(-1)[0])
-            raise ValueError(f"target: bernoulli targets must lie in [0, 1]; found {first}")
+            raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
     if beta is not None:
         value = float(beta)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"beta must be finite and >= 0, got {value}")
     if step is not None and int(step) < 0:
         raise ValueError(f"step must be >= 0, got {int(step)}")
+
+
+def raise_invalid_target(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    likelihood: str,
+    ignore_index: int,
+    where: Union[int, torch.Tensor],
+) -> NoReturn:
+    """Raises the ValueError for an invalid class id or bernoulli target.
+
+    Args:
+        recon_input: the op's recon_input (categorical: gives V).
+        target: the op's target.
+        likelihood: "categorical" or "bernoulli".
+        ignore_index: the categorical ignore_index.
+        where: the flat index of the first invalid target, or a boolean
+            mask of the invalid ones (the first in flat order is reported).
+    """
+    flat = target.reshape(-1)
+    first = flat[where] if isinstance(where, int) else target[where].reshape(-1)[0]
+    if likelihood == "categorical":
+        raise ValueError(
+            f"target: class ids must lie in [0, {recon_input.shape[-1]}) or equal ignore_index="
+            f"{ignore_index}; found {int(first)}"
+        )
+    raise ValueError(f"target: bernoulli targets must lie in [0, 1]; found {float(first)}")

@@ -143,19 +143,18 @@ def elbo_loss(
         target = target.to(torch.int64)
     else:
         target = target.to(recon_input.dtype)
+    floats, ints = _ops.pack_options(
+        schedule, beta_value, likelihood, reduction, free_bits, free_bits_mode, ignore_index,
+        gaussian_var, validate, need_grad_recon, need_grad_mu, need_grad_logvar,
+    )  # fmt: skip
     args = (
-        target.contiguous(), mu.contiguous(), logvar.contiguous(), beta_tensor, step_tensor,
-        schedule, beta_value, likelihood, reduction, float(free_bits), free_bits_mode,
-        ignore_index, float(gaussian_var), validate,
+        recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
+        beta_tensor, step_tensor, floats, ints,
     )  # fmt: skip
     if inplace and need_grad_recon:
-        outs = _ops.elbo_loss_inplace(
-            recon_input.contiguous(), *args, need_grad_mu, need_grad_logvar
-        )
+        outs = _ops.elbo_loss_inplace(*args)
     else:
-        outs = _ops.elbo_loss_op(
-            recon_input.contiguous(), *args, need_grad_recon, need_grad_mu, need_grad_logvar
-        )
+        outs = _ops.elbo_loss_op(*args)
     dtype = torch.promote_types(recon_input.dtype, mu.dtype)
     loss, recon, kl, kl_per_dim, beta_used = outs[:5]
     return ELBOOutput(

@@ -72,6 +72,14 @@ struct ElboParams {
   void* grad_logvar = nullptr;  // [B, D], latent_dtype
 
   int n_threads = 1;  // CPU only: worker threads (the caller passes torch.get_num_threads())
+
+  // CPU only (the CUDA launcher ignores it): if not null, the launcher checks
+  // the targets (categorical: class ids in [0, V) or ignore_index; bernoulli:
+  // values in [0, 1], NaN is invalid) and writes the flat index of the first
+  // invalid one, or -1, to this int64 [1]. When it is >= 0 the other outputs
+  // are unspecified (but every read and write stays in bounds), except that
+  // recon_input is left untouched when grad_recon aliases it.
+  int64_t* first_invalid_target = nullptr;
 };
 
 // Fills the outputs. Throws std::invalid_argument on inconsistent parameters.
