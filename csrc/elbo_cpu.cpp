@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "klanneal/buffer_pool.h"
 #include "klanneal/cpu_features.h"
 #include "klanneal/elbo.h"
 #include "klanneal/elbo_math.h"
@@ -33,9 +34,6 @@
 
 #if defined(__linux__) || defined(__APPLE__)
 #include <pthread.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 namespace klanneal {
@@ -1067,24 +1065,6 @@ void check_params(const ElboParams &p) {
   KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
                          p.beta_out != nullptr,
                      "elbo: null output pointer");
-}
-
-// A fresh logits-sized gradient buffer is untouched memory. On Linux, ask for
-// transparent huge pages before the first write: one page fault per 2 MiB
-// instead of 512. Only advice: where THP is off, or the pages already exist,
-// nothing changes.
-void advise_huge_pages(void *ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (start + bytes) & ~(kHuge - 1);
-  if (end > begin)
-    madvise(reinterpret_cast<void *>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
 }
 
 size_t dtype_size(DType d) { return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2; }

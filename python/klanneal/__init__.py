@@ -24,6 +24,7 @@ def build_info() -> dict:
 
 
 from klanneal import nn, schedules  # noqa: E402
+from klanneal._ops import empty_cache  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.reference import elbo_loss_ref  # noqa: E402
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_info",
     "elbo_loss",
     "elbo_loss_ref",
+    "empty_cache",
     "nn",
     "schedules",
 ]
