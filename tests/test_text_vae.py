@@ -56,7 +56,7 @@ def test_script_runs_the_three_schedules_and_writes_outputs(tmp_path):
 
 def _train(flags: list[str], name: str) -> text_vae.RunResult:
     args = text_vae.parse_args([*SHORT, *flags])
-    train, evals, vocab_size = text_vae.load_data(args)
+    train, evals, _, vocab_size = text_vae.load_data(args)
     return text_vae.train_one(name, train, evals, vocab_size, args, quiet=True)
 
 
@@ -176,3 +176,85 @@ def test_word_dropout_replaces_only_words():
     assert torch.equal(half.target, batch.target)
     kept = half.dec_input == batch.dec_input
     assert bool(((half.dec_input == text_vae.UNK_ID) | kept).all())
+
+
+FU2019_SLICE = [
+    "--data", str(PTB), "--recipe", "fu2019", "--max-sentences", "96",
+    "--max-eval-sentences", "24", "--batch-size", "8", "--embed-dim", "16",
+    "--hidden-dim", "16", "--latent-dim", "4", "--valid-points", "2",
+    "--eval-batch-size", "32", "--quiet",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_recipe_fu2019_sets_the_papers_recipe_and_runs(tmp_path):
+    args = text_vae.parse_args(["--data", str(PTB), "--recipe", "fu2019"])
+    assert (args.embed_dim, args.hidden_dim, args.latent_dim) == (256, 256, 32)
+    assert (args.dropout, args.enc_dropout, args.init_range) == (0.5, 0.0, 0.1)
+    assert (args.lr, args.clip, args.batch_size, args.drop_longer) == (1e-3, 5.0, 32, 200)
+    assert (args.beta_start, args.warmup_fraction, args.n_cycles, args.ratio) == (
+        0.1, 0.25, 4, 0.5
+    )  # fmt: skip
+    assert (args.epochs, args.train_split, args.eval_split, args.valid_split) == (
+        40.0, "train", "test", "valid"
+    )  # fmt: skip
+    # Each piece is still a flag.
+    assert text_vae.parse_args(["--data", str(PTB), "--recipe", "fu2019", "--dropout", "0.2"]
+                               ).dropout == 0.2  # fmt: skip
+
+    # 1.5 epochs of 96 sentences in batches of 8: 18 steps, 4 cycles over them.
+    summary = text_vae.main([*FU2019_SLICE, "--epochs", "1.5", "--out", str(tmp_path)])
+    assert summary["recipe"] == "fu2019"
+    assert (summary["train_split"], summary["eval_split"]) == ("train", "test")
+    assert summary["git_sha"] is None or len(summary["git_sha"]) >= 40
+    for name, entry in summary["schedules"].items():
+        for key in ("rec", "kl", "nelbo", "ppl", "au", "mi", "epochs", "steps", "seconds", "seed"):
+            assert key in entry, (name, key)
+        assert entry["steps"] == 18 and entry["epochs"] == 1.5
+        assert entry["nelbo"] == pytest.approx(entry["rec"] + entry["kl"])
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    mono, cyc = curves["monotonic"], curves["cyclical"]
+    # Monotonic: beta from 0.1 over the first quarter, constant learning rate.
+    assert mono["beta"][0] == pytest.approx(0.1) and mono["beta"][-1] == 1.0
+    assert set(mono["lr"]) == {1e-3}
+    # Cyclical: 4 cycles of 4.5 steps; the learning rate restarts (jumps up)
+    # exactly where beta restarts (drops).
+    b, lr = cyc["beta"], cyc["lr"]
+    restarts = [i for i in range(1, 18) if b[i] < b[i - 1]]
+    assert restarts == [5, 9, 14]
+    assert [i for i in range(1, 18) if lr[i] > lr[i - 1]] == restarts
+    assert b[0] == pytest.approx(0.1) and lr[0] == 1e-3 and lr[9] == 1e-3
+    assert min(lr) < 2e-4
+    # Validation learning curves: 2 points, the last at the end of training.
+    assert mono["valid"]["step"] == [9, 18]
+    assert all(math.isfinite(v) for v in mono["valid"]["elbo"])
+    assert (tmp_path / "valid_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_a_stopped_run_resumes_to_the_same_numbers(tmp_path):
+    flags = [*FU2019_SLICE, "--epochs", "1", "--schedules", "cyclical"]
+    straight = text_vae.main([*flags, "--out", str(tmp_path / "a")])
+    assert text_vae.main([*flags, "--out", str(tmp_path / "b"), "--stop-after", "5"]) is None
+    assert (tmp_path / "b" / "runs" / "cyclical" / "checkpoint.pt").is_file()
+    resumed = text_vae.main([*flags, "--out", str(tmp_path / "b"), "--resume"])
+    a = json.loads((tmp_path / "a" / "curves.json").read_text())
+    b = json.loads((tmp_path / "b" / "curves.json").read_text())
+    assert a == b
+    assert straight["schedules"]["cyclical"]["nelbo"] == resumed["schedules"]["cyclical"]["nelbo"]
+    # A checkpoint of other flags is not resumed silently.
+    with pytest.raises(ValueError, match="other flags"):
+        text_vae.main([*flags, "--out", str(tmp_path / "b"), "--resume", "--stop-after", "1",
+                       "--lr", "2e-3"])  # fmt: skip
+
+
+def test_progress_bar_shows_rate_and_eta():
+    import io
+
+    stream = io.StringIO()
+    bar = text_vae.ProgressBar("run", 10, stream=stream)
+    for i in range(1, 11):
+        bar.update(i, "x")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and "it/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].split()[2] == "10/10"

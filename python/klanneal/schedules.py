@@ -35,6 +35,7 @@ __all__ = [
     "Capacity",
     "Constant",
     "Cyclical",
+    "CyclicalCosineLR",
     "Monotonic",
     "Schedule",
     "frange_cycle_cosine",
@@ -732,3 +733,13 @@ class BetaScheduler:
 
     def __repr__(self) -> str:
         return f"BetaScheduler({self.schedule!r}, last_step={self.last_step}, beta={self.beta!r})"
+
+
+def __getattr__(name: str) -> Any:
+    # CyclicalCosineLR subclasses torch's LRScheduler: imported on first use,
+    # so that importing the schedules does not import torch.
+    if name == "CyclicalCosineLR":
+        from klanneal._lr import CyclicalCosineLR
+
+        return CyclicalCosineLR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

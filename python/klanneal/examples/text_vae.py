@@ -149,18 +149,24 @@ def _find_split(data_dir: Path, split: str) -> Path:
     )
 
 
-def read_corpus(path: Path, max_sentences: int | None = None, max_len: int | None = None):
+def read_corpus(
+    path: Path,
+    max_sentences: int | None = None,
+    max_len: int | None = None,
+    drop_longer: int | None = None,
+):
     """Whitespace-tokenised sentences of a one-sentence-per-line file.
 
-    Empty lines are skipped; sentences longer than ``max_len`` tokens are
-    truncated. The first ``max_sentences`` sentences are kept (file order, so
-    the slice is deterministic).
+    Empty lines are skipped; sentences longer than ``drop_longer`` tokens are
+    dropped (the paper's recipe drops those over 200), then sentences longer
+    than ``max_len`` tokens are truncated. The first ``max_sentences``
+    sentences are kept (file order, so the slice is deterministic).
     """
     sentences = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             tokens = line.split()
-            if not tokens:
+            if not tokens or (drop_longer is not None and len(tokens) > drop_longer):
                 continue
             sentences.append(tokens[:max_len] if max_len else tokens)
             if max_sentences is not None and len(sentences) >= max_sentences:
@@ -262,12 +268,25 @@ class BatchStream:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self.gen)]
         return batches
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Whole batches in one pass over the data (the remainder is dropped)."""
+        return len(self.sequences) // self.batch_size
+
     def next(self) -> Batch:
         """The next batch."""
         if not self.batches:
             self.batches = self._epoch()
         picked = self.batches.pop()
         return make_batch([self.sequences[i] for i in picked])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state and the rest of the current epoch: resume draws the same batches."""
+        return {"gen": self.gen.get_state(), "batches": [list(b) for b in self.batches]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.batches = [list(b) for b in state["batches"]]
 
 
 # --------------------------------------------------------------------------- model
@@ -288,23 +307,33 @@ class TextVAE(nn.Module):
         hidden_dim: int = 64,
         latent_dim: int = 2,
         dropout: float = 0.0,
+        enc_dropout: float | None = None,
+        init_range: float | None = None,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.hidden_dim = hidden_dim
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        # `dropout` acts on the decoder's input embeddings and before the
+        # output layer; the encoder's embeddings get `enc_dropout` (default:
+        # the same). The paper's recipe drops on the decoder side only.
         self.drop = nn.Dropout(dropout)
+        self.enc_drop = nn.Dropout(dropout if enc_dropout is None else enc_dropout)
         self.encoder = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
         self.to_mu = nn.Linear(hidden_dim, latent_dim)
         self.to_logvar = nn.Linear(hidden_dim, latent_dim)
         self.z_to_state = nn.Linear(latent_dim, 2 * hidden_dim)
         self.decoder = nn.LSTM(embed_dim + latent_dim, hidden_dim, batch_first=True)
         self.out = nn.Linear(hidden_dim, vocab_size)
+        if init_range is not None:
+            # U(-init_range, init_range) for every parameter, as the paper's code does.
+            for param in self.parameters():
+                nn.init.uniform_(param, -init_range, init_range)
 
     def encode(self, enc_input: torch.Tensor, lengths: torch.Tensor):
         """mu, logvar [B, D] of q(z|x) for words [B, L] with ``lengths`` [B]."""
         packed = nn.utils.rnn.pack_padded_sequence(
-            self.drop(self.embed(enc_input)), lengths, batch_first=True, enforce_sorted=False
+            self.enc_drop(self.embed(enc_input)), lengths, batch_first=True, enforce_sorted=False
         )
         _, (h_n, _) = self.encoder(packed)
         last = h_n[-1]
@@ -484,7 +513,9 @@ def evaluate(
         elbo=(recon + kl) / n,
         perplexity=math.exp((recon + kl) / n_tokens),
         active_units=active_units(mu_all),
-        mutual_info=mutual_info(mu_all, logvar_all, mi_samples, gen),
+        mutual_info=(
+            mutual_info(mu_all, logvar_all, mi_samples, gen) if mi_samples > 0 else math.nan
+        ),
         mu=mu_all,
         logvar=logvar_all,
     )
@@ -494,18 +525,24 @@ def evaluate(
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
+    """A one-line progress bar with rate and ETA (redrawn in place on a terminal).
 
-    def __init__(self, label: str, total: int, stream=None) -> None:
+    Off a terminal (a log file, a parallel worker) it writes a new line every
+    ``1 / lines`` of the run.
+    """
+
+    def __init__(self, label: str, total: int, stream=None, start: int = 0, lines: int = 10):
         self.label, self.total = label, total
         self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.perf_counter()
+        self.first = start  # steps already done when this bar started (a resume)
+        self.lines = lines
         self.last_drawn = -1
 
     def update(self, done: int, note: str = "") -> None:
-        """Redraws at most 100 times on a terminal (10 lines otherwise)."""
-        buckets = 100 if self.tty else 10
+        """Redraws at most 100 times on a terminal (``lines`` lines otherwise)."""
+        buckets = 100 if self.tty else self.lines
         bucket = done * buckets // max(1, self.total)
         if bucket == self.last_drawn and done != self.total:
             return
@@ -513,9 +550,11 @@ class ProgressBar:
         width = 24
         filled = done * width // max(1, self.total)
         elapsed = time.perf_counter() - self.start
+        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
         line = (
             f"{self.label:>10} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done}/{self.total} {elapsed:5.1f}s {note}"
+            f"{done}/{self.total} {elapsed:6.0f}s {rate:5.2f} it/s ETA {_duration(eta)} {note}"
         )
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
@@ -524,14 +563,54 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
 @dataclass
 class RunResult:
     """One schedule's training curves and final evaluation."""
 
     name: str
-    curves: dict[str, list[float]]  # step, beta, recon, kl, elbo (training batches)
+    curves: dict[str, list[float]]  # step, beta, lr, recon, kl, elbo (training batches)
     final: Evaluation
     seconds: float
+    # step, recon, kl, elbo, active_units on the validation sequences (empty without them)
+    valid_curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, schedule, args):
+    """The learning-rate scheduler of run ``name`` (None: a constant learning rate).
+
+    ``--lr-schedule cyclical-cosine`` restarts a cosine decay at every beta
+    cycle (``klanneal.schedules.CyclicalCosineLR``, the paper's recipe);
+    ``auto`` does so for the cyclical schedule under ``--recipe fu2019``.
+    """
+    kind = args.lr_schedule
+    if kind == "auto":
+        kind = "cyclical-cosine" if args.recipe == "fu2019" and name == "cyclical" else "constant"
+    if kind == "constant":
+        return None
+    if not isinstance(schedule, klanneal.schedules.Cyclical):
+        raise ValueError(f"--lr-schedule {kind} needs the cyclical schedule's cycles, not {name}")
+    return klanneal.schedules.CyclicalCosineLR(optimizer, schedule, min_factor=args.lr_min_factor)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _eval_points(steps: int, n: int) -> set[int]:
+    """The steps after which the validation curve is measured (the last one included)."""
+    if n <= 0:
+        return set()
+    return {max(1, round(steps * (i + 1) / n)) for i in range(n)}
 
 
 def train_one(
@@ -541,21 +620,90 @@ def train_one(
     vocab_size: int,
     args: argparse.Namespace,
     quiet: bool = False,
-) -> RunResult:
-    """Trains a fresh model (same seed for every schedule) and evaluates it."""
+    valid_seqs: Sequence[Sequence[int]] | None = None,
+    run_dir: Path | None = None,
+    stream=None,
+) -> RunResult | None:
+    """Trains a fresh model (same seed for every schedule) and evaluates it.
+
+    With ``run_dir`` a checkpoint (model, optimizer, schedulers, every random
+    generator and the curves so far) is written there every
+    ``args.checkpoint_every`` seconds and at the end of training, and with
+    ``args.resume`` a run continues from it exactly. ``args.stop_after``
+    stops after that many steps in this call (checkpoint written, returns
+    None). ``valid_seqs``, when given, are evaluated ``args.valid_points``
+    times over training (the validation learning curves).
+    """
     torch.manual_seed(args.seed)
-    model = TextVAE(vocab_size, args.embed_dim, args.hidden_dim, args.latent_dim, args.dropout)
+    model = TextVAE(
+        vocab_size,
+        args.embed_dim,
+        args.hidden_dim,
+        args.latent_dim,
+        args.dropout,
+        enc_dropout=args.enc_dropout,
+        init_range=args.init_range,
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = make_schedule(name, args.steps, args)
-    stream = BatchStream(train_seqs, args.batch_size, args.seed, bucket=args.bucket)
+    lr_scheduler = make_lr_scheduler(name, optimizer, schedule, args)
+    batches = BatchStream(train_seqs, args.batch_size, args.seed, bucket=args.bucket)
     z_gen = torch.Generator().manual_seed(args.seed + 1)
     drop_gen = torch.Generator().manual_seed(args.seed + 3)
-    curves: dict[str, list[float]] = {k: [] for k in ("step", "beta", "recon", "kl", "elbo")}
-    bar = None if quiet else ProgressBar(name, args.steps)
+    keys = ("step", "beta", "lr", "recon", "kl", "elbo")
+    curves: dict[str, list[float]] = {k: [] for k in keys}
+    valid_curves: dict[str, list[float]] = {
+        k: [] for k in ("step", "recon", "kl", "elbo", "active_units")
+    }
+    first_step, seconds_before = 0, 0.0
+    ckpt = run_dir / "checkpoint.pt" if run_dir is not None else None
+    if ckpt is not None and args.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != _run_config(name, args):
+            raise ValueError(
+                f"{ckpt} was written by a run with other flags; "
+                "drop --resume or use another --out"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if lr_scheduler is not None:
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+        batches.load_state_dict(state["batches"])
+        z_gen.set_state(state["z_gen"])
+        drop_gen.set_state(state["drop_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        curves, valid_curves = state["curves"], state["valid_curves"]
+        first_step, seconds_before = state["step"], state["seconds"]
+
+    def checkpoint(step: int, seconds: float) -> None:
+        if ckpt is None:
+            return
+        _save_atomic(
+            {
+                "config": _run_config(name, args),
+                "step": step,
+                "seconds": seconds,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+                "batches": batches.state_dict(),
+                "z_gen": z_gen.get_state(),
+                "drop_gen": drop_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "curves": curves,
+                "valid_curves": valid_curves,
+            },
+            ckpt,
+        )
+
+    points = _eval_points(args.steps, args.valid_points) if valid_seqs else set()
+    bar = None if quiet else ProgressBar(name, args.steps, stream=stream, start=first_step)
     start = time.perf_counter()
+    last_ckpt = start
+    stop = args.steps if args.stop_after is None else min(args.steps, first_step + args.stop_after)
     model.train()
-    for step in range(args.steps):
-        batch = word_dropout(stream.next(), args.word_dropout, drop_gen)
+    for step in range(first_step, stop):
+        batch = word_dropout(batches.next(), args.word_dropout, drop_gen)
         logits, mu, logvar = model(batch, z_gen)
         # The fused op evaluates the schedule at `step` itself: no beta is
         # computed by hand anywhere in this loop.
@@ -573,19 +721,50 @@ def train_one(
         out.loss.backward()
         if args.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
         recon, kl = float(out.recon), float(out.kl)
         for key, value in (
             ("step", step),
             ("beta", float(out.beta)),
+            ("lr", lr),
             ("recon", recon),
             ("kl", kl),
             ("elbo", recon + kl),
         ):
             curves[key].append(value)
+        if step + 1 in points:
+            v = evaluate(
+                model,
+                valid_seqs,
+                batch_size=args.eval_batch_size,
+                z_samples=1,
+                mi_samples=0,
+                seed=args.seed + 4,
+            )
+            for key, value in (
+                ("step", step + 1),
+                ("recon", v.recon),
+                ("kl", v.kl),
+                ("elbo", v.elbo),
+                ("active_units", v.active_units),
+            ):
+                valid_curves[key].append(value)
         if bar is not None:
-            bar.update(step + 1, f"beta {float(out.beta):.2f} rec {recon:7.3f} kl {kl:6.3f}")
-    seconds = time.perf_counter() - start
+            bar.update(
+                step + 1,
+                f"beta {float(out.beta):.2f} lr {lr:.1e} rec {recon:7.3f} kl {kl:6.3f}",
+            )
+        now = time.perf_counter()
+        if ckpt is not None and now - last_ckpt >= args.checkpoint_every:
+            checkpoint(step + 1, seconds_before + now - start)
+            last_ckpt = now
+    seconds = seconds_before + time.perf_counter() - start
+    checkpoint(stop, seconds)
+    if stop < args.steps:
+        return None
     final = evaluate(
         model,
         eval_seqs,
@@ -594,7 +773,61 @@ def train_one(
         mi_samples=args.mi_samples,
         seed=args.seed + 2,
     )
-    return RunResult(name, curves, final, seconds)
+    return RunResult(name, curves, final, seconds, valid_curves)
+
+
+def _run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that decide a run's numbers (a checkpoint only resumes the same run)."""
+    skip = {"out", "resume", "stop_after", "quiet", "jobs", "schedules", "checkpoint_every"}
+    return {"schedule": name, **{k: v for k, v in vars(args).items() if k not in skip}}
+
+
+def run_schedule(
+    name: str,
+    data: tuple,
+    args: argparse.Namespace,
+    out_dir: Path,
+    quiet: bool = False,
+    log_to_file: bool = False,
+) -> RunResult | None:
+    """Trains one schedule under ``out_dir/runs/NAME/`` (checkpoint, result) and returns it.
+
+    A finished run's ``result.pt`` is reused when resuming.
+    """
+    train, evals, valid, vocab_size = data
+    run_dir = out_dir / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path = run_dir / "result.pt"
+    if args.resume and result_path.is_file():
+        saved = torch.load(result_path, weights_only=False)
+        if saved["config"] == _run_config(name, args):
+            return saved["result"]
+    stream = open(run_dir / "progress.log", "a") if log_to_file else None
+    try:
+        result = train_one(
+            name,
+            train,
+            evals,
+            vocab_size,
+            args,
+            quiet=quiet,
+            valid_seqs=valid,
+            run_dir=run_dir,
+            stream=stream,
+        )
+    finally:
+        if stream is not None:
+            stream.close()
+    if result is not None:
+        _save_atomic({"config": _run_config(name, args), "result": result}, result_path)
+    return result
+
+
+def _worker(name: str, args: argparse.Namespace, out_dir: str) -> bool:
+    """One schedule in a worker process (``--jobs``): loads the data, trains, saves."""
+    torch.set_num_threads(args.threads)
+    data = load_data(args)
+    return run_schedule(name, data, args, Path(out_dir), log_to_file=True) is not None
 
 
 # --------------------------------------------------------------------------- reporting
@@ -651,6 +884,35 @@ def plot_curves(
                 ax.set_ylim(0, 1.2 * max(settled))
         if key == "elbo" and optimum is not None:
             ax.axhline(optimum, color="gray", linestyle=":", label=f"log N = {optimum:.3f}")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_valid_curves(results: Sequence[RunResult], path: Path, title: str, split: str) -> None:
+    """-ELBO, reconstruction and KL on the validation split over training, beta and lr."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
+    panels = (
+        ("elbo", f"-ELBO on {split}"),
+        ("recon", f"reconstruction on {split}"),
+        ("kl", f"KL on {split}"),
+        ("beta", "beta (training)"),
+        ("lr", "learning rate (training)"),
+    )
+    for ax, (key, label) in zip(axes, panels):
+        for r in results:
+            if key in ("beta", "lr"):
+                ax.plot(r.curves["step"], r.curves.get(key, []), label=r.name, linewidth=1.0)
+            else:
+                ax.plot(
+                    r.valid_curves["step"], r.valid_curves[key], marker=".", label=r.name
+                )
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -722,6 +984,17 @@ def summarise(results: Sequence[RunResult], args: argparse.Namespace, toy: bool)
             "mutual_info": f.mutual_info,
             "final_beta": r.curves["beta"][-1] if r.curves["beta"] else None,
             "train_seconds": r.seconds,
+            # The names the paper's table uses (issue 13's summary format).
+            "rec": f.recon,
+            "nelbo": f.elbo,
+            "ppl": f.perplexity,
+            "au": f.active_units,
+            "mi": f.mutual_info,
+            "epochs": args.epochs,
+            "steps": args.steps,
+            "seconds": r.seconds,
+            "seed": args.seed,
+            "lr_schedule": _lr_kind(r.name, args),
         }
         if toy:
             schedules[r.name]["paper"] = PAPER_TOY[r.name]
@@ -731,6 +1004,11 @@ def summarise(results: Sequence[RunResult], args: argparse.Namespace, toy: bool)
         ordering = kls["cyclical"] > kls["monotonic"] > kls["constant"]
     return {
         "mode": "toy" if toy else "corpus",
+        "recipe": args.recipe,
+        "train_split": None if toy else args.train_split,
+        "eval_split": None if toy else args.eval_split,
+        "valid_split": None if toy else args.valid_split,
+        "git_sha": git_sha(),
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -738,6 +1016,12 @@ def summarise(results: Sequence[RunResult], args: argparse.Namespace, toy: bool)
         "schedules": schedules,
         "kl_order_cyclical_gt_monotonic_gt_constant": ordering,
     }
+
+
+def _lr_kind(name: str, args: argparse.Namespace) -> str:
+    if args.lr_schedule != "auto":
+        return args.lr_schedule
+    return "cyclical-cosine" if args.recipe == "fu2019" and name == "cyclical" else "constant"
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -784,16 +1068,25 @@ def write_outputs(
     summary = summarise(results, args, toy)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "curves.json").write_text(
-        json.dumps({r.name: r.curves for r in results}, separators=(",", ":")) + "\n"
+        json.dumps(
+            {r.name: {**r.curves, "valid": r.valid_curves} for r in results},
+            separators=(",", ":"),
+        )
+        + "\n"
     )
     what = (
         f"toy data: {args.n_sequences} sequences x {args.seq_len} words"
         if toy
         else f"corpus {args.data} (train split {args.train_split}, eval split {args.eval_split})"
     )
-    title = f"{what}; {args.steps} steps, seed {args.seed}"
+    budget = f"{args.epochs:g} epochs = " if args.epochs is not None else ""
+    recipe = f"recipe {args.recipe}; " if args.recipe != "none" else ""
+    title = f"{what}; {recipe}{budget}{args.steps} steps, seed {args.seed}"
     plot_curves(results, out_dir / "learning_curves.png", title, summary["optimum_elbo"])
     figures = ["learning_curves.png"]
+    if any(r.valid_curves.get("step") for r in results):
+        plot_valid_curves(results, out_dir / "valid_curves.png", title, args.valid_split)
+        figures.append("valid_curves.png")
     if toy:
         plot_latent(results, out_dir / "latent_space.png", 200, args.seed, title)
         figures.append("latent_space.png")
@@ -853,6 +1146,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps per schedule (default: 3000 toy, 2000 corpus)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--recipe",
+        default="none",
+        choices=RECIPES,
+        help="fu2019: the paper's language-model recipe (model, optimiser, schedules and "
+        "learning-rate restarts; every piece can still be overridden by its flag)",
+    )
+    g.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="train for this many passes over the training data (fractional allowed; "
+        "overrides --steps; the cycle structure scales with it)",
+    )
+    g.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many schedules at once in worker processes (each with --threads "
+        "threads; progress in OUT/runs/NAME/progress.log)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints under --out (finished schedules are reused)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=300.0,
+        help="seconds between checkpoints (OUT/runs/NAME/checkpoint.pt)",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop each schedule after this many steps in this call (checkpoint written; "
+        "continue with --resume)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -862,10 +1194,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--train-split", default="train", choices=("train", "valid"))
     g.add_argument("--eval-split", default="test", choices=("valid", "test"))
+    g.add_argument(
+        "--valid-split",
+        default=None,
+        choices=("valid", "none"),
+        help="split for the validation learning curves (default: valid with --recipe "
+        "fu2019 when it is not the training split, else none)",
+    )
+    g.add_argument(
+        "--valid-points",
+        type=int,
+        default=20,
+        help="validation evaluations over training (the learning curves' points)",
+    )
     g.add_argument("--max-sentences", type=int, default=None, help="train on the first N")
     g.add_argument("--max-eval-sentences", type=int, default=None, help="evaluate on the first N")
-    g.add_argument("--max-vocab", type=int, default=10000, help="vocabulary size incl. specials")
+    g.add_argument(
+        "--max-vocab",
+        type=int,
+        default=None,
+        help="vocabulary size incl. specials (0: every word; default 10000, fu2019: 0)",
+    )
     g.add_argument("--max-len", type=int, default=None, help="truncate longer sentences")
+    g.add_argument(
+        "--drop-longer",
+        type=int,
+        default=None,
+        help="drop sentences longer than this many tokens (fu2019: 200)",
+    )
     g.add_argument("--n-sequences", type=int, default=10, help="toy: number of sequences")
     g.add_argument("--seq-len", type=int, default=10, help="toy: words per sequence")
     g.add_argument("--n-words", type=int, default=100, help="toy: vocabulary (without specials)")
@@ -873,14 +1229,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=int, default=None, help="default: 32 toy, 128 corpus")
     g.add_argument("--hidden-dim", type=int, default=None, help="default: 64 toy, 256 corpus")
     g.add_argument("--latent-dim", type=int, default=None, help="default: 2 toy, 32 corpus")
-    g.add_argument("--dropout", type=float, default=None, help="default: 0 toy, 0.3 corpus")
+    g.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout on the decoder's input embeddings and before the output layer "
+        "(default: 0 toy, 0.3 corpus, 0.5 fu2019)",
+    )
+    g.add_argument(
+        "--enc-dropout",
+        type=float,
+        default=None,
+        help="dropout on the encoder's embeddings (default: --dropout; fu2019: 0)",
+    )
+    g.add_argument(
+        "--init-range",
+        type=float,
+        default=None,
+        help="initialise every parameter U(-r, r) (default: torch's; fu2019: 0.1)",
+    )
     g.add_argument(
         "--word-dropout",
         type=float,
         default=0.0,
         help="training only: replace decoder input words by <unk> with this probability",
     )
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=1e-3, help="(peak) learning rate")
+    g.add_argument(
+        "--lr-schedule",
+        default="auto",
+        choices=("auto", "constant", "cyclical-cosine"),
+        help="cyclical-cosine: restart a cosine decay at every beta cycle "
+        "(klanneal.schedules.CyclicalCosineLR); auto: that for the cyclical schedule "
+        "under --recipe fu2019, constant otherwise",
+    )
+    g.add_argument(
+        "--lr-min-factor",
+        type=float,
+        default=0.0,
+        help="cyclical-cosine: learning rate at a cycle's end, as a fraction of the peak",
+    )
     g.add_argument("--batch-size", type=int, default=None, help="default: 10 toy, 32 corpus")
     g.add_argument(
         "--bucket",
@@ -891,7 +1279,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip (0: off)")
     g = p.add_argument_group("schedules (klanneal.schedules)")
     g.add_argument("--beta", type=float, default=1.0, help="constant schedule's beta")
-    g.add_argument("--beta-start", type=float, default=0.0, help="value at a ramp's start")
+    g.add_argument(
+        "--beta-start",
+        type=float,
+        default=None,
+        help="value at a ramp's start (default 0; fu2019: 0.1)",
+    )
     g.add_argument("--beta-stop", type=float, default=1.0, help="value at a ramp's end")
     g.add_argument(
         "--warmup-fraction",
@@ -942,6 +1335,8 @@ TOY_DEFAULTS = {
     "bucket": 0,
     "eval_samples": 50,
     "mi_samples": 200,
+    "beta_start": 0.0,
+    "max_vocab": 10000,
 }
 CORPUS_DEFAULTS = {
     "steps": 2000,
@@ -953,6 +1348,25 @@ CORPUS_DEFAULTS = {
     "bucket": 20,
     "eval_samples": 1,
     "mi_samples": 1,
+    "beta_start": 0.0,
+    "max_vocab": 10000,
+}
+RECIPES = ("none", "fu2019")
+# Fu et al. (2019)'s language-model recipe, read from their released code.
+# Flags given explicitly win over these; the corpus defaults fill the rest.
+FU2019 = {
+    "embed_dim": 256,
+    "hidden_dim": 256,
+    "latent_dim": 32,
+    "dropout": 0.5,
+    "enc_dropout": 0.0,
+    "init_range": 0.1,
+    "batch_size": 32,
+    "bucket": 10**9,  # the whole epoch sorted by length, then its batches shuffled
+    "drop_longer": 200,
+    "max_vocab": 0,  # PTB's 10k words are already the vocabulary
+    "beta_start": 0.1,
+    "epochs": 40.0,
 }
 
 
@@ -964,10 +1378,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.recipe == "fu2019":
+        if args.data is None:
+            parser.error("--recipe fu2019 trains on a corpus: pass --data DIR")
+        for key, value in FU2019.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     defaults = TOY_DEFAULTS if args.data is None else CORPUS_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.max_vocab == 0:
+        args.max_vocab = None
+    if args.valid_split is None:
+        use_valid = args.recipe == "fu2019" and args.train_split != "valid"
+        args.valid_split = "valid" if use_valid else "none"
+    if args.valid_split != "none" and args.data is None:
+        parser.error("--valid-split needs --data (the toy data has no validation split)")
+    if args.epochs is not None:
+        if not (math.isfinite(args.epochs) and args.epochs > 0):
+            parser.error(f"--epochs must be > 0, got {args.epochs}")
+        if args.data is None:
+            parser.error("--epochs needs --data (the toy run counts --steps)")
     positive = (
         "steps",
         "embed_dim",
@@ -982,7 +1414,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "n_sequences",
         "seq_len",
         "n_words",
-        "max_vocab",
+        "jobs",
     )
     for key in positive:
         if getattr(args, key) < 1:
@@ -991,7 +1423,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--bucket must be >= 0, got {args.bucket}")
     if not args.clip >= 0:
         parser.error(f"--clip must be >= 0 (0: off), got {args.clip}")
-    for key in ("max_sentences", "max_eval_sentences", "max_len"):
+    if args.max_vocab is not None and args.max_vocab <= len(SPECIALS):
+        parser.error(
+            f"--max-vocab must be > {len(SPECIALS)} (the specials) or 0, got {args.max_vocab}"
+        )
+    if args.valid_points < 0:
+        parser.error(f"--valid-points must be >= 0, got {args.valid_points}")
+    if not args.checkpoint_every > 0:
+        parser.error(f"--checkpoint-every must be > 0 seconds, got {args.checkpoint_every}")
+    if args.enc_dropout is not None and not 0.0 <= args.enc_dropout < 1.0:
+        parser.error(f"--enc-dropout must be in [0, 1), got {args.enc_dropout}")
+    if args.init_range is not None and not args.init_range > 0:
+        parser.error(f"--init-range must be > 0, got {args.init_range}")
+    if not 0.0 <= args.lr_min_factor <= 1.0:
+        parser.error(f"--lr-min-factor must be in [0, 1], got {args.lr_min_factor}")
+    if args.lr_schedule == "cyclical-cosine" and args.schedules != ["cyclical"]:
+        parser.error("--lr-schedule cyclical-cosine follows the cyclical schedule's cycles: "
+                     "use it with --schedules cyclical (auto restarts only the cyclical run)")
+    for key in ("max_sentences", "max_eval_sentences", "max_len", "stop_after", "drop_longer"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.n_sequences < 2 and args.data is None:
@@ -1004,8 +1453,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if not 0.0 < args.warmup_fraction <= 1.0:
         parser.error(f"--warmup-fraction must be in (0, 1], got {args.warmup_fraction}")
+    if args.epochs is not None:
+        # The exact count needs the data (steps per epoch); a placeholder
+        # validates the schedule flags now, load_data sets the real one.
+        args.steps = None
     # klanneal.schedules validates the rest (ratio, zero-ratio, shape, ...).
-    for name in args.schedules:
+    for name in args.schedules if args.steps is not None else ():
         try:
             make_schedule(name, args.steps, args)
         except ValueError as err:
@@ -1014,44 +1467,113 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_data(args: argparse.Namespace):
-    """(train id sequences, eval id sequences, vocabulary size) for the chosen mode."""
+    """(train, eval, valid id sequences, vocabulary size) for the chosen mode.
+
+    ``valid`` is None without a validation split. With ``--epochs`` this also
+    sets ``args.steps`` (whole batches per epoch times the epochs, rounded).
+    """
     if args.data is None:
         seqs = make_toy_sequences(args.n_sequences, args.seq_len, args.n_words, args.seed)
         rows = [row.tolist() for row in seqs]
         # The toy data set is the whole distribution: train and evaluate on it.
-        return rows, rows, len(toy_vocab(args.n_words))
+        return rows, rows, None, len(toy_vocab(args.n_words))
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir}: not a directory")
-    train = read_corpus(_find_split(data_dir, args.train_split), args.max_sentences, args.max_len)
-    evals = read_corpus(
-        _find_split(data_dir, args.eval_split), args.max_eval_sentences, args.max_len
-    )
+
+    def read(split: str, limit: int | None):
+        return read_corpus(_find_split(data_dir, split), limit, args.max_len, args.drop_longer)
+
+    train = read(args.train_split, args.max_sentences)
+    evals = read(args.eval_split, args.max_eval_sentences)
+    valid = None if args.valid_split == "none" else read(args.valid_split, args.max_eval_sentences)
     vocab = Vocab.build(train, args.max_vocab)
-    return [vocab.encode(s) for s in train], [vocab.encode(s) for s in evals], len(vocab)
+    if args.epochs is not None:
+        per_epoch = len(train) // min(args.batch_size, len(train))
+        args.steps = max(1, round(args.epochs * per_epoch))
+        for name in args.schedules:
+            make_schedule(name, args.steps, args)  # raises ValueError on a bad flag
+    encode = vocab.encode
+    return (
+        [encode(s) for s in train],
+        [encode(s) for s in evals],
+        None if valid is None else [encode(s) for s in valid],
+        len(vocab),
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the comparison and writes the outputs; returns the summary dict."""
+def git_sha() -> str | None:
+    """The checkout's commit (with ``-dirty`` for uncommitted changes), or None."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Runs the comparison and writes the outputs; returns the summary dict.
+
+    Returns None when ``--stop-after`` stopped the runs early (resume them
+    with ``--resume``).
+    """
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     toy = args.data is None
-    train, evals, vocab_size = load_data(args)
+    data = load_data(args)
+    train, evals, valid, vocab_size = data
     print(
-        f"klanneal {klanneal.__version__} text-VAE demo: "
+        f"klanneal {klanneal.__version__} text-VAE demo"
+        + (f" (recipe {args.recipe})" if args.recipe != "none" else "")
+        + ": "
         + (
             f"toy data, {len(train)} sequences x {args.seq_len} words"
             if toy
-            else f"{args.data}: {len(train)} train / {len(evals)} eval sentences, "
-            f"vocabulary {vocab_size}"
+            else f"{args.data}: {len(train)} train / {len(evals)} eval"
+            + (f" / {len(valid)} valid" if valid else "")
+            + f" sentences, vocabulary {vocab_size}"
         )
-        + f"; {args.steps} steps per schedule, seed {args.seed}, {args.threads} thread(s)",
+        + f"; {args.steps} steps per schedule"
+        + (f" ({args.epochs:g} epochs)" if args.epochs is not None else "")
+        + f", seed {args.seed}, {args.threads} thread(s)",
         flush=True,
     )
-    results = [
-        train_one(name, train, evals, vocab_size, args, quiet=args.quiet) for name in args.schedules
-    ]
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.jobs > 1 and len(args.schedules) > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        jobs = min(args.jobs, len(args.schedules))
+        print(f"training {len(args.schedules)} schedules in {jobs} processes; "
+              f"progress: {out_dir}/runs/*/progress.log", flush=True)
+        with ctx.Pool(jobs) as pool:
+            done = pool.starmap(_worker, [(n, args, str(out_dir)) for n in args.schedules])
+        if not all(done):
+            print(f"stopped early (--stop-after); continue with --resume --out {out_dir}")
+            return None
+        results = [
+            run_schedule(name, data, args, out_dir, quiet=True) for name in args.schedules
+        ]
+    else:
+        results = [
+            run_schedule(name, data, args, out_dir, quiet=args.quiet) for name in args.schedules
+        ]
+        if any(r is None for r in results):
+            print(f"stopped early (--stop-after); continue with --resume --out {out_dir}")
+            return None
     summary = write_outputs(results, args, toy, out_dir)
     print()
     print(format_table(summary))

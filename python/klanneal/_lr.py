@@ -1,0 +1,125 @@
+"""A learning-rate scheduler whose restarts follow a cyclical beta schedule.
+
+Exposed as ``klanneal.schedules.CyclicalCosineLR`` (imported lazily there, so
+``klanneal.schedules`` itself does not import torch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from klanneal.schedules import Cyclical, Schedule
+
+__all__ = ["CyclicalCosineLR"]
+
+
+class CyclicalCosineLR(LRScheduler):
+    """Cosine learning-rate restarts aligned with the cycles of a beta schedule.
+
+    The recipe of Fu et al. (NAACL 2019)'s language-model experiments: the
+    learning rate restarts at the start of every beta cycle and decays over
+    the cycle as ``lr = base_lr * (min_factor + (1 - min_factor) * 0.5 *
+    (1 + cos(pi * tau)))``, with ``tau`` in [0, 1) the position inside the
+    cycle, computed exactly as the schedule computes it (so the learning rate
+    is at its peak on exactly the steps where beta restarts). From
+    ``schedule.total_steps`` on, the schedule holds beta at ``stop`` and the
+    learning rate holds ``base_lr * min_factor``.
+
+    Step it once per optimizer step, after ``optimizer.step()``, like the
+    rest of torch's schedulers (and :class:`klanneal.schedules.BetaScheduler`)::
+
+        schedule = Cyclical(total_steps=steps, n_cycles=4, ratio=0.5, start=0.1)
+        lr_scheduler = CyclicalCosineLR(optimizer, schedule)
+        for step in range(steps):
+            ...
+            optimizer.step()
+            lr_scheduler.step()
+
+    ``state_dict()`` / ``load_state_dict()`` resume the sequence exactly.
+
+    Args:
+        optimizer: The wrapped optimizer; its ``lr`` of each group is the peak.
+        schedule: A :class:`klanneal.schedules.Cyclical` (the schedule whose
+            cycles the restarts follow).
+        min_factor: Learning rate at the end of each cycle, as a fraction of
+            the peak, in [0, 1].
+        last_epoch: The step already taken (-1 for a fresh start).
+
+    Raises:
+        TypeError: ``schedule`` is not a Schedule, or a schedule without
+            cycles (Constant, Monotonic, Capacity).
+        ValueError: ``min_factor`` outside [0, 1].
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        min_factor: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a klanneal Schedule, got {type(schedule).__name__}"
+            )
+        if not isinstance(schedule, Cyclical):
+            raise TypeError(
+                f"schedule must have cycles (a klanneal.schedules.Cyclical); "
+                f"{type(schedule).__name__} has none, so there is nothing to restart at"
+            )
+        if isinstance(min_factor, bool) or not isinstance(min_factor, (int, float)):
+            raise TypeError(f"min_factor must be a float, got {type(min_factor).__name__}")
+        min_factor = float(min_factor)
+        if not 0.0 <= min_factor <= 1.0:
+            raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
+        self.schedule = schedule
+        self.min_factor = min_factor
+        super().__init__(optimizer, last_epoch)
+
+    def position(self, step: int) -> float:
+        """tau in [0, 1): where ``step`` lies in its cycle (1.0 from ``total_steps`` on)."""
+        total, n_cycles = int(self.schedule.total_steps), int(self.schedule.n_cycles)
+        step = max(0, int(step))
+        if step >= total:
+            return 1.0
+        # Integer arithmetic: the same cycle boundaries as the C++ schedule's.
+        scaled = step * n_cycles
+        cycle = scaled // total
+        return (scaled - cycle * total) / total
+
+    def factor(self, step: int) -> float:
+        """The learning rate at ``step`` as a fraction of the peak."""
+        tau = self.position(step)
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * tau))
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's scheduler state plus the schedule's parameters."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "schedule")}
+        state["schedule"] = self.schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next :meth:`step` continues exactly.
+
+        Raises:
+            ValueError: the saved schedule differs from this scheduler's.
+        """
+        state = dict(state_dict)
+        saved = state.pop("schedule", None)
+        if saved is not None and saved != self.schedule.state_dict():
+            raise ValueError(
+                f"state_dict was saved with schedule {saved!r}, "
+                f"this scheduler follows {self.schedule.state_dict()!r}"
+            )
+        self.__dict__.update(state)
