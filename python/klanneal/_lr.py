@@ -63,9 +63,7 @@ class CyclicalCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if not isinstance(schedule, Schedule):
-            raise TypeError(
-                f"schedule must be a klanneal Schedule, got {type(schedule).__name__}"
-            )
+            raise TypeError(f"schedule must be a klanneal Schedule, got {type(schedule).__name__}")
         if not isinstance(schedule, Cyclical):
             raise TypeError(
                 f"schedule must have cycles (a klanneal.schedules.Cyclical); "

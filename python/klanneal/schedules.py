@@ -35,7 +35,7 @@ __all__ = [
     "Capacity",
     "Constant",
     "Cyclical",
-    "CyclicalCosineLR",
+    "CyclicalCosineLR",  # noqa: F822 - defined lazily by __getattr__
     "Monotonic",
     "Schedule",
     "frange_cycle_cosine",

@@ -661,8 +661,7 @@ def train_one(
         state = torch.load(ckpt, weights_only=False)
         if state["config"] != _run_config(name, args):
             raise ValueError(
-                f"{ckpt} was written by a run with other flags; "
-                "drop --resume or use another --out"
+                f"{ckpt} was written by a run with other flags; drop --resume or use another --out"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -910,9 +909,7 @@ def plot_valid_curves(results: Sequence[RunResult], path: Path, title: str, spli
             if key in ("beta", "lr"):
                 ax.plot(r.curves["step"], r.curves.get(key, []), label=r.name, linewidth=1.0)
             else:
-                ax.plot(
-                    r.valid_curves["step"], r.valid_curves[key], marker=".", label=r.name
-                )
+                ax.plot(r.valid_curves["step"], r.valid_curves[key], marker=".", label=r.name)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -1438,8 +1435,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.lr_min_factor <= 1.0:
         parser.error(f"--lr-min-factor must be in [0, 1], got {args.lr_min_factor}")
     if args.lr_schedule == "cyclical-cosine" and args.schedules != ["cyclical"]:
-        parser.error("--lr-schedule cyclical-cosine follows the cyclical schedule's cycles: "
-                     "use it with --schedules cyclical (auto restarts only the cyclical run)")
+        parser.error(
+            "--lr-schedule cyclical-cosine follows the cyclical schedule's cycles: "
+            "use it with --schedules cyclical (auto restarts only the cyclical run)"
+        )
     for key in ("max_sentences", "max_eval_sentences", "max_len", "stop_after", "drop_longer"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
@@ -1557,16 +1556,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
         ctx = multiprocessing.get_context("spawn")
         jobs = min(args.jobs, len(args.schedules))
-        print(f"training {len(args.schedules)} schedules in {jobs} processes; "
-              f"progress: {out_dir}/runs/*/progress.log", flush=True)
+        print(
+            f"training {len(args.schedules)} schedules in {jobs} processes; "
+            f"progress: {out_dir}/runs/*/progress.log",
+            flush=True,
+        )
         with ctx.Pool(jobs) as pool:
             done = pool.starmap(_worker, [(n, args, str(out_dir)) for n in args.schedules])
         if not all(done):
             print(f"stopped early (--stop-after); continue with --resume --out {out_dir}")
             return None
-        results = [
-            run_schedule(name, data, args, out_dir, quiet=True) for name in args.schedules
-        ]
+        results = [run_schedule(name, data, args, out_dir, quiet=True) for name in args.schedules]
     else:
         results = [
             run_schedule(name, data, args, out_dir, quiet=args.quiet) for name in args.schedules
