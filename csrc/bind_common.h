@@ -19,6 +19,12 @@ inline ScheduleParams schedule_params_from_list(const std::vector<double>& v) {
   KLANNEAL_CHECK_ARG(v.size() == 8, "schedule: expected 8 floats (kind, shape, start, stop, "
                                     "total_steps, n_cycles, ratio, zero_ratio), got " +
                                         std::to_string(v.size()));
+  // kind and shape become enums: range-check them before the cast (a
+  // double outside int32's range would make the cast undefined).
+  KLANNEAL_CHECK_ARG(v[0] >= 0.0 && v[0] <= 3.0 && v[1] >= 0.0 && v[1] <= 2.0 &&
+                         v[0] == static_cast<double>(static_cast<int32_t>(v[0])) &&
+                         v[1] == static_cast<double>(static_cast<int32_t>(v[1])),
+                     "schedule: kind must be a whole number in 0..3 and shape in 0..2");
   ScheduleParams s;
   s.kind = static_cast<ScheduleKind>(static_cast<int32_t>(v[0]));
   s.shape = static_cast<RampShape>(static_cast<int32_t>(v[1]));

@@ -15,6 +15,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__linux__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace klanneal {
 namespace {
@@ -35,10 +38,26 @@ struct Pool {
   Pool() { cached.reserve(kPoolMaxBuffers + 1); }
 };
 
+Pool *g_pool = nullptr;
+
 // Never destroyed: tensors (and so pool_release) may outlive static
 // destruction at interpreter exit.
+//
+// Fork safety: buffers are released without the GIL (by autograd, by
+// empty_cache), so another thread may hold the mutex at the moment a thread
+// calls fork(); the child, which has only the forking thread, would then
+// wait for it forever. The atfork handlers take the mutex around fork() and
+// release it in both processes, so the child starts with it free and with a
+// consistent pool (the buffers it inherited are valid copies).
 Pool &pool() {
-  static Pool *p = new Pool();
+  static Pool *p = [] {
+    g_pool = new Pool();
+#if defined(__linux__) || defined(__APPLE__)
+    pthread_atfork([] { g_pool->mutex.lock(); }, [] { g_pool->mutex.unlock(); },
+                   [] { g_pool->mutex.unlock(); });
+#endif
+    return g_pool;
+  }();
   return *p;
 }
 
@@ -139,7 +158,9 @@ size_t pool_cached_bytes() {
 
 void pool_empty_cache() {
   Pool &p = pool();
+  // Swapped in with the room that pool_release relies on to never allocate.
   std::vector<std::pair<void *, size_t>> to_free;
+  to_free.reserve(kPoolMaxBuffers + 1);
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     to_free.swap(p.cached);

@@ -21,6 +21,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -135,6 +136,23 @@ template <> struct Elem<BFloat16> {
   static BFloat16 store(T v) { return {float_to_bfloat16(v)}; }
 };
 
+// Storage type of the gradients (grad_recon, grad_mu, grad_logvar) of inputs
+// stored as S: S itself for fp32/fp64, fp32 for fp16/bf16. A half-precision
+// gradient stored before backward applies the upstream gradient would lose
+// what a loss scaler exists to keep: values below fp16's 6e-8 flush to 0
+// before they are multiplied by 2^16, and values above 65504 overflow to
+// inf although the scaled value fits (see docs/elbo.md, mixed precision).
+template <typename S> struct GradOf {
+  using type = S;
+};
+template <> struct GradOf<Half> {
+  using type = float;
+};
+template <> struct GradOf<BFloat16> {
+  using type = float;
+};
+template <typename S> using Grad = typename GradOf<S>::type;
+
 // ---- categorical rows -------------------------------------------------------
 // Each takes one row x[0, V) with a target 0 <= t < V, returns the row's loss
 // logsumexp(x) - x[t] and, if grad is not null, writes
@@ -146,24 +164,24 @@ double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale
   LseState<T> st = lse_init<T>();
   for (int64_t i = 0; i < V; ++i)
     st = lse_push(st, x[i]);
-  const T lse = lse_value(st);
+  const T m = st.m, ls = lse_log_sum(st);
   const T x_target = x[t];
   if (grad != nullptr) {
     for (int64_t i = 0; i < V; ++i)
-      grad[i] = categorical_grad(x[i], lse, false, scale);
-    grad[t] = categorical_grad(x_target, lse, true, scale);
+      grad[i] = categorical_grad(x[i], m, ls, false, scale);
+    grad[t] = categorical_grad(x_target, m, ls, true, scale);
   }
-  return static_cast<double>(categorical_nll(lse, x_target));
+  return static_cast<double>(categorical_nll(m, ls, x_target));
 }
 
 #if defined(KLANNEAL_X86_SIMD)
 
 // Per-lane (max, sum) states merged in lane order with the scalar lse_merge.
-template <int kLanes, typename T> T merge_lanes(const T *m, const T *s) {
+template <int kLanes, typename T> LseState<T> merge_lanes(const T *m, const T *s) {
   LseState<T> st{m[0], s[0]};
   for (int l = 1; l < kLanes; ++l)
     st = lse_merge(st, LseState<T>{m[l], s[l]});
-  return lse_value(st);
+  return st;
 }
 
 // A group of elements with max m_new is added by rescaling the running sum
@@ -224,20 +242,21 @@ double categorical_row_avx2(const float *x, int64_t V, int64_t t, float *grad, f
   alignas(32) float m[8], s[8];
   _mm256_store_ps(m, vm);
   _mm256_store_ps(s, vs);
-  const float lse = merge_lanes<8>(m, s);
+  const LseState<float> st = merge_lanes<8>(m, s);
+  const float row_max = st.m, ls = lse_log_sum(st);
   const float x_target = x[t];
   if (grad != nullptr) {
-    const __m256 vlse = _mm256_set1_ps(lse);
+    const __m256 vmax = _mm256_set1_ps(row_max), vls = _mm256_set1_ps(ls);
     const __m256 vscale = _mm256_set1_ps(scale);
     for (i = 0; i < V; i += 8) {
       const __m256i mask = tail_mask(lane, V - i);
       const __m256 a = _mm256_maskload_ps(x + i, mask);
       _mm256_maskstore_ps(grad + i, mask,
-                          _mm256_mul_ps(simd::exp_avx2(_mm256_sub_ps(a, vlse)), vscale));
+                          _mm256_mul_ps(simd::exp_avx2(_mm256_sub_ps(_mm256_sub_ps(a, vmax), vls)), vscale));
     }
-    grad[t] = categorical_grad(x_target, lse, true, scale);
+    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
   }
-  return static_cast<double>(categorical_nll(lse, x_target));
+  return static_cast<double>(categorical_nll(row_max, ls, x_target));
 }
 
 KLANNEAL_TARGET_AVX512
@@ -273,24 +292,25 @@ double categorical_row_avx512(const float *x, int64_t V, int64_t t, float *grad,
   alignas(64) float m[16], s[16];
   _mm512_store_ps(m, vm);
   _mm512_store_ps(s, vs);
-  const float lse = merge_lanes<16>(m, s);
+  const LseState<float> st = merge_lanes<16>(m, s);
+  const float row_max = st.m, ls = lse_log_sum(st);
   const float x_target = x[t];
   if (grad != nullptr) {
-    const __m512 vlse = _mm512_set1_ps(lse);
+    const __m512 vmax = _mm512_set1_ps(row_max), vls = _mm512_set1_ps(ls);
     const __m512 vscale = _mm512_set1_ps(scale);
     for (i = 0; i + 16 <= V; i += 16) {
       const __m512 a = _mm512_loadu_ps(x + i);
-      _mm512_storeu_ps(grad + i, _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(a, vlse)), vscale));
+      _mm512_storeu_ps(grad + i, _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(_mm512_sub_ps(a, vmax), vls)), vscale));
     }
     if (i < V) {
       const __mmask16 mask = tail_mask16(V - i);
       const __m512 a = _mm512_maskz_loadu_ps(mask, x + i);
       _mm512_mask_storeu_ps(grad + i, mask,
-                            _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(a, vlse)), vscale));
+                            _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(_mm512_sub_ps(a, vmax), vls)), vscale));
     }
-    grad[t] = categorical_grad(x_target, lse, true, scale);
+    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
   }
-  return static_cast<double>(categorical_nll(lse, x_target));
+  return static_cast<double>(categorical_nll(row_max, ls, x_target));
 }
 
 // fp64 rows: the fp32 kernels above with 4 (AVX2) or 8 (AVX-512) lanes.
@@ -348,20 +368,21 @@ double categorical_row_avx2_f64(const double *x, int64_t V, int64_t t, double *g
   alignas(32) double m[4], s[4];
   _mm256_store_pd(m, vm);
   _mm256_store_pd(s, vs);
-  const double lse = merge_lanes<4>(m, s);
+  const LseState<double> st = merge_lanes<4>(m, s);
+  const double row_max = st.m, ls = lse_log_sum(st);
   const double x_target = x[t];
   if (grad != nullptr) {
-    const __m256d vlse = _mm256_set1_pd(lse);
+    const __m256d vmax = _mm256_set1_pd(row_max), vls = _mm256_set1_pd(ls);
     const __m256d vscale = _mm256_set1_pd(scale);
     for (i = 0; i < V; i += 4) {
       const __m256i mask = tail_mask64(lane, V - i);
       const __m256d a = _mm256_maskload_pd(x + i, mask);
       _mm256_maskstore_pd(grad + i, mask,
-                          _mm256_mul_pd(simd::exp_avx2(_mm256_sub_pd(a, vlse)), vscale));
+                          _mm256_mul_pd(simd::exp_avx2(_mm256_sub_pd(_mm256_sub_pd(a, vmax), vls)), vscale));
     }
-    grad[t] = categorical_grad(x_target, lse, true, scale);
+    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
   }
-  return categorical_nll(lse, x_target);
+  return categorical_nll(row_max, ls, x_target);
 }
 
 KLANNEAL_TARGET_AVX512
@@ -397,20 +418,21 @@ double categorical_row_avx512_f64(const double *x, int64_t V, int64_t t, double 
   alignas(64) double m[8], s[8];
   _mm512_store_pd(m, vm);
   _mm512_store_pd(s, vs);
-  const double lse = merge_lanes<8>(m, s);
+  const LseState<double> st = merge_lanes<8>(m, s);
+  const double row_max = st.m, ls = lse_log_sum(st);
   const double x_target = x[t];
   if (grad != nullptr) {
-    const __m512d vlse = _mm512_set1_pd(lse);
+    const __m512d vmax = _mm512_set1_pd(row_max), vls = _mm512_set1_pd(ls);
     const __m512d vscale = _mm512_set1_pd(scale);
     for (i = 0; i < V; i += 8) {
       const __mmask8 mask = tail_mask8(V - i);
       const __m512d a = _mm512_maskz_loadu_pd(mask, x + i);
       _mm512_mask_storeu_pd(grad + i, mask,
-                            _mm512_mul_pd(simd::exp_avx512(_mm512_sub_pd(a, vlse)), vscale));
+                            _mm512_mul_pd(simd::exp_avx512(_mm512_sub_pd(_mm512_sub_pd(a, vmax), vls)), vscale));
     }
-    grad[t] = categorical_grad(x_target, lse, true, scale);
+    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
   }
-  return categorical_nll(lse, x_target);
+  return categorical_nll(row_max, ls, x_target);
 }
 
 // ---- bernoulli / gaussian / mse on fp32, vectorised -------------------------
@@ -437,8 +459,15 @@ KLANNEAL_TARGET_AVX2 inline __m256 pointwise_avx2(__m256 x, __m256 y, __m256 *gr
     const __m256 sig =
         _mm256_blendv_ps(r, _mm256_mul_ps(e, r), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
     *grad = _mm256_mul_ps(_mm256_sub_ps(sig, y), _mm256_set1_ps(c.scale));
-    const __m256 relu = _mm256_max_ps(x, _mm256_setzero_ps());
-    return _mm256_add_ps(_mm256_fnmadd_ps(x, y, relu), simd::log1p_unit_avx2(e));
+    // bernoulli_linear_part: x * (1 - y) for x > 0, -(x * y) otherwise, 0
+    // where the target factor is exactly 0 (the limits at infinite logits).
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 w = _mm256_sub_ps(one, y);
+    const __m256 pos = _mm256_andnot_ps(_mm256_cmp_ps(w, zero, _CMP_EQ_OQ), _mm256_mul_ps(x, w));
+    const __m256 neg = _mm256_andnot_ps(_mm256_cmp_ps(y, zero, _CMP_EQ_OQ),
+                                        _mm256_sub_ps(zero, _mm256_mul_ps(x, y)));
+    const __m256 linear = _mm256_blendv_ps(neg, pos, _mm256_cmp_ps(x, zero, _CMP_GT_OQ));
+    return _mm256_add_ps(linear, simd::log1p_unit_avx2(e));
   } else if constexpr (kKind == static_cast<int>(Likelihood::kGaussian)) {
     const __m256 d = _mm256_sub_ps(x, y);
     const __m256 inv_var = _mm256_set1_ps(c.inv_var);
@@ -463,8 +492,15 @@ KLANNEAL_TARGET_AVX512 inline __m512 pointwise_avx512(__m512 x, __m512 y, __m512
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 sig = _mm512_mask_mul_ps(r, negative, e, r);
     *grad = _mm512_mul_ps(_mm512_sub_ps(sig, y), _mm512_set1_ps(c.scale));
-    const __m512 relu = _mm512_max_ps(x, _mm512_setzero_ps());
-    return _mm512_add_ps(_mm512_fnmadd_ps(x, y, relu), simd::log1p_unit_avx512(e));
+    // bernoulli_linear_part, as in the AVX2 kernel.
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 w = _mm512_sub_ps(one, y);
+    const __m512 pos = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero, _CMP_NEQ_UQ), x, w);
+    const __m512 neg = _mm512_maskz_sub_ps(_mm512_cmp_ps_mask(y, zero, _CMP_NEQ_UQ), zero,
+                                           _mm512_mul_ps(x, y));
+    const __m512 linear =
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), neg, pos);
+    return _mm512_add_ps(linear, simd::log1p_unit_avx512(e));
   } else if constexpr (kKind == static_cast<int>(Likelihood::kGaussian)) {
     const __m512 d = _mm512_sub_ps(x, y);
     const __m512 inv_var = _mm512_set1_ps(c.inv_var);
@@ -719,7 +755,16 @@ WorkerPool &worker_pool() {
   return *pool;
 }
 
+// More threads than the machine has cores only add switching: the pool is
+// capped there, whatever torch.get_num_threads() says (set_num_threads(256)
+// on 2 cores would otherwise leave hundreds of idle workers behind).
+int max_threads() {
+  static const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return n;
+}
+
 template <typename F> void parallel_for(int64_t n_units, int n_threads, const F &fn) {
+  n_threads = std::min(n_threads, max_threads());
   n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_units)));
   if (n_threads == 1) {
     fn(0, n_units);
@@ -798,19 +843,20 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
   using T = typename Elem<S>::T;
   const auto *x = static_cast<const S *>(p.recon_input);
   const auto *target = static_cast<const int64_t *>(p.target);
-  auto *grad = static_cast<S *>(p.grad_recon);
+  using G = Grad<S>;
+  auto *grad = static_cast<G *>(p.grad_recon);
   const int64_t V = p.row_len;
   const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
   const CategoricalRow<float> row_f32 = categorical_row<float>(level);
   const CategoricalRow<double> row_f64 = categorical_row<double>(level);
-  const S zero = Elem<S>::store(T(0));
-  const S nan = Elem<S>::store(std::numeric_limits<T>::quiet_NaN());
+  const G zero = G(0);
+  const G nan = std::numeric_limits<G>::quiet_NaN();
 
   parallel_for(p.n_rows, n_threads, [&](int64_t begin, int64_t end) {
     std::vector<float> widened; // fp16/bf16 row in fp32
     for (int64_t r = begin; r < end; ++r) {
       const S *xr = x + r * V;
-      S *gr = grad != nullptr ? grad + r * V : nullptr;
+      G *gr = grad != nullptr ? grad + r * V : nullptr;
       const int64_t t = target[r];
       if (t == p.ignore_index || t < 0 || t >= V) {
         const bool ignored = t == p.ignore_index;
@@ -827,11 +873,7 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
         widened.resize(V);
         for (int64_t i = 0; i < V; ++i)
           widened[i] = Elem<S>::load(xr[i]);
-        float *wg = gr != nullptr ? widened.data() : nullptr; // gradient in place, then narrowed
-        unit_loss[r] = row_f32(widened.data(), V, t, wg, scale);
-        if (gr != nullptr)
-          for (int64_t i = 0; i < V; ++i)
-            gr[i] = Elem<S>::store(widened[i]);
+        unit_loss[r] = row_f32(widened.data(), V, t, gr, scale); // fp32 gradient (GradOf)
       }
     }
   });
@@ -848,11 +890,12 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
   using T = typename Elem<S>::T;
   const auto *x = static_cast<const S *>(p.recon_input);
   const auto *y = static_cast<const S *>(p.target);
-  auto *grad = static_cast<S *>(p.grad_recon);
+  using G = Grad<S>;
+  auto *grad = static_cast<G *>(p.grad_recon);
   const int64_t n = p.row_len;
   const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
   const T inv_var = T(1) / static_cast<T>(p.gaussian_var);
-  const T log_norm = static_cast<T>(std::log(2.0 * 3.14159265358979323846 * p.gaussian_var));
+  const T log_norm = static_cast<T>(gaussian_log_norm(p.gaussian_var));
 
   auto chunk_bounds = [&](int64_t u) {
     const int64_t row = u / chunks_per_row;
@@ -891,7 +934,7 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
           const T yv = Elem<S>::load(y[i]);
           acc += static_cast<double>(nll(xv, yv));
           if (grad != nullptr)
-            grad[i] = Elem<S>::store(dnll(xv, yv) * scale);
+            grad[i] = static_cast<G>(dnll(xv, yv) * scale);
         }
         unit_loss[u] = acc;
         check_unit(u, lo, hi);
@@ -949,8 +992,10 @@ int64_t first_invalid_bernoulli_prepass(const ElboParams &p, int64_t chunks_per_
 
 // Fills kl_b (true KL per example), klterm_b (per-example KL term with
 // free bits in "sample" mode), kl_per_dim, the total KL term, and the latent
-// gradients. Comparisons against lambda are made in T, as the reference's
-// clamp(min=lambda) does in the latent dtype; at a tie the gradient passes.
+// gradients. At a tie with lambda the gradient passes (torch.clamp). The
+// precision of the comparisons, the same on CPU, CUDA and in the reference:
+// "sample" mode compares each KL_bd in T (the latent dtype's arithmetic
+// type), "batch" mode compares the batch mean, a float64 sum, in float64.
 template <typename S>
 double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
                std::vector<double> &klterm_b) {
@@ -958,8 +1003,9 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
   const int64_t B = p.batch, D = p.latent_dim;
   const auto *mu = static_cast<const S *>(p.mu);
   const auto *logvar = static_cast<const S *>(p.logvar);
-  auto *grad_mu = static_cast<S *>(p.grad_mu);
-  auto *grad_logvar = static_cast<S *>(p.grad_logvar);
+  using G = Grad<S>;
+  auto *grad_mu = static_cast<G *>(p.grad_mu);
+  auto *grad_logvar = static_cast<G *>(p.grad_logvar);
   const bool free_bits = p.free_bits > 0.0;
   const bool batch_mode = free_bits && p.free_bits_mode == FreeBitsMode::kBatch;
   const T lambda = static_cast<T>(p.free_bits);
@@ -978,15 +1024,15 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
     kl_b[b] = kb;
     klterm_b[b] = tb;
   }
-  std::vector<T> dim_mean(static_cast<size_t>(D));
+  std::vector<double> dim_mean(static_cast<size_t>(D));
   double total = 0.0;
   for (int64_t d = 0; d < D; ++d) {
     const double mean = dim_sum[d] / static_cast<double>(B);
     if (p.kl_per_dim != nullptr)
       p.kl_per_dim[d] = mean;
-    dim_mean[d] = static_cast<T>(mean);
+    dim_mean[d] = mean;
     if (batch_mode)
-      total += static_cast<double>(dim_mean[d] < lambda ? lambda : dim_mean[d]);
+      total += mean < p.free_bits ? p.free_bits : mean; // keeps NaN
   }
   if (batch_mode) {
     total *= static_cast<double>(B);
@@ -1003,14 +1049,14 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
         const int64_t i = b * D + d;
         bool pass = true;
         if (batch_mode)
-          pass = dim_mean[d] >= lambda;
+          pass = dim_mean[d] >= p.free_bits;
         else if (free_bits)
           pass = kl[i] >= lambda;
         const T w = pass ? weight : T(0);
         if (grad_mu != nullptr)
-          grad_mu[i] = Elem<S>::store(w * gaussian_kl_grad_mu(Elem<S>::load(mu[i])));
+          grad_mu[i] = static_cast<G>(w * gaussian_kl_grad_mu(Elem<S>::load(mu[i])));
         if (grad_logvar != nullptr)
-          grad_logvar[i] = Elem<S>::store(w * gaussian_kl_grad_logvar(Elem<S>::load(logvar[i])));
+          grad_logvar[i] = static_cast<G>(w * gaussian_kl_grad_logvar(Elem<S>::load(logvar[i])));
       }
     }
   }
@@ -1030,53 +1076,20 @@ template <typename F> auto dispatch_dtype(DType dtype, const F &f) {
   }
 }
 
-bool valid_dtype(DType d) {
-  const auto v = static_cast<int32_t>(d);
-  return v >= 0 && v <= 3;
-}
-
-void check_params(const ElboParams &p) {
-  KLANNEAL_CHECK_ARG(p.batch > 0, "elbo: batch must be > 0");
-  KLANNEAL_CHECK_ARG(p.row_len > 0, "elbo: row_len must be > 0");
-  KLANNEAL_CHECK_ARG(p.latent_dim >= 0, "elbo: latent_dim must be >= 0");
-  const auto lk = static_cast<int32_t>(p.likelihood);
-  const auto red = static_cast<int32_t>(p.reduction);
-  const auto fbm = static_cast<int32_t>(p.free_bits_mode);
-  KLANNEAL_CHECK_ARG(lk >= 0 && lk <= 3, "elbo: unknown likelihood");
-  KLANNEAL_CHECK_ARG(red >= 0 && red <= 2, "elbo: unknown reduction");
-  KLANNEAL_CHECK_ARG(fbm >= 0 && fbm <= 1, "elbo: unknown free_bits_mode");
-  KLANNEAL_CHECK_ARG(valid_dtype(p.recon_dtype) && valid_dtype(p.latent_dtype),
-                     "elbo: unknown dtype");
-  if (p.likelihood == Likelihood::kCategorical)
-    KLANNEAL_CHECK_ARG(p.n_rows > 0 && p.n_rows % p.batch == 0,
-                       "elbo: n_rows must be a positive multiple of batch");
-  else
-    KLANNEAL_CHECK_ARG(p.n_rows == p.batch, "elbo: n_rows must equal batch for this likelihood");
-  KLANNEAL_CHECK_ARG(std::isfinite(p.free_bits) && p.free_bits >= 0.0,
-                     "elbo: free_bits must be finite and >= 0");
-  KLANNEAL_CHECK_ARG(std::isfinite(p.gaussian_var) && p.gaussian_var > 0.0,
-                     "elbo: gaussian_var must be finite and > 0");
-  KLANNEAL_CHECK_ARG(!(p.reduction == Reduction::kNone && p.free_bits > 0.0 &&
-                       p.free_bits_mode == FreeBitsMode::kBatch),
-                     "elbo: reduction 'none' is not allowed with free bits in 'batch' mode");
-  KLANNEAL_CHECK_ARG(p.recon_input != nullptr && p.target != nullptr, "elbo: null input pointer");
-  KLANNEAL_CHECK_ARG(p.latent_dim == 0 || (p.mu != nullptr && p.logvar != nullptr),
-                     "elbo: null mu/logvar pointer");
-  KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
-                         p.beta_out != nullptr,
-                     "elbo: null output pointer");
-}
-
 size_t dtype_size(DType d) { return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2; }
 
 } // namespace
 
 void launch_elbo_cpu(const ElboParams &p) {
-  check_params(p);
+  check_elbo_params(p);
   const SimdLevel level = cpu_simd_level();
   const double beta = p.beta_ptr != nullptr   ? *p.beta_ptr
                       : p.step_ptr != nullptr ? schedule_value(p.schedule, *p.step_ptr)
                                               : p.beta_value;
+  // A schedule with a negative start or stop, or a beta tensor holding one,
+  // must not become a negative KL weight silently.
+  KLANNEAL_CHECK_ARG(std::isfinite(beta) && beta >= 0.0,
+                     "elbo: beta must be finite and >= 0, got " + std::to_string(beta));
   *p.beta_out = beta;
 
   const bool categorical = p.likelihood == Likelihood::kCategorical;
@@ -1109,7 +1122,8 @@ void launch_elbo_cpu(const ElboParams &p) {
   }
 
   if (p.grad_recon != nullptr && !inplace)
-    advise_huge_pages(p.grad_recon, static_cast<size_t>(elems) * dtype_size(p.recon_dtype));
+    advise_huge_pages(p.grad_recon,
+                      static_cast<size_t>(elems) * dtype_size(grad_dtype(p.recon_dtype)));
 
   std::vector<double> unit_loss(static_cast<size_t>(n_units));
   std::vector<int64_t> unit_bad(check_in_pass ? static_cast<size_t>(n_units) : 0);

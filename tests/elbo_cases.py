@@ -6,23 +6,12 @@ from typing import Callable, Optional
 
 import torch
 
+from klanneal.schedules import Monotonic
 
-class LinearWarmup:
-    """A minimal object with the klanneal.schedules protocol (to_params, __call__).
 
-    Monotonic linear warm-up from `start` to `stop` over `total_steps`.
-    """
-
-    def __init__(self, start: float = 0.0, stop: float = 1.0, total_steps: int = 10) -> None:
-        self.start, self.stop, self.total_steps = start, stop, total_steps
-
-    def to_params(self) -> list[float]:
-        return [1.0, 0.0, self.start, self.stop, float(self.total_steps), 1.0, 1.0, 0.0]
-
-    def __call__(self, step: int) -> float:
-        if step >= self.total_steps:
-            return self.stop
-        return self.start + (self.stop - self.start) * step / self.total_steps
+def LinearWarmup(start: float = 0.0, stop: float = 1.0, total_steps: int = 10) -> Monotonic:  # noqa: N802
+    """Monotonic linear warm-up from `start` to `stop` over `total_steps` (a klanneal schedule)."""
+    return Monotonic(warmup_steps=total_steps, start=start, stop=stop)
 
 
 def make_inputs(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -101,11 +103,32 @@ def test_bernoulli_extreme_logits():
     x, target, mu, logvar = make_inputs("bernoulli", 2, (40,))
     x[0, :8] = torch.tensor([30.0, -30.0, 100.0, -100.0, 88.0, -88.0, 1e-8, -1e-8])
     x[1, :2] = torch.tensor([float("inf"), float("-inf")])
-    target[1, :2] = torch.tensor([0.0, 1.0])  # NaN (inf * 0), as in the reference
+    target[1, :2] = torch.tensor([0.0, 1.0])  # the target disagrees: the loss is +inf
     kwargs = {"likelihood": "bernoulli", "reduction": "none"}
     got = run(elbo_loss, (x, target, mu, logvar), **kwargs)
     assert_matches(got, run(elbo_loss_ref, (x, target, mu, logvar), **kwargs), torch.float32)
-    assert torch.isfinite(got[0][0][0]) and torch.isnan(got[0][0][1])
+    assert torch.isfinite(got[0][0][0]) and got[0][0][1] == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 40])  # 40 x 40: vector bodies and the scalar tail
+def test_bernoulli_infinite_logits_give_the_limits_of_the_loss(dtype, batch):
+    # Regression: max(x, 0) - x*y gave inf - inf = NaN at x = +inf, y = 0.
+    cases = torch.tensor(
+        [[math.inf, 0.0, math.inf], [math.inf, 0.3, math.inf], [math.inf, 1.0, 0.0],
+         [-math.inf, 1.0, math.inf], [-math.inf, 0.0, 0.0]], dtype=dtype,
+    )  # fmt: skip  (logit, target, loss)
+    for x_val, y_val, want in cases.tolist():
+        x = torch.zeros(batch, 40, dtype=dtype)
+        target = torch.full_like(x, 0.5)
+        x[-1, -1], target[-1, -1] = x_val, y_val  # in a vector tail for batch=1 too
+        mu, logvar = torch.zeros(batch, 2, dtype=dtype), torch.zeros(batch, 2, dtype=dtype)
+        kw = {"likelihood": "bernoulli", "reduction": "none"}
+        loss = elbo_loss(x, target, mu, logvar, **kw).loss
+        ref = elbo_loss_ref(x, target, mu, logvar, **kw).loss
+        rest = 39 * math.log(2.0)  # the other 39 elements: x = 0 gives log 2 each
+        assert loss[-1].item() == pytest.approx(want + rest), (x_val, y_val)
+        assert ref[-1].item() == pytest.approx(want + rest), (x_val, y_val)
 
 
 def test_middle_dims_and_ignore_index():
@@ -410,7 +433,7 @@ def test_half_precision_error_budget(likelihood, dtype):
     fused = run(elbo_loss, low, **kwargs)
     ref_low = run(elbo_loss_ref, low, **kwargs)
     for name, f, r, e in zip(("loss", "recon", "kl"), fused[0], ref_low[0], exact[0]):
-        assert f.dtype == dtype
+        assert f.dtype == torch.float32  # half inputs: results in the accumulation dtype
         err_fused = (f.double() - e).abs().item()
         err_ref = (r.double() - e).abs().item()
         assert err_fused <= 2 * err_ref + 1e-3 * abs(e.item()) + 1e-6, name

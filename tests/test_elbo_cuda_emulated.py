@@ -80,6 +80,8 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
         f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}",
         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
         str(EMULATION / "emulated_module.cpp"), str(ROOT / "csrc" / "bind_elbo_cuda.cpp"),
+        # The parameter contract shared with the CPU launcher, and the schedule check it uses.
+        str(ROOT / "csrc" / "elbo_params.cpp"), str(ROOT / "csrc" / "schedules_cpu.cpp"),
         "-o", str(output),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
@@ -157,9 +159,14 @@ def run_emulated(
     }
     out["beta"] = torch.full((1,), float("nan"), dtype=torch.float64)
     if grads:
-        out["grad_recon"] = recon_input if inplace else torch.full_like(recon_input, float("nan"))
-        out["grad_mu"] = torch.full_like(mu, float("nan"))
-        out["grad_logvar"] = torch.full_like(logvar, float("nan"))
+        # Gradients are stored in fp32 for fp16/bf16 inputs (ElboParams).
+        def grad_like(t: torch.Tensor) -> torch.Tensor:
+            dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+            return torch.full(t.shape, float("nan"), dtype=dtype)
+
+        out["grad_recon"] = recon_input if inplace else grad_like(recon_input)
+        out["grad_mu"] = grad_like(mu)
+        out["grad_logvar"] = grad_like(logvar)
     keep = []  # tensors whose pointers are passed
     beta_ptr = step_ptr = 0
     schedule = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
@@ -396,7 +403,8 @@ def test_recon_and_latent_dtypes_are_dispatched_separately(emulated, latent_dtyp
     inputs["mu"] = inputs["mu"].to(latent_dtype)
     inputs["logvar"] = inputs["logvar"].to(latent_dtype)
     got = run_emulated(emulated, inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
-    assert got["grad_mu"].dtype == latent_dtype
+    # fp16 latents: their gradients are stored in fp32 (ElboParams).
+    assert got["grad_mu"].dtype == (torch.float64 if latent_dtype == torch.float64 else torch.float32)
     want = reference(inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
     tol = TOL[torch.float32] if latent_dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
     assert_matches(got, want, tol)

@@ -69,54 +69,6 @@ WorkspaceLayout workspace_layout(const ElboParams& p) {
   return w;
 }
 
-bool valid_dtype(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat64 || t == DType::kFloat16 ||
-         t == DType::kBFloat16;
-}
-
-// The shape checks behind the workspace size; Python checks tensors first.
-void check_sizes(const ElboParams& p) {
-  KLANNEAL_CHECK_ARG(p.batch > 0, "elbo_cuda: batch must be positive, got " +
-                                      std::to_string(p.batch));
-  KLANNEAL_CHECK_ARG(p.row_len > 0, "elbo_cuda: row_len must be positive, got " +
-                                        std::to_string(p.row_len));
-  KLANNEAL_CHECK_ARG(p.n_rows >= 0 && p.latent_dim >= 0,
-                     "elbo_cuda: n_rows and latent_dim must not be negative");
-  const int lik = static_cast<int>(p.likelihood);
-  KLANNEAL_CHECK_ARG(lik >= 0 && lik <= 3, "elbo_cuda: unknown likelihood " + std::to_string(lik));
-  if (p.likelihood == Likelihood::kCategorical) {
-    KLANNEAL_CHECK_ARG(p.n_rows % p.batch == 0,
-                       "elbo_cuda: categorical n_rows must be a multiple of batch");
-  } else {
-    KLANNEAL_CHECK_ARG(p.n_rows == p.batch,
-                       "elbo_cuda: non-categorical likelihoods have one row per example");
-  }
-}
-
-void check_params(const ElboParams& p) {
-  check_sizes(p);
-  const int red = static_cast<int>(p.reduction);
-  const int mode = static_cast<int>(p.free_bits_mode);
-  KLANNEAL_CHECK_ARG(red >= 0 && red <= 2, "elbo_cuda: unknown reduction " + std::to_string(red));
-  KLANNEAL_CHECK_ARG(mode >= 0 && mode <= 1,
-                     "elbo_cuda: unknown free_bits_mode " + std::to_string(mode));
-  KLANNEAL_CHECK_ARG(valid_dtype(p.recon_dtype) && valid_dtype(p.latent_dtype),
-                     "elbo_cuda: unknown dtype");
-  KLANNEAL_CHECK_ARG(!(p.reduction == Reduction::kNone && p.free_bits > 0.0 &&
-                       p.free_bits_mode == FreeBitsMode::kBatch),
-                     "elbo_cuda: reduction 'none' does not allow free_bits_mode 'batch'");
-  KLANNEAL_CHECK_ARG(p.free_bits >= 0.0 && std::isfinite(p.free_bits),
-                     "elbo_cuda: free_bits must be finite and >= 0");
-  KLANNEAL_CHECK_ARG(p.gaussian_var > 0.0 && std::isfinite(p.gaussian_var),
-                     "elbo_cuda: gaussian_var must be finite and > 0");
-  KLANNEAL_CHECK_ARG((p.n_rows == 0 || (p.recon_input != nullptr && p.target != nullptr)) &&
-                         (p.latent_dim == 0 || (p.mu != nullptr && p.logvar != nullptr)),
-                     "elbo_cuda: null input pointer");
-  KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
-                         p.kl_per_dim != nullptr && p.beta_out != nullptr,
-                     "elbo_cuda: null output pointer");
-}
-
 // Restores the calling thread's current device of this library's CUDA
 // runtime (statically linked: it does not share torch's current device).
 class DeviceGuard {
@@ -146,7 +98,7 @@ class DeviceGuard {
 template <typename T>
 void launch_recon(const ElboParams& p, double* partials, int64_t n_chunks, cudaStream_t stream) {
   using A = cuda::Acc<T>;
-  if (p.n_rows == 0) return;
+  if (p.n_rows == 0 || n_chunks == 0) return;  // no elements: recon is 0
   const A scale = p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch))
                                                        : A(1);
   switch (p.likelihood) {
@@ -172,9 +124,8 @@ void launch_recon(const ElboParams& p, double* partials, int64_t n_chunks, cudaS
     }
     case Likelihood::kGaussian: {
       // log(2*pi*var) and 1/var once per launch, in float64.
-      const double two_pi = 6.283185307179586476925286766559;
       const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{A(1.0 / p.gaussian_var),
-                                                              A(std::log(two_pi * p.gaussian_var))};
+                                                              A(gaussian_log_norm(p.gaussian_var))};
       cuda::elementwise_kernel<T, Likelihood::kGaussian>
           <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
                                                                        scale);
@@ -230,12 +181,12 @@ void dispatch_dtype(DType t, F&& f) {
 }  // namespace
 
 size_t elbo_cuda_workspace_bytes(const ElboParams& p) {
-  check_sizes(p);
+  check_elbo_sizes(p);
   return workspace_layout(p).bytes;
 }
 
 void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_bytes, void* stream) {
-  check_params(p);
+  check_elbo_params(p);
   const WorkspaceLayout w = workspace_layout(p);
   KLANNEAL_CHECK_ARG(workspace != nullptr && workspace_bytes >= w.bytes,
                      "elbo_cuda: workspace of " + std::to_string(workspace_bytes) +

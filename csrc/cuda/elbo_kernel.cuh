@@ -95,6 +95,13 @@ struct alignas(kVectorBytes) Packed {
   T v[kVec<T>];
 };
 
+// Gradients are stored in Acc<T> (ElboParams: fp32 for fp16/bf16 inputs), a
+// vector of them per input vector.
+template <typename T>
+struct alignas(kVectorBytes) GradPacked {
+  Acc<T> v[kVec<T>];
+};
+
 __device__ __forceinline__ bool is_vector_aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
 }
@@ -167,36 +174,35 @@ __device__ __forceinline__ LseState<Acc<T>> row_lse_partial(const T* x, int64_t 
 // Pass 2: grad_j = (softmax_j - [j == target]) * scale, the target term
 // formed in Acc (fp32 at least) by categorical_grad before the cast.
 template <typename T>
-__device__ __forceinline__ void row_write_grad(const T* x, T* grad, int64_t len, bool vectorised,
-                                               int lane, int lanes, Acc<T> lse, int64_t target,
-                                               Acc<T> scale) {
+__device__ __forceinline__ void row_write_grad(const T* x, Acc<T>* grad, int64_t len,
+                                               bool vectorised, int lane, int lanes, Acc<T> m,
+                                               Acc<T> log_sum, int64_t target, Acc<T> scale) {
   int64_t tail_begin = 0;
   if (vectorised) {
     const int64_t n_vec = len / kVec<T>;
     const Packed<T>* xv = reinterpret_cast<const Packed<T>*>(x);
-    Packed<T>* gv = reinterpret_cast<Packed<T>*>(grad);
+    GradPacked<T>* gv = reinterpret_cast<GradPacked<T>*>(grad);
     for (int64_t i = lane; i < n_vec; i += lanes) {
       const Packed<T> pk = xv[i];
-      Packed<T> out;
+      GradPacked<T> out;
 #pragma unroll
       for (int k = 0; k < kVec<T>; ++k) {
         const int64_t j = i * kVec<T> + k;
-        out.v[k] = from_acc<T>(categorical_grad(to_acc(pk.v[k]), lse, j == target, scale));
+        out.v[k] = categorical_grad(to_acc(pk.v[k]), m, log_sum, j == target, scale);
       }
       gv[i] = out;
     }
     tail_begin = n_vec * kVec<T>;
   }
   for (int64_t j = tail_begin + lane; j < len; j += lanes) {
-    grad[j] = from_acc<T>(categorical_grad(to_acc(x[j]), lse, j == target, scale));
+    grad[j] = categorical_grad(to_acc(x[j]), m, log_sum, j == target, scale);
   }
 }
 
 // Ignored rows get a zero gradient, rows with an invalid target a NaN one.
-template <typename T>
-__device__ __forceinline__ void row_fill(T* grad, int64_t len, int lane, int lanes, Acc<T> value) {
-  const T v = from_acc<T>(value);
-  for (int64_t j = lane; j < len; j += lanes) grad[j] = v;
+template <typename A>
+__device__ __forceinline__ void row_fill(A* grad, int64_t len, int lane, int lanes, A value) {
+  for (int64_t j = lane; j < len; j += lanes) grad[j] = value;
 }
 
 // What a row's target asks for. Out-of-range targets are never used as an
@@ -219,14 +225,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   using A = Acc<T>;
   using WarpReduce = cub::WarpReduce<LseState<A>>;
   __shared__ typename WarpReduce::TempStorage temp[kWarpsPerBlock];
-  __shared__ A row_lse[kWarpsPerBlock];
+  __shared__ A row_max[kWarpsPerBlock], row_log_sum[kWarpsPerBlock];
 
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t len = p.row_len;
   const T* logits = static_cast<const T*>(p.recon_input);
   const int64_t* target = static_cast<const int64_t*>(p.target);
-  T* grad = static_cast<T*>(p.grad_recon);
+  A* grad = static_cast<A*>(p.grad_recon);
   const A nan = A(NAN);
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < p.n_rows;
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     // depends on the row is warp-uniform.
     const int64_t t = target[row];
     const T* x = logits + row * len;
-    T* g = grad == nullptr ? nullptr : grad + row * len;
+    A* g = grad == nullptr ? nullptr : grad + row * len;
     const RowKind kind = row_kind(t, len, p.ignore_index);
     if (kind != RowKind::kNormal) {
       if (lane == 0) partials[row] = kind == RowKind::kIgnored ? 0.0 : double(NAN);
@@ -248,13 +254,16 @@ __global__ void __launch_bounds__(kBlockThreads)
     LseState<A> st = row_lse_partial(x, len, vectorised, lane, 32);
     st = WarpReduce(temp[warp]).Reduce(st, LseMergeOp<A>{});
     if (lane == 0) {
-      const A lse = lse_value(st);
-      row_lse[warp] = lse;
-      partials[row] = static_cast<double>(categorical_nll(lse, x_target));
+      const A log_sum = lse_log_sum(st);
+      row_max[warp] = st.m;
+      row_log_sum[warp] = log_sum;
+      partials[row] = static_cast<double>(categorical_nll(st.m, log_sum, x_target));
     }
     __syncwarp();
-    if (g != nullptr) row_write_grad(x, g, len, vectorised, lane, 32, row_lse[warp], t, scale);
-    // row_lse[warp] and temp[warp] are reused by this warp's next row.
+    if (g != nullptr) {
+      row_write_grad(x, g, len, vectorised, lane, 32, row_max[warp], row_log_sum[warp], t, scale);
+    }
+    // row_max, row_log_sum and temp of this warp are reused by its next row.
     __syncwarp();
   }
 }
@@ -266,13 +275,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<LseState<A>, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
-  __shared__ A row_lse;
+  __shared__ A row_max, row_log_sum;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t len = p.row_len;
   const T* logits = static_cast<const T*>(p.recon_input);
   const int64_t* target = static_cast<const int64_t*>(p.target);
-  T* grad = static_cast<T*>(p.grad_recon);
+  A* grad = static_cast<A*>(p.grad_recon);
   const A nan = A(NAN);
 
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
@@ -280,7 +289,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     // threads reach the barriers together.
     const int64_t t = target[row];
     const T* x = logits + row * len;
-    T* g = grad == nullptr ? nullptr : grad + row * len;
+    A* g = grad == nullptr ? nullptr : grad + row * len;
     const RowKind kind = row_kind(t, len, p.ignore_index);
     if (kind != RowKind::kNormal) {
       if (tid == 0) partials[row] = kind == RowKind::kIgnored ? 0.0 : double(NAN);
@@ -294,14 +303,17 @@ __global__ void __launch_bounds__(kBlockThreads)
     LseState<A> st = row_lse_partial(x, len, vectorised, tid, kBlockThreads);
     st = BlockReduce(temp).Reduce(st, LseMergeOp<A>{});
     if (tid == 0) {
-      const A lse = lse_value(st);
-      row_lse = lse;
-      partials[row] = static_cast<double>(categorical_nll(lse, x_target));
+      const A log_sum = lse_log_sum(st);
+      row_max = st.m;
+      row_log_sum = log_sum;
+      partials[row] = static_cast<double>(categorical_nll(st.m, log_sum, x_target));
     }
     // Also orders thread 0's read of x[t] before any write of the row.
     __syncthreads();
-    if (g != nullptr) row_write_grad(x, g, len, vectorised, tid, kBlockThreads, row_lse, t, scale);
-    // row_lse and temp are reused by the next row.
+    if (g != nullptr) {
+      row_write_grad(x, g, len, vectorised, tid, kBlockThreads, row_max, row_log_sum, t, scale);
+    }
+    // row_max, row_log_sum and temp are reused by the next row.
     __syncthreads();
   }
 }
@@ -349,7 +361,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t len = p.row_len;
   const T* input = static_cast<const T*>(p.recon_input);
   const T* target = static_cast<const T*>(p.target);
-  T* grad = static_cast<T*>(p.grad_recon);
+  A* grad = static_cast<A*>(p.grad_recon);
   const int64_t n_items = p.n_rows * chunks_per_row;
 
   for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x) {
@@ -359,7 +371,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t offset = row * len + begin;
     const T* x = input + offset;
     const T* y = target + offset;
-    T* g = grad == nullptr ? nullptr : grad + offset;
+    A* g = grad == nullptr ? nullptr : grad + offset;
     const bool vectorised =
         is_vector_aligned(x) && is_vector_aligned(y) && (g == nullptr || is_vector_aligned(g));
 
@@ -369,17 +381,17 @@ __global__ void __launch_bounds__(kBlockThreads)
       const int64_t n_vec = n / kVec<T>;
       const Packed<T>* xv = reinterpret_cast<const Packed<T>*>(x);
       const Packed<T>* yv = reinterpret_cast<const Packed<T>*>(y);
-      Packed<T>* gv = reinterpret_cast<Packed<T>*>(g);
+      GradPacked<T>* gv = reinterpret_cast<GradPacked<T>*>(g);
       for (int64_t i = tid; i < n_vec; i += kBlockThreads) {
         const Packed<T> xp = xv[i];
         const Packed<T> yp = yv[i];
-        Packed<T> out;
+        GradPacked<T> out;
 #pragma unroll
         for (int k = 0; k < kVec<T>; ++k) {
           const A xa = to_acc(xp.v[k]);
           const A ya = to_acc(yp.v[k]);
           sum += static_cast<double>(f.nll(xa, ya));
-          if (g != nullptr) out.v[k] = from_acc<T>(f.grad(xa, ya) * scale);
+          if (g != nullptr) out.v[k] = f.grad(xa, ya) * scale;
         }
         if (g != nullptr) gv[i] = out;
       }
@@ -389,7 +401,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       const A xa = to_acc(x[j]);
       const A ya = to_acc(y[j]);
       sum += static_cast<double>(f.nll(xa, ya));
-      if (g != nullptr) g[j] = from_acc<T>(f.grad(xa, ya) * scale);
+      if (g != nullptr) g[j] = f.grad(xa, ya) * scale;
     }
     sum = BlockReduce(temp).Reduce(sum, DoubleSum{});
     if (tid == 0) partials[item] = sum;
@@ -431,8 +443,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t dims = p.latent_dim;
   const T* mu = static_cast<const T*>(p.mu);
   const T* logvar = static_cast<const T*>(p.logvar);
-  T* grad_mu = static_cast<T*>(p.grad_mu);
-  T* grad_logvar = static_cast<T*>(p.grad_logvar);
+  A* grad_mu = static_cast<A*>(p.grad_mu);
+  A* grad_logvar = static_cast<A*>(p.grad_logvar);
   const bool sample_free_bits = p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kSample;
   // Batch free bits: the mask needs the batch mean, kl_dims_kernel writes
   // those gradients.
@@ -455,8 +467,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       acc.kl_term += static_cast<double>(sample_free_bits ? free_bits_clamp(kl, lambda) : kl);
       if (write_grads) {
         const A f = pass ? factor : A(0);
-        if (grad_mu != nullptr) grad_mu[k] = from_acc<T>(gaussian_kl_grad_mu(m) * f);
-        if (grad_logvar != nullptr) grad_logvar[k] = from_acc<T>(gaussian_kl_grad_logvar(lv) * f);
+        if (grad_mu != nullptr) grad_mu[k] = gaussian_kl_grad_mu(m) * f;
+        if (grad_logvar != nullptr) grad_logvar[k] = gaussian_kl_grad_logvar(lv) * f;
       }
     }
     acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
@@ -486,8 +498,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t dims = p.latent_dim;
   const T* mu = static_cast<const T*>(p.mu);
   const T* logvar = static_cast<const T*>(p.logvar);
-  T* grad_mu = static_cast<T*>(p.grad_mu);
-  T* grad_logvar = static_cast<T*>(p.grad_logvar);
+  A* grad_mu = static_cast<A*>(p.grad_mu);
+  A* grad_logvar = static_cast<A*>(p.grad_logvar);
   const bool write_grads = (grad_mu != nullptr || grad_logvar != nullptr) && p.free_bits > 0.0 &&
                            p.free_bits_mode == FreeBitsMode::kBatch;
   const A factor = write_grads ? static_cast<A>(resolve_beta(p)) * grad_scale : A(0);
@@ -510,10 +522,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       const A f = dim_passes ? factor : A(0);
       for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
         const int64_t k = b * dims + d;
-        if (grad_mu != nullptr) grad_mu[k] = from_acc<T>(gaussian_kl_grad_mu(to_acc(mu[k])) * f);
-        if (grad_logvar != nullptr) {
-          grad_logvar[k] = from_acc<T>(gaussian_kl_grad_logvar(to_acc(logvar[k])) * f);
-        }
+        if (grad_mu != nullptr) grad_mu[k] = gaussian_kl_grad_mu(to_acc(mu[k])) * f;
+        if (grad_logvar != nullptr) grad_logvar[k] = gaussian_kl_grad_logvar(to_acc(logvar[k])) * f;
       }
     }
     __syncthreads();  // temp and dim_passes are reused by the next dimension

@@ -28,6 +28,28 @@ LIKELIHOOD_CODES = {"categorical": 0, "bernoulli": 1, "gaussian": 2, "mse": 3}
 REDUCTION_CODES = {"batchmean": 0, "sum": 1, "none": 2}
 FREE_BITS_MODE_CODES = {"batch": 0, "sample": 1}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the gradients the forward pass computes for inputs of `dtype`.
+
+    fp16/bf16 gradients are kept in fp32 until backward has applied the
+    upstream gradient (the loss scale of a GradScaler): stored in half
+    precision first, values below 6e-8 would flush to 0 and values above
+    65504 overflow, whatever the scale (ElboParams in csrc/include/klanneal/elbo.h).
+    """
+    return dtype if dtype in FULL_PRECISION else torch.float32
+
+
+def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.dtype:
+    """dtype of loss, recon, kl, kl_per_dim and beta: at least float32.
+
+    Like torch autocast for losses: a half-precision loss would overflow
+    (fp16 with reduction="sum") although it is accumulated in fp32/fp64.
+    """
+    dtype = torch.promote_types(recon_dtype, latent_dtype)
+    return dtype if dtype in FULL_PRECISION else torch.float32
 # A recon_input gradient of at least this many bytes comes from klanneal's
 # buffer pool on the CPU (csrc/include/klanneal/buffer_pool.h) instead of a
 # fresh torch.empty: glibc maps a buffer this large anew on every call and the
@@ -102,16 +124,18 @@ def _pool_enabled() -> bool:
 
 
 def _grad_recon_buffer(recon_input: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like recon_input (contiguous) for its gradient.
+    """An uninitialised contiguous tensor of recon_input's shape for its gradient
+    (dtype: grad_dtype(recon_input.dtype)).
 
     Large CPU buffers come from the pool: the tensor's deleter gives the
     buffer back for the next step's call instead of unmapping it.
     """
-    nbytes = recon_input.numel() * recon_input.element_size()
+    dtype = grad_dtype(recon_input.dtype)
+    nbytes = recon_input.numel() * dtype.itemsize
     if recon_input.device.type == "cpu" and nbytes >= POOL_MIN_BYTES and _pool_enabled():
-        capsule = _C.pooled_empty(list(recon_input.shape), DTYPE_CODES[recon_input.dtype])
+        capsule = _C.pooled_empty(list(recon_input.shape), DTYPE_CODES[dtype])
         return torch.from_dlpack(capsule)
-    return torch.empty_like(recon_input, memory_format=torch.contiguous_format)
+    return torch.empty(recon_input.shape, dtype=dtype, device=recon_input.device)
 
 
 def empty_cache() -> None:
@@ -138,6 +162,15 @@ def _shapes(mu: torch.Tensor, ints: list[int]) -> tuple[int, ...]:
     return (mu.shape[0],) if ints[1] == REDUCTION_CODES["none"] else ()
 
 
+def _latent_grads(mu: torch.Tensor, logvar: torch.Tensor, ints: list[int]) -> tuple:
+    """Uninitialised grad_mu, grad_logvar (in grad_dtype), or empty ones when not asked for."""
+    dtype = grad_dtype(mu.dtype)
+    return (
+        mu.new_empty(mu.shape if ints[6] else (0,), dtype=dtype),
+        logvar.new_empty(logvar.shape if ints[7] else (0,), dtype=dtype),
+    )
+
+
 def _launch(
     recon_input: torch.Tensor,
     target: torch.Tensor,
@@ -152,7 +185,6 @@ def _launch(
     """Allocates the outputs and runs the kernel of recon_input's device."""
     likelihood_code, reduction_code, free_bits_mode_code, ignore_index, validate = ints[:5]
     likelihood = LIKELIHOODS[likelihood_code]
-    need_grad_mu, need_grad_logvar = ints[6], ints[7]
     device = recon_input.device
     on_cpu = device.type == "cpu"
     # On CPU the kernel checks class ids / bernoulli targets in its own pass
@@ -171,8 +203,7 @@ def _launch(
     kl = torch.empty_like(loss)
     kl_per_dim = torch.empty(latent_dim, **f64)
     beta_out = torch.empty((), **f64)
-    grad_mu = torch.empty_like(mu) if need_grad_mu else mu.new_empty(0)
-    grad_logvar = torch.empty_like(logvar) if need_grad_logvar else logvar.new_empty(0)
+    grad_mu, grad_logvar = _latent_grads(mu, logvar, ints)
     if likelihood == "categorical":
         row_len = recon_input.shape[-1]
         n_rows = recon_input.numel() // row_len
@@ -290,27 +321,25 @@ def _fake_scalars(
     )
 
 
-def _fake_latent_grads(mu: torch.Tensor, logvar: torch.Tensor, ints: list[int]) -> tuple:
-    return (
-        torch.empty_like(mu) if ints[6] else mu.new_empty(0),
-        torch.empty_like(logvar) if ints[7] else logvar.new_empty(0),
-    )
-
-
 @elbo_loss_op.register_fake
 def _elbo_loss_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
-    grad_recon = torch.empty_like(recon_input) if ints[5] else recon_input.new_empty(0)
-    return (
-        _fake_scalars(recon_input, mu, ints) + (grad_recon,) + _fake_latent_grads(mu, logvar, ints)
-    )
+    dtype = grad_dtype(recon_input.dtype)
+    grad_recon = recon_input.new_empty(recon_input.shape if ints[5] else (0,), dtype=dtype)
+    return _fake_scalars(recon_input, mu, ints) + (grad_recon,) + _latent_grads(mu, logvar, ints)
 
 
 @elbo_loss_inplace_op.register_fake
 def _elbo_loss_inplace_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
-    return _fake_scalars(recon_input, mu, ints) + _fake_latent_grads(mu, logvar, ints)
+    return _fake_scalars(recon_input, mu, ints) + _latent_grads(mu, logvar, ints)
 
 
 # ---- autograd -----------------------------------------------------------------
+
+_DOUBLE_BACKWARD = (
+    "klanneal.elbo_loss does not support double backward (create_graph=True, as for a "
+    "gradient penalty): its gradients are computed in the forward pass and have no graph "
+    "of their own. Use klanneal.elbo_loss_ref for losses that need second derivatives."
+)
 
 _SECOND_BACKWARD = (
     "klanneal.elbo_loss: a second backward through the same graph (retain_graph=True) is "
@@ -335,13 +364,18 @@ def _backward_common(ctx, grad_loss) -> list:
     if ctx.scaled_in_place:
         raise RuntimeError(_SECOND_BACKWARD)
     if grad_loss is None:  # only non-differentiable outputs reached this node
-        return [None, None, None]
-    saved = ctx.saved_tensors
+        return [None, None, None, None]
     eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    if eager and torch.is_grad_enabled():
+        # Backward runs in grad mode only under create_graph=True: the result
+        # would be a gradient without a graph, silently wrong for whatever
+        # differentiates it again.
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    saved = ctx.saved_tensors
     skip = eager and _is_one(grad_loss)
     grads = []
-    for grad in saved:
-        if grad.numel() == 0:  # that gradient was not asked for
+    for grad, asked in zip(saved, ctx.asked):
+        if not asked:
             grads.append(None)
         elif skip:
             grads.append(grad)
@@ -361,7 +395,26 @@ def _backward_common(ctx, grad_loss) -> list:
             grads.append((grad * grad_loss).to(grad.dtype))
     if eager and not skip:
         ctx.scaled_in_place = True
-    return grads
+    # fp16/bf16 inputs: the gradients were kept in fp32 up to here.
+    dtypes = (ctx.recon_dtype, ctx.latent_dtype, ctx.latent_dtype)
+    grads = [g if g is None or g.dtype == d else g.to(d) for g, d in zip(grads, dtypes)]
+    # A gaussian/mse target that requires grad: d loss / d target = -d loss / d recon_input.
+    grad_target = None
+    if ctx.grad_target and grads[0] is not None:
+        if ctx.grad_recon_input:
+            grad_target = -grads[0]
+        else:
+            grad_target, grads[0] = grads[0].neg_() if eager else -grads[0], None
+    return [grads[0], grad_target, grads[1], grads[2]]
+
+
+def _save_input_info(ctx, recon_input, target, mu, ints) -> None:
+    ctx.recon_dtype, ctx.latent_dtype = recon_input.dtype, mu.dtype
+    # Which of grad_recon, grad_mu, grad_logvar the forward pass computed (a
+    # gradient asked for may still be empty: a [B, 0, V] input).
+    ctx.asked = (bool(ints[5]), bool(ints[6]), bool(ints[7]))
+    ctx.grad_recon_input = recon_input.requires_grad
+    ctx.grad_target = target.requires_grad and target.dtype.is_floating_point
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -370,13 +423,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     ctx.reduction = REDUCTIONS[inputs[7][1]]
     ctx.scaled_in_place = False
+    _save_input_info(ctx, inputs[0], inputs[1], inputs[2], inputs[7])
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *unused):
-    grad_recon, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
-    return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 4
+    grad_recon, grad_target, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
+    return (grad_recon, grad_target, grad_mu, grad_logvar) + (None,) * 4
 
 
 elbo_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -398,14 +452,15 @@ class _ElboInplace(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # see _setup_context
         ctx.reduction = REDUCTIONS[ints[1]]
         ctx.scaled_in_place = False
+        _save_input_info(ctx, recon_input, target, mu, ints)
         ctx.save_for_backward(recon_input, outs[5], outs[6])
         ctx.mark_non_differentiable(*outs[1:5])
         return outs[:5]
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grad_recon, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
-        return (grad_recon, None, grad_mu, grad_logvar) + (None,) * 4
+        grad_recon, grad_target, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
+        return (grad_recon, grad_target, grad_mu, grad_logvar) + (None,) * 4
 
 
 def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:

@@ -15,15 +15,48 @@ from typing import Any, NoReturn, Optional, Union
 
 import torch
 
+from klanneal.schedules import Schedule
+
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
 REDUCTIONS = ("batchmean", "sum", "none")
 FREE_BITS_MODES = ("batch", "sample")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def is_schedule(beta: Any) -> bool:
-    """A klanneal.schedules object: packs itself with to_params() and is callable."""
-    return hasattr(beta, "to_params") and callable(beta)
+    """A klanneal.schedules object (evaluated at `step`)."""
+    return isinstance(beta, Schedule)
+
+
+def as_step(step: Any) -> int:
+    """A Python or numpy integer step as an int (bools and floats are rejected)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int or a 0-d integer tensor, got {type(step).__name__}")
+    return int(step)
+
+
+def check_beta_value(value: float, where: str) -> float:
+    """A beta that reaches the kernels must be a finite, non-negative weight."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"beta must be finite and >= 0, got {value} ({where})")
+    return value
+
+
+def check_schedule_range(schedule: Schedule) -> None:
+    """Every value of `schedule` lies between its start and stop: both must be >= 0.
+
+    Run before the schedule is evaluated inside the op (a step tensor), where
+    a negative beta could only be caught after the fact.
+    """
+    start, stop = schedule.to_params()[2:4]
+    if not (math.isfinite(start) and math.isfinite(stop) and min(start, stop) >= 0):
+        raise ValueError(
+            f"beta: {schedule!r} takes values in [{min(start, stop)}, {max(start, stop)}]; "
+            "a KL weight must be >= 0 (check its start and stop)"
+        )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -57,8 +90,12 @@ def check_options(
     _check_choice("free_bits_mode", free_bits_mode, FREE_BITS_MODES)
     free_bits = _check_real("free_bits", free_bits, positive=False)
     _check_real("gaussian_var", gaussian_var, positive=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= int(ignore_index) <= INT64_MAX:
+        raise ValueError(
+            f"ignore_index must fit in int64 (the class ids' dtype), got {int(ignore_index)}"
+        )
     if reduction == "none" and free_bits > 0 and free_bits_mode == "batch":
         raise ValueError(
             "reduction='none' is not allowed with free_bits_mode='batch' (free bits on the "
@@ -116,6 +153,9 @@ def check_args(
                 "target must be an integer tensor of class ids for likelihood='categorical', "
                 f"got {target.dtype}"
             )
+        if target.dtype == torch.uint64:
+            # Ids >= 2**63 would wrap to negative int64 (2**64 - 100 to -100, ignored).
+            raise TypeError("target: uint64 class ids are not supported; pass int64 class ids")
         if tuple(target.shape) != tuple(recon_input.shape[:-1]):
             raise ValueError(
                 f"target must have shape recon_input.shape[:-1] = {tuple(recon_input.shape[:-1])}"
@@ -136,6 +176,11 @@ def check_args(
                 f"target must have the shape of recon_input {tuple(recon_input.shape)} for "
                 f"likelihood={likelihood!r}, got {tuple(target.shape)}"
             )
+        if likelihood == "bernoulli" and target.requires_grad:
+            raise ValueError(
+                "target requires grad, but klanneal.elbo_loss gives bernoulli targets no "
+                "gradient; detach it (or use klanneal.elbo_loss_ref)"
+            )
 
     if recon_input.shape[0] != mu.shape[0]:
         raise ValueError(
@@ -155,12 +200,8 @@ def check_args(
                 )
             if step.device != mu.device and step.device.type != "cpu":
                 raise ValueError(f"step is on {step.device} but the inputs are on {mu.device}")
-        elif isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(
-                f"step must be an int or a 0-d integer tensor, got {type(step).__name__}"
-            )
-        elif step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        elif as_step(step) < 0:
+            raise ValueError(f"step must be >= 0, got {as_step(step)}")
     elif step is not None:
         raise ValueError("step is only used when beta is a schedule (klanneal.schedules)")
     elif isinstance(beta, torch.Tensor):

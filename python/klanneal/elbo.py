@@ -51,8 +51,10 @@ def elbo_loss(
         recon_input: categorical: logits [B, ..., V]; bernoulli: logits [B, ...];
             gaussian/mse: means [B, ...]. float32, float64, float16 or bfloat16
             (half types are computed in float32).
-        target: categorical: integer class ids [B, ...]; otherwise floats of
-            the shape of recon_input.
+        target: categorical: integer class ids [B, ...] (not uint64); otherwise
+            floats of the shape of recon_input (promoted with it to a common
+            dtype). A gaussian/mse target may require grad (a loss between two
+            model outputs); a bernoulli one may not.
         mu: [B, D] mean of q(z|x).
         logvar: [B, D] log-variance of q(z|x), same dtype as mu.
         beta: KL weight: a float, a 0-d tensor (no torch.compile recompiles as
@@ -67,9 +69,10 @@ def elbo_loss(
         ignore_index: categorical target value whose positions contribute nothing.
         gaussian_var: the fixed variance of the gaussian likelihood (> 0).
         inplace: write the gradient w.r.t. recon_input into recon_input's own
-            buffer (saves a logits-sized allocation). recon_input is
+            buffer (saves a logits-sized allocation; fp32/fp64 only, a no-op
+            for fp16/bf16, whose gradients are kept in fp32). recon_input is
             overwritten whenever a gradient for it is computed; it must not be
-            a leaf that requires grad, nor be needed afterwards.
+            a leaf that requires grad or a view of one, nor be needed afterwards.
         validate: check class ids / bernoulli targets / tensor beta and step
             values (a device sync on GPU). With validate=False the kernel
             still never reads out of bounds: a row with a bad class id gets a
@@ -80,7 +83,12 @@ def elbo_loss(
         w.r.t. recon_input, mu and logvar (0-d, or [B] for "none"); recon and
         kl are the two terms under the same reduction (kl before free bits),
         kl_per_dim the [D] batch-mean KL, beta the weight used; all in the
-        dtype promote_types(recon_input.dtype, mu.dtype).
+        dtype promote_types(recon_input.dtype, mu.dtype), float32 at least
+        (fp16/bf16 inputs give float32 results, accumulated in fp32, as
+        autocast does for losses). Gradients have the dtype of their input;
+        for fp16/bf16 inputs they are kept in fp32 until backward applies the
+        upstream gradient, so a GradScaler's loss scale cannot underflow or
+        overflow them (docs/elbo.md, "Mixed precision").
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -94,12 +102,19 @@ def elbo_loss(
         recon_input, target, mu, logvar, beta, step, likelihood, reduction,
         free_bits, free_bits_mode, ignore_index, gaussian_var,
     )  # fmt: skip
-    if inplace and recon_input.is_leaf and recon_input.requires_grad:
+    if inplace and _overwrites_a_leaf(recon_input):
         raise ValueError(
-            "inplace=True would overwrite recon_input, a leaf tensor that requires grad; "
-            "use inplace=False"
+            "inplace=True would overwrite recon_input, a leaf tensor that requires grad (or a "
+            "view of one, whose storage it shares); use inplace=False"
         )
-    if not _ops.native_available(recon_input.device):
+    if likelihood != "categorical" and target.dtype != recon_input.dtype:
+        # Promote, as torch's losses do: casting the target down to the
+        # predictions' dtype loses it (an fp32 target 0.5004 is 0.5 in bf16).
+        common = torch.promote_types(recon_input.dtype, target.dtype)
+        recon_input, target = recon_input.to(common), target.to(common)
+    if not _ops.native_available(recon_input.device) or _functorch_active():
+        # torch.func transforms (grad, vmap) and devices without a kernel take
+        # the reference: plain PyTorch ops, which every transform supports.
         # Value checks read the tensors: skipped while torch.compile traces.
         if validate and not torch.compiler.is_compiling():
             _validate.check_values(
@@ -110,6 +125,8 @@ def elbo_loss(
                 beta if isinstance(beta, torch.Tensor) else None,
                 step if isinstance(step, torch.Tensor) else None,
             )
+        if _validate.is_schedule(beta) and not isinstance(step, torch.Tensor):
+            _validate.check_beta_value(beta(_validate.as_step(step)), f"{beta!r} at step {step}")
         return elbo_loss_ref(
             recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
             reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
@@ -124,25 +141,29 @@ def elbo_loss(
     if _validate.is_schedule(beta):
         if isinstance(step, torch.Tensor):
             # Evaluated inside the op from the step tensor: no recompiles as it changes.
+            _validate.check_schedule_range(beta)
             schedule = [float(v) for v in beta.to_params()]
             step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
         else:
-            beta_value = float(beta(step))
+            step_int = _validate.as_step(step)
+            beta_value = _validate.check_beta_value(
+                float(beta(step_int)), f"{beta!r} at step {step_int}"
+            )
     elif isinstance(beta, torch.Tensor):
         beta_tensor = beta.detach().to(device=device, dtype=torch.float64).reshape(())
     else:
         beta_value = float(beta)
 
     # is_grad_enabled() is False inside the op, so the caller decides which
-    # gradients the forward pass computes.
+    # gradients the forward pass computes. A gaussian/mse target that
+    # requires grad (a loss between two model outputs) gets -grad_recon.
     grad_enabled = torch.is_grad_enabled()
-    need_grad_recon = grad_enabled and recon_input.requires_grad
+    grad_target = grad_enabled and target.requires_grad
+    need_grad_recon = grad_enabled and (recon_input.requires_grad or grad_target)
     need_grad_mu = grad_enabled and mu.requires_grad
     need_grad_logvar = grad_enabled and logvar.requires_grad
     if likelihood == "categorical":
         target = target.to(torch.int64)
-    else:
-        target = target.to(recon_input.dtype)
     floats, ints = _ops.pack_options(
         schedule, beta_value, likelihood, reduction, free_bits, free_bits_mode, ignore_index,
         gaussian_var, validate, need_grad_recon, need_grad_mu, need_grad_logvar,
@@ -151,11 +172,14 @@ def elbo_loss(
         recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
         beta_tensor, step_tensor, floats, ints,
     )  # fmt: skip
-    if inplace and need_grad_recon:
+    # fp16/bf16 gradients are kept in fp32 until backward (loss scaling), so
+    # they cannot be written over a half-precision recon_input: inplace is a
+    # no-op for those dtypes.
+    if inplace and need_grad_recon and recon_input.dtype in _ops.FULL_PRECISION:
         outs = _ops.elbo_loss_inplace(*args)
     else:
         outs = _ops.elbo_loss_op(*args)
-    dtype = torch.promote_types(recon_input.dtype, mu.dtype)
+    dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
     loss, recon, kl, kl_per_dim, beta_used = outs[:5]
     return ELBOOutput(
         loss.to(dtype),
@@ -164,3 +188,24 @@ def elbo_loss(
         kl_per_dim.detach().to(dtype),
         beta_used.detach().to(dtype),
     )
+
+
+def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
+    """recon_input is, or is a view of, a leaf that requires grad.
+
+    Writing into a view of a parameter writes the parameter (torch itself
+    refuses ``p.view(...).mul_(2)``): every tensor up the ``_base`` chain
+    shares the storage.
+    """
+    t: Optional[torch.Tensor] = recon_input
+    while t is not None:
+        if t.is_leaf and t.requires_grad:
+            return True
+        t = t._base
+    return False
+
+
+def _functorch_active() -> bool:
+    """A torch.func transform (grad, vmap, jacrev, ...) is running (eager only:
+    torch.compile traces the op itself)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()

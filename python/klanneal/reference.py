@@ -56,11 +56,11 @@ def _recon_per_example(
             ignore_index=ignore_index,
         )
     elif likelihood == "bernoulli":
-        nll = F.binary_cross_entropy_with_logits(recon_input, target, reduction="none")
+        nll = _bernoulli_nll(recon_input, target)
     elif likelihood == "gaussian":
-        nll = 0.5 * (
-            (recon_input - target) ** 2 / gaussian_var + math.log(2 * math.pi * gaussian_var)
-        )
+        # log(2 pi) + log(var): 2 pi var itself overflows for var > 2.8e307.
+        log_norm = math.log(2 * math.pi) + math.log(gaussian_var)
+        nll = 0.5 * ((recon_input - target) ** 2 / gaussian_var + log_norm)
     elif likelihood == "mse":
         nll = (recon_input - target) ** 2
     else:
@@ -68,9 +68,27 @@ def _recon_per_example(
     return nll.reshape(batch, -1).sum(dim=1)
 
 
+def _bernoulli_nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, exact at infinite logits too.
+
+    softplus(-x) + x (1 - y) for x > 0 and softplus(x) - x y otherwise, the
+    linear part taken as 0 where its target factor is exactly 0. Equal to
+    F.binary_cross_entropy_with_logits for finite x (value and gradient
+    sigmoid(x) - y), but where torch gives NaN at x = +-inf (inf - inf,
+    inf * 0) this gives the loss's limits: 0 where the target agrees exactly
+    with the logit's sign, +inf otherwise (as the kernels do).
+    """
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    positive = F.softplus(-x) + torch.where(y == 1, zero, x * (1 - y))
+    negative = F.softplus(x) - torch.where(y == 0, zero, x * y)
+    return torch.where(x > 0, positive, negative)
+
+
 def _beta_value(beta: Any, step: Optional[Union[int, torch.Tensor]]) -> Union[float, torch.Tensor]:
     """A float or 0-d tensor beta, evaluating a schedule at `step` if given one."""
-    if hasattr(beta, "to_params"):
+    from klanneal.schedules import Schedule
+
+    if isinstance(beta, Schedule):
         return float(beta(int(step)))
     return beta
 
@@ -103,15 +121,21 @@ def elbo_loss_ref(
         ELBOOutput(loss, recon, kl, kl_per_dim, beta).
     """
     batch = mu.shape[0]
+    # At least float32, as torch autocast returns losses: half-precision
+    # inputs are accumulated in fp32 and a half result could overflow.
     dtype = torch.promote_types(recon_input.dtype, mu.dtype)
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
     beta = _beta_value(beta, step)
 
     recon_b = _recon_per_example(recon_input, target, likelihood, ignore_index, gaussian_var)
     kl_bd = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # [B, D]
     kl_per_dim = kl_bd.mean(dim=0)  # [D]
     if free_bits > 0 and free_bits_mode == "batch":
-        # clamp, not maximum: at a tie the gradient passes (the kernels match this).
-        kl_term_total = batch * kl_per_dim.clamp(min=free_bits).sum()
+        # clamp, not maximum: at a tie the gradient passes (the kernels match
+        # this). The batch mean is compared with lambda in float64, whatever
+        # the latent dtype (as the CPU and CUDA kernels do).
+        kl_term_total = batch * kl_bd.double().mean(dim=0).clamp(min=free_bits).sum()
         kl_term_b = None
     elif free_bits > 0:
         kl_term_b = kl_bd.clamp(min=free_bits).sum(dim=1)

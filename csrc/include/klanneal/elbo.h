@@ -23,6 +23,11 @@ enum class Reduction : int32_t { kBatchMean = 0, kSum = 1, kNone = 2 };
 // kSample: sum_d max(lambda, KL_bd) for each example.
 enum class FreeBitsMode : int32_t { kBatch = 0, kSample = 1 };
 
+// Storage dtype of the gradients of an input stored as `d` (see ElboParams).
+KLANNEAL_HD DType grad_dtype(DType d) {
+  return d == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+
 struct ElboParams {
   // recon_input is viewed as [n_rows, row_len]. Categorical: one row per
   // position, row_len = V, rows_per_example = n_rows / batch consecutive rows
@@ -65,11 +70,14 @@ struct ElboParams {
   double* beta_out = nullptr;    // [1], the beta that was used
 
   // Gradients of `loss` (under its reduction), written in the forward pass;
-  // nullptr skips that work. grad_recon may alias recon_input (inplace).
-  // For kNone they are the gradients of each example's own loss.
-  void* grad_recon = nullptr;   // [n_rows, row_len], recon_dtype
-  void* grad_mu = nullptr;      // [B, D], latent_dtype
-  void* grad_logvar = nullptr;  // [B, D], latent_dtype
+  // nullptr skips that work. grad_recon may alias recon_input (inplace, fp32
+  // and fp64 only). For kNone they are the gradients of each example's own
+  // loss. Their storage type is the input's for fp32/fp64 and float32 for
+  // fp16/bf16 inputs: a half-precision gradient stored before the upstream
+  // gradient (a loss scale) is applied would underflow or overflow.
+  void* grad_recon = nullptr;   // [n_rows, row_len], grad_dtype(recon_dtype)
+  void* grad_mu = nullptr;      // [B, D], grad_dtype(latent_dtype)
+  void* grad_logvar = nullptr;  // [B, D], grad_dtype(latent_dtype)
 
   int n_threads = 1;  // CPU only: worker threads (the caller passes torch.get_num_threads())
 
@@ -81,6 +89,12 @@ struct ElboParams {
   // recon_input is left untouched when grad_recon aliases it.
   int64_t* first_invalid_target = nullptr;
 };
+
+// The parameter contract of both launchers (csrc/elbo_params.cpp): throws
+// std::invalid_argument naming the first inconsistent field. check_elbo_sizes
+// is the part the CUDA workspace size depends on.
+void check_elbo_sizes(const ElboParams& p);
+void check_elbo_params(const ElboParams& p);
 
 // Fills the outputs. Throws std::invalid_argument on inconsistent parameters.
 void launch_elbo_cpu(const ElboParams& p);

@@ -63,31 +63,51 @@ KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
   return {a.m, a.s + b.s * exp(b.m - a.m)};
 }
 
+// log(s), the row's log-sum-exp minus its max. The loss and the gradient are
+// formed from (m, log s) without ever forming lse = m + log(s): that sum
+// rounds to one ulp of |m|, so with logits around 1e4 it would cost the
+// loss (a few nats) most of its digits. x - m is exact for the elements that
+// matter (Sterbenz), and log(s) lies in [0, log V].
 template <typename T>
-KLANNEAL_HD T lse_value(LseState<T> st) {
-  return st.m + log(st.s);
+KLANNEAL_HD T lse_log_sum(LseState<T> st) {
+  return log(st.s);
 }
 
-// Loss of one row: logsumexp(x) - x[target].
+// Loss of one row: logsumexp(x) - x[target] = log(s) - (x[target] - m).
 template <typename T>
-KLANNEAL_HD T categorical_nll(T lse, T x_target) {
-  return lse - x_target;
+KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) {
+  return log_sum - (x_target - m);
 }
 
-// d loss / d x_j = softmax_j - [j == target], times scale. The target term
-// is formed in T (fp32 at least) before any cast to a low-precision dtype:
-// p_t - 1 loses everything if p_t is first rounded to fp16/bf16.
+// d loss / d x_j = softmax_j - [j == target], times scale, with softmax_j =
+// exp((x_j - m) - log(s)). The target term is formed in T (fp32 at least)
+// before any cast to a low-precision dtype: p_t - 1 loses everything if p_t
+// is first rounded to fp16/bf16.
 template <typename T>
-KLANNEAL_HD T categorical_grad(T x, T lse, bool is_target, T scale) {
-  const T p = exp(x - lse);
+KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, bool is_target, T scale) {
+  const T p = exp((x - m) - log_sum);
   return (is_target ? p - T(1) : p) * scale;
 }
 
 // ---- bernoulli: binary cross-entropy with logits ---------------------------
-// max(x, 0) - x*y + log1p(exp(-|x|)); soft targets y in [0, 1] allowed.
+// max(x, 0) - x*y + log1p(exp(-|x|)); soft targets y in [0, 1] allowed. The
+// first two terms are written x * (1 - y) for x > 0 and -x * y otherwise,
+// each taken as 0 when its target factor is exactly 0: so infinite logits
+// give the limits of the loss, +inf where the target disagrees (x = +inf,
+// y < 1) and 0 where it agrees exactly (x = +inf, y = 1), instead of the
+// NaN of inf - inf or inf * 0.
+template <typename T>
+KLANNEAL_HD T bernoulli_linear_part(T x, T y) {
+  if (x > T(0)) {
+    const T w = T(1) - y;
+    return w == T(0) ? T(0) : x * w;
+  }
+  return y == T(0) ? T(0) : -(x * y);
+}
+
 template <typename T>
 KLANNEAL_HD T bernoulli_nll(T x, T y) {
-  return (x > T(0) ? x : T(0)) - x * y + log1p(exp(-fabs(x)));
+  return bernoulli_linear_part(x, y) + log1p(exp(-fabs(x)));
 }
 
 template <typename T>
@@ -97,7 +117,12 @@ KLANNEAL_HD T bernoulli_grad(T x, T y) {
 
 // ---- gaussian with fixed variance, and plain squared error ------------------
 // 0.5 * ((x - y)^2 / var + log(2*pi*var)); log_norm = log(2*pi*var) is
-// computed once per launch.
+// computed once per launch, by gaussian_log_norm.
+// log(2 pi var) as log(2 pi) + log(var): 2 pi var overflows for var > 2.8e307.
+KLANNEAL_HD double gaussian_log_norm(double var) {
+  return 1.8378770664093454835606594728112 + log(var);
+}
+
 template <typename T>
 KLANNEAL_HD T gaussian_nll(T x, T y, T inv_var, T log_norm) {
   const T d = x - y;
