@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import os
 import subprocess
 import sys
@@ -115,8 +114,14 @@ def test_bernoulli_extreme_logits():
 def test_bernoulli_infinite_logits_give_the_limits_of_the_loss(dtype, batch):
     # Regression: max(x, 0) - x*y gave inf - inf = NaN at x = +inf, y = 0.
     cases = torch.tensor(
-        [[math.inf, 0.0, math.inf], [math.inf, 0.3, math.inf], [math.inf, 1.0, 0.0],
-         [-math.inf, 1.0, math.inf], [-math.inf, 0.0, 0.0]], dtype=dtype,
+        [
+            [math.inf, 0.0, math.inf],
+            [math.inf, 0.3, math.inf],
+            [math.inf, 1.0, 0.0],
+            [-math.inf, 1.0, math.inf],
+            [-math.inf, 0.0, 0.0],
+        ],
+        dtype=dtype,
     )  # fmt: skip  (logit, target, loss)
     for x_val, y_val, want in cases.tolist():
         x = torch.zeros(batch, 40, dtype=dtype)

@@ -404,7 +404,8 @@ def test_recon_and_latent_dtypes_are_dispatched_separately(emulated, latent_dtyp
     inputs["logvar"] = inputs["logvar"].to(latent_dtype)
     got = run_emulated(emulated, inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
     # fp16 latents: their gradients are stored in fp32 (ElboParams).
-    assert got["grad_mu"].dtype == (torch.float64 if latent_dtype == torch.float64 else torch.float32)
+    stored = torch.float64 if latent_dtype == torch.float64 else torch.float32
+    assert got["grad_mu"].dtype == stored
     want = reference(inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
     tol = TOL[torch.float32] if latent_dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
     assert_matches(got, want, tol)

@@ -241,9 +241,7 @@ def test_a_bernoulli_target_that_requires_grad_is_refused():
         elbo_loss(x, target.requires_grad_(), mu, logvar, likelihood="bernoulli")
 
 
-@pytest.mark.parametrize(
-    ("low", "target_value"), [(torch.bfloat16, 0.5004), (torch.float16, 1e5)]
-)
+@pytest.mark.parametrize(("low", "target_value"), [(torch.bfloat16, 0.5004), (torch.float16, 1e5)])
 def test_float_targets_are_promoted_not_cast_down(low, target_value):
     # Regression: bf16 predictions vs an fp32 target 0.5004 gave mse 0 (0.5004
     # is 0.5 in bf16); fp16 predictions vs 1e5 gave inf (1e5 > fp16's max).
@@ -256,7 +254,8 @@ def test_float_targets_are_promoted_not_cast_down(low, target_value):
     out.loss.backward()
     assert x.grad.dtype == low
     if low == torch.bfloat16:  # (fp16 cannot hold the gradient -1e5 itself)
-        torch.testing.assert_close(x.grad.float(), torch.full((2, 3), 0.5 - 0.5004), rtol=1e-2, atol=0)
+        want_grad = torch.full((2, 3), 0.5 - 0.5004)
+        torch.testing.assert_close(x.grad.float(), want_grad, rtol=1e-2, atol=0)
 
 
 @pytest.mark.parametrize("schedule", [Monotonic(10, start=-1.0), Constant(-2.0)], ids=repr)

@@ -50,6 +50,8 @@ def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.d
     """
     dtype = torch.promote_types(recon_dtype, latent_dtype)
     return dtype if dtype in FULL_PRECISION else torch.float32
+
+
 # A recon_input gradient of at least this many bytes comes from klanneal's
 # buffer pool on the CPU (csrc/include/klanneal/buffer_pool.h) instead of a
 # fresh torch.empty: glibc maps a buffer this large anew on every call and the
