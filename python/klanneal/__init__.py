@@ -23,7 +23,7 @@ def build_info() -> dict:
     return {"native": True, **_C.build_info()}
 
 
-from klanneal import nn, schedules  # noqa: E402
+from klanneal import metrics, nn, schedules  # noqa: E402
 from klanneal._ops import empty_cache  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.reference import elbo_loss_ref  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "elbo_loss",
     "elbo_loss_ref",
     "empty_cache",
+    "metrics",
     "nn",
     "schedules",
 ]
