@@ -81,7 +81,7 @@ def _schedules_from_args(args: argparse.Namespace) -> list[tuple[str, schedules.
     warmup = args.warmup
     if warmup is None:
         warmup = max(1, round(args.steps / max(args.n_cycles, 1) * args.ratio))
-    built = []
+    built: list[tuple[str, schedules.Schedule]] = []
     for shape in args.shape or ["cyclical"]:
         if shape == "constant":
             built.append((f"constant {args.beta:g}", schedules.Constant(args.beta)))

@@ -296,7 +296,7 @@ class PosteriorStats:
             if not isinstance(prior, torch.Tensor) or not prior.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating-point tensor or None")
             try:
-                torch.broadcast_shapes(prior.shape, mu.shape)
+                prior.expand(mu.shape)
             except RuntimeError:
                 raise ValueError(
                     f"{name} of shape {tuple(prior.shape)} does not broadcast to mu's "

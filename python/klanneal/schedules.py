@@ -146,7 +146,7 @@ def _check_ramp_length(n_iter: int, n_cycle: int, name: str, ratio: float) -> No
         )
 
 
-def _frange_args(n_iter, start, stop, n_cycle) -> tuple[int, float, float, int]:
+def _frange_args(n_iter: Any, start: Any, stop: Any, n_cycle: Any) -> tuple[int, float, float, int]:
     return (
         _as_int("n_iter", n_iter, 0),
         _as_float("start", start),
@@ -160,7 +160,7 @@ def _frange_args(n_iter, start, stop, n_cycle) -> tuple[int, float, float, int]:
 
 def frange_cycle_linear(
     n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> np.ndarray:
+) -> FloatArray:
     """The paper's linear cyclical schedule, bit-identical to the published code.
 
     Equal (``np.array_equal``, float accumulation included) to::
@@ -202,21 +202,27 @@ def frange_cycle_linear(
     n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
     ratio = _as_ratio("ratio", ratio)
     _check_ramp_length(n_iter, n_cycle, "ratio", ratio)
-    return _native("frange_cycle_linear").frange_cycle_linear(n_iter, start, stop, n_cycle, ratio)
+    result: FloatArray = _native("frange_cycle_linear").frange_cycle_linear(
+        n_iter, start, stop, n_cycle, ratio
+    )
+    return result
 
 
-def _frange_mapped(kind: str, n_iter, start, stop, n_cycle, ratio) -> np.ndarray:
+def _frange_mapped(
+    kind: str, n_iter: Any, start: Any, stop: Any, n_cycle: Any, ratio: Any
+) -> FloatArray:
     n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
     ratio = _as_ratio("ratio", ratio)
     _check_span(start, stop)
     _check_ramp_length(n_iter, n_cycle, "ratio", ratio)
     name = f"frange_cycle_{kind}"
-    return getattr(_native(name), name)(n_iter, start, stop, n_cycle, ratio)
+    result: FloatArray = getattr(_native(name), name)(n_iter, start, stop, n_cycle, ratio)
+    return result
 
 
 def frange_cycle_sigmoid(
     n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> np.ndarray:
+) -> FloatArray:
     """The authors' notebook sigmoid schedule, bounds-checked and honouring start/stop.
 
     Runs the loop of :func:`frange_cycle_linear` and writes
@@ -257,7 +263,7 @@ def frange_cycle_sigmoid(
 
 def frange_cycle_cosine(
     n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> np.ndarray:
+) -> FloatArray:
     """The authors' notebook cosine schedule, bounds-checked and honouring start/stop.
 
     As :func:`frange_cycle_sigmoid` with ``f(u) = 0.5 - 0.5 * cos(pi * u)``
@@ -290,7 +296,7 @@ def frange_cycle_zero_linear(
     n_cycle: int = 4,
     ratio_increase: float = 0.25,
     ratio_zero: float = 0.25,
-) -> np.ndarray:
+) -> FloatArray:
     """Optimus' schedule: hold ``start``, ramp linearly to ``stop``, hold ``stop``.
 
     Each period holds ``start`` for its first ``ratio_zero``, ramps over the
@@ -323,9 +329,10 @@ def frange_cycle_zero_linear(
             f"ratio_increase + ratio_zero must be <= 1, got {ratio_increase} + {ratio_zero}"
         )
     _check_ramp_length(n_iter, n_cycle, "ratio_increase", ratio_increase)
-    return _native("frange_cycle_zero_linear").frange_cycle_zero_linear(
+    result: FloatArray = _native("frange_cycle_zero_linear").frange_cycle_zero_linear(
         n_iter, start, stop, n_cycle, ratio_increase, ratio_zero
     )
+    return result
 
 
 # ---- pure-Python reference of the C++ schedule_value ---------------------------
@@ -451,7 +458,7 @@ class Schedule:
     def __init__(self) -> None:
         raise TypeError("Schedule is abstract: use Constant, Monotonic, Cyclical or Capacity")
 
-    def _configure(self, **kwargs: Any) -> None:
+    def _configure(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError
 
     def _set_params(self, params: list[float]) -> None:
@@ -611,7 +618,7 @@ class Schedule:
             return NotImplemented
         return self._kwargs() == other._kwargs()
 
-    __hash__ = None  # load_state_dict mutates a schedule
+    __hash__ = None  # type: ignore[assignment]  # unhashable: load_state_dict mutates it
 
 
 class Constant(Schedule):
