@@ -590,8 +590,122 @@ def test_bad_arguments_raise(call, error, fragment):
 
 def test_missing_extension_raises_import_error(monkeypatch):
     monkeypatch.setattr(klanneal, "_C", None)
-    with pytest.raises(ImportError, match="needs the compiled extension klanneal._C"):
+    with pytest.raises(ImportError, match="frange_cycle_linear needs the compiled extension"):
         frange_cycle_linear(10)
+
+
+# ---- the pure-Python reference of schedule_value -----------------------------------
+
+# One of every kind, shape and corner: decreasing ramps, a warm-up of 0
+# steps, a period that is not a whole number of steps, one step per cycle.
+_EVERY_KIND = [
+    Constant(0.3),
+    Monotonic(1000, 0.1, 0.9),
+    Monotonic(977, 1.0, 0.0),
+    Monotonic(0),
+    Capacity(25.0, 3333),
+    Capacity(1.5, 0),
+    *(
+        Cyclical(total_steps, n_cycles, ratio, start, stop, shape, zero_ratio)
+        for shape in schedules.SHAPES
+        for total_steps, n_cycles, ratio, start, stop, zero_ratio in [
+            (1000, 4, 0.5, 0.0, 1.0, 0.0),
+            (40_000, 7, 0.3, -1.0, 2.5, 0.25),
+            (997, 13, 1.0, 1.0, 0.0, 0.0),
+            (3, 3, 1.0, 0.0, 1.0, 0.0),
+            (1001, 10, 1e-3, 0.0, 1.0, 0.999 - 1e-3),
+        ]
+    ),
+]
+
+
+def _many_steps(schedule: Schedule) -> np.ndarray:
+    length = int(schedule.to_params()[4])  # total_steps / warm-up
+    rng = np.random.default_rng(length)
+    dense = np.arange(min(length + 10, 50_000), dtype=np.int64)
+    return np.concatenate([dense, rng.integers(0, 2**62, 1000), [2**62]])
+
+
+@pytest.mark.parametrize("schedule", _EVERY_KIND, ids=repr)
+def test_python_reference_equals_the_cpp_values_exactly(schedule):
+    steps = _many_steps(schedule)
+    native = klanneal._C.schedule_values(schedule.to_params(), steps)
+    reference = schedules.schedule_values_ref(schedule.to_params(), steps)
+    assert reference.dtype == np.float64
+    np.testing.assert_array_equal(reference, native)
+    for k in steps[::97]:
+        assert schedules.schedule_value_ref(schedule.to_params(), int(k)) == schedule(int(k))
+
+
+@settings(max_examples=80, deadline=None)
+@given(_any_schedule, st.lists(st.integers(0, 2**62), max_size=20))
+def test_python_reference_equals_the_cpp_values_on_drawn_schedules(schedule, extra):
+    steps = np.array(list(range(0, 1600, 7)) + extra, dtype=np.int64)
+    native = klanneal._C.schedule_values(schedule.to_params(), steps)
+    np.testing.assert_array_equal(
+        schedules.schedule_values_ref(schedule.to_params(), steps), native
+    )
+
+
+def test_python_reference_clamps_negative_steps_like_cpp():
+    params = Monotonic(10, 0.25, 1.0).to_params()
+    assert schedules.schedule_value_ref(params, -5) == 0.25
+
+
+@pytest.mark.parametrize("disable", ["env", "missing"])
+def test_schedules_work_without_the_extension(monkeypatch, disable):
+    expected = {
+        repr(s): (s(123), s.values(1200), s.values(np.array([[5, 0], [7, 999]])))
+        for s in _EVERY_KIND
+    }
+    if disable == "env":
+        monkeypatch.setenv("KLANNEAL_DISABLE_NATIVE", "1")
+    else:
+        monkeypatch.setattr(klanneal, "_C", None)
+    calls = []
+    monkeypatch.setattr(
+        schedules, "schedule_value_ref", _counting(schedules.schedule_value_ref, calls)
+    )
+    for schedule in _EVERY_KIND:
+        # Constructed without the extension too: validation is in Python.
+        rebuilt = Schedule.from_state_dict(schedule.state_dict())
+        value, dense, grid = expected[repr(schedule)]
+        assert rebuilt(123) == value
+        np.testing.assert_array_equal(rebuilt.values(1200), dense)
+        np.testing.assert_array_equal(rebuilt.values(np.array([[5, 0], [7, 999]])), grid)
+        assert torch.equal(rebuilt.values(torch.arange(1200)), torch.from_numpy(dense))
+    assert calls, "the Python reference was not used"
+    scheduler = BetaScheduler(Cyclical(100, 2))
+    for _ in range(10):
+        scheduler.step()
+    assert scheduler.beta == 0.4  # 10 steps into a 25-step ramp
+    with pytest.raises(ValueError, match="steps must be >= 0, got -3 at index 1"):
+        Monotonic(10).values(np.array([2, -3]))
+    with pytest.raises(ValueError, match="ratio must be in"):
+        Cyclical(100, ratio=0.0)
+    with pytest.raises(ImportError, match="needs the compiled extension"):
+        frange_cycle_sigmoid(10)
+
+
+def _counting(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def test_scheduled_beta_in_the_loss_without_the_extension(monkeypatch):
+    logits = torch.randn(3, 4, 7, dtype=torch.float64)
+    tokens = torch.randint(0, 7, (3, 4))
+    mu, logvar = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    schedule = Cyclical(100, 2, shape="cosine")
+    native = klanneal.elbo_loss(logits, tokens, mu, logvar, schedule, step=torch.tensor(13))
+    monkeypatch.setenv("KLANNEAL_DISABLE_NATIVE", "1")
+    for step in (13, torch.tensor(13)):
+        fallback = klanneal.elbo_loss(logits, tokens, mu, logvar, schedule, step=step)
+        assert float(fallback.beta) == schedule(13) == float(native.beta)
+        torch.testing.assert_close(fallback.loss, native.loss)
 
 
 # ---- CUDA ------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 try:
@@ -9,21 +11,21 @@ try:
 
     HAS_NATIVE = True
 except ImportError:  # pragma: no cover - the fallback path is tested via KLANNEAL_DISABLE_NATIVE
-    _C = None
+    _C = None  # type: ignore[assignment]  # (mypy sees the stub _C.pyi: always a module)
     HAS_NATIVE = False
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """How the native extension was built (see ``klanneal._C.build_info``).
 
     Returns ``{"native": False}`` when the extension is missing.
     """
-    if _C is None:
+    if not HAS_NATIVE:
         return {"native": False, "version": __version__, "cuda": False}
     return {"native": True, **_C.build_info()}
 
 
-from klanneal import nn, schedules  # noqa: E402
+from klanneal import metrics, nn, schedules  # noqa: E402
 from klanneal._ops import empty_cache  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.reference import elbo_loss_ref  # noqa: E402
@@ -35,6 +37,7 @@ __all__ = [
     "elbo_loss",
     "elbo_loss_ref",
     "empty_cache",
+    "metrics",
     "nn",
     "schedules",
 ]

@@ -13,15 +13,46 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from klanneal import schedules
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # Evaluating every step of a long schedule is cheap, plotting it is not: a
 # line of more points than this is drawn from evenly spaced steps.
 _MAX_PLOT_POINTS = 20_000
 _MISSING_MATPLOTLIB = 2  # exit status, as for a usage error
+
+# The schedule options, their defaults and the shapes they apply to. They
+# are parsed with default None, so that an option given for a shape it does
+# not apply to is rejected instead of silently ignored.
+_DEFAULTS: dict[str, Any] = {
+    "n_cycles": 4,
+    "ratio": 0.5,
+    "zero_ratio": 0.0,
+    "ramp": None,
+    "start": 0.0,
+    "stop": 1.0,
+    "warmup": None,
+    "beta": 1.0,
+    "c_max": 25.0,
+}
+_APPLIES_TO = {
+    "n_cycles": ("cyclical",),
+    "ratio": ("cyclical",),
+    "zero_ratio": ("cyclical",),
+    "ramp": ("cyclical",),
+    "start": ("cyclical", "monotonic"),
+    "stop": ("cyclical", "monotonic"),
+    "warmup": ("monotonic", "capacity"),
+    "beta": ("constant",),
+    "c_max": ("capacity",),
+}
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -44,15 +75,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         help="schedule to plot (repeatable; default: cyclical)",
     )
     plot.add_argument("--steps", type=int, default=40_000, help="training steps to plot")
-    plot.add_argument("--n-cycles", type=int, default=4, help="cyclical: number of cycles")
+    plot.add_argument("--n-cycles", type=int, help="cyclical: number of cycles (default 4)")
     plot.add_argument(
-        "--ratio", type=float, default=0.5, help="cyclical: fraction of a period spent ramping"
+        "--ratio", type=float, help="cyclical: fraction of a period spent ramping (default 0.5)"
     )
     plot.add_argument(
         "--zero-ratio",
         type=float,
-        default=0.0,
-        help="cyclical: fraction of a period held at --start before the ramp",
+        help="cyclical: fraction of a period held at --start before the ramp (default 0)",
     )
     plot.add_argument(
         "--ramp",
@@ -60,28 +90,51 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         choices=schedules.SHAPES,
         help="cyclical: ramp shape (repeatable; default: linear)",
     )
-    plot.add_argument("--start", type=float, default=0.0, help="value at the start of a ramp")
-    plot.add_argument("--stop", type=float, default=1.0, help="value at the end of a ramp")
+    plot.add_argument(
+        "--start", type=float, help="cyclical/monotonic: value at the start of a ramp (default 0)"
+    )
+    plot.add_argument(
+        "--stop", type=float, help="cyclical/monotonic: value at the end of a ramp (default 1)"
+    )
     plot.add_argument(
         "--warmup",
         type=int,
         default=None,
         help="monotonic/capacity: warm-up steps (default: a cyclical ramp's length)",
     )
-    plot.add_argument("--beta", type=float, default=1.0, help="constant: the value")
-    plot.add_argument("--c-max", type=float, default=25.0, help="capacity: final capacity (nats)")
+    plot.add_argument("--beta", type=float, help="constant: the value (default 1)")
+    plot.add_argument("--c-max", type=float, help="capacity: final capacity in nats (default 25)")
     plot.add_argument("--title", default=None, help="figure title")
-    plot.add_argument("--out", default="schedule.png", help="output PNG path")
+    plot.add_argument(
+        "--out",
+        default="schedule.png",
+        help="output PNG path (missing directories are created)",
+    )
     return parser, {"schedule": plot}
+
+
+def _check_applicable(args: argparse.Namespace, shapes: list[str]) -> None:
+    """Reject an option given for none of the chosen shapes; then fill in the defaults."""
+    for name, applies_to in _APPLIES_TO.items():
+        given = getattr(args, name)
+        if given is not None and not set(applies_to) & set(shapes):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} applies only to --shape {' or '.join(applies_to)}, but the "
+                f"schedules plotted are: {', '.join(shapes)}"
+            )
+        if given is None:
+            setattr(args, name, _DEFAULTS[name])
 
 
 def _schedules_from_args(args: argparse.Namespace) -> list[tuple[str, schedules.Schedule]]:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    _check_applicable(args, args.shape or ["cyclical"])
     warmup = args.warmup
     if warmup is None:
         warmup = max(1, round(args.steps / max(args.n_cycles, 1) * args.ratio))
-    built = []
+    built: list[tuple[str, schedules.Schedule]] = []
     for shape in args.shape or ["cyclical"]:
         if shape == "constant":
             built.append((f"constant {args.beta:g}", schedules.Constant(args.beta)))
@@ -108,27 +161,76 @@ def _schedules_from_args(args: argparse.Namespace) -> list[tuple[str, schedules.
     return built
 
 
+def plot_schedules(
+    curves: Sequence[tuple[str, schedules.Schedule]], steps: int, title: Optional[str] = None
+) -> Figure:
+    """A matplotlib figure of labelled schedules over steps ``0 .. steps - 1``.
+
+    Beta schedules share the left axis; a :class:`klanneal.schedules.Capacity`
+    target C(t) is in nats, a different quantity on a different scale, so it
+    is drawn on its own right-hand axis (the only axis when nothing else is
+    plotted). Lines of more than 20,000 points are drawn from evenly spaced
+    steps.
+
+    Args:
+        curves: ``(label, schedule)`` pairs.
+        steps: Number of steps (>= 1).
+        title: Figure title (default "klanneal schedules").
+
+    Returns:
+        The figure (the caller saves or shows it and closes it).
+    """
+    import matplotlib.pyplot as plt
+
+    xs = np.unique(np.linspace(0, steps - 1, min(steps, _MAX_PLOT_POINTS)).astype(np.int64))
+    fig, beta_ax = plt.subplots(figsize=(8, 3.5))
+    Curves = list[tuple[str, schedules.Schedule]]
+    betas: Curves = [(label, s) for label, s in curves if not isinstance(s, schedules.Capacity)]
+    capacities: Curves = [(label, s) for label, s in curves if isinstance(s, schedules.Capacity)]
+    axes = []
+    if betas:
+        axes.append((beta_ax, betas, "beta"))
+    if capacities:
+        capacity_ax = beta_ax.twinx() if betas else beta_ax
+        axes.append((capacity_ax, capacities, "capacity C(t) (nats)"))
+    handles = []
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(curves))
+    for ax, group, ylabel in axes:
+        for label, schedule in group:
+            values = np.asarray(schedule.values(xs))
+            (line,) = ax.plot(xs, values, label=label, linewidth=1.5, color=next(colors))
+            handles.append(line)
+        ax.set_ylabel(ylabel)
+    beta_ax.set_xlabel("training step")
+    beta_ax.set_title(title or "klanneal schedules")
+    beta_ax.grid(alpha=0.3)
+    beta_ax.legend(handles=handles, loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def _plot(
-    out: str, steps: int, curves: list[tuple[str, schedules.Schedule]], title: str | None
+    out: str, steps: int, curves: list[tuple[str, schedules.Schedule]], title: Optional[str]
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = np.unique(np.linspace(0, steps - 1, min(steps, _MAX_PLOT_POINTS)).astype(np.int64))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for label, schedule in curves:
-        ax.plot(xs, schedule.values(xs), label=label, linewidth=1.5)
-    ax.set_xlabel("training step")
-    has_capacity = any(isinstance(s, schedules.Capacity) for _, s in curves)
-    ax.set_ylabel("beta (capacity: nats)" if has_capacity else "beta")
-    ax.set_title(title or "klanneal schedules")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
+    fig = plot_schedules(curves, steps, title)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def _prepare_out(out: str) -> None:
+    """Create the output's missing parent directories; a clear error if that fails."""
+    parent = Path(out).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out: cannot create the directory {parent}: {err.strerror}") from None
+    if Path(out).is_dir():
+        raise ValueError(f"--out must be a file path, but {out} is a directory")
 
 
 def _schedule_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -145,6 +247,10 @@ def _schedule_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
             file=sys.stderr,
         )
         return _MISSING_MATPLOTLIB
+    try:
+        _prepare_out(args.out)
+    except ValueError as err:
+        parser.error(str(err))
     _plot(args.out, args.steps, curves, args.title)
     for label, schedule in curves:
         print(f"{label}: {schedule!r}")

@@ -94,11 +94,11 @@ class CyclicalCosineLR(LRScheduler):
         tau = self.position(step)
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * tau))
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | torch.Tensor]:
         f = self.factor(self.last_epoch)
         return [base * f for base in self.base_lrs]
 
-    def _get_closed_form_lr(self) -> list[float]:
+    def _get_closed_form_lr(self) -> list[float | torch.Tensor]:
         return self.get_lr()
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from klanneal import _ops, _validate
 from klanneal.reference import ELBOOutput, elbo_loss_ref
+from klanneal.schedules import Schedule
 
 __all__ = ["ELBOOutput", "elbo_loss"]
 
@@ -17,7 +18,7 @@ def elbo_loss(
     target: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
-    beta: Any = 1.0,
+    beta: Union[float, torch.Tensor, Schedule] = 1.0,
     *,
     step: Optional[Union[int, torch.Tensor]] = None,
     likelihood: str = "categorical",

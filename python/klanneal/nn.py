@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch import nn
 from klanneal import _validate
 from klanneal.elbo import elbo_loss
 from klanneal.reference import ELBOOutput
+from klanneal.schedules import Schedule
 
 __all__ = ["ELBOLoss"]
 
@@ -44,7 +45,7 @@ class ELBOLoss(nn.Module):
 
     def __init__(
         self,
-        schedule: Union[float, Any] = 1.0,
+        schedule: Union[float, Schedule] = 1.0,
         *,
         likelihood: str = "categorical",
         reduction: str = "batchmean",

@@ -9,7 +9,10 @@ Two families:
 * Schedule objects (``Constant``, ``Monotonic``, ``Cyclical``, ``Capacity``):
   closed-form, O(1) per step, the same C++ formula on CPU and GPU, and the
   stateful ``BetaScheduler`` wrapper with the protocol of torch's LR
-  schedulers.
+  schedulers. Without the extension (or with ``KLANNEAL_DISABLE_NATIVE=1``)
+  they are evaluated by :func:`schedule_value_ref`, a line-by-line Python
+  transcription of the C++ formula; the ``frange_cycle_*`` arrays need the
+  extension.
 
 Example:
     >>> from klanneal.schedules import BetaScheduler, Cyclical
@@ -23,11 +26,17 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "SHAPES",
@@ -42,6 +51,8 @@ __all__ = [
     "frange_cycle_linear",
     "frange_cycle_sigmoid",
     "frange_cycle_zero_linear",
+    "schedule_value_ref",
+    "schedule_values_ref",
 ]
 
 #: Ramp shapes of ``Cyclical``, in the order of the C++ ``RampShape`` enum.
@@ -50,18 +61,29 @@ SHAPES = ("linear", "sigmoid", "cosine")
 _MAX_COUNT = 2**53  # n_iter, n_cycle: exact as float64, like Python's int/int
 _MAX_STEP = 2**62  # steps beyond this are clamped: every schedule holds `stop` long before
 
-StepsLike = Union[int, Sequence[int], np.ndarray, Any]
+StepsLike = Union[int, Sequence[int], "npt.NDArray[np.integer[Any]]", "torch.Tensor"]
+FloatArray = npt.NDArray[np.float64]
 
 
-def _native():
+def _loaded_native() -> ModuleType | None:
+    """klanneal._C, or None when it failed to import or KLANNEAL_DISABLE_NATIVE is set."""
     from klanneal import _C
 
-    if _C is None:
-        raise ImportError(
-            "klanneal.schedules needs the compiled extension klanneal._C, which failed to "
-            "import; reinstall klanneal (`make install` or `pip install .`)"
-        )
+    if _C is None or os.environ.get("KLANNEAL_DISABLE_NATIVE", "0") not in ("", "0"):
+        return None
     return _C
+
+
+def _native(function: str) -> ModuleType:
+    native = _loaded_native()
+    if native is None:
+        raise ImportError(
+            f"klanneal.schedules.{function} needs the compiled extension klanneal._C, which "
+            "failed to import or is disabled by KLANNEAL_DISABLE_NATIVE; reinstall klanneal "
+            "(`make install` or `pip install .`); the schedule objects (Cyclical, ...) work "
+            "without it"
+        )
+    return native
 
 
 # ---- argument checks ---------------------------------------------------------
@@ -124,7 +146,7 @@ def _check_ramp_length(n_iter: int, n_cycle: int, name: str, ratio: float) -> No
         )
 
 
-def _frange_args(n_iter, start, stop, n_cycle) -> tuple[int, float, float, int]:
+def _frange_args(n_iter: Any, start: Any, stop: Any, n_cycle: Any) -> tuple[int, float, float, int]:
     return (
         _as_int("n_iter", n_iter, 0),
         _as_float("start", start),
@@ -138,7 +160,7 @@ def _frange_args(n_iter, start, stop, n_cycle) -> tuple[int, float, float, int]:
 
 def frange_cycle_linear(
     n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> np.ndarray:
+) -> FloatArray:
     """The paper's linear cyclical schedule, bit-identical to the published code.
 
     Equal (``np.array_equal``, float accumulation included) to::
@@ -180,20 +202,27 @@ def frange_cycle_linear(
     n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
     ratio = _as_ratio("ratio", ratio)
     _check_ramp_length(n_iter, n_cycle, "ratio", ratio)
-    return _native().frange_cycle_linear(n_iter, start, stop, n_cycle, ratio)
+    result: FloatArray = _native("frange_cycle_linear").frange_cycle_linear(
+        n_iter, start, stop, n_cycle, ratio
+    )
+    return result
 
 
-def _frange_mapped(kind: str, n_iter, start, stop, n_cycle, ratio) -> np.ndarray:
+def _frange_mapped(
+    kind: str, n_iter: Any, start: Any, stop: Any, n_cycle: Any, ratio: Any
+) -> FloatArray:
     n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
     ratio = _as_ratio("ratio", ratio)
     _check_span(start, stop)
     _check_ramp_length(n_iter, n_cycle, "ratio", ratio)
-    return getattr(_native(), f"frange_cycle_{kind}")(n_iter, start, stop, n_cycle, ratio)
+    name = f"frange_cycle_{kind}"
+    result: FloatArray = getattr(_native(name), name)(n_iter, start, stop, n_cycle, ratio)
+    return result
 
 
 def frange_cycle_sigmoid(
     n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> np.ndarray:
+) -> FloatArray:
     """The authors' notebook sigmoid schedule, bounds-checked and honouring start/stop.
 
     Runs the loop of :func:`frange_cycle_linear` and writes
@@ -234,7 +263,7 @@ def frange_cycle_sigmoid(
 
 def frange_cycle_cosine(
     n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> np.ndarray:
+) -> FloatArray:
     """The authors' notebook cosine schedule, bounds-checked and honouring start/stop.
 
     As :func:`frange_cycle_sigmoid` with ``f(u) = 0.5 - 0.5 * cos(pi * u)``
@@ -267,7 +296,7 @@ def frange_cycle_zero_linear(
     n_cycle: int = 4,
     ratio_increase: float = 0.25,
     ratio_zero: float = 0.25,
-) -> np.ndarray:
+) -> FloatArray:
     """Optimus' schedule: hold ``start``, ramp linearly to ``stop``, hold ``stop``.
 
     Each period holds ``start`` for its first ``ratio_zero``, ramps over the
@@ -300,9 +329,97 @@ def frange_cycle_zero_linear(
             f"ratio_increase + ratio_zero must be <= 1, got {ratio_increase} + {ratio_zero}"
         )
     _check_ramp_length(n_iter, n_cycle, "ratio_increase", ratio_increase)
-    return _native().frange_cycle_zero_linear(
+    result: FloatArray = _native("frange_cycle_zero_linear").frange_cycle_zero_linear(
         n_iter, start, stop, n_cycle, ratio_increase, ratio_zero
     )
+    return result
+
+
+# ---- pure-Python reference of the C++ schedule_value ---------------------------
+#
+# A transcription of csrc/include/klanneal/schedule.h, operation for
+# operation: Python floats are IEEE doubles and Python never fuses a * b + c
+# into an FMA (the C++ side compiles with -ffp-contract=off for the same
+# reason), and math.exp / math.cos call the platform's libm like std::exp /
+# std::cos, so on one machine the two agree bit for bit (tested). This is what
+# the schedule objects evaluate when klanneal._C is missing or disabled, and
+# the oracle the C++ values are tested against.
+
+_KIND_CONSTANT, _KIND_MONOTONIC, _KIND_CYCLICAL, _KIND_CAPACITY = 0, 1, 2, 3
+_SHAPE_LINEAR, _SHAPE_SIGMOID, _SHAPE_COSINE = 0, 1, 2
+_PI = 3.14159265358979323846  # == math.pi, spelled as in schedule.h
+
+
+def _ramp_shape(shape: int, u: float) -> float:
+    if shape == _SHAPE_SIGMOID:
+        lo = 1.0 / (1.0 + math.exp(6.0))
+        hi = 1.0 / (1.0 + math.exp(-6.0))
+        s = 1.0 / (1.0 + math.exp(-(12.0 * u - 6.0)))
+        return (s - lo) / (hi - lo)
+    if shape == _SHAPE_COSINE:
+        return 0.5 - 0.5 * math.cos(_PI * u)
+    return u
+
+
+def _ramp_between(start: float, stop: float, r: float) -> float:
+    v = start + (stop - start) * r
+    lo, hi = (start, stop) if start < stop else (stop, start)
+    return lo if v < lo else (hi if v > hi else v)
+
+
+def schedule_value_ref(params: Sequence[float], step: int) -> float:
+    """The C++ ``schedule_value`` in pure Python: a schedule's value at one step.
+
+    Args:
+        params: The 8 floats of :meth:`Schedule.to_params` (a valid schedule;
+            they are not checked here).
+        step: Integer step; negative steps are clamped to 0, as in C++.
+
+    Returns:
+        The value, bit-identical to the C++ result on the same machine
+        (sigmoid/cosine ramps use the platform's ``exp``/``cos``, as C++ does).
+    """
+    kind, shape = int(params[0]), int(params[1])
+    start, stop, total_steps, n_cycles, ratio, zero_ratio = (float(v) for v in params[2:8])
+    t = 0.0 if step < 0 else float(step)
+    if kind == _KIND_CONSTANT:
+        return start
+    if kind in (_KIND_MONOTONIC, _KIND_CAPACITY):
+        if not t < total_steps:  # also a warm-up of 0 steps
+            return stop
+        return _ramp_between(start, stop, t / total_steps)
+    if kind == _KIND_CYCLICAL:
+        if not t < total_steps:
+            return stop
+        # Integer-valued doubles below 2**52: the cycle and the position in it
+        # are exact, so cycle boundaries fall on exactly the right step.
+        scaled = t * n_cycles
+        cycle = float(math.floor(scaled / total_steps))
+        tau = (scaled - cycle * total_steps) / total_steps
+        if tau < zero_ratio:
+            return start
+        u = (tau - zero_ratio) / ratio
+        if u >= 1.0:
+            return stop
+        return _ramp_between(start, stop, _ramp_shape(shape, u))
+    return stop
+
+
+def schedule_values_ref(params: Sequence[float], steps: npt.ArrayLike) -> FloatArray:
+    """:func:`schedule_value_ref` at every step of an integer array.
+
+    Args:
+        params: The 8 floats of :meth:`Schedule.to_params`.
+        steps: Integer steps, any shape (negative ones are clamped to 0).
+
+    Returns:
+        float64 array of the steps' shape, element for element equal to
+        :func:`schedule_value_ref`.
+    """
+    steps_array = np.asarray(steps)
+    flat = steps_array.reshape(-1).tolist()
+    values = np.array([schedule_value_ref(params, k) for k in flat], dtype=np.float64)
+    return values.reshape(steps_array.shape)
 
 
 # ---- closed-form schedule objects -----------------------------------------------
@@ -341,19 +458,23 @@ class Schedule:
     def __init__(self) -> None:
         raise TypeError("Schedule is abstract: use Constant, Monotonic, Cyclical or Capacity")
 
-    def _configure(self, **kwargs: Any) -> None:
+    def _configure(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError
 
     def _set_params(self, params: list[float]) -> None:
         self._params = [float(x) for x in params]
-        _native().check_schedule_params(self._params)
+        native = _loaded_native()
+        # _configure has validated every argument; the C++ check guards the
+        # boundary the kernels see, and there is none without the extension.
+        if native is not None:
+            native.check_schedule_params(self._params)
 
     def to_params(self) -> list[float]:
         """The 8 floats ``[kind, shape, start, stop, total_steps, n_cycles, ratio,
         zero_ratio]`` of the C++ ``ScheduleParams`` (what the kernels receive)."""
         return list(self._params)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int | np.integer[Any] | torch.Tensor) -> float:
         """Value at ``step``.
 
         Args:
@@ -366,9 +487,12 @@ class Schedule:
             TypeError: ``step`` is not an integer.
             ValueError: ``step < 0``.
         """
-        return _native().schedule_value(self._params, _as_step(step))
+        native = _loaded_native()
+        if native is None:
+            return schedule_value_ref(self._params, _as_step(step))
+        return float(native.schedule_value(self._params, _as_step(step)))
 
-    def values(self, n_or_steps: StepsLike) -> Any:
+    def values(self, n_or_steps: StepsLike) -> FloatArray | torch.Tensor:
         """Values at many steps at once, vectorised in C++ (threads) or CUDA.
 
         Args:
@@ -380,6 +504,8 @@ class Schedule:
         Returns:
             float64 numpy array of the steps' shape, or for a tensor a float64
             tensor on its device. ``values(n)[k] == self(k)`` exactly.
+            Without the extension the values come from
+            :func:`schedule_values_ref` (a Python loop, on the CPU).
 
         Raises:
             TypeError: Steps are not integers.
@@ -387,15 +513,19 @@ class Schedule:
                 for negative steps synchronises with the device).
             RuntimeError: A CUDA tensor but klanneal was built without CUDA.
         """
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(n_or_steps, torch.Tensor):
-            return self._values_tensor(torch, n_or_steps)
+        torch_module = sys.modules.get("torch")
+        if torch_module is not None and isinstance(n_or_steps, torch_module.Tensor):
+            return self._values_tensor(n_or_steps)
         if isinstance(n_or_steps, (int, np.integer)) and not isinstance(n_or_steps, bool):
             n = _as_int("n", n_or_steps, 0, 2**62)
-            return _native().schedule_values_range(self._params, 0, n)
+            native = _loaded_native()
+            if native is None:
+                return schedule_values_ref(self._params, np.arange(n, dtype=np.int64))
+            result: FloatArray = native.schedule_values_range(self._params, 0, n)
+            return result
         return self._values_array(np.asarray(n_or_steps))
 
-    def _values_array(self, steps: np.ndarray) -> np.ndarray:
+    def _values_array(self, steps: npt.NDArray[Any]) -> FloatArray:
         if steps.size == 0:
             return np.zeros(steps.shape, dtype=np.float64)
         if steps.dtype == np.uint64:  # beyond int64: clamp, the value is `stop` anyway
@@ -403,17 +533,26 @@ class Schedule:
         elif steps.dtype.kind not in "iu":
             raise TypeError(f"steps must be integers, got an array of dtype {steps.dtype}")
         flat = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)
-        return _native().schedule_values(self._params, flat).reshape(steps.shape)
+        native = _loaded_native()
+        if native is None:
+            if flat.min() < 0:
+                index = int(np.argmax(flat < 0))
+                raise ValueError(f"steps must be >= 0, got {int(flat[index])} at index {index}")
+            return schedule_values_ref(self._params, flat).reshape(steps.shape)
+        result: FloatArray = native.schedule_values(self._params, flat).reshape(steps.shape)
+        return result
 
-    def _values_tensor(self, torch: Any, steps: Any) -> Any:
+    def _values_tensor(self, steps: torch.Tensor) -> torch.Tensor:
+        import torch  # already imported: the caller holds a tensor
+
         if steps.dtype.is_floating_point or steps.dtype.is_complex or steps.dtype == torch.bool:
             raise TypeError(f"steps must be an integer tensor, got dtype {steps.dtype}")
         if steps.device.type == "cpu":
             steps_np = steps.detach().to(torch.int64).numpy()
             return torch.from_numpy(self._values_array(steps_np))
-        if steps.device.type != "cuda":
-            return self._values_tensor(torch, steps.cpu()).to(steps.device)
-        native = _native()
+        native = _loaded_native()
+        if steps.device.type != "cuda" or native is None:
+            return self._values_tensor(steps.cpu()).to(steps.device)
         if not hasattr(native, "schedule_values_cuda"):
             raise RuntimeError(
                 "klanneal was built without CUDA kernels; rebuild with KLANNEAL_CUDA=ON "
@@ -479,7 +618,7 @@ class Schedule:
             return NotImplemented
         return self._kwargs() == other._kwargs()
 
-    __hash__ = None  # load_state_dict mutates a schedule
+    __hash__ = None  # type: ignore[assignment]  # unhashable: load_state_dict mutates it
 
 
 class Constant(Schedule):

@@ -1,0 +1,71 @@
+# Type stub of klanneal._C, the pybind11 module built from csrc/bind*.cpp.
+# Checked against the built extension by `make lint` (mypy.stubtest), so a
+# binding added or changed without this file fails there. The *_cuda entry
+# points exist only in a build with CUDA kernels (build_info()["cuda"]);
+# callers test for them with hasattr.
+
+from collections.abc import Sequence
+from typing import Any, SupportsFloat, SupportsIndex, SupportsInt, TypedDict, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Float = Union[SupportsFloat, SupportsIndex]
+_Int = Union[SupportsInt, SupportsIndex]
+_Params = Sequence[_Float]  # the 8 floats of Schedule.to_params()
+_FloatArray = npt.NDArray[np.float64]
+
+class _BuildInfo(TypedDict):
+    version: str
+    cuda: bool
+    cuda_version: str
+    cuda_archs: str
+    compiler: str
+    simd: str
+    simd_compiled: str
+
+def build_info() -> _BuildInfo: ...
+
+# ---- schedules (csrc/bind_schedules.cpp) ----
+def frange_cycle_linear(
+    n_iter: _Int, start: _Float, stop: _Float, n_cycle: _Int, ratio: _Float
+) -> _FloatArray: ...
+def frange_cycle_sigmoid(
+    n_iter: _Int, start: _Float, stop: _Float, n_cycle: _Int, ratio: _Float
+) -> _FloatArray: ...
+def frange_cycle_cosine(
+    n_iter: _Int, start: _Float, stop: _Float, n_cycle: _Int, ratio: _Float
+) -> _FloatArray: ...
+def frange_cycle_zero_linear(
+    n_iter: _Int,
+    start: _Float,
+    stop: _Float,
+    n_cycle: _Int,
+    ratio_increase: _Float,
+    ratio_zero: _Float,
+) -> _FloatArray: ...
+def check_schedule_params(params: _Params) -> None: ...
+def schedule_value(params: _Params, step: _Int) -> float: ...
+def schedule_values(params: _Params, steps: npt.ArrayLike, n_threads: _Int = 0) -> _FloatArray: ...
+def schedule_values_range(
+    params: _Params, first_step: _Int, n: _Int, n_threads: _Int = 0
+) -> _FloatArray: ...
+def schedule_values_cuda(
+    params: _Params, steps_ptr: _Int, out_ptr: _Int, n: _Int, stream: _Int
+) -> None: ...
+
+# ---- fused ELBO (csrc/bind_elbo.cpp, csrc/bind_elbo_cuda.cpp) ----
+# params: a dict keyed by the ElboParams field names (klanneal/_ops.py builds it).
+def elbo_forward_cpu(params: dict[str, Any]) -> None: ...
+def elbo_cuda_workspace_bytes(params: dict[str, Any]) -> int: ...
+def elbo_forward_cuda(
+    params: dict[str, Any], workspace_ptr: _Int, workspace_bytes: _Int, stream: _Int
+) -> None: ...
+
+# ---- gradient-buffer pool (csrc/bind_pool.cpp) ----
+pool_max_buffers: int
+pool_max_bytes: int
+
+def pooled_empty(shape: Sequence[_Int], dtype_code: _Int) -> object: ...  # a DLPack capsule
+def pool_cached_bytes() -> int: ...
+def pool_empty_cache() -> None: ...

@@ -1,0 +1,263 @@
+"""A Lightning callback that anneals beta, logs the ELBO terms and posterior diagnostics.
+
+Needs ``lightning`` (``pip install 'klanneal[lightning]'``), the ``lightning``
+distribution's ``lightning.pytorch`` (not the older ``pytorch_lightning``
+package, whose Trainer does not accept its callbacks).
+
+Example::
+
+    import lightning.pytorch as pl
+    import klanneal
+    from klanneal.integrations.lightning import KLAnnealing
+
+    class VAE(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            ...
+            self.criterion = klanneal.nn.ELBOLoss(klanneal.schedules.Cyclical(10_000))
+
+        def training_step(self, batch, batch_idx):
+            logits, mu, logvar = self(batch)
+            out = self.criterion(logits, batch, mu, logvar)
+            return {"loss": out.loss, "elbo": out}   # "elbo": recon and KL get logged
+
+        def validation_step(self, batch, batch_idx):
+            logits, mu, logvar = self(batch)
+            return {"mu": mu, "logvar": logvar}      # PosteriorStats at validation end
+
+    trainer = pl.Trainer(callbacks=[KLAnnealing("criterion")], accumulate_grad_batches=4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+
+from klanneal.metrics import PosteriorStats, PosteriorSummary
+from klanneal.nn import ELBOLoss
+from klanneal.reference import ELBOOutput
+from klanneal.schedules import BetaScheduler
+
+__all__ = ["KLAnnealing"]
+
+Target = Union[ELBOLoss, BetaScheduler]
+
+
+class KLAnnealing(Callback):
+    """Steps a KL schedule once per optimizer step and logs what to watch for KL vanishing.
+
+    **Stepping.** ``target`` (an :class:`klanneal.nn.ELBOLoss`, a
+    :class:`klanneal.schedules.BetaScheduler`, or the name of an attribute of
+    the LightningModule holding one) advances by one step for every
+    optimizer step, i.e. every time ``trainer.global_step`` increases: with
+    ``accumulate_grad_batches=k`` once per k batches, as the learning rate.
+    Do not also call ``target.step()`` yourself. The schedule's step is the
+    number of optimizer steps taken, so the batches of optimizer step s are
+    weighted by ``schedule(s)``.
+
+    **Logging** (``prefix`` + name, through ``LightningModule.log``):
+
+    * ``beta``: every training batch, the beta that batch's loss used.
+    * ``recon``, ``kl``: every training batch, when ``training_step`` returns
+      a dict with the batch's :class:`klanneal.ELBOOutput` under ``"elbo"``
+      (``return {"loss": out.loss, "elbo": out}``); ``kl`` is before free bits.
+    * at the end of each validation epoch (not the sanity check), when
+      ``validation_step`` returns a dict with ``"mu"`` and ``"logvar"``
+      ([B, D] parameters of q(z|x); optionally ``"prior_mu"`` and
+      ``"prior_logvar"``, see :meth:`klanneal.metrics.PosteriorStats.update`):
+      ``val_active_units``, ``val_mutual_information``, ``val_kl`` and
+      ``val_n_collapsed`` of a :class:`klanneal.metrics.PosteriorStats` over
+      the whole validation set, and with ``log_kl_per_dim=True``
+      ``val_kl_dim_<d>`` for each dimension. The full summary is kept in
+      :attr:`posterior_summary`. Under data-parallel training every process
+      computes the statistics of its own shard.
+
+    **Resuming.** The callback's ``state_dict`` (saved in Lightning
+    checkpoints) holds the target's step (and a BetaScheduler's schedule), so
+    ``trainer.fit(..., ckpt_path=...)`` continues the beta sequence exactly.
+
+    Args:
+        target: What to step (see above).
+        prefix: Prepended to every logged name.
+        log_kl_per_dim: Also log the validation KL of every latent dimension.
+        stats: Configures the validation statistics (threshold, mi_points,
+            ...); default ``PosteriorStats()``. It is reset at the start of
+            every validation epoch.
+
+    Raises:
+        TypeError: ``target`` is neither an ELBOLoss, a BetaScheduler nor a
+            string (or, at fit start, the named attribute is neither), or
+            ``stats`` is not a PosteriorStats.
+    """
+
+    def __init__(
+        self,
+        target: Union[Target, str],
+        *,
+        prefix: str = "klanneal/",
+        log_kl_per_dim: bool = False,
+        stats: Optional[PosteriorStats] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(target, (ELBOLoss, BetaScheduler, str)):
+            raise TypeError(
+                "target must be a klanneal.nn.ELBOLoss, a klanneal.schedules.BetaScheduler or "
+                f"the name of a LightningModule attribute holding one, got {type(target).__name__}"
+            )
+        if stats is not None and not isinstance(stats, PosteriorStats):
+            raise TypeError(f"stats must be a klanneal.metrics.PosteriorStats, got {type(stats)}")
+        self._target_name = target if isinstance(target, str) else None
+        self._target: Optional[Target] = None if isinstance(target, str) else target
+        self.prefix = prefix
+        self.log_kl_per_dim = log_kl_per_dim
+        self.stats = PosteriorStats() if stats is None else stats
+        self.posterior_summary: Optional[PosteriorSummary] = None
+        # trainer.global_step when the target was last advanced; None until
+        # the first fit starts (or a checkpoint is loaded).
+        self._global_step: Optional[int] = None
+        # A checkpoint's state, loaded before a target named by attribute was
+        # resolved (Lightning loads callback states before on_fit_start).
+        self._pending_state: Optional[dict[str, Any]] = None
+
+    # ---- the target ---------------------------------------------------------------
+
+    def target(self, pl_module: Optional[LightningModule] = None) -> Target:
+        """The ELBOLoss or BetaScheduler this callback steps.
+
+        Raises:
+            TypeError: A named attribute that is neither.
+            RuntimeError: A target named by attribute, not resolved yet and no
+                module given.
+        """
+        if self._target is not None:
+            return self._target
+        if pl_module is None:
+            raise RuntimeError(
+                f"target {self._target_name!r} is looked up on the LightningModule at fit start"
+            )
+        resolved = getattr(pl_module, str(self._target_name), None)
+        if not isinstance(resolved, (ELBOLoss, BetaScheduler)):
+            raise TypeError(
+                f"target: LightningModule attribute {self._target_name!r} must be a "
+                "klanneal.nn.ELBOLoss or klanneal.schedules.BetaScheduler, got "
+                f"{type(resolved).__name__}"
+            )
+        self._target = resolved
+        return resolved
+
+    def _step_of(self, target: Target) -> int:
+        if isinstance(target, ELBOLoss):
+            return int(target.current_step)
+        return target.last_step
+
+    def _beta_of(self, target: Target) -> float:
+        return float(target.beta)
+
+    # ---- hooks ------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        target = self.target(pl_module)
+        if self._pending_state is not None:
+            self._restore(target, self._pending_state)
+            self._pending_state = None
+        if self._global_step is None:
+            self._global_step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        target = self.target(pl_module)
+        # The optimizer step (if this batch ended an accumulation window) has
+        # already run, but the target has not moved: this is the batch's beta.
+        pl_module.log(f"{self.prefix}beta", self._beta_of(target), on_step=True, batch_size=1)
+        elbo = outputs.get("elbo") if isinstance(outputs, Mapping) else None
+        if isinstance(elbo, ELBOOutput):
+            for name in ("recon", "kl"):
+                value = getattr(elbo, name).detach()
+                pl_module.log(
+                    f"{self.prefix}{name}", value.float().mean(), on_step=True, batch_size=1
+                )
+        if self._global_step is None:
+            self._global_step = trainer.global_step
+        for _ in range(trainer.global_step - self._global_step):
+            target.step()
+        self._global_step = trainer.global_step
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.stats.reset()
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not isinstance(outputs, Mapping):
+            return
+        if "mu" in outputs and "logvar" in outputs:
+            self.stats.update(
+                outputs["mu"],
+                outputs["logvar"],
+                outputs.get("prior_mu"),
+                outputs.get("prior_logvar"),
+            )
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or self.stats.n == 0:
+            return
+        summary = self.stats.compute()
+        self.posterior_summary = summary
+        scalars = {
+            "val_active_units": float(summary["active_units"]),
+            "val_mutual_information": summary["mutual_information"],
+            "val_kl": summary["kl"],
+            "val_n_collapsed": float(summary["n_collapsed"]),
+        }
+        if self.log_kl_per_dim:
+            for d, value in enumerate(summary["kl_per_dim"].tolist()):
+                scalars[f"val_kl_dim_{d}"] = value
+        for name, value in scalars.items():
+            pl_module.log(f"{self.prefix}{name}", value, on_epoch=True, batch_size=1)
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"global_step", "step"}``, plus ``"scheduler"`` for a BetaScheduler: plain Python."""
+        if self._target is None:  # not resolved yet: what was loaded, if anything
+            return dict(self._pending_state or {"global_step": self._global_step})
+        state: dict[str, Any] = {
+            "global_step": self._global_step,
+            "step": self._step_of(self._target),
+        }
+        if isinstance(self._target, BetaScheduler):
+            state["scheduler"] = self._target.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (for a target named by attribute, at fit start)."""
+        self._global_step = state_dict.get("global_step")
+        if self._target is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._restore(self._target, state_dict)
+
+    def _restore(self, target: Target, state: dict[str, Any]) -> None:
+        if "step" not in state:
+            return
+        if isinstance(target, BetaScheduler):
+            target.load_state_dict(state["scheduler"])
+        else:
+            with torch.no_grad():
+                target.current_step.fill_(int(state["step"]))
