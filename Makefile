@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: all venv install demo test bench bench-quick wheel lint format clean
+.PHONY: all venv install demo test bench bench-quick wheel lint format clean sanitize gpu-check
 
 all: test
 
@@ -57,3 +57,28 @@ format: install
 
 clean:
 	rm -rf build dist _skbuild *.egg-info
+
+# The C++ core and the module built with AddressSanitizer and UBSan (float
+# casts included), CPU only, in build/sanitize; the CPU test files run
+# against it with the sanitizer runtimes preloaded. Any report fails the run
+# (halt_on_error). Leak checking is off: CPython and torch keep allocations
+# alive until exit by design.
+SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer -g
+SANITIZE_TESTS ?= tests/test_elbo.py tests/test_elbo_errors.py tests/test_reliability.py \
+	tests/test_fuzz.py tests/test_buffer_pool.py tests/test_schedules.py tests/test_nn.py
+sanitize: venv
+	rm -rf build/sanitize-pkg
+	KLANNEAL_CUDA=OFF CMAKE_ARGS="-DCMAKE_CXX_FLAGS='$(SANITIZE_FLAGS)' -DCMAKE_SHARED_LINKER_FLAGS='-fsanitize=address,undefined'" \
+		$(PIP) install --no-build-isolation --no-deps --target build/sanitize-pkg \
+		--config-settings=build-dir=build/sanitize --config-settings=cmake.build-type=RelWithDebInfo .
+	$(PIP) install "pytest>=7" "hypothesis>=6" -q
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		PYTHONPATH=build/sanitize-pkg KLANNEAL_FUZZ_CASES=150 \
+		$(PY) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS) -k "not simd_level and not digits"
+
+# On a machine with a CUDA GPU: the CUDA tests and the GPU benchmark cases,
+# one results file (gpu-check-results/). Under 8 minutes.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out gpu-check-results

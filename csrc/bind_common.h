@@ -1,7 +1,7 @@
-// Python -> ElboParams. The Python layer (klanneal/_ops.py) passes one dict
-// whose keys are the ElboParams field names; pointers are Python ints
-// (tensor.data_ptr(), 0 for "none"), enums are ints, `schedule` is the list
-// of 8 floats from klanneal.schedules (ScheduleParams field order).
+// Python -> ElboParams. The Python layer (klanneal/_ops.py) passes the packed
+// call of klanneal/elbo_layout.h: pointers are Python ints (tensor.data_ptr(),
+// 0 for "none"), enums are ints, the schedule is 8 floats of the `floats`
+// array (ScheduleParams field order).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "klanneal/elbo.h"
+#include "klanneal/elbo_layout.h"
 
 namespace klanneal {
 
@@ -37,49 +38,63 @@ inline ScheduleParams schedule_params_from_list(const std::vector<double>& v) {
   return s;
 }
 
-inline ElboParams elbo_params_from_dict(const pybind11::dict& d) {
-  auto get = [&](const char* key) -> pybind11::handle {
-    KLANNEAL_CHECK_ARG(d.contains(key), std::string("elbo params: missing key '") + key + "'");
-    return d[key];
+// ElboParams from the packed call (klanneal/elbo_layout.h): sizes, pointers,
+// floats and ints, each in its slot order. The one place that knows which
+// field each slot fills.
+inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
+                                          const std::vector<uint64_t>& ptrs,
+                                          const std::vector<double>& floats,
+                                          const std::vector<int64_t>& ints) {
+  KLANNEAL_CHECK_ARG(sizes.size() == static_cast<size_t>(SizeSlot::kCount) &&
+                         ptrs.size() == static_cast<size_t>(PtrSlot::kCount) &&
+                         floats.size() == static_cast<size_t>(FloatSlot::kCount) &&
+                         ints.size() == static_cast<size_t>(IntSlot::kCount),
+                     "elbo: packed arguments of the wrong length (see _C.elbo_layout())");
+  auto size = [&](SizeSlot k) { return sizes[static_cast<size_t>(k)]; };
+  auto ptr = [&](PtrSlot k) {
+    return reinterpret_cast<void*>(static_cast<uintptr_t>(ptrs[static_cast<size_t>(k)]));
   };
-  auto i64 = [&](const char* key) { return get(key).cast<int64_t>(); };
-  auto f64 = [&](const char* key) { return get(key).cast<double>(); };
-  auto ptr = [&](const char* key) {
-    return reinterpret_cast<void*>(static_cast<uintptr_t>(get(key).cast<uint64_t>()));
-  };
+  auto f64 = [&](FloatSlot k) { return floats[static_cast<size_t>(k)]; };
+  auto i64 = [&](IntSlot k) { return ints[static_cast<size_t>(k)]; };
   ElboParams p;
-  p.batch = i64("batch");
-  p.n_rows = i64("n_rows");
-  p.row_len = i64("row_len");
-  p.latent_dim = i64("latent_dim");
-  p.likelihood = static_cast<Likelihood>(i64("likelihood"));
-  p.reduction = static_cast<Reduction>(i64("reduction"));
-  p.free_bits_mode = static_cast<FreeBitsMode>(i64("free_bits_mode"));
-  p.recon_dtype = static_cast<DType>(i64("recon_dtype"));
-  p.latent_dtype = static_cast<DType>(i64("latent_dtype"));
-  p.free_bits = f64("free_bits");
-  p.gaussian_var = f64("gaussian_var");
-  p.ignore_index = i64("ignore_index");
-  p.beta_ptr = static_cast<const double*>(ptr("beta_ptr"));
-  p.step_ptr = static_cast<const int64_t*>(ptr("step_ptr"));
-  p.schedule = schedule_params_from_list(get("schedule").cast<std::vector<double>>());
-  p.beta_value = f64("beta_value");
-  p.recon_input = ptr("recon_input");
-  p.target = ptr("target");
-  p.mu = ptr("mu");
-  p.logvar = ptr("logvar");
-  p.loss = static_cast<double*>(ptr("loss"));
-  p.recon = static_cast<double*>(ptr("recon"));
-  p.kl = static_cast<double*>(ptr("kl"));
-  p.kl_per_dim = static_cast<double*>(ptr("kl_per_dim"));
-  p.beta_out = static_cast<double*>(ptr("beta_out"));
-  p.grad_recon = ptr("grad_recon");
-  p.grad_mu = ptr("grad_mu");
-  p.grad_logvar = ptr("grad_logvar");
-  p.n_threads = static_cast<int>(i64("n_threads"));
-  // Optional key (added after the others): absent or 0 = do not check.
-  if (d.contains("first_invalid_target"))
-    p.first_invalid_target = static_cast<int64_t*>(ptr("first_invalid_target"));
+  p.batch = size(SizeSlot::k_batch);
+  p.n_rows = size(SizeSlot::k_n_rows);
+  p.row_len = size(SizeSlot::k_row_len);
+  p.latent_dim = size(SizeSlot::k_latent_dim);
+  // Enum codes are range-checked by check_elbo_params before any use; a
+  // value outside int32 is rejected here, before the cast.
+  auto code = [](int64_t v) {
+    KLANNEAL_CHECK_ARG(v >= 0 && v <= 255, "elbo: an enum code is out of range");
+    return static_cast<int32_t>(v);
+  };
+  p.recon_dtype = static_cast<DType>(code(size(SizeSlot::k_recon_dtype)));
+  p.latent_dtype = static_cast<DType>(code(size(SizeSlot::k_latent_dtype)));
+  const int64_t threads = size(SizeSlot::k_n_threads);
+  p.n_threads = static_cast<int>(threads < 1 ? 1 : threads > 4096 ? 4096 : threads);
+  p.likelihood = static_cast<Likelihood>(code(i64(IntSlot::k_likelihood)));
+  p.reduction = static_cast<Reduction>(code(i64(IntSlot::k_reduction)));
+  p.free_bits_mode = static_cast<FreeBitsMode>(code(i64(IntSlot::k_free_bits_mode)));
+  p.ignore_index = i64(IntSlot::k_ignore_index);
+  p.free_bits = f64(FloatSlot::k_free_bits);
+  p.gaussian_var = f64(FloatSlot::k_gaussian_var);
+  p.beta_value = f64(FloatSlot::k_beta_value);
+  p.schedule = schedule_params_from_list(
+      std::vector<double>(floats.begin() + static_cast<int>(FloatSlot::k_schedule_kind),
+                          floats.begin() + static_cast<int>(FloatSlot::k_schedule_kind) + 8));
+  p.recon_input = ptr(PtrSlot::k_recon_input);
+  p.target = ptr(PtrSlot::k_target);
+  p.mu = ptr(PtrSlot::k_mu);
+  p.logvar = ptr(PtrSlot::k_logvar);
+  p.beta_ptr = static_cast<const double*>(ptr(PtrSlot::k_beta_ptr));
+  p.step_ptr = static_cast<const int64_t*>(ptr(PtrSlot::k_step_ptr));
+  p.loss = static_cast<double*>(ptr(PtrSlot::k_loss));
+  p.recon = static_cast<double*>(ptr(PtrSlot::k_recon));
+  p.kl = static_cast<double*>(ptr(PtrSlot::k_kl));
+  p.kl_per_dim = static_cast<double*>(ptr(PtrSlot::k_kl_per_dim));
+  p.beta_out = static_cast<double*>(ptr(PtrSlot::k_beta_out));
+  p.grad_recon = ptr(PtrSlot::k_grad_recon);
+  p.grad_mu = ptr(PtrSlot::k_grad_mu);
+  p.grad_logvar = ptr(PtrSlot::k_grad_logvar);
   return p;
 }
 

@@ -1,22 +1,71 @@
-// _C.elbo_forward_cpu: the dict of ElboParams fields from klanneal/_ops.py
-// -> launch_elbo_cpu, with the GIL released (the launcher runs on its own
-// worker threads and never calls back into Python).
+// _C.elbo_forward_cpu: the packed ElboParams call from klanneal/_ops.py ->
+// launch_elbo_cpu, with the GIL released (the launcher runs on its own
+// worker threads and never calls back into Python); _C.elbo_layout: the
+// slot names of the packed call and the enum codes, defined once in C++.
+#include <string>
+#include <vector>
+
 #include "bind.h"
 #include "bind_common.h"
+#include "klanneal/elbo_layout.h"
 
 namespace klanneal {
+namespace {
 
-void register_elbo(pybind11::module_ &m) {
-  m.def(
-      "elbo_forward_cpu",
-      [](const pybind11::dict &d) {
-        const ElboParams p = elbo_params_from_dict(d);
-        pybind11::gil_scoped_release release;
-        launch_elbo_cpu(p);
-      },
-      pybind11::arg("params"),
-      "Runs the fused ELBO op on CPU tensors given by pointer (a dict keyed by the "
-      "ElboParams field names). Raises ValueError on inconsistent parameters.");
+namespace py = pybind11;
+
+py::list slot_names(const std::vector<const char*>& names) {
+  py::list out;
+  for (const char* n : names) out.append(n);
+  return out;
 }
 
-} // namespace klanneal
+#define KLANNEAL_SLOT_NAME(name) #name,
+#define KLANNEAL_CODE_NAME(enumerator, name) name,
+
+py::dict elbo_layout() {
+  py::dict d;
+  d["sizes"] = slot_names({KLANNEAL_ELBO_SIZES(KLANNEAL_SLOT_NAME)});
+  d["ptrs"] = slot_names({KLANNEAL_ELBO_PTRS(KLANNEAL_SLOT_NAME)});
+  d["floats"] = slot_names({KLANNEAL_ELBO_FLOATS(KLANNEAL_SLOT_NAME)});
+  d["ints"] = slot_names({KLANNEAL_ELBO_INTS(KLANNEAL_SLOT_NAME)});
+  d["likelihood"] = slot_names({KLANNEAL_LIKELIHOODS(KLANNEAL_CODE_NAME)});
+  d["reduction"] = slot_names({KLANNEAL_REDUCTIONS(KLANNEAL_CODE_NAME)});
+  d["free_bits_mode"] = slot_names({KLANNEAL_FREE_BITS_MODES(KLANNEAL_CODE_NAME)});
+  d["dtype"] = slot_names({KLANNEAL_DTYPES(KLANNEAL_CODE_NAME)});
+  d["schedule_kind"] = slot_names({KLANNEAL_SCHEDULE_KINDS(KLANNEAL_CODE_NAME)});
+  d["ramp_shape"] = slot_names({KLANNEAL_RAMP_SHAPES(KLANNEAL_CODE_NAME)});
+  return d;
+}
+
+#undef KLANNEAL_SLOT_NAME
+#undef KLANNEAL_CODE_NAME
+
+}  // namespace
+
+void register_elbo(py::module_ &m) {
+  m.def("elbo_layout", &elbo_layout,
+        "The packed call of the ELBO bindings: slot names of `sizes`, `ptrs`, `floats` and "
+        "`ints` in order, and the names of every enum's codes 0, 1, ... (likelihood, "
+        "reduction, free_bits_mode, dtype, schedule_kind, ramp_shape).");
+  m.def(
+      "elbo_forward_cpu",
+      [](const std::vector<int64_t> &sizes, const std::vector<uint64_t> &ptrs,
+         const std::vector<double> &floats, const std::vector<int64_t> &ints) -> int64_t {
+        ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
+        int64_t first_invalid = -1;
+        if (ints[static_cast<size_t>(IntSlot::k_validate)] != 0) p.first_invalid_target = &first_invalid;
+        {
+          py::gil_scoped_release release;
+          launch_elbo_cpu(p);
+        }
+        return first_invalid;
+      },
+      py::arg("sizes"), py::arg("ptrs"), py::arg("floats"), py::arg("ints"),
+      "Runs the fused ELBO op on CPU tensors given by pointer (the packed call of "
+      "elbo_layout()). Returns the flat index of the first invalid target (class id outside "
+      "[0, V) or bernoulli target outside [0, 1]) when `validate` is set and one was found, "
+      "else -1. Raises ValueError on inconsistent parameters.");
+}
+
+}  // namespace klanneal

@@ -10,6 +10,7 @@
 
 #include "bind_common.h"
 #include "klanneal/elbo.h"
+#include <vector>
 #endif
 
 namespace klanneal {
@@ -19,25 +20,28 @@ void register_elbo_cuda(pybind11::module_& m) {
   namespace py = pybind11;
   m.def(
       "elbo_cuda_workspace_bytes",
-      [](const py::dict& params) -> size_t {
-        const ElboParams p = elbo_params_from_dict(params);
+      [](const std::vector<int64_t>& sizes, const std::vector<uint64_t>& ptrs,
+         const std::vector<double>& floats, const std::vector<int64_t>& ints) -> size_t {
+        const ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
         py::gil_scoped_release release;
         return elbo_cuda_workspace_bytes(p);
       },
-      py::arg("params"),
-      "Bytes of device scratch memory elbo_forward_cuda needs for these params "
-      "(a dict keyed by ElboParams field names).");
+      py::arg("sizes"), py::arg("ptrs"), py::arg("floats"), py::arg("ints"),
+      "Bytes of device scratch memory elbo_forward_cuda needs for this packed call "
+      "(elbo_layout()).");
   m.def(
       "elbo_forward_cuda",
-      [](const py::dict& params, uint64_t workspace_ptr, uint64_t workspace_bytes,
-         uint64_t stream) {
-        const ElboParams p = elbo_params_from_dict(params);
+      [](const std::vector<int64_t>& sizes, const std::vector<uint64_t>& ptrs,
+         const std::vector<double>& floats, const std::vector<int64_t>& ints,
+         uint64_t workspace_ptr, uint64_t workspace_bytes, uint64_t stream) {
+        const ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
         py::gil_scoped_release release;
         launch_elbo_cuda(p, reinterpret_cast<void*>(static_cast<uintptr_t>(workspace_ptr)),
                          static_cast<size_t>(workspace_bytes),
                          reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
       },
-      py::arg("params"), py::arg("workspace_ptr"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::arg("sizes"), py::arg("ptrs"), py::arg("floats"), py::arg("ints"),
+      py::arg("workspace_ptr"), py::arg("workspace_bytes"), py::arg("stream"),
       "Enqueues the fused ELBO op on `stream` (torch.cuda.current_stream().cuda_stream) without "
       "host synchronisation: fills the float64 outputs and, where the pointers are non-zero, "
       "the gradients. Raises ValueError on inconsistent params and RuntimeError naming the "

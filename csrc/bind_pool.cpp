@@ -125,6 +125,14 @@ void register_pool(pybind11::module_ &m) {
         pool_empty_cache();
       },
       "Frees every cached buffer of the gradient-buffer pool.");
+  m.def(
+      "_pool_hold_lock_for_testing",
+      [](int milliseconds) {
+        pybind11::gil_scoped_release release;
+        pool_hold_lock_for_testing(milliseconds);
+      },
+      pybind11::arg("milliseconds"),
+      "Tests only: holds the pool's mutex this long without the GIL (tests/test_fork.py).");
   m.attr("pool_max_buffers") = kPoolMaxBuffers;
   m.attr("pool_max_bytes") = kPoolMaxBytes;
 }

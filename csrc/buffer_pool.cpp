@@ -9,6 +9,8 @@
 #include <new>
 #include <unordered_map>
 #include <array>
+#include <chrono>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -154,6 +156,12 @@ size_t pool_cached_bytes() {
   Pool &p = pool();
   std::lock_guard<std::mutex> lock(p.mutex);
   return p.cached_bytes;
+}
+
+void pool_hold_lock_for_testing(int milliseconds) {
+  Pool &p = pool();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  std::this_thread::sleep_for(std::chrono::milliseconds(milliseconds));
 }
 
 void pool_empty_cache() {

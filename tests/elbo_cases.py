@@ -80,3 +80,42 @@ def assert_matches(got, want, dtype: torch.dtype) -> None:
         torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
     for name, a, b in zip(("grad recon_input", "grad mu", "grad logvar"), grads_a, grads_b):
         torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def pack_options(
+    schedule, beta_value, likelihood, reduction, free_bits, free_bits_mode, ignore_index,
+    gaussian_var, validate, need_grad_recon, need_grad_mu, need_grad_logvar,
+) -> tuple[list[float], list[int]]:  # fmt: skip
+    """The op's `floats` and `ints` from positional options (test shorthand for ElboOptions)."""
+    from klanneal._ops import ElboOptions
+
+    options = ElboOptions(
+        likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
+    )
+    return options.pack(
+        beta_value=beta_value, schedule=schedule, need_grad_recon=need_grad_recon,
+        need_grad_mu=need_grad_mu, need_grad_logvar=need_grad_logvar,
+    )  # fmt: skip
+
+
+def packed_call(params: dict) -> tuple[list, list, list, list]:
+    """The (sizes, ptrs, floats, ints) of a dict keyed by ElboParams field names.
+
+    For tests that build raw calls of the bindings; the slot names come from
+    _C.elbo_layout(). `schedule` is the list of 8 floats.
+    """
+    from klanneal._ops import LAYOUT
+
+    flat = dict(params)
+    schedule = flat.pop("schedule", [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    for name, value in zip(LAYOUT["floats"][3:], schedule):
+        flat[name] = value
+    flat.setdefault("validate", 0)
+    flat.setdefault("need_grad_recon", int(bool(flat.get("grad_recon", 0))))
+    flat.setdefault("need_grad_mu", int(bool(flat.get("grad_mu", 0))))
+    flat.setdefault("need_grad_logvar", int(bool(flat.get("grad_logvar", 0))))
+    missing = [n for kind in ("sizes", "ptrs", "floats", "ints") for n in LAYOUT[kind]
+               if n not in flat]  # fmt: skip
+    if missing:
+        raise KeyError(f"packed_call: missing {missing}")
+    return tuple([flat[n] for n in LAYOUT[kind]] for kind in ("sizes", "ptrs", "floats", "ints"))

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from elbo_cases import pack_options
 
 import klanneal
 from klanneal import _ops, elbo_loss, elbo_loss_ref
@@ -195,7 +196,7 @@ def test_opcheck_with_pooled_gradient():
     logits, target, mu, logvar = _batch(2)
     args = (logits.requires_grad_(), target, mu.requires_grad_(), logvar.requires_grad_())
     options = (_ops.NO_SCHEDULE, 0.7, "categorical", "batchmean", 0.0, "batch", -100, 1.0, True)
-    packed = _ops.pack_options(*options, True, True, True)
+    packed = pack_options(*options, True, True, True)
     torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args + (None, None) + packed)
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from elbo_cases import LinearWarmup, assert_matches, make_inputs, run
+from elbo_cases import LinearWarmup, assert_matches, make_inputs, pack_options, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -230,10 +230,10 @@ def _op_args(likelihood: str, reduction: str, beta_kind: str):
 )
 def test_opcheck(likelihood, reduction, beta_kind):
     tensors, options = _op_args(likelihood, reduction, beta_kind)
-    args = tensors + _ops.pack_options(*options, True, True, True)
+    args = tensors + pack_options(*options, True, True, True)
     torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args)
     detached = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors)
-    args = detached + _ops.pack_options(*options, True, False, False)
+    args = detached + pack_options(*options, True, False, False)
     torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, args)
 
 

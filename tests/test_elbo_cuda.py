@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from elbo_cases import pack_options
 
 import klanneal
 from klanneal import _ops
@@ -381,10 +382,10 @@ def test_opcheck_on_cuda(likelihood, beta_kind):
     )
     tensors = (x, inputs["target"], mu, logvar, beta, step)
     options = (schedule, 0.7, likelihood, "batchmean", 0.1, "sample", IGNORE, 1.0, True)
-    args = tensors + _ops.pack_options(*options, True, True, True)
+    args = tensors + pack_options(*options, True, True, True)
     torch.library.opcheck(torch.ops.klanneal.elbo_loss.default, args)
     detached = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors)
-    args = detached + _ops.pack_options(*options, True, False, False)
+    args = detached + pack_options(*options, True, False, False)
     torch.library.opcheck(torch.ops.klanneal.elbo_loss_inplace.default, args)
 
 

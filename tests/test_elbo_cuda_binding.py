@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from elbo_cases import packed_call
 
 import klanneal
 
@@ -42,21 +43,26 @@ def params(**overrides: Any) -> dict[str, Any]:
     return p
 
 
+def packed(**overrides: Any) -> tuple:
+    """params(**overrides) as the packed call of the bindings."""
+    return packed_call(params(**overrides))
+
+
 def test_cuda_entry_points_are_bound():
     assert callable(klanneal._C.elbo_cuda_workspace_bytes)
     assert callable(klanneal._C.elbo_forward_cuda)
 
 
 def test_workspace_holds_a_float64_partial_per_row():
-    small = klanneal._C.elbo_cuda_workspace_bytes(params())
-    large = klanneal._C.elbo_cuda_workspace_bytes(params(batch=64, n_rows=64 * 40))
+    small = klanneal._C.elbo_cuda_workspace_bytes(*packed())
+    large = klanneal._C.elbo_cuda_workspace_bytes(*packed(batch=64, n_rows=64 * 40))
     assert small >= 8 * 6 + 3 * 8 * 2
     assert large >= 8 * 64 * 40 + 3 * 8 * 64
     assert small % 256 == 0 and large % 256 == 0
     # Long non-categorical rows are reduced in chunks: more partials per row.
-    short_rows = klanneal._C.elbo_cuda_workspace_bytes(params(likelihood=2, n_rows=2, row_len=100))
+    short_rows = klanneal._C.elbo_cuda_workspace_bytes(*packed(likelihood=2, n_rows=2, row_len=100))
     long_rows = klanneal._C.elbo_cuda_workspace_bytes(
-        params(likelihood=2, n_rows=2, row_len=1_000_000)
+        *packed(likelihood=2, n_rows=2, row_len=1_000_000)
     )
     assert long_rows > short_rows
 
@@ -73,9 +79,9 @@ def test_workspace_holds_a_float64_partial_per_row():
 )
 def test_inconsistent_sizes_raise_value_error(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
-        klanneal._C.elbo_cuda_workspace_bytes(params(**overrides))
+        klanneal._C.elbo_cuda_workspace_bytes(*packed(**overrides))
     with pytest.raises(ValueError, match=fragment):
-        klanneal._C.elbo_forward_cuda(params(**overrides), FAKE_PTR, 1 << 20, 0)
+        klanneal._C.elbo_forward_cuda(*packed(**overrides), FAKE_PTR, 1 << 20, 0)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +101,7 @@ def test_bad_launch_params_raise_value_error_before_any_cuda_call(
     overrides, workspace_bytes, fragment
 ):
     with pytest.raises(ValueError, match=fragment):
-        klanneal._C.elbo_forward_cuda(params(**overrides), FAKE_PTR, workspace_bytes, 0)
+        klanneal._C.elbo_forward_cuda(*packed(**overrides), FAKE_PTR, workspace_bytes, 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -104,7 +110,7 @@ def test_without_a_usable_gpu_the_launch_raises_instead_of_crashing():
     # named. (A CPU-only torch on a machine that does have a GPU gets as far
     # as the pointer check: the fake pointer is not device memory.)
     with pytest.raises((RuntimeError, ValueError)) as info:
-        klanneal._C.elbo_forward_cuda(params(), FAKE_PTR, 1 << 20, 0)
+        klanneal._C.elbo_forward_cuda(*packed(), FAKE_PTR, 1 << 20, 0)
     if info.type is RuntimeError:
         assert re.search(r"CUDA error .*: cudaError\w+: ", str(info.value)), str(info.value)
     else:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from elbo_cases import packed_call
 
 from klanneal.reference import elbo_loss_ref
 from klanneal.schedules import Monotonic
@@ -198,8 +199,9 @@ def run_emulated(
         beta_out=ptr("beta"), grad_recon=ptr("grad_recon"), grad_mu=ptr("grad_mu"),
         grad_logvar=ptr("grad_logvar"), n_threads=1,
     )  # fmt: skip
-    workspace = torch.full((module.elbo_cuda_workspace_bytes(params),), 0xFF, dtype=torch.uint8)
-    module.elbo_forward_cuda(params, workspace.data_ptr(), workspace.numel(), 0)
+    call = packed_call(params)
+    workspace = torch.full((module.elbo_cuda_workspace_bytes(*call),), 0xFF, dtype=torch.uint8)
+    module.elbo_forward_cuda(*call, workspace.data_ptr(), workspace.numel(), 0)
     return out
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from elbo_cases import LinearWarmup, make_inputs
+from elbo_cases import LinearWarmup, make_inputs, packed_call
 
 from klanneal import _C, elbo_loss
 
@@ -251,10 +251,14 @@ def test_native_layer_rejects_inconsistent_params():
         "beta_out": out.data_ptr(), "grad_recon": 0, "grad_mu": 0, "grad_logvar": 0, "n_threads": 1,
     }  # fmt: skip
     with pytest.raises(ValueError, match="batch must be > 0"):
-        _C.elbo_forward_cpu(params)
-    del params["n_threads"]
-    with pytest.raises(ValueError, match="missing key 'n_threads'"):
-        _C.elbo_forward_cpu(params)
+        _C.elbo_forward_cpu(*packed_call(params))
+    sizes, ptrs, floats, ints = packed_call(params)
+    with pytest.raises(ValueError, match="wrong length"):
+        _C.elbo_forward_cpu(sizes[:-1], ptrs, floats, ints)
+    params["likelihood"] = 2**40  # an enum code outside int32: refused before the cast
+    params["batch"] = 2
+    with pytest.raises(ValueError, match="enum code"):
+        _C.elbo_forward_cpu(*packed_call(params))
 
 
 # The CPU kernel checks class ids and bernoulli targets in its own pass: the

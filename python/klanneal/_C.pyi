@@ -5,7 +5,7 @@
 # callers test for them with hasattr.
 
 from collections.abc import Sequence
-from typing import Any, SupportsFloat, SupportsIndex, SupportsInt, TypedDict, Union
+from typing import SupportsFloat, SupportsIndex, SupportsInt, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -55,11 +55,23 @@ def schedule_values_cuda(
 ) -> None: ...
 
 # ---- fused ELBO (csrc/bind_elbo.cpp, csrc/bind_elbo_cuda.cpp) ----
-# params: a dict keyed by the ElboParams field names (klanneal/_ops.py builds it).
-def elbo_forward_cpu(params: dict[str, Any]) -> None: ...
-def elbo_cuda_workspace_bytes(params: dict[str, Any]) -> int: ...
+# The packed call: sizes, ptrs, floats, ints in the slot orders of
+# elbo_layout() (csrc/include/klanneal/elbo_layout.h); klanneal/_ops.py packs it.
+def elbo_layout() -> dict[str, list[str]]: ...
+def elbo_forward_cpu(
+    sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float], ints: Sequence[_Int]
+) -> int: ...
+def elbo_cuda_workspace_bytes(
+    sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float], ints: Sequence[_Int]
+) -> int: ...
 def elbo_forward_cuda(
-    params: dict[str, Any], workspace_ptr: _Int, workspace_bytes: _Int, stream: _Int
+    sizes: Sequence[_Int],
+    ptrs: Sequence[_Int],
+    floats: Sequence[float],
+    ints: Sequence[_Int],
+    workspace_ptr: _Int,
+    workspace_bytes: _Int,
+    stream: _Int,
 ) -> None: ...
 
 # ---- gradient-buffer pool (csrc/bind_pool.cpp) ----
@@ -69,3 +81,4 @@ pool_max_bytes: int
 def pooled_empty(shape: Sequence[_Int], dtype_code: _Int) -> object: ...  # a DLPack capsule
 def pool_cached_bytes() -> int: ...
 def pool_empty_cache() -> None: ...
+def _pool_hold_lock_for_testing(milliseconds: _Int) -> None: ...

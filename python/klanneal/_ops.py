@@ -1,19 +1,33 @@
-"""The fused ELBO op as torch.library custom ops.
+"""The fused ELBO op: its torch.library registration and its eager autograd.
 
 ``klanneal::elbo_loss`` is functional: it returns loss, recon, kl,
 kl_per_dim, beta (float64, cast by the caller) and the gradients of the loss
 w.r.t. recon_input, mu and logvar, computed in the same pass (empty tensors
 for the ones not asked for). Its backward only scales those gradients by
 grad_output. ``klanneal::elbo_loss_inplace`` is the same op writing the
-recon_input gradient into recon_input itself; custom ops with an autograd
-formula must be functional, so its autograd lives in ``_ElboInplace``, an
-autograd.Function around it.
+recon_input gradient into recon_input itself.
+
+Registration as bitsandbytes and extension-cpp do it: each schema is defined
+once (``torch.library.define``), a kernel is registered per device (CPU,
+CUDA) and the pure-PyTorch reference as the default kernel, so
+``torch.ops.klanneal.elbo_loss`` runs on any device; ``register_fake`` lets
+torch.compile trace it and ``register_autograd`` makes the op itself
+differentiable (torch.compile, direct calls). In eager mode klanneal.elbo_loss
+does not go through the dispatcher at all: ``_ElboFunction``, a plain
+autograd.Function, calls the device kernel directly (the cheapest attachment:
+torch's custom-op wrapper costs tens of microseconds per call).
+
+The scalar options travel as two lists, ``floats`` and ``ints``, whose slot
+layout is defined in C++ (csrc/include/klanneal/elbo_layout.h) and exported by
+``_C.elbo_layout()``; :class:`ElboOptions` is the only code that packs or reads
+them, by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -24,11 +38,124 @@ try:
 except ImportError:  # pragma: no cover - exercised via KLANNEAL_DISABLE_NATIVE
     _C = None
 
-LIKELIHOOD_CODES = {"categorical": 0, "bernoulli": 1, "gaussian": 2, "mse": 3}
-REDUCTION_CODES = {"batchmean": 0, "sum": 1, "none": 2}
-FREE_BITS_MODE_CODES = {"batch": 0, "sample": 1}
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# The packed call's layout and the enum codes as this Python code expects
+# them. With the extension present they must equal _C.elbo_layout(), the one
+# definition (tests/test_ops_layout.py asserts it); without it they describe
+# the options of the pure-PyTorch default kernel.
+PY_LAYOUT: dict[str, list[str]] = {
+    "sizes": ["batch", "n_rows", "row_len", "latent_dim", "recon_dtype", "latent_dtype",
+              "n_threads"],
+    "ptrs": ["recon_input", "target", "mu", "logvar", "beta_ptr", "step_ptr", "loss", "recon",
+             "kl", "kl_per_dim", "beta_out", "grad_recon", "grad_mu", "grad_logvar"],
+    "floats": ["beta_value", "free_bits", "gaussian_var", "schedule_kind", "schedule_shape",
+               "schedule_start", "schedule_stop", "schedule_total_steps", "schedule_n_cycles",
+               "schedule_ratio", "schedule_zero_ratio"],
+    "ints": ["likelihood", "reduction", "free_bits_mode", "ignore_index", "validate",
+             "need_grad_recon", "need_grad_mu", "need_grad_logvar"],
+    "likelihood": ["categorical", "bernoulli", "gaussian", "mse"],
+    "reduction": ["batchmean", "sum", "none"],
+    "free_bits_mode": ["batch", "sample"],
+    "dtype": ["float32", "float64", "float16", "bfloat16"],
+    "schedule_kind": ["constant", "monotonic", "cyclical", "capacity"],
+    "ramp_shape": ["linear", "sigmoid", "cosine"],
+}  # fmt: skip
+LAYOUT = _C.elbo_layout() if _C is not None else PY_LAYOUT
+
+LIKELIHOODS = tuple(LAYOUT["likelihood"])
+REDUCTIONS = tuple(LAYOUT["reduction"])
+FREE_BITS_MODES = tuple(LAYOUT["free_bits_mode"])
+DTYPE_CODES = {getattr(torch, name): code for code, name in enumerate(LAYOUT["dtype"])}
 FULL_PRECISION = (torch.float32, torch.float64)
+_INT = {name: i for i, name in enumerate(LAYOUT["ints"])}
+_FLOAT = {name: i for i, name in enumerate(LAYOUT["floats"])}
+_N_SCHEDULE = 8  # ScheduleParams' fields, from schedule_kind on
+
+# A recon_input gradient of at least this many bytes comes from klanneal's
+# buffer pool on the CPU (csrc/include/klanneal/buffer_pool.h) instead of a
+# fresh torch.empty: glibc maps a buffer this large anew on every call and the
+# kernel zeroes each page on first touch, ~half the op's time in the text
+# benchmark. KLANNEAL_GRAD_POOL=0 switches the pool off.
+POOL_MIN_BYTES = 1 << 20
+# ScheduleParams of a constant schedule; unused unless a step tensor is passed.
+NO_SCHEDULE = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElboOptions:
+    """The scalar options of one elbo_loss call, checked, packed for the op by name.
+
+    ``pack`` writes them, with the per-call beta and the gradients asked
+    for, into the op's ``floats`` and ``ints`` lists; ``unpack`` reads them
+    back. Nothing else knows the slot layout.
+    """
+
+    likelihood: str = "categorical"
+    reduction: str = "batchmean"
+    free_bits: float = 0.0
+    free_bits_mode: str = "batch"
+    ignore_index: int = -100
+    gaussian_var: float = 1.0
+    validate: bool = True
+
+    def pack(
+        self,
+        *,
+        beta_value: float = 0.0,
+        schedule: tuple[float, ...] | list[float] = NO_SCHEDULE,
+        need_grad_recon: bool = False,
+        need_grad_mu: bool = False,
+        need_grad_logvar: bool = False,
+    ) -> tuple[list[float], list[int]]:
+        """The op's ``floats`` and ``ints`` (need_grad_recon: ignored by the inplace op)."""
+        floats = [0.0] * len(_FLOAT)
+        floats[_FLOAT["beta_value"]] = float(beta_value)
+        floats[_FLOAT["free_bits"]] = float(self.free_bits)
+        floats[_FLOAT["gaussian_var"]] = float(self.gaussian_var)
+        first = _FLOAT["schedule_kind"]
+        floats[first : first + _N_SCHEDULE] = [float(v) for v in schedule]
+        ints = [0] * len(_INT)
+        ints[_INT["likelihood"]] = LIKELIHOODS.index(self.likelihood)
+        ints[_INT["reduction"]] = REDUCTIONS.index(self.reduction)
+        ints[_INT["free_bits_mode"]] = FREE_BITS_MODES.index(self.free_bits_mode)
+        ints[_INT["ignore_index"]] = int(self.ignore_index)
+        ints[_INT["validate"]] = int(self.validate)
+        ints[_INT["need_grad_recon"]] = int(need_grad_recon)
+        ints[_INT["need_grad_mu"]] = int(need_grad_mu)
+        ints[_INT["need_grad_logvar"]] = int(need_grad_logvar)
+        return floats, ints
+
+    @staticmethod
+    def unpack(floats: list[float], ints: list[int]) -> OpArgs:
+        """The options, beta and the gradients asked for, from the op's lists."""
+        first = _FLOAT["schedule_kind"]
+        return OpArgs(
+            ElboOptions(
+                likelihood=LIKELIHOODS[ints[_INT["likelihood"]]],
+                reduction=REDUCTIONS[ints[_INT["reduction"]]],
+                free_bits=floats[_FLOAT["free_bits"]],
+                free_bits_mode=FREE_BITS_MODES[ints[_INT["free_bits_mode"]]],
+                ignore_index=ints[_INT["ignore_index"]],
+                gaussian_var=floats[_FLOAT["gaussian_var"]],
+                validate=bool(ints[_INT["validate"]]),
+            ),
+            beta_value=floats[_FLOAT["beta_value"]],
+            schedule=tuple(floats[first : first + _N_SCHEDULE]),
+            need_grads=(
+                bool(ints[_INT["need_grad_recon"]]),
+                bool(ints[_INT["need_grad_mu"]]),
+                bool(ints[_INT["need_grad_logvar"]]),
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OpArgs:
+    """What ``ElboOptions.unpack`` reads from the op's ``floats`` and ``ints``."""
+
+    options: ElboOptions
+    beta_value: float
+    schedule: tuple[float, ...]
+    need_grads: tuple[bool, bool, bool]  # recon_input, mu, logvar
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,56 +177,6 @@ def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.d
     """
     dtype = torch.promote_types(recon_dtype, latent_dtype)
     return dtype if dtype in FULL_PRECISION else torch.float32
-
-
-# A recon_input gradient of at least this many bytes comes from klanneal's
-# buffer pool on the CPU (csrc/include/klanneal/buffer_pool.h) instead of a
-# fresh torch.empty: glibc maps a buffer this large anew on every call and the
-# kernel zeroes each page on first touch, ~half the op's time in the text
-# benchmark. KLANNEAL_GRAD_POOL=0 switches the pool off.
-POOL_MIN_BYTES = 1 << 20
-# ScheduleParams of a constant schedule; unused unless a step tensor is passed.
-NO_SCHEDULE = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
-
-# The ops' scalar options travel in two lists, `floats` and `ints`, laid out
-# as below (see pack_options). One schema argument each would be clearer, but
-# torch's custom-op layer pays per call for every argument squared
-# (torch._library.utils.fill_defaults rebuilds the schema's argument list for
-# each argument): ~70 us per call with 18 arguments, ~10 us with 8, against a
-# kernel of ~100 us for a 128 x 784 bernoulli batch.
-FLOAT_OPTIONS = ("beta_value", "free_bits", "gaussian_var")  # then the 8 schedule floats
-INT_OPTIONS = (
-    "likelihood", "reduction", "free_bits_mode", "ignore_index", "validate",
-    "need_grad_recon", "need_grad_mu", "need_grad_logvar",
-)  # fmt: skip
-LIKELIHOODS = tuple(LIKELIHOOD_CODES)
-REDUCTIONS = tuple(REDUCTION_CODES)
-FREE_BITS_MODES = tuple(FREE_BITS_MODE_CODES)
-
-
-def pack_options(
-    schedule: list[float],
-    beta_value: float,
-    likelihood: str,
-    reduction: str,
-    free_bits: float,
-    free_bits_mode: str,
-    ignore_index: int,
-    gaussian_var: float,
-    validate: bool,
-    need_grad_recon: bool,
-    need_grad_mu: bool,
-    need_grad_logvar: bool,
-) -> tuple[list[float], list[int]]:
-    """The `floats` and `ints` arguments of the ops (need_grad_recon: ignored inplace)."""
-    floats = [float(beta_value), float(free_bits), float(gaussian_var)]
-    floats += [float(v) for v in schedule]
-    ints = [
-        LIKELIHOOD_CODES[likelihood], REDUCTION_CODES[reduction],
-        FREE_BITS_MODE_CODES[free_bits_mode], int(ignore_index), int(validate),
-        int(need_grad_recon), int(need_grad_mu), int(need_grad_logvar),
-    ]  # fmt: skip
-    return floats, ints
 
 
 Outputs = tuple[
@@ -160,17 +237,34 @@ def pool_cached_bytes() -> int:
     return 0 if _C is None else int(_C.pool_cached_bytes())
 
 
-def _shapes(mu: torch.Tensor, ints: list[int]) -> tuple[int, ...]:
-    return (mu.shape[0],) if ints[1] == REDUCTION_CODES["none"] else ()
+def _loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
+    return (batch,) if reduction == "none" else ()
 
 
-def _latent_grads(mu: torch.Tensor, logvar: torch.Tensor, ints: list[int]) -> tuple:
+def _scalar_outputs(mu: torch.Tensor, reduction: str, device) -> tuple[torch.Tensor, ...]:
+    """Uninitialised float64 loss, recon, kl, kl_per_dim, beta."""
+    shape = _loss_shape(mu.shape[0], reduction)
+    f64 = {"dtype": torch.float64, "device": device}
+    return (
+        torch.empty(shape, **f64),
+        torch.empty(shape, **f64),
+        torch.empty(shape, **f64),
+        torch.empty(mu.shape[1], **f64),
+        torch.empty((), **f64),
+    )
+
+
+def _latent_grads(mu: torch.Tensor, logvar: torch.Tensor, need: tuple) -> tuple:
     """Uninitialised grad_mu, grad_logvar (in grad_dtype), or empty ones when not asked for."""
     dtype = grad_dtype(mu.dtype)
     return (
-        mu.new_empty(mu.shape if ints[6] else (0,), dtype=dtype),
-        logvar.new_empty(logvar.shape if ints[7] else (0,), dtype=dtype),
+        mu.new_empty(mu.shape if need[1] else (0,), dtype=dtype),
+        logvar.new_empty(logvar.shape if need[2] else (0,), dtype=dtype),
     )
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
 def _launch(
@@ -184,155 +278,166 @@ def _launch(
     ints: list[int],
     grad_recon: Optional[torch.Tensor],
 ) -> Outputs:
-    """Allocates the outputs and runs the kernel of recon_input's device."""
-    likelihood_code, reduction_code, free_bits_mode_code, ignore_index, validate = ints[:5]
-    likelihood = LIKELIHOODS[likelihood_code]
+    """The device kernel: allocates the outputs and runs recon_input's device's kernel.
+
+    check -> allocate -> pointers -> launch; the packed lists go to C++ as
+    they are.
+    """
+    args = ElboOptions.unpack(floats, ints)
+    opts = args.options
     device = recon_input.device
     on_cpu = device.type == "cpu"
-    # On CPU the kernel checks class ids / bernoulli targets in its own pass
-    # over the data and reports the first bad one in first_invalid_target.
-    first_invalid_target = None
-    if validate:
+    if opts.validate:
+        # On CPU the kernel checks class ids / bernoulli targets in its own
+        # pass over the data and returns the first bad one.
         _validate.check_values(
-            recon_input, target, likelihood, ignore_index, beta, step, check_target=not on_cpu
-        )
-        if on_cpu and likelihood in ("categorical", "bernoulli"):
-            first_invalid_target = torch.empty(1, dtype=torch.int64)
+            recon_input, target, opts.likelihood, opts.ignore_index, beta, step,
+            check_target=not on_cpu,
+        )  # fmt: skip
     batch, latent_dim = mu.shape
-    f64 = {"dtype": torch.float64, "device": device}
-    loss = torch.empty(_shapes(mu, ints), **f64)
-    recon = torch.empty_like(loss)
-    kl = torch.empty_like(loss)
-    kl_per_dim = torch.empty(latent_dim, **f64)
-    beta_out = torch.empty((), **f64)
-    grad_mu, grad_logvar = _latent_grads(mu, logvar, ints)
-    if likelihood == "categorical":
+    loss, recon, kl, kl_per_dim, beta_out = _scalar_outputs(mu, opts.reduction, device)
+    grad_mu, grad_logvar = _latent_grads(mu, logvar, args.need_grads)
+    if opts.likelihood == "categorical":
         row_len = recon_input.shape[-1]
         n_rows = recon_input.numel() // row_len
     else:
-        n_rows = batch
-        row_len = recon_input.numel() // batch
-
-    def ptr(t: Optional[torch.Tensor]) -> int:
-        return 0 if t is None or t.numel() == 0 else t.data_ptr()
-
-    params = {
-        "batch": batch,
-        "n_rows": n_rows,
-        "row_len": row_len,
-        "latent_dim": latent_dim,
-        "likelihood": likelihood_code,
-        "reduction": reduction_code,
-        "free_bits_mode": free_bits_mode_code,
-        "recon_dtype": DTYPE_CODES[recon_input.dtype],
-        "latent_dtype": DTYPE_CODES[mu.dtype],
-        "free_bits": floats[1],
-        "gaussian_var": floats[2],
-        "ignore_index": ignore_index,
-        "beta_ptr": ptr(beta),
-        "step_ptr": ptr(step),
-        "schedule": floats[3:],
-        "beta_value": floats[0],
-        "recon_input": ptr(recon_input),
-        "target": ptr(target),
-        "mu": ptr(mu),
-        "logvar": ptr(logvar),
-        "loss": ptr(loss),
-        "recon": ptr(recon),
-        "kl": ptr(kl),
-        "kl_per_dim": ptr(kl_per_dim),
-        "beta_out": ptr(beta_out),
-        "grad_recon": ptr(grad_recon),
-        "grad_mu": ptr(grad_mu),
-        "grad_logvar": ptr(grad_logvar),
-        "n_threads": torch.get_num_threads(),
-        "first_invalid_target": ptr(first_invalid_target),
-    }
+        n_rows, row_len = batch, recon_input.numel() // batch
+    sizes = [
+        batch, n_rows, row_len, latent_dim, DTYPE_CODES[recon_input.dtype],
+        DTYPE_CODES[mu.dtype], torch.get_num_threads(),
+    ]  # fmt: skip
+    ptrs = [
+        _ptr(recon_input), _ptr(target), _ptr(mu), _ptr(logvar), _ptr(beta), _ptr(step),
+        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim),
+        beta_out.data_ptr(), _ptr(grad_recon), _ptr(grad_mu), _ptr(grad_logvar),
+    ]  # fmt: skip
     if on_cpu:
-        _C.elbo_forward_cpu(params)
-        if first_invalid_target is not None:
-            bad = int(first_invalid_target)
-            if bad >= 0:
-                _validate.raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
+        bad = _C.elbo_forward_cpu(sizes, ptrs, floats, ints)
+        if bad >= 0:
+            _validate.raise_invalid_target(
+                recon_input, target, opts.likelihood, opts.ignore_index, bad
+            )
     elif device.type == "cuda" and hasattr(_C, "elbo_forward_cuda"):
-        workspace_bytes = _C.elbo_cuda_workspace_bytes(params)
+        workspace_bytes = _C.elbo_cuda_workspace_bytes(sizes, ptrs, floats, ints)
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream
-        _C.elbo_forward_cuda(params, workspace.data_ptr(), workspace_bytes, stream)
+        _C.elbo_forward_cuda(
+            sizes, ptrs, floats, ints, workspace.data_ptr(), workspace_bytes, stream
+        )
     else:
         raise RuntimeError(f"klanneal: no native ELBO kernel for device {device}")
     empty = recon_input.new_empty(0)
     return (
-        loss,
-        recon,
-        kl,
-        kl_per_dim,
-        beta_out,
-        grad_recon if grad_recon is not None else empty,
-        grad_mu,
-        grad_logvar,
-    )
+        loss, recon, kl, kl_per_dim, beta_out,
+        grad_recon if grad_recon is not None else empty, grad_mu, grad_logvar,
+    )  # fmt: skip
 
 
-@torch.library.custom_op("klanneal::elbo_loss", mutates_args=())
-def elbo_loss_op(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> Outputs:
-    """Fused ELBO forward; see klanneal.elbo_loss. Inputs must be contiguous.
-
-    floats, ints: the scalar options, from pack_options.
-    """
-    grad_recon = _grad_recon_buffer(recon_input) if ints[5] else None
+def _native_kernel(recon_input, target, mu, logvar, beta, step, floats, ints) -> Outputs:
+    need_recon = ElboOptions.unpack(floats, ints).need_grads[0]
+    grad_recon = _grad_recon_buffer(recon_input) if need_recon else None
     return _launch(recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon)
 
 
-@torch.library.custom_op("klanneal::elbo_loss_inplace", mutates_args=("recon_input",))
-def elbo_loss_inplace_op(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
+def _native_inplace_kernel(
+    recon_input, target, mu, logvar, beta, step, floats, ints
 ) -> InplaceOutputs:
-    """As elbo_loss, but overwrites recon_input with d loss / d recon_input."""
     outs = _launch(recon_input, target, mu, logvar, beta, step, floats, ints, recon_input)
     return outs[:5] + outs[6:]
 
 
-def _fake_scalars(
-    recon_input: torch.Tensor, mu: torch.Tensor, ints: list[int]
-) -> tuple[torch.Tensor, ...]:
-    f64 = {"dtype": torch.float64, "device": recon_input.device}
-    shape = _shapes(mu, ints)
+def _reference_kernel(recon_input, target, mu, logvar, beta, step, floats, ints) -> Outputs:
+    """The op on any device, from the pure-PyTorch reference and autograd.
+
+    The default kernel: devices without a native one (and builds without
+    _C) get the same outputs, the gradients taken with torch.autograd.grad.
+    """
+    from klanneal.reference import elbo_loss_ref
+    from klanneal.schedules import schedule_value_ref
+
+    args = ElboOptions.unpack(floats, ints)
+    opts = args.options
+    if beta is not None:
+        beta_value: Any = beta.to(torch.float64)
+    elif step is not None:
+        beta_value = schedule_value_ref(list(args.schedule), int(step))
+    else:
+        beta_value = args.beta_value
+    need = args.need_grads
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip((recon_input, mu, logvar), need)]
+        out = elbo_loss_ref(
+            leaves[0], target, leaves[1], leaves[2], beta_value, likelihood=opts.likelihood,
+            reduction=opts.reduction, free_bits=opts.free_bits,
+            free_bits_mode=opts.free_bits_mode, ignore_index=opts.ignore_index,
+            gaussian_var=opts.gaussian_var,
+        )  # fmt: skip
+        wanted = [t for t, n in zip(leaves, need) if n]
+        # Examples are independent under "none" (batch free bits is refused
+        # there): the gradient of the sum is each example's own gradient.
+        grads = list(torch.autograd.grad(out.loss.sum(), wanted)) if wanted else []
+    full = []
+    for t, n in zip(leaves, need):
+        g = grads.pop(0).to(grad_dtype(t.dtype)) if n else t.new_empty(0, dtype=grad_dtype(t.dtype))
+        full.append(g.contiguous())
+    f64 = torch.float64
+    beta_t = torch.as_tensor(beta_value, dtype=f64, device=mu.device).reshape(())
     return (
-        torch.empty(shape, **f64),
-        torch.empty(shape, **f64),
-        torch.empty(shape, **f64),
-        torch.empty(mu.shape[1], **f64),
-        torch.empty((), **f64),
-    )
+        out.loss.detach().to(f64), out.recon.to(f64), out.kl.to(f64), out.kl_per_dim.to(f64),
+        beta_t.clone(), *full,
+    )  # fmt: skip
 
 
-@elbo_loss_op.register_fake
+def _reference_inplace_kernel(
+    recon_input, target, mu, logvar, beta, step, floats, ints
+) -> InplaceOutputs:
+    outs = _reference_kernel(recon_input, target, mu, logvar, beta, step, floats, ints)
+    recon_input.copy_(outs[5].to(recon_input.dtype))
+    return outs[:5] + outs[6:]
+
+
+# ---- registration ------------------------------------------------------------------
+
+_ARGS = (
+    "Tensor recon_input, Tensor target, Tensor mu, Tensor logvar, Tensor? beta, Tensor? step, "
+    "float[] floats, int[] ints"
+)
+torch.library.define(
+    "klanneal::elbo_loss",
+    f"({_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "klanneal::elbo_loss_inplace",
+    f"({_ARGS.replace('Tensor recon_input', 'Tensor(a!) recon_input')}) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+elbo_loss_op = torch.ops.klanneal.elbo_loss.default
+elbo_loss_inplace_op = torch.ops.klanneal.elbo_loss_inplace.default
+
+torch.library.impl("klanneal::elbo_loss", "default")(_reference_kernel)
+torch.library.impl("klanneal::elbo_loss_inplace", "default")(_reference_inplace_kernel)
+if _C is not None:
+    for _device in ("cpu", "cuda"):
+        torch.library.impl("klanneal::elbo_loss", _device)(_native_kernel)
+        torch.library.impl("klanneal::elbo_loss_inplace", _device)(_native_inplace_kernel)
+
+
+@torch.library.register_fake("klanneal::elbo_loss")
 def _elbo_loss_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
+    args = ElboOptions.unpack(floats, ints)
     dtype = grad_dtype(recon_input.dtype)
-    grad_recon = recon_input.new_empty(recon_input.shape if ints[5] else (0,), dtype=dtype)
-    return _fake_scalars(recon_input, mu, ints) + (grad_recon,) + _latent_grads(mu, logvar, ints)
+    grad_recon = recon_input.new_empty(
+        recon_input.shape if args.need_grads[0] else (0,), dtype=dtype
+    )
+    scalars = _scalar_outputs(mu, args.options.reduction, recon_input.device)
+    return scalars + (grad_recon,) + _latent_grads(mu, logvar, args.need_grads)
 
 
-@elbo_loss_inplace_op.register_fake
+@torch.library.register_fake("klanneal::elbo_loss_inplace")
 def _elbo_loss_inplace_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
-    return _fake_scalars(recon_input, mu, ints) + _latent_grads(mu, logvar, ints)
+    args = ElboOptions.unpack(floats, ints)
+    scalars = _scalar_outputs(mu, args.options.reduction, recon_input.device)
+    return scalars + _latent_grads(mu, logvar, args.need_grads)
 
 
 # ---- autograd -----------------------------------------------------------------
@@ -356,7 +461,7 @@ def _is_one(grad_output: torch.Tensor) -> bool:
 
 
 def _backward_common(ctx, grad_loss) -> list:
-    """Gradients of recon_input, mu, logvar: the saved ones times grad_loss.
+    """Gradients of recon_input, target, mu, logvar: the saved ones times grad_loss.
 
     Eager, the saved gradients are scaled in place (no second logits-sized
     buffer), after which they cannot serve another backward; when grad_loss
@@ -410,61 +515,95 @@ def _backward_common(ctx, grad_loss) -> list:
     return [grads[0], grad_target, grads[1], grads[2]]
 
 
-def _save_input_info(ctx, recon_input, target, mu, ints) -> None:
+def _save_context(ctx, recon_input, target, mu, floats, ints) -> None:
+    # Without this autograd would materialise a zero tensor for the unused
+    # gradient of every other output, a logits-sized one for grad_recon.
+    ctx.set_materialize_grads(False)
+    args = ElboOptions.unpack(floats, ints)
+    ctx.reduction = args.options.reduction
+    ctx.scaled_in_place = False
     ctx.recon_dtype, ctx.latent_dtype = recon_input.dtype, mu.dtype
     # Which of grad_recon, grad_mu, grad_logvar the forward pass computed (a
     # gradient asked for may still be empty: a [B, 0, V] input).
-    ctx.asked = (bool(ints[5]), bool(ints[6]), bool(ints[7]))
+    ctx.asked = args.need_grads
     ctx.grad_recon_input = recon_input.requires_grad
     ctx.grad_target = target.requires_grad and target.dtype.is_floating_point
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    # Without this autograd would materialise a zero tensor for the unused
-    # gradient of every other output, a logits-sized one for grad_recon.
-    ctx.set_materialize_grads(False)
-    ctx.reduction = REDUCTIONS[inputs[7][1]]
-    ctx.scaled_in_place = False
-    _save_input_info(ctx, inputs[0], inputs[1], inputs[2], inputs[7])
+    recon_input, target, mu, _, _, _, floats, ints = inputs
+    _save_context(ctx, recon_input, target, mu, floats, ints)
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *unused):
-    grad_recon, grad_target, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
-    return (grad_recon, grad_target, grad_mu, grad_logvar) + (None,) * 4
+    return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
 
 
-elbo_loss_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("klanneal::elbo_loss", _backward, setup_context=_setup_context)
+
+
+def _kernels(device: torch.device):
+    if native_available(device):
+        return _native_kernel, _native_inplace_kernel
+    return _reference_kernel, _reference_inplace_kernel
+
+
+class _ElboFunction(torch.autograd.Function):
+    """Eager autograd of klanneal.elbo_loss: the device kernel called directly."""
+
+    @staticmethod
+    def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints):
+        outs = _kernels(recon_input.device)[0](
+            recon_input, target, mu, logvar, beta, step, floats, ints
+        )
+        _save_context(ctx, recon_input, target, mu, floats, ints)
+        ctx.save_for_backward(*outs[5:])
+        ctx.mark_non_differentiable(*outs[1:5])
+        return outs[:5]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
 
 
 class _ElboInplace(torch.autograd.Function):
-    """Autograd of elbo_loss_inplace: the logits buffer becomes its own gradient.
+    """Autograd of the inplace op: the logits buffer becomes its own gradient.
 
     recon_input is not marked dirty: its autograd history stays that of the
     decoder output it is, so that views (logits.view(B, T, V)) work too (a
-    Function that marks a view dirty may return only one tensor). The custom
-    op declares the mutation, which bumps recon_input's version counter: a
-    node that saved the logits for its own backward reports the overwrite.
+    Function that marks a view dirty may return only one tensor). The
+    mutation bumps recon_input's version counter (the op declares it; the
+    eager path bumps it by hand): a node that saved the logits for its own
+    backward reports the overwrite.
     """
 
     @staticmethod
     def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints):
-        outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, floats, ints)
-        ctx.set_materialize_grads(False)  # see _setup_context
-        ctx.reduction = REDUCTIONS[ints[1]]
-        ctx.scaled_in_place = False
-        _save_input_info(ctx, recon_input, target, mu, ints)
+        if torch.compiler.is_compiling():
+            outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, floats, ints)
+        else:
+            kernel = _kernels(recon_input.device)[1]
+            outs = kernel(recon_input, target, mu, logvar, beta, step, floats, ints)
+            torch.autograd.graph.increment_version(recon_input)
+        _save_context(ctx, recon_input, target, mu, floats, ints)
         ctx.save_for_backward(recon_input, outs[5], outs[6])
         ctx.mark_non_differentiable(*outs[1:5])
         return outs[:5]
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grad_recon, grad_target, grad_mu, grad_logvar = _backward_common(ctx, grad_loss)
-        return (grad_recon, grad_target, grad_mu, grad_logvar) + (None,) * 4
+        return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
+
+
+def elbo_loss_fused(*args) -> tuple[torch.Tensor, ...]:
+    """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced) or the kernel (eager)."""
+    if torch.compiler.is_compiling():
+        return elbo_loss_op(*args)[:5]
+    return _ElboFunction.apply(*args)
 
 
 def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:
-    """elbo_loss_inplace_op with autograd: loss, recon, kl, kl_per_dim, beta."""
+    """The inplace op with autograd: loss, recon, kl, kl_per_dim, beta."""
     return _ElboInplace.apply(*args)

@@ -165,9 +165,12 @@ def elbo_loss(
     need_grad_logvar = grad_enabled and logvar.requires_grad
     if likelihood == "categorical":
         target = target.to(torch.int64)
-    floats, ints = _ops.pack_options(
-        schedule, beta_value, likelihood, reduction, free_bits, free_bits_mode, ignore_index,
-        gaussian_var, validate, need_grad_recon, need_grad_mu, need_grad_logvar,
+    options = _ops.ElboOptions(
+        likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
+    )
+    floats, ints = options.pack(
+        beta_value=beta_value, schedule=schedule, need_grad_recon=need_grad_recon,
+        need_grad_mu=need_grad_mu, need_grad_logvar=need_grad_logvar,
     )  # fmt: skip
     args = (
         recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
@@ -179,7 +182,7 @@ def elbo_loss(
     if inplace and need_grad_recon and recon_input.dtype in _ops.FULL_PRECISION:
         outs = _ops.elbo_loss_inplace(*args)
     else:
-        outs = _ops.elbo_loss_op(*args)
+        outs = _ops.elbo_loss_fused(*args)
     dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
     loss, recon, kl, kl_per_dim, beta_used = outs[:5]
     return ELBOOutput(

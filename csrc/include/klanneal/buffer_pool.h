@@ -44,6 +44,10 @@ size_t pool_cached_bytes();
 // Frees every cached buffer. Buffers handed out are not affected.
 void pool_empty_cache();
 
+// Tests only: holds the pool's mutex for `milliseconds` on the calling
+// thread, as a release in progress does (tests/test_fork.py forks meanwhile).
+void pool_hold_lock_for_testing(int milliseconds);
+
 // Asks Linux for transparent huge pages on the 2 MiB-aligned part of
 // [ptr, ptr + bytes): one page fault per 2 MiB on first touch instead of 512.
 // Only advice; a no-op elsewhere.

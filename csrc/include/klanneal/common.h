@@ -22,6 +22,13 @@
 namespace klanneal {
 
 // Element types the kernels accept; the Python layer maps torch dtypes here.
-enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+// Enums whose codes Python also uses are written as X-macro lists
+// X(enumerator, "python name"), codes 0, 1, ... in list order; _C exports
+// the names and codes (klanneal/elbo_layout.h), so they are written once.
+#define KLANNEAL_ENUM_ENTRY(enumerator, name) enumerator,
+
+#define KLANNEAL_DTYPES(X) \
+  X(kFloat32, "float32") X(kFloat64, "float64") X(kFloat16, "float16") X(kBFloat16, "bfloat16")
+enum class DType : int32_t { KLANNEAL_DTYPES(KLANNEAL_ENUM_ENTRY) };
 
 }  // namespace klanneal

@@ -17,11 +17,15 @@
 
 namespace klanneal {
 
-enum class Likelihood : int32_t { kCategorical = 0, kBernoulli = 1, kGaussian = 2, kMse = 3 };
-enum class Reduction : int32_t { kBatchMean = 0, kSum = 1, kNone = 2 };
+#define KLANNEAL_LIKELIHOODS(X) \
+  X(kCategorical, "categorical") X(kBernoulli, "bernoulli") X(kGaussian, "gaussian") X(kMse, "mse")
+enum class Likelihood : int32_t { KLANNEAL_LIKELIHOODS(KLANNEAL_ENUM_ENTRY) };
+#define KLANNEAL_REDUCTIONS(X) X(kBatchMean, "batchmean") X(kSum, "sum") X(kNone, "none")
+enum class Reduction : int32_t { KLANNEAL_REDUCTIONS(KLANNEAL_ENUM_ENTRY) };
 // kBatch: sum_d max(lambda, mean_b KL_bd) (Kingma et al. 2016);
 // kSample: sum_d max(lambda, KL_bd) for each example.
-enum class FreeBitsMode : int32_t { kBatch = 0, kSample = 1 };
+#define KLANNEAL_FREE_BITS_MODES(X) X(kBatch, "batch") X(kSample, "sample")
+enum class FreeBitsMode : int32_t { KLANNEAL_FREE_BITS_MODES(KLANNEAL_ENUM_ENTRY) };
 
 // Storage dtype of the gradients of an input stored as `d` (see ElboParams).
 KLANNEAL_HD DType grad_dtype(DType d) {

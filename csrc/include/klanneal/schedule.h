@@ -11,8 +11,11 @@
 
 namespace klanneal {
 
-enum class ScheduleKind : int32_t { kConstant = 0, kMonotonic = 1, kCyclical = 2, kCapacity = 3 };
-enum class RampShape : int32_t { kLinear = 0, kSigmoid = 1, kCosine = 2 };
+#define KLANNEAL_SCHEDULE_KINDS(X) \
+  X(kConstant, "constant") X(kMonotonic, "monotonic") X(kCyclical, "cyclical") X(kCapacity, "capacity")
+enum class ScheduleKind : int32_t { KLANNEAL_SCHEDULE_KINDS(KLANNEAL_ENUM_ENTRY) };
+#define KLANNEAL_RAMP_SHAPES(X) X(kLinear, "linear") X(kSigmoid, "sigmoid") X(kCosine, "cosine")
+enum class RampShape : int32_t { KLANNEAL_RAMP_SHAPES(KLANNEAL_ENUM_ENTRY) };
 
 // Plain-old-data so it can be passed by value to a kernel. Python packs it
 // as a list of 8 floats (Schedule.to_params() in klanneal/schedules.py) in

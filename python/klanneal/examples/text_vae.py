@@ -1006,6 +1006,7 @@ def summarise(results: Sequence[RunResult], args: argparse.Namespace, toy: bool)
         "eval_split": None if toy else args.eval_split,
         "valid_split": None if toy else args.valid_split,
         "git_sha": git_sha(),
+        "command": " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else None,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

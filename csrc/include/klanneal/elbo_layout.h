@@ -1,0 +1,74 @@
+// The packed form of an ElboParams call, defined once: the bindings take
+// four arrays (sizes, pointers, floats, ints) laid out in these slot orders,
+// and _C exports the slot names and every enum code (_C.elbo_layout()), so
+// Python packs by name and never by a literal index. Each list below is an
+// X-macro: X(slot_name, ElboParams field it fills).
+#pragma once
+
+#include <cstdint>
+
+#include "klanneal/elbo.h"
+
+namespace klanneal {
+
+#define KLANNEAL_ELBO_SIZES(X) \
+  X(batch)                     \
+  X(n_rows)                    \
+  X(row_len)                   \
+  X(latent_dim)                \
+  X(recon_dtype)               \
+  X(latent_dtype)              \
+  X(n_threads)
+
+// Pointers are Python ints (tensor.data_ptr(), 0 for none).
+#define KLANNEAL_ELBO_PTRS(X) \
+  X(recon_input)              \
+  X(target)                   \
+  X(mu)                       \
+  X(logvar)                   \
+  X(beta_ptr)                 \
+  X(step_ptr)                 \
+  X(loss)                     \
+  X(recon)                    \
+  X(kl)                       \
+  X(kl_per_dim)               \
+  X(beta_out)                 \
+  X(grad_recon)               \
+  X(grad_mu)                  \
+  X(grad_logvar)
+
+// The scalar options of the torch op's schema, `floats` and `ints` (torch's
+// per-call cost grows with the square of the schema's argument count: two
+// lists instead of eleven arguments). The schedule's 8 floats follow
+// ScheduleParams' field order.
+#define KLANNEAL_ELBO_FLOATS(X) \
+  X(beta_value)                 \
+  X(free_bits)                  \
+  X(gaussian_var)               \
+  X(schedule_kind)              \
+  X(schedule_shape)             \
+  X(schedule_start)             \
+  X(schedule_stop)              \
+  X(schedule_total_steps)       \
+  X(schedule_n_cycles)          \
+  X(schedule_ratio)             \
+  X(schedule_zero_ratio)
+
+#define KLANNEAL_ELBO_INTS(X) \
+  X(likelihood)               \
+  X(reduction)                \
+  X(free_bits_mode)           \
+  X(ignore_index)             \
+  X(validate)                 \
+  X(need_grad_recon)          \
+  X(need_grad_mu)             \
+  X(need_grad_logvar)
+
+#define KLANNEAL_SLOT_ENUM(name) k_##name,
+enum class SizeSlot : int { KLANNEAL_ELBO_SIZES(KLANNEAL_SLOT_ENUM) kCount };
+enum class PtrSlot : int { KLANNEAL_ELBO_PTRS(KLANNEAL_SLOT_ENUM) kCount };
+enum class FloatSlot : int { KLANNEAL_ELBO_FLOATS(KLANNEAL_SLOT_ENUM) kCount };
+enum class IntSlot : int { KLANNEAL_ELBO_INTS(KLANNEAL_SLOT_ENUM) kCount };
+#undef KLANNEAL_SLOT_ENUM
+
+}  // namespace klanneal

@@ -1,0 +1,66 @@
+"""The typed seam between Python and the core: one layout, one set of enum codes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from elbo_cases import make_inputs
+
+import klanneal
+from klanneal import _ops, schedules
+from klanneal._ops import ElboOptions
+
+_C = pytest.importorskip("klanneal._C")
+
+
+def test_python_and_cpp_agree_on_the_layout_and_the_codes():
+    # The C++ X-macro lists (csrc/include/klanneal/elbo_layout.h, elbo.h,
+    # schedule.h, common.h) are the definition; Python's copy must match it.
+    assert _C.elbo_layout() == _ops.PY_LAYOUT
+    assert tuple(_C.elbo_layout()["ramp_shape"]) == schedules.SHAPES
+    # The schedules' kind codes are the same enum.
+    kinds = _C.elbo_layout()["schedule_kind"]
+    for schedule, kind in [
+        (schedules.Constant(0.5), "constant"),
+        (schedules.Monotonic(10), "monotonic"),
+        (schedules.Cyclical(40), "cyclical"),
+        (schedules.Capacity(5.0, 10), "capacity"),
+    ]:
+        assert kinds[int(schedule.to_params()[0])] == kind
+
+
+def test_options_round_trip_by_name():
+    opts = ElboOptions("gaussian", "none", 0.25, "sample", -7, 0.5, False)
+    floats, ints = opts.pack(
+        beta_value=0.3, schedule=(2, 1, 0.1, 1.0, 40, 4, 0.5, 0.0), need_grad_mu=True
+    )
+    layout = _C.elbo_layout()
+    assert len(floats) == len(layout["floats"]) and len(ints) == len(layout["ints"])
+    back = ElboOptions.unpack(floats, ints)
+    assert back.options == opts
+    assert back.beta_value == 0.3 and back.need_grads == (False, True, False)
+    assert back.schedule == (2.0, 1.0, 0.1, 1.0, 40.0, 4.0, 0.5, 0.0)
+    assert ints[layout["ints"].index("reduction")] == layout["reduction"].index("none")
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian", "mse"])
+def test_the_default_kernel_matches_the_native_one(likelihood):
+    # The pure-PyTorch kernel registered as the op's default (any device).
+    x, target, mu, logvar = make_inputs(likelihood, 3, (5,))
+    floats, ints = ElboOptions(likelihood, free_bits=0.2).pack(
+        beta_value=0.7, need_grad_recon=True, need_grad_mu=True, need_grad_logvar=True
+    )
+    args = (x, target if likelihood == "categorical" else target, mu, logvar, None, None)
+    native = _ops._native_kernel(*args, floats, ints)
+    default = _ops._reference_kernel(*args, floats, ints)
+    for a, b in zip(native, default):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=5e-5, atol=2e-6)
+
+
+def test_the_op_is_reachable_through_the_dispatcher():
+    x, target, mu, logvar = make_inputs("categorical", 2, (3,))
+    floats, ints = ElboOptions().pack(beta_value=1.0)
+    outs = torch.ops.klanneal.elbo_loss(x, target, mu, logvar, None, None, floats, ints)
+    want = klanneal.elbo_loss_ref(x, target, mu, logvar)
+    torch.testing.assert_close(outs[0].float(), want.loss)
