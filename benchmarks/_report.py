@@ -134,7 +134,34 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results.append(
             _target("schedules", "speed-up over the Python loop", ">=", SCHEDULES_TARGET, None, "")
         )
+    results += _step_targets(rows)
     return results
+
+
+def _step_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 10: the per-call overhead (<= 30 us over a no-op Function) and the
+    MNIST-style training step (klanneal at least as fast as the hand-written loss)."""
+    by = {(r["mode"], r["provider"]): r["median_ms"] for r in rows if r["case"] == "steps"}
+    out = []
+    for (mode, provider), ms in by.items():
+        if provider == "klanneal" and (mode, "noop") in by:
+            overhead_us = 1e3 * (ms - by[(mode, "noop")])
+            out.append(
+                {
+                    "case": "steps",
+                    "target": f"{mode}: klanneal - noop (us)",
+                    "required": "<= 30 us",
+                    "measured": overhead_us,
+                    "met": overhead_us <= 30.0,
+                    "source": "issue 10",
+                }
+            )
+        elif provider == "klanneal" and mode.startswith("MNIST") and (mode, "hand-written") in by:
+            ratio = _ratio(by[(mode, "hand-written")], ms)
+            out.append(
+                _target("steps", f"{mode}: hand-written / klanneal", ">=", 1.0, ratio, "issue 10")
+            )
+    return out
 
 
 def _target(
@@ -197,7 +224,7 @@ def _header(machine: dict[str, Any], config: dict[str, Any]) -> list[str]:
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
     index = _index(rows)
     groups = sorted(
-        {(r["case"], r["device"], r["dtype"], r["mode"]) for r in rows if r["case"] != "schedules"},
+        {(r["case"], r["device"], r["dtype"], r["mode"]) for r in rows if _is_elbo(r)},
         key=lambda g: (g[1], g[2], _case_order(rows, g[0]), g[3]),
     )
     lines = [
@@ -258,7 +285,8 @@ def _targets_section(targets: list[dict[str, Any]], quick: bool) -> list[str]:
         status = {True: "met", False: "**MISSED**", None: "not measured"}[t["met"]]
         lines.append(
             f"| {t['case']} | {t['target']} | {t['required']} "
-            f"| {_fmt(t['measured'], suffix='x')} | {status} | {t['source']} |"
+            f"| {_fmt(t['measured'], suffix=' us' if t['required'].endswith('us') else 'x')} "
+            f"| {status} | {t['source']} |"
         )
     return lines + [""]
 
@@ -267,7 +295,7 @@ def _details(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Details", ""]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        if row["case"] != "schedules":
+        if _is_elbo(row):
             groups.setdefault((row["case"], row["device"], row["dtype"]), []).append(row)
     for (case, device, dtype), group in groups.items():
         first = group[0]
@@ -316,6 +344,41 @@ def _details(rows: list[dict[str, Any]]) -> list[str]:
                     )
             lines.append("")
     return lines
+
+
+def _is_elbo(row: dict[str, Any]) -> bool:
+    """A row of the ELBO cases (not schedules, not the step/overhead cases)."""
+    return row["case"] not in ("schedules", "steps")
+
+
+def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
+    step_rows = [r for r in rows if r["case"] == "steps"]
+    if not step_rows:
+        return []
+    by = {(r["mode"], r["provider"]): r["median_ms"] for r in step_rows}
+    lines = [
+        "## Training steps and per-call overhead",
+        "",
+        "Rows from benchmarks/bench_steps.py: a tiny B=2 call against an autograd.Function "
+        "that does nothing (`noop`) and the hand-written loss, and whole training steps "
+        "(model forward, loss, backward, Adam) with the hand-written loss or klanneal's.",
+        "",
+        "| case | provider | median ms | p20-p80 ms | repeats | hand-written / provider |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in step_rows:
+        hand = by.get((r["mode"], "hand-written"))
+        lines.append(
+            f"| {r['mode']} | {r['provider']} | {_fmt_ms(r['median_ms'])} "
+            f"| {_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])} | {r['repeats']} "
+            f"| {_fmt(_ratio(hand, r['median_ms']), suffix='x')} |"
+        )
+    overhead = [m for m, p in by if p == "noop"]
+    for mode in overhead:
+        ours, floor = by.get((mode, "klanneal")), by.get((mode, "noop"))
+        if ours is not None and floor is not None:
+            lines += ["", f"Per-call overhead (klanneal - noop): {1e3 * (ours - floor):.1f} us."]
+    return lines + [""]
 
 
 def _schedules_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -388,6 +451,7 @@ def markdown(
         + _summary(rows)
         + _targets_section(targets, config.get("quick", False))
         + _details(rows)
+        + _steps_section(rows)
         + _schedules_section(rows)
         + _method_section(config, notes)
     )

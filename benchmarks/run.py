@@ -24,7 +24,8 @@ import _report  # noqa: E402
 import bench_elbo  # noqa: E402
 
 SCHEDULES = "schedules"
-ALL_CASES = (*bench_elbo.CASES, SCHEDULES)
+STEPS = "steps"  # per-call overhead and whole training steps (bench_steps.py)
+ALL_CASES = (*bench_elbo.CASES, STEPS, SCHEDULES)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -160,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     memory_samples = 1 if args.quick else 3
     failures: list[str] = []
-    elbo_cases = [c for c in args.cases if c != SCHEDULES]
+    elbo_cases = [c for c in args.cases if c not in (SCHEDULES, STEPS)]
     rows = bench_elbo.run(
         cases=elbo_cases,
         providers=args.providers,
@@ -175,6 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         failures=failures,
     )
     notes += [f"FAILED: {failure}" for failure in failures]
+    if STEPS in args.cases and any(d.type == "cpu" for d in args.devices):
+        import bench_steps
+
+        log("per-call overhead and training steps (benchmarks/bench_steps.py)")
+        rows += bench_steps.run(quick=args.quick, repeats=args.repeats, warmup=args.warmup)
     if SCHEDULES in args.cases:
         log("schedules (benchmarks/bench_schedules.py)")
         rows += _schedule_rows(args.quick, notes)
@@ -201,7 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     targets = _report.evaluate_targets(rows)
     for target in targets:
         status = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
-        measured = "-" if target["measured"] is None else f"{target['measured']:.2f}x"
+        unit = " us" if target["required"].endswith("us") else "x"
+        measured = "-" if target["measured"] is None else f"{target['measured']:.2f}{unit}"
         print(
             f"  target {target['case']}: {target['target']} {target['required']}: "
             f"{measured} {status}"

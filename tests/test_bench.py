@@ -57,6 +57,13 @@ def test_quick_run_times_every_case_and_provider(quick_run):
     assert set(ALWAYS_PROVIDERS) <= providers
     if (REPO_ROOT / "benchmarks" / "bench_schedules.py").exists():
         assert "schedules" in cases
+    # Per-call overhead and whole training steps (issue 10), with their targets.
+    steps = {(r["mode"], r["provider"]) for r in rows if r["case"] == "steps"}
+    assert {p for m, p in steps if m.startswith("overhead")} == {"klanneal", "noop", "hand-written"}
+    assert {p for m, p in steps if m.startswith("MNIST")} == {"klanneal", "hand-written"}
+    assert {p for m, p in steps if m.startswith("text VAE")} == {"klanneal", "hand-written"}
+    step_targets = [t for t in results["targets"] if t["case"] == "steps"]
+    assert len(step_targets) == 2 and all(t["met"] is not None for t in step_targets)
     for case in ELBO_CASES:
         for mode in ("forward", "full"):
             in_group = {r["provider"] for r in rows if r["case"] == case and r["mode"] == mode}

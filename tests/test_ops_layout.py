@@ -64,3 +64,22 @@ def test_the_op_is_reachable_through_the_dispatcher():
     outs = torch.ops.klanneal.elbo_loss(x, target, mu, logvar, None, None, floats, ints)
     want = klanneal.elbo_loss_ref(x, target, mu, logvar)
     torch.testing.assert_close(outs[0].float(), want.loss)
+
+
+def test_the_first_eager_call_imports_nothing_heavy():
+    # Regression (issue 10): the first call used to take ~0.8 s, torch's
+    # custom-op wrapper importing torch._dynamo lazily on the call path (and
+    # a fork during that import could hang a child on the import lock).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, klanneal\n"
+        "x = torch.randn(4, 784, requires_grad=True)\n"
+        "mu = torch.zeros(4, 8, requires_grad=True)\n"
+        "klanneal.elbo_loss(x, torch.rand(4, 784), mu, mu, likelihood='bernoulli').loss.backward()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

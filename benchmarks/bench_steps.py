@@ -1,0 +1,225 @@
+"""Per-call overhead and whole training steps: where the fixed cost of a call shows.
+
+Cases (CPU, fp32, forward + backward; providers of a case timed round-robin
+in one process, medians over the repeats):
+
+  overhead    B=2 bernoulli batch of 784 pixels, D=16: ``klanneal.elbo_loss``
+              against ``noop``, an autograd.Function on the same inputs that
+              does nothing (the floor of any autograd-attached op), and the
+              hand-written loss. klanneal - noop is the op's own per-call cost.
+  mnist-step  a complete MNIST-style training step: MLP encoder 784-400-2x16,
+              decoder 16-400-784, B=128, Adam; the loss either hand-written
+              (``F.binary_cross_entropy_with_logits(..., reduction="sum") / B
+              + beta * kl``) or ``klanneal.nn.ELBOLoss`` (with its step()).
+  text-step   the text VAE of examples/text_vae.py (embeddings 128, LSTMs 256,
+              D=32, V=10000, B=32 sentences of 40 tokens), one training step
+              with the hand-written ``F.cross_entropy(reduction="sum") / B +
+              beta * kl`` or ``klanneal.elbo_loss``.
+
+Rows: ``{"case": "steps", "mode": <case>, "provider", "median_ms", "p20_ms",
+"p80_ms", "repeats"}`` (the report's "Training steps and per-call overhead"
+section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness  # noqa: E402
+
+import klanneal  # noqa: E402
+
+BETA = 0.5
+
+
+def _row(mode: str, provider: str, seconds: list[float]) -> dict[str, Any]:
+    return {
+        "case": "steps",
+        "mode": mode,
+        "provider": provider,
+        **_harness.summarize_times(seconds),
+        "repeats": len(seconds),
+        "device": "cpu",
+        "dtype": "float32",
+    }
+
+
+def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()
+
+
+class _Noop(torch.autograd.Function):
+    """The cheapest autograd-attached call: returns a 0-d zero, gradients None."""
+
+    @staticmethod
+    def forward(ctx, x, mu, logvar):
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, None
+
+
+def overhead_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 784, generator=gen).requires_grad_()
+    target = torch.rand(2, 784, generator=gen)
+    mu = torch.randn(2, 16, generator=gen).requires_grad_()
+    logvar = torch.randn(2, 16, generator=gen).requires_grad_()
+    beta = torch.tensor(BETA)
+    calls_per_timing = 50  # one timed sample = 50 calls: microseconds need it
+
+    def many(fn: Callable[[], None]) -> Callable[[Any], None]:
+        def run(_: Any) -> None:
+            for _ in range(calls_per_timing):
+                fn()
+
+        return run
+
+    def fused() -> None:
+        klanneal.elbo_loss(x, target, mu, logvar, beta, likelihood="bernoulli").loss.backward()
+
+    def noop() -> None:
+        _Noop.apply(x, mu, logvar).backward()
+
+    def hand() -> None:
+        recon = F.binary_cross_entropy_with_logits(x, target, reduction="sum") / 2
+        (recon + beta * _kl(mu, logvar) / 2).backward()
+
+    entries = [
+        _harness.Timed("klanneal", many(fused)),
+        _harness.Timed("noop", many(noop)),
+        _harness.Timed("hand-written", many(hand)),
+    ]
+    times = _harness.time_round_robin(entries, torch.device("cpu"), repeats, warmup)
+    return [
+        _row("overhead B=2 (per call)", name, [t / calls_per_timing for t in seconds])
+        for name, seconds in times.items()
+    ]
+
+
+class _MlpVae(nn.Module):
+    def __init__(self, latent: int = 16) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 2 * latent))
+        self.dec = nn.Sequential(nn.Linear(latent, 400), nn.ReLU(), nn.Linear(400, 784))
+
+    def forward(self, x: torch.Tensor):
+        mu, logvar = self.enc(x).chunk(2, dim=-1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return self.dec(z), mu, logvar
+
+
+def mnist_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    batch = (torch.rand(128, 784) > 0.5).float()
+    models = {name: _MlpVae() for name in ("hand-written", "klanneal")}
+    models["klanneal"].load_state_dict(models["hand-written"].state_dict())
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    criterion = klanneal.nn.ELBOLoss(
+        schedule=klanneal.schedules.Cyclical(total_steps=10_000), likelihood="bernoulli"
+    )
+    schedule = klanneal.schedules.Cyclical(total_steps=10_000)
+    step = [0]
+
+    def hand(_: Any) -> None:
+        model, opt = models["hand-written"], opts["hand-written"]
+        logits, mu, logvar = model(batch)
+        beta = schedule(step[0])
+        recon = F.binary_cross_entropy_with_logits(logits, batch, reduction="sum") / 128
+        loss = recon + beta * _kl(mu, logvar) / 128
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step[0] += 1
+
+    def fused(_: Any) -> None:
+        model, opt = models["klanneal"], opts["klanneal"]
+        logits, mu, logvar = model(batch)
+        loss = criterion(logits, batch, mu, logvar).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        criterion.step()
+
+    entries = [_harness.Timed("hand-written", hand), _harness.Timed("klanneal", fused)]
+    times = _harness.time_round_robin(entries, torch.device("cpu"), repeats, warmup)
+    return [_row("MNIST-style step B=128", name, s) for name, s in times.items()]
+
+
+def text_case(repeats: int, warmup: int, quick: bool) -> list[dict[str, Any]]:
+    from klanneal.examples import text_vae
+
+    torch.manual_seed(0)
+    vocab, batch_size, length = (500, 8, 12) if quick else (10_000, 32, 40)
+    gen = torch.Generator().manual_seed(1)
+    sequences = [
+        torch.randint(4, vocab, (length,), generator=gen).tolist() for _ in range(batch_size)
+    ]
+    batch = text_vae.make_batch(sequences)
+    models = {
+        name: text_vae.TextVAE(vocab, 128, 256, 32, dropout=0.0)
+        for name in ("hand-written", "klanneal")
+    }
+    models["klanneal"].load_state_dict(models["hand-written"].state_dict())
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+
+    def step(name: str) -> Callable[[Any], None]:
+        model, opt = models[name], opts[name]
+
+        def run(_: Any) -> None:
+            logits, mu, logvar = model(batch)
+            if name == "klanneal":
+                loss = klanneal.elbo_loss(
+                    logits, batch.target, mu, logvar, BETA, ignore_index=text_vae.IGNORE_INDEX
+                ).loss
+            else:
+                recon = F.cross_entropy(
+                    logits.reshape(-1, vocab), batch.target.reshape(-1),
+                    ignore_index=text_vae.IGNORE_INDEX, reduction="sum",
+                )  # fmt: skip
+                loss = (recon + BETA * _kl(mu, logvar)) / batch_size
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    entries = [_harness.Timed(n, step(n)) for n in ("hand-written", "klanneal")]
+    times = _harness.time_round_robin(entries, torch.device("cpu"), repeats, warmup)
+    mode = f"text VAE step B={batch_size} T={length + 1} V={vocab}"
+    return [_row(mode, name, s) for name, s in times.items()]
+
+
+def run(quick: bool = False, repeats: int = 30, warmup: int = 3) -> list[dict[str, Any]]:
+    """Every case; quick: fewer repeats and a small text model (seconds)."""
+    if quick:
+        repeats, warmup = min(repeats, 5), min(warmup, 1)
+    return (
+        overhead_case(repeats, warmup)
+        + mnist_case(repeats, warmup)
+        + text_case(max(5, repeats // 3), warmup, quick)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick, repeats=args.repeats)
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
