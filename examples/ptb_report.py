@@ -52,9 +52,18 @@ def _load(spec: str):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--git-sha",
+        default=None,
+        help="the commit the runs trained at, when the summaries were written later "
+        "(e.g. by a --resume that only collected the results)",
+    )
     parser.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=NAME:LABEL")
     args = parser.parse_args(argv)
     rows = [row for spec in args.runs for row in _load(spec)]
+    if args.git_sha:
+        for _, entry, _, _ in rows:
+            entry["git_sha"] = args.git_sha
     first = rows[0][3]
     merged = {
         "recipe": first["recipe"],

@@ -258,3 +258,18 @@ def test_progress_bar_shows_rate_and_eta():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 10 and "it/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].split()[2] == "10/10"
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_parallel_jobs_give_the_numbers_of_one_process(tmp_path):
+    # --jobs 2: each schedule in its own worker process, the parent collects
+    # the workers' results (it must not train again) and writes the outputs.
+    flags = [*FU2019_SLICE, "--epochs", "0.5", "--schedules", "monotonic", "cyclical"]
+    one = text_vae.main([*flags, "--out", str(tmp_path / "one")])
+    two = text_vae.main([*flags, "--out", str(tmp_path / "two"), "--jobs", "2"])
+    for name in ("monotonic", "cyclical"):
+        assert two["schedules"][name]["nelbo"] == one["schedules"][name]["nelbo"]
+    a = json.loads((tmp_path / "one" / "curves.json").read_text())
+    b = json.loads((tmp_path / "two" / "curves.json").read_text())
+    assert a == b
+    assert (tmp_path / "two" / "runs" / "cyclical" / "progress.log").read_text()

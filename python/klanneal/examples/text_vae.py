@@ -788,19 +788,23 @@ def run_schedule(
     out_dir: Path,
     quiet: bool = False,
     log_to_file: bool = False,
+    reuse: bool = False,
 ) -> RunResult | None:
     """Trains one schedule under ``out_dir/runs/NAME/`` (checkpoint, result) and returns it.
 
-    A finished run's ``result.pt`` is reused when resuming.
+    A finished run's ``result.pt`` (of the same flags) is reused when resuming
+    or with ``reuse`` (the parent collecting what its ``--jobs`` workers wrote).
     """
     train, evals, valid, vocab_size = data
     run_dir = out_dir / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path = run_dir / "result.pt"
-    if args.resume and result_path.is_file():
+    if (args.resume or reuse) and result_path.is_file():
         saved = torch.load(result_path, weights_only=False)
         if saved["config"] == _run_config(name, args):
             return saved["result"]
+    if reuse:
+        raise RuntimeError(f"{result_path}: the worker of schedule {name} left no result")
     stream = open(run_dir / "progress.log", "a") if log_to_file else None
     try:
         result = train_one(
@@ -1567,7 +1571,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if not all(done):
             print(f"stopped early (--stop-after); continue with --resume --out {out_dir}")
             return None
-        results = [run_schedule(name, data, args, out_dir, quiet=True) for name in args.schedules]
+        results = [
+            run_schedule(name, data, args, out_dir, quiet=True, reuse=True)
+            for name in args.schedules
+        ]
     else:
         results = [
             run_schedule(name, data, args, out_dir, quiet=args.quiet) for name in args.schedules
