@@ -277,11 +277,13 @@ def _launch(
     floats: list[float],
     ints: list[int],
     grad_recon: Optional[torch.Tensor],
+    scalars: Optional[tuple[torch.Tensor, ...]] = None,
 ) -> Outputs:
     """The device kernel: allocates the outputs and runs recon_input's device's kernel.
 
     check -> allocate -> pointers -> launch; the packed lists go to C++ as
-    they are.
+    they are. `scalars`: float64 loss, recon, kl, kl_per_dim, beta to write
+    (the eager path passes views of one buffer), else allocated here.
     """
     args = ElboOptions.unpack(floats, ints)
     opts = args.options
@@ -295,7 +297,9 @@ def _launch(
             check_target=not on_cpu,
         )  # fmt: skip
     batch, latent_dim = mu.shape
-    loss, recon, kl, kl_per_dim, beta_out = _scalar_outputs(mu, opts.reduction, device)
+    if scalars is None:
+        scalars = _scalar_outputs(mu, opts.reduction, device)
+    loss, recon, kl, kl_per_dim, beta_out = scalars
     grad_mu, grad_logvar = _latent_grads(mu, logvar, args.need_grads)
     if opts.likelihood == "categorical":
         row_len = recon_input.shape[-1]
@@ -457,7 +461,11 @@ _SECOND_BACKWARD = (
 
 def _is_one(grad_output: torch.Tensor) -> bool:
     """grad_output is exactly 1 everywhere (checked on CPU only: no device sync)."""
-    return grad_output.device.type == "cpu" and bool((grad_output == 1).all())
+    if grad_output.device.type != "cpu":
+        return False
+    if grad_output.numel() == 1:
+        return grad_output.item() == 1.0
+    return bool((grad_output == 1).all())
 
 
 def _backward_common(ctx, grad_loss) -> list:
@@ -550,22 +558,48 @@ def _kernels(device: torch.device):
     return _reference_kernel, _reference_inplace_kernel
 
 
+def _split_scalars(buf: torch.Tensor, batch: int, latent_dim: int, reduction: str) -> tuple:
+    """loss, recon, kl, kl_per_dim, beta as views of one buffer of _scalars_size numbers."""
+    n = batch if reduction == "none" else 1
+    shape = _loss_shape(batch, reduction)
+    return (
+        buf[0:n].view(shape),
+        buf[n : 2 * n].view(shape),
+        buf[2 * n : 3 * n].view(shape),
+        buf[3 * n : 3 * n + latent_dim],
+        buf[3 * n + latent_dim].view(()),
+    )
+
+
 class _ElboFunction(torch.autograd.Function):
-    """Eager autograd of klanneal.elbo_loss: the device kernel called directly."""
+    """Eager autograd of klanneal.elbo_loss: the native kernel called directly.
+
+    The five scalar outputs are written into one float64 buffer and cast to
+    the result dtype in one op (two allocations and one cast per call, not
+    five and five: what matters for small batches).
+    """
 
     @staticmethod
-    def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints):
-        outs = _kernels(recon_input.device)[0](
-            recon_input, target, mu, logvar, beta, step, floats, ints
-        )
+    def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints, dtype):
+        args = ElboOptions.unpack(floats, ints)
+        reduction = args.options.reduction
+        batch, latent_dim = mu.shape
+        n = batch if reduction == "none" else 1
+        buf = torch.empty(3 * n + latent_dim + 1, dtype=torch.float64, device=mu.device)
+        grad_recon = _grad_recon_buffer(recon_input) if args.need_grads[0] else None
+        outs = _launch(
+            recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon,
+            scalars=_split_scalars(buf, batch, latent_dim, reduction),
+        )  # fmt: skip
         _save_context(ctx, recon_input, target, mu, floats, ints)
         ctx.save_for_backward(*outs[5:])
-        ctx.mark_non_differentiable(*outs[1:5])
-        return outs[:5]
+        results = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)
+        ctx.mark_non_differentiable(*results[1:])
+        return results
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
+        return tuple(_backward_common(ctx, grad_loss)) + (None,) * 5
 
 
 class _ElboInplace(torch.autograd.Function):
@@ -597,11 +631,12 @@ class _ElboInplace(torch.autograd.Function):
         return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
 
 
-def elbo_loss_fused(*args) -> tuple[torch.Tensor, ...]:
-    """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced) or the kernel (eager)."""
-    if torch.compiler.is_compiling():
+def elbo_loss_fused(*args, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced, float64
+    results) or the native kernel (eager, results already in `dtype`)."""
+    if torch.compiler.is_compiling() or not native_available(args[0].device):
         return elbo_loss_op(*args)[:5]
-    return _ElboFunction.apply(*args)
+    return _ElboFunction.apply(*args, dtype)
 
 
 def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:

@@ -179,11 +179,11 @@ def elbo_loss(
     # fp16/bf16 gradients are kept in fp32 until backward (loss scaling), so
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
+    dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
     if inplace and need_grad_recon and recon_input.dtype in _ops.FULL_PRECISION:
         outs = _ops.elbo_loss_inplace(*args)
     else:
-        outs = _ops.elbo_loss_fused(*args)
-    dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
+        outs = _ops.elbo_loss_fused(*args, dtype=dtype)
     loss, recon, kl, kl_per_dim, beta_used = outs[:5]
     return ELBOOutput(
         loss.to(dtype),
