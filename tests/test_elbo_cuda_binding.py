@@ -70,10 +70,10 @@ def test_workspace_holds_a_float64_partial_per_row():
 @pytest.mark.parametrize(
     "overrides,fragment",
     [
-        (dict(batch=0, n_rows=0), "batch must be positive"),
-        (dict(row_len=0), "row_len must be positive"),
+        (dict(batch=0, n_rows=0), "batch must be > 0"),
+        (dict(row_len=0), "row_len > 0"),
         (dict(n_rows=7), "multiple of batch"),
-        (dict(likelihood=1, n_rows=6), "one row per example"),
+        (dict(likelihood=1, n_rows=6), "n_rows must equal batch"),
         (dict(likelihood=9), "unknown likelihood"),
     ],
 )
@@ -87,13 +87,13 @@ def test_inconsistent_sizes_raise_value_error(overrides, fragment):
 @pytest.mark.parametrize(
     "overrides,workspace_bytes,fragment",
     [
-        (dict(reduction=2, free_bits=0.5, free_bits_mode=0), 1 << 20, "does not allow"),
+        (dict(reduction=2, free_bits=0.5, free_bits_mode=0), 1 << 20, "not allowed with free bits"),
         (dict(reduction=5), 1 << 20, "unknown reduction"),
         (dict(recon_dtype=7), 1 << 20, "unknown dtype"),
         (dict(free_bits=float("nan")), 1 << 20, "free_bits"),
         (dict(gaussian_var=0.0), 1 << 20, "gaussian_var"),
         (dict(kl_per_dim=0), 1 << 20, "null output pointer"),
-        (dict(mu=0), 1 << 20, "null input pointer"),
+        (dict(mu=0), 1 << 20, "null mu/logvar pointer"),
         ({}, 16, "workspace of 16 bytes"),
     ],
 )

@@ -187,6 +187,10 @@ size_t elbo_cuda_workspace_bytes(const ElboParams& p) {
 
 void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_bytes, void* stream) {
   check_elbo_params(p);
+  // The CPU launcher may skip kl_per_dim; the CUDA finalize kernel reads it
+  // (batch free bits), so here it is required.
+  KLANNEAL_CHECK_ARG(p.latent_dim == 0 || p.kl_per_dim != nullptr,
+                     "elbo_cuda: null output pointer (kl_per_dim)");
   const WorkspaceLayout w = workspace_layout(p);
   KLANNEAL_CHECK_ARG(workspace != nullptr && workspace_bytes >= w.bytes,
                      "elbo_cuda: workspace of " + std::to_string(workspace_bytes) +
