@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # A plain `pip install torch` pulls a multi-GB CUDA build; pin the CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,bench,dev
+EXTRAS ?= test,bench,dev,demo
 PYTEST_ARGS ?=
 
 .PHONY: all venv install demo test bench bench-quick wheel lint format clean sanitize gpu-check

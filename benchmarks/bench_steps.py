@@ -158,7 +158,8 @@ def mnist_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
 
 
 def text_case(repeats: int, warmup: int, quick: bool) -> list[dict[str, Any]]:
-    from klanneal.examples import text_vae
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import text_vae
 
     torch.manual_seed(0)
     vocab, batch_size, length = (500, 8, 12) if quick else (10_000, 32, 40)

@@ -19,9 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+import text_vae  # examples/text_vae/, beside this script
 import torch
-
-from klanneal.examples import text_vae
 
 ROWS = ("rec", "kl", "nelbo", "ppl", "au", "mi", "epochs", "steps", "seconds", "seed")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 
 pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (bench extra)")
 
-from klanneal.examples import text_vae  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import text_vae  # noqa: E402  (examples/text_vae/, not part of the package)
 
 REPO = Path(__file__).resolve().parents[1]
 PTB = REPO.parent / "shared" / "data" / "ptb"
@@ -99,19 +101,6 @@ def test_toy_data_is_fixed_by_the_seed_and_distinct():
     assert int(a.min()) >= len(text_vae.SPECIALS)
     with pytest.raises(ValueError, match="n_sequences"):
         text_vae.make_toy_sequences(5, 1, 4)
-
-
-def test_metrics_on_known_posteriors():
-    gen = torch.Generator().manual_seed(0)
-    # Far-apart, narrow posteriors: the code identifies the point, MI = log N.
-    mu = torch.tensor([[-30.0, 0.0], [0.0, 0.0], [30.0, 0.0]])
-    logvar = torch.full((3, 2), -4.0)
-    assert text_vae.mutual_info(mu, logvar, 50, gen) == pytest.approx(math.log(3), abs=1e-6)
-    assert text_vae.active_units(mu) == 1
-    # Identical posteriors: no information, no active unit.
-    same = torch.zeros(3, 2)
-    assert text_vae.mutual_info(same, same, 50, gen) == pytest.approx(0.0, abs=1e-6)
-    assert text_vae.active_units(same) == 0
 
 
 def test_batches_pad_and_ignore_padding():
@@ -248,18 +237,6 @@ def test_a_stopped_run_resumes_to_the_same_numbers(tmp_path):
                        "--lr", "2e-3"])  # fmt: skip
 
 
-def test_progress_bar_shows_rate_and_eta():
-    import io
-
-    stream = io.StringIO()
-    bar = text_vae.ProgressBar("run", 10, stream=stream)
-    for i in range(1, 11):
-        bar.update(i, "x")
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 10 and "it/s" in lines[0] and "ETA" in lines[0]
-    assert lines[-1].split()[2] == "10/10"
-
-
 @pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
 def test_parallel_jobs_give_the_numbers_of_one_process(tmp_path):
     # --jobs 2: each schedule in its own worker process, the parent collects
@@ -273,3 +250,25 @@ def test_parallel_jobs_give_the_numbers_of_one_process(tmp_path):
     b = json.loads((tmp_path / "two" / "curves.json").read_text())
     assert a == b
     assert (tmp_path / "two" / "runs" / "cyclical" / "progress.log").read_text()
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_the_progress_shows_rate_and_eta(tmp_path):
+    # tqdm's bar, in each --jobs worker's progress.log: steps, rate and ETA.
+    flags = [*FU2019_SLICE, "--epochs", "0.5", "--schedules", "monotonic", "cyclical"]
+    flags.remove("--quiet")
+    text_vae.main([*flags, "--out", str(tmp_path), "--jobs", "2"])
+    log = (tmp_path / "runs" / "cyclical" / "progress.log").read_text()
+    assert "6/6" in log and "it/s" in log and "<" in log  # tqdm's "[elapsed<remaining, rate]"
+
+
+def test_the_example_uses_only_the_public_api():
+    # examples/text_vae is not part of the wheel and imports no private module.
+    example = Path(text_vae.__file__).parent
+    for path in example.glob("*.py"):
+        source = path.read_text()
+        private = re.findall(r"klanneal\._(?!_)\w+|from klanneal import _\w+", source)
+        assert not private, (path, private)
+    import klanneal
+
+    assert not (Path(klanneal.__file__).parent / "examples").exists()

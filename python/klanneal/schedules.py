@@ -874,6 +874,24 @@ class BetaScheduler:
         return f"BetaScheduler({self.schedule!r}, last_step={self.last_step}, beta={self.beta!r})"
 
 
+def plot_schedules(curves: Sequence[tuple[str, Schedule]], steps: int, title: Any = None) -> Any:
+    """A matplotlib figure of labelled schedules over steps ``0 .. steps - 1``.
+
+    The plot of ``python -m klanneal schedule`` (one code path for the CLI
+    and the examples): beta schedules share the left axis, a
+    :class:`Capacity` target (nats) gets its own right-hand axis. Needs
+    matplotlib. The caller saves or shows the figure and closes it.
+
+    Args:
+        curves: ``(label, schedule)`` pairs.
+        steps: Number of steps (>= 1).
+        title: Figure title (default "klanneal schedules").
+    """
+    from klanneal._cli import plot_schedules as plot
+
+    return plot(curves, steps, title)
+
+
 def __getattr__(name: str) -> Any:
     # CyclicalCosineLR subclasses torch's LRScheduler: imported on first use,
     # so that importing the schedules does not import torch.
