@@ -36,7 +36,7 @@ from klanneal import _validate
 try:
     from klanneal import _C
 except ImportError:  # pragma: no cover - exercised via KLANNEAL_DISABLE_NATIVE
-    _C = None
+    _C = None  # type: ignore[assignment]
 
 # The packed call's layout and the enum codes as this Python code expects
 # them. With the extension present they must equal _C.elbo_layout(), the one
@@ -77,7 +77,7 @@ _N_SCHEDULE = 8  # ScheduleParams' fields, from schedule_kind on
 # benchmark. KLANNEAL_GRAD_POOL=0 switches the pool off.
 POOL_MIN_BYTES = 1 << 20
 # ScheduleParams of a constant schedule; unused unless a step tensor is passed.
-NO_SCHEDULE = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0)
+NO_SCHEDULE: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _grad_recon_buffer(recon_input: torch.Tensor) -> torch.Tensor:
     nbytes = recon_input.numel() * dtype.itemsize
     if recon_input.device.type == "cpu" and nbytes >= POOL_MIN_BYTES and _pool_enabled():
         capsule = _C.pooled_empty(list(recon_input.shape), DTYPE_CODES[dtype])
-        return torch.from_dlpack(capsule)
+        return torch.utils.dlpack.from_dlpack(capsule)
     return torch.empty(recon_input.shape, dtype=dtype, device=recon_input.device)
 
 
@@ -241,20 +241,24 @@ def _loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
     return (batch,) if reduction == "none" else ()
 
 
-def _scalar_outputs(mu: torch.Tensor, reduction: str, device) -> tuple[torch.Tensor, ...]:
+def _scalar_outputs(
+    mu: torch.Tensor, reduction: str, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """Uninitialised float64 loss, recon, kl, kl_per_dim, beta."""
     shape = _loss_shape(mu.shape[0], reduction)
-    f64 = {"dtype": torch.float64, "device": device}
+    f64 = torch.float64
     return (
-        torch.empty(shape, **f64),
-        torch.empty(shape, **f64),
-        torch.empty(shape, **f64),
-        torch.empty(mu.shape[1], **f64),
-        torch.empty((), **f64),
+        torch.empty(shape, dtype=f64, device=device),
+        torch.empty(shape, dtype=f64, device=device),
+        torch.empty(shape, dtype=f64, device=device),
+        torch.empty(mu.shape[1], dtype=f64, device=device),
+        torch.empty((), dtype=f64, device=device),
     )
 
 
-def _latent_grads(mu: torch.Tensor, logvar: torch.Tensor, need: tuple) -> tuple:
+def _latent_grads(
+    mu: torch.Tensor, logvar: torch.Tensor, need: tuple[bool, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised grad_mu, grad_logvar (in grad_dtype), or empty ones when not asked for."""
     dtype = grad_dtype(mu.dtype)
     return (
@@ -337,20 +341,45 @@ def _launch(
     )  # fmt: skip
 
 
-def _native_kernel(recon_input, target, mu, logvar, beta, step, floats, ints) -> Outputs:
+def _native_kernel(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+    floats: list[float],
+    ints: list[int],
+) -> Outputs:
     need_recon = ElboOptions.unpack(floats, ints).need_grads[0]
     grad_recon = _grad_recon_buffer(recon_input) if need_recon else None
     return _launch(recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon)
 
 
 def _native_inplace_kernel(
-    recon_input, target, mu, logvar, beta, step, floats, ints
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+    floats: list[float],
+    ints: list[int],
 ) -> InplaceOutputs:
     outs = _launch(recon_input, target, mu, logvar, beta, step, floats, ints, recon_input)
     return outs[:5] + outs[6:]
 
 
-def _reference_kernel(recon_input, target, mu, logvar, beta, step, floats, ints) -> Outputs:
+def _reference_kernel(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+    floats: list[float],
+    ints: list[int],
+) -> Outputs:
     """The op on any device, from the pure-PyTorch reference and autograd.
 
     The default kernel: devices without a native one (and builds without
@@ -386,14 +415,21 @@ def _reference_kernel(recon_input, target, mu, logvar, beta, step, floats, ints)
         full.append(g.contiguous())
     f64 = torch.float64
     beta_t = torch.as_tensor(beta_value, dtype=f64, device=mu.device).reshape(())
-    return (
+    return (  # type: ignore[return-value]  # 5 scalars + 3 gradients
         out.loss.detach().to(f64), out.recon.to(f64), out.kl.to(f64), out.kl_per_dim.to(f64),
         beta_t.clone(), *full,
     )  # fmt: skip
 
 
 def _reference_inplace_kernel(
-    recon_input, target, mu, logvar, beta, step, floats, ints
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+    floats: list[float],
+    ints: list[int],
 ) -> InplaceOutputs:
     outs = _reference_kernel(recon_input, target, mu, logvar, beta, step, floats, ints)
     recon_input.copy_(outs[5].to(recon_input.dtype))
@@ -426,8 +462,17 @@ if _C is not None:
         torch.library.impl("klanneal::elbo_loss_inplace", _device)(_native_inplace_kernel)
 
 
-@torch.library.register_fake("klanneal::elbo_loss")
-def _elbo_loss_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
+@torch.library.register_fake("klanneal::elbo_loss")  # type: ignore[untyped-decorator]
+def _elbo_loss_fake(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+    floats: list[float],
+    ints: list[int],
+) -> tuple[torch.Tensor, ...]:
     args = ElboOptions.unpack(floats, ints)
     dtype = grad_dtype(recon_input.dtype)
     grad_recon = recon_input.new_empty(
@@ -437,8 +482,17 @@ def _elbo_loss_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
     return scalars + (grad_recon,) + _latent_grads(mu, logvar, args.need_grads)
 
 
-@torch.library.register_fake("klanneal::elbo_loss_inplace")
-def _elbo_loss_inplace_fake(recon_input, target, mu, logvar, beta, step, floats, ints):
+@torch.library.register_fake("klanneal::elbo_loss_inplace")  # type: ignore[untyped-decorator]
+def _elbo_loss_inplace_fake(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Optional[torch.Tensor],
+    step: Optional[torch.Tensor],
+    floats: list[float],
+    ints: list[int],
+) -> tuple[torch.Tensor, ...]:
     args = ElboOptions.unpack(floats, ints)
     scalars = _scalar_outputs(mu, args.options.reduction, recon_input.device)
     return scalars + _latent_grads(mu, logvar, args.need_grads)
@@ -468,7 +522,7 @@ def _is_one(grad_output: torch.Tensor) -> bool:
     return bool((grad_output == 1).all())
 
 
-def _backward_common(ctx, grad_loss) -> list:
+def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     """Gradients of recon_input, target, mu, logvar: the saved ones times grad_loss.
 
     Eager, the saved gradients are scaled in place (no second logits-sized
@@ -488,7 +542,7 @@ def _backward_common(ctx, grad_loss) -> list:
         raise RuntimeError(_DOUBLE_BACKWARD)
     saved = ctx.saved_tensors
     skip = eager and _is_one(grad_loss)
-    grads = []
+    grads: list[Optional[torch.Tensor]] = []
     for grad, asked in zip(saved, ctx.asked):
         if not asked:
             grads.append(None)
@@ -523,7 +577,14 @@ def _backward_common(ctx, grad_loss) -> list:
     return [grads[0], grad_target, grads[1], grads[2]]
 
 
-def _save_context(ctx, recon_input, target, mu, floats, ints) -> None:
+def _save_context(
+    ctx: Any,
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    floats: list[float],
+    ints: list[int],
+) -> None:
     # Without this autograd would materialise a zero tensor for the unused
     # gradient of every other output, a logits-sized one for grad_recon.
     ctx.set_materialize_grads(False)
@@ -538,27 +599,29 @@ def _save_context(ctx, recon_input, target, mu, floats, ints) -> None:
     ctx.grad_target = target.requires_grad and target.dtype.is_floating_point
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     recon_input, target, mu, _, _, _, floats, ints = inputs
     _save_context(ctx, recon_input, target, mu, floats, ints)
     ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_loss, *unused):
+def _backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
     return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
 
 
 torch.library.register_autograd("klanneal::elbo_loss", _backward, setup_context=_setup_context)
 
 
-def _kernels(device: torch.device):
+def _kernels(device: torch.device) -> tuple[Any, Any]:
     if native_available(device):
         return _native_kernel, _native_inplace_kernel
     return _reference_kernel, _reference_inplace_kernel
 
 
-def _split_scalars(buf: torch.Tensor, batch: int, latent_dim: int, reduction: str) -> tuple:
+def _split_scalars(
+    buf: torch.Tensor, batch: int, latent_dim: int, reduction: str
+) -> tuple[torch.Tensor, ...]:
     """loss, recon, kl, kl_per_dim, beta as views of one buffer of _scalars_size numbers."""
     n = batch if reduction == "none" else 1
     shape = _loss_shape(batch, reduction)
@@ -580,7 +643,18 @@ class _ElboFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints, dtype):
+    def forward(
+        ctx: Any,
+        recon_input: torch.Tensor,
+        target: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        beta: Optional[torch.Tensor],
+        step: Optional[torch.Tensor],
+        floats: list[float],
+        ints: list[int],
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, ...]:
         args = ElboOptions.unpack(floats, ints)
         reduction = args.options.reduction
         batch, latent_dim = mu.shape
@@ -598,7 +672,7 @@ class _ElboFunction(torch.autograd.Function):
         return results
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
         return tuple(_backward_common(ctx, grad_loss)) + (None,) * 5
 
 
@@ -614,7 +688,17 @@ class _ElboInplace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, recon_input, target, mu, logvar, beta, step, floats, ints):
+    def forward(
+        ctx: Any,
+        recon_input: torch.Tensor,
+        target: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        beta: Optional[torch.Tensor],
+        step: Optional[torch.Tensor],
+        floats: list[float],
+        ints: list[int],
+    ) -> tuple[torch.Tensor, ...]:
         if torch.compiler.is_compiling():
             outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, floats, ints)
         else:
@@ -624,21 +708,21 @@ class _ElboInplace(torch.autograd.Function):
         _save_context(ctx, recon_input, target, mu, floats, ints)
         ctx.save_for_backward(recon_input, outs[5], outs[6])
         ctx.mark_non_differentiable(*outs[1:5])
-        return outs[:5]
+        return tuple(outs[:5])
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
         return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
 
 
-def elbo_loss_fused(*args, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def elbo_loss_fused(*args: Any, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced, float64
     results) or the native kernel (eager, results already in `dtype`)."""
     if torch.compiler.is_compiling() or not native_available(args[0].device):
-        return elbo_loss_op(*args)[:5]
-    return _ElboFunction.apply(*args, dtype)
+        return tuple(elbo_loss_op(*args)[:5])
+    return tuple(_ElboFunction.apply(*args, dtype))  # type: ignore[no-untyped-call]
 
 
-def elbo_loss_inplace(*args) -> tuple[torch.Tensor, ...]:
+def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:
     """The inplace op with autograd: loss, recon, kl, kl_per_dim, beta."""
-    return _ElboInplace.apply(*args)
+    return tuple(_ElboInplace.apply(*args))  # type: ignore[no-untyped-call]

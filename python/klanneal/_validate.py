@@ -14,6 +14,7 @@ import numbers
 from typing import Any, NoReturn, Optional, Union
 
 import torch
+from typing_extensions import TypeGuard
 
 from klanneal.schedules import Schedule
 
@@ -26,7 +27,7 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def is_schedule(beta: Any) -> bool:
+def is_schedule(beta: Any) -> TypeGuard[Schedule]:
     """A klanneal.schedules object (evaluated at `step`)."""
     return isinstance(beta, Schedule)
 
@@ -68,12 +69,12 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_real(name: str, value: Any, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    number = float(value)
+    ok = math.isfinite(number) and (number > 0 if positive else number >= 0)
     if not ok:
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
-    return value
+        raise ValueError(f"{name} must be finite and {bound}, got {number}")
+    return number
 
 
 def check_options(
@@ -212,7 +213,7 @@ def check_args(
             )
         if beta.device != mu.device and beta.device.type != "cpu":
             raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
-    elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):
+    elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):  # type: ignore[unreachable]
         _check_real("beta", beta, positive=False)
     else:
         raise TypeError(

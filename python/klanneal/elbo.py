@@ -143,7 +143,7 @@ def elbo_loss(
         if isinstance(step, torch.Tensor):
             # Evaluated inside the op from the step tensor: no recompiles as it changes.
             _validate.check_schedule_range(beta)
-            schedule = [float(v) for v in beta.to_params()]
+            schedule = tuple(float(v) for v in beta.to_params())
             step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
         else:
             step_int = _validate.as_step(step)
@@ -153,7 +153,7 @@ def elbo_loss(
     elif isinstance(beta, torch.Tensor):
         beta_tensor = beta.detach().to(device=device, dtype=torch.float64).reshape(())
     else:
-        beta_value = float(beta)
+        beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_args)
 
     # is_grad_enabled() is False inside the op, so the caller decides which
     # gradients the forward pass computes. A gaussian/mse target that

@@ -118,7 +118,7 @@ class ELBOLoss(nn.Module):
         """The KL weight at the current step (reads the step buffer: a sync on GPU)."""
         if _validate.is_schedule(self.schedule):
             return float(self.schedule(int(self.current_step)))
-        return self.schedule
+        return float(self.schedule)  # type: ignore[arg-type]  # a real number
 
     def extra_repr(self) -> str:
         return (

@@ -89,8 +89,9 @@ def _beta_value(beta: Any, step: Optional[Union[int, torch.Tensor]]) -> Union[fl
     from klanneal.schedules import Schedule
 
     if isinstance(beta, Schedule):
-        return float(beta(int(step)))
-    return beta
+        return float(beta(int(step)))  # type: ignore[arg-type]  # an int or 0-d tensor
+    result: Union[float, torch.Tensor] = beta
+    return result
 
 
 def elbo_loss_ref(
