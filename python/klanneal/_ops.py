@@ -282,14 +282,17 @@ def _launch(
     ints: list[int],
     grad_recon: Optional[torch.Tensor],
     scalars: Optional[tuple[torch.Tensor, ...]] = None,
+    args: Optional[OpArgs] = None,
 ) -> Outputs:
     """The device kernel: allocates the outputs and runs recon_input's device's kernel.
 
     check -> allocate -> pointers -> launch; the packed lists go to C++ as
     they are. `scalars`: float64 loss, recon, kl, kl_per_dim, beta to write
-    (the eager path passes views of one buffer), else allocated here.
+    (the eager path passes views of one buffer), else allocated here;
+    `args`: ElboOptions.unpack(floats, ints) when the caller has it already.
     """
-    args = ElboOptions.unpack(floats, ints)
+    if args is None:
+        args = ElboOptions.unpack(floats, ints)
     opts = args.options
     device = recon_input.device
     on_cpu = device.type == "cpu"
@@ -584,11 +587,13 @@ def _save_context(
     mu: torch.Tensor,
     floats: list[float],
     ints: list[int],
+    args: Optional[OpArgs] = None,
 ) -> None:
     # Without this autograd would materialise a zero tensor for the unused
     # gradient of every other output, a logits-sized one for grad_recon.
     ctx.set_materialize_grads(False)
-    args = ElboOptions.unpack(floats, ints)
+    if args is None:
+        args = ElboOptions.unpack(floats, ints)
     ctx.reduction = args.options.reduction
     ctx.scaled_in_place = False
     ctx.recon_dtype, ctx.latent_dtype = recon_input.dtype, mu.dtype
@@ -622,16 +627,12 @@ def _kernels(device: torch.device) -> tuple[Any, Any]:
 def _split_scalars(
     buf: torch.Tensor, batch: int, latent_dim: int, reduction: str
 ) -> tuple[torch.Tensor, ...]:
-    """loss, recon, kl, kl_per_dim, beta as views of one buffer of _scalars_size numbers."""
-    n = batch if reduction == "none" else 1
-    shape = _loss_shape(batch, reduction)
-    return (
-        buf[0:n].view(shape),
-        buf[n : 2 * n].view(shape),
-        buf[2 * n : 3 * n].view(shape),
-        buf[3 * n : 3 * n + latent_dim],
-        buf[3 * n + latent_dim].view(()),
-    )
+    """loss, recon, kl, kl_per_dim, beta as views of one buffer of 3n + D + 1 numbers."""
+    if reduction == "none":
+        loss, recon, kl, kl_per_dim, beta = buf.split([batch, batch, batch, latent_dim, 1])
+        return loss, recon, kl, kl_per_dim, beta[0]
+    loss, recon, kl, kl_per_dim, beta = buf.split([1, 1, 1, latent_dim, 1])
+    return loss[0], recon[0], kl[0], kl_per_dim, beta[0]
 
 
 class _ElboFunction(torch.autograd.Function):
@@ -663,9 +664,9 @@ class _ElboFunction(torch.autograd.Function):
         grad_recon = _grad_recon_buffer(recon_input) if args.need_grads[0] else None
         outs = _launch(
             recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon,
-            scalars=_split_scalars(buf, batch, latent_dim, reduction),
+            scalars=_split_scalars(buf, batch, latent_dim, reduction), args=args,
         )  # fmt: skip
-        _save_context(ctx, recon_input, target, mu, floats, ints)
+        _save_context(ctx, recon_input, target, mu, floats, ints, args)
         ctx.save_for_backward(*outs[5:])
         results = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)
         ctx.mark_non_differentiable(*results[1:])

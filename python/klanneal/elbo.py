@@ -185,6 +185,9 @@ def elbo_loss(
     else:
         outs = _ops.elbo_loss_fused(*args, dtype=dtype)
     loss, recon, kl, kl_per_dim, beta_used = outs[:5]
+    if loss.dtype == dtype and not recon.requires_grad:
+        # The eager path: results already in `dtype`, the four terms non-differentiable.
+        return ELBOOutput(loss, recon, kl, kl_per_dim, beta_used)
     return ELBOOutput(
         loss.to(dtype),
         recon.detach().to(dtype),
