@@ -629,9 +629,9 @@ def _split_scalars(
 ) -> tuple[torch.Tensor, ...]:
     """loss, recon, kl, kl_per_dim, beta as views of one buffer of 3n + D + 1 numbers."""
     if reduction == "none":
-        loss, recon, kl, kl_per_dim, beta = buf.split([batch, batch, batch, latent_dim, 1])
+        loss, recon, kl, kl_per_dim, beta = torch.split(buf, [batch, batch, batch, latent_dim, 1])
         return loss, recon, kl, kl_per_dim, beta[0]
-    loss, recon, kl, kl_per_dim, beta = buf.split([1, 1, 1, latent_dim, 1])
+    loss, recon, kl, kl_per_dim, beta = torch.split(buf, [1, 1, 1, latent_dim, 1])
     return loss[0], recon[0], kl[0], kl_per_dim, beta[0]
 
 
