@@ -72,7 +72,7 @@ inline uint32_t bits_from_float(float f) {
   return u;
 }
 
-// IEEE fp16 <-> fp32 with round-to-nearest-even, subnormals, Inf and NaN
+// IEEE fp16 -> fp32 with subnormals, Inf and NaN
 // (the bit-exact method of Maratyszcza's FP16 library).
 inline float half_to_float(uint16_t h) {
   const uint32_t w = static_cast<uint32_t>(h) << 16;
@@ -85,55 +85,28 @@ inline float half_to_float(uint16_t h) {
   return float_from_bits(result);
 }
 
-inline uint16_t float_to_half(float f) {
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = bits_from_float(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  if (bias < 0x71000000u)
-    bias = 0x71000000u;
-  base = float_from_bits((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = bits_from_float(base);
-  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
-  const uint32_t mantissa_bits = bits & 0x00000FFFu;
-  const uint32_t nonsign = exp_bits + mantissa_bits;
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
-
 inline float bfloat16_to_float(uint16_t h) {
   return float_from_bits(static_cast<uint32_t>(h) << 16);
 }
 
-inline uint16_t float_to_bfloat16(float f) {
-  const uint32_t u = bits_from_float(f);
-  if (std::isnan(f))
-    return static_cast<uint16_t>((u >> 16) | 0x0040u);                  // quiet NaN
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); // nearest even
-}
-
 // Arithmetic type T of a storage type S (float for fp32/fp16/bf16, double
-// for fp64) and the conversions.
+// for fp64) and the load conversion (gradients are stored as Grad<S>, below).
 template <typename S> struct Elem;
 template <> struct Elem<float> {
   using T = float;
   static T load(float v) { return v; }
-  static float store(T v) { return v; }
 };
 template <> struct Elem<double> {
   using T = double;
   static T load(double v) { return v; }
-  static double store(T v) { return v; }
 };
 template <> struct Elem<Half> {
   using T = float;
   static T load(Half v) { return half_to_float(v.bits); }
-  static Half store(T v) { return {float_to_half(v)}; }
 };
 template <> struct Elem<BFloat16> {
   using T = float;
   static T load(BFloat16 v) { return bfloat16_to_float(v.bits); }
-  static BFloat16 store(T v) { return {float_to_bfloat16(v)}; }
 };
 
 // Storage type of the gradients (grad_recon, grad_mu, grad_logvar) of inputs
