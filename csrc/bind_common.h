@@ -78,13 +78,20 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
   p.free_bits = f64(FloatSlot::k_free_bits);
   p.gaussian_var = f64(FloatSlot::k_gaussian_var);
   p.beta_value = f64(FloatSlot::k_beta_value);
-  p.schedule = schedule_params_from_list(
-      std::vector<double>(floats.begin() + static_cast<int>(FloatSlot::k_schedule_kind),
-                          floats.begin() + static_cast<int>(FloatSlot::k_schedule_kind) + 8));
+  auto schedule_at = [&](FloatSlot first) {
+    const auto begin = floats.begin() + static_cast<int>(first);
+    return schedule_params_from_list(std::vector<double>(begin, begin + 8));
+  };
+  p.schedule = schedule_at(FloatSlot::k_schedule_kind);
+  p.has_capacity = i64(IntSlot::k_has_capacity) != 0;
+  p.capacity = schedule_at(FloatSlot::k_capacity_kind);
   p.recon_input = ptr(PtrSlot::k_recon_input);
   p.target = ptr(PtrSlot::k_target);
   p.mu = ptr(PtrSlot::k_mu);
   p.logvar = ptr(PtrSlot::k_logvar);
+  p.prior_mu = ptr(PtrSlot::k_prior_mu);
+  p.prior_logvar = ptr(PtrSlot::k_prior_logvar);
+  p.global_kl_per_dim = static_cast<const double*>(ptr(PtrSlot::k_global_kl_per_dim));
   p.beta_ptr = static_cast<const double*>(ptr(PtrSlot::k_beta_ptr));
   p.step_ptr = static_cast<const int64_t*>(ptr(PtrSlot::k_step_ptr));
   p.loss = static_cast<double*>(ptr(PtrSlot::k_loss));
@@ -92,9 +99,12 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
   p.kl = static_cast<double*>(ptr(PtrSlot::k_kl));
   p.kl_per_dim = static_cast<double*>(ptr(PtrSlot::k_kl_per_dim));
   p.beta_out = static_cast<double*>(ptr(PtrSlot::k_beta_out));
+  p.kl_weight = static_cast<double*>(ptr(PtrSlot::k_kl_weight));
   p.grad_recon = ptr(PtrSlot::k_grad_recon);
   p.grad_mu = ptr(PtrSlot::k_grad_mu);
   p.grad_logvar = ptr(PtrSlot::k_grad_logvar);
+  p.grad_prior_mu = ptr(PtrSlot::k_grad_prior_mu);
+  p.grad_prior_logvar = ptr(PtrSlot::k_grad_prior_logvar);
   return p;
 }
 

@@ -963,22 +963,37 @@ int64_t first_invalid_bernoulli_prepass(const ElboParams &p, int64_t chunks_per_
 
 // ---- KL term and the outputs -----------------------------------------------
 
-// Fills kl_b (true KL per example), klterm_b (per-example KL term with
-// free bits in "sample" mode), kl_per_dim, the total KL term, and the latent
-// gradients. At a tie with lambda the gradient passes (torch.clamp). The
-// precision of the comparisons, the same on CPU, CUDA and in the reference:
-// "sample" mode compares each KL_bd in T (the latent dtype's arithmetic
-// type), "batch" mode compares the batch mean, a float64 sum, in float64.
+// KL of latent element k, against the learned prior if there is one.
 template <typename S>
-double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
+KlElem<typename Elem<S>::T> kl_at(const ElboParams &p, int64_t k) {
+  const auto *mu = static_cast<const S *>(p.mu);
+  const auto *logvar = static_cast<const S *>(p.logvar);
+  if (p.prior_mu == nullptr)
+    return gaussian_kl_elem(Elem<S>::load(mu[k]), Elem<S>::load(logvar[k]));
+  const auto *prior_mu = static_cast<const S *>(p.prior_mu);
+  const auto *prior_logvar = static_cast<const S *>(p.prior_logvar);
+  return gaussian_kl_elem(Elem<S>::load(mu[k]), Elem<S>::load(logvar[k]),
+                          Elem<S>::load(prior_mu[k]), Elem<S>::load(prior_logvar[k]));
+}
+
+// Fills kl_b (true KL per example), klterm_b (per-example KL term: free
+// bits in "sample" mode, then the capacity for kNone), kl_per_dim, and the
+// latent gradients; returns the batch's KL term (free bits, then capacity).
+// At a tie with lambda the gradient passes (torch.clamp). The precision of
+// the comparisons, the same on CPU, CUDA and in the reference: "sample" mode
+// compares each KL_bd in T (the latent dtype's arithmetic type), "batch" mode
+// compares the batch mean, a float64 sum (or the caller's all-reduced
+// global_kl_per_dim), in float64; the capacity compares in float64.
+template <typename S>
+double kl_term(const ElboParams &p, double beta, double capacity, std::vector<double> &kl_b,
                std::vector<double> &klterm_b) {
   using T = typename Elem<S>::T;
   const int64_t B = p.batch, D = p.latent_dim;
-  const auto *mu = static_cast<const S *>(p.mu);
-  const auto *logvar = static_cast<const S *>(p.logvar);
   using G = Grad<S>;
   auto *grad_mu = static_cast<G *>(p.grad_mu);
   auto *grad_logvar = static_cast<G *>(p.grad_logvar);
+  auto *grad_prior_mu = static_cast<G *>(p.grad_prior_mu);
+  auto *grad_prior_logvar = static_cast<G *>(p.grad_prior_logvar);
   const bool free_bits = p.free_bits > 0.0;
   const bool batch_mode = free_bits && p.free_bits_mode == FreeBitsMode::kBatch;
   const T lambda = static_cast<T>(p.free_bits);
@@ -988,7 +1003,7 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
   for (int64_t b = 0; b < B; ++b) {
     double kb = 0.0, tb = 0.0;
     for (int64_t d = 0; d < D; ++d) {
-      const T k = gaussian_kl(Elem<S>::load(mu[b * D + d]), Elem<S>::load(logvar[b * D + d]));
+      const T k = kl_at<S>(p, b * D + d).kl;
       kl[b * D + d] = k;
       kb += static_cast<double>(k);
       dim_sum[d] += static_cast<double>(k);
@@ -1000,9 +1015,10 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
   std::vector<double> dim_mean(static_cast<size_t>(D));
   double total = 0.0;
   for (int64_t d = 0; d < D; ++d) {
-    const double mean = dim_sum[d] / static_cast<double>(B);
+    const double local = dim_sum[d] / static_cast<double>(B);
     if (p.kl_per_dim != nullptr)
-      p.kl_per_dim[d] = mean;
+      p.kl_per_dim[d] = local;
+    const double mean = p.global_kl_per_dim != nullptr ? p.global_kl_per_dim[d] : local;
     dim_mean[d] = mean;
     if (batch_mode)
       total += mean < p.free_bits ? p.free_bits : mean; // keeps NaN
@@ -1013,11 +1029,27 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
     for (int64_t b = 0; b < B; ++b)
       total += klterm_b[b];
   }
+  // Capacity: |t - C| per example (kNone) or B * |t / B - C| for the batch;
+  // the gradients take sign(. - C).
+  std::vector<double> sign_b(static_cast<size_t>(B), 1.0);
+  if (p.has_capacity) {
+    if (p.reduction == Reduction::kNone) {
+      for (int64_t b = 0; b < B; ++b) {
+        sign_b[b] = capacity_sign(klterm_b[b], capacity);
+        klterm_b[b] = capacity_term(klterm_b[b], capacity);
+      }
+    } else {
+      const double per_example = total / static_cast<double>(B);
+      std::fill(sign_b.begin(), sign_b.end(), capacity_sign(per_example, capacity));
+      total = static_cast<double>(B) * capacity_term(per_example, capacity);
+    }
+  }
 
-  if (grad_mu != nullptr || grad_logvar != nullptr) {
+  if (grad_mu != nullptr || grad_logvar != nullptr || grad_prior_mu != nullptr ||
+      grad_prior_logvar != nullptr) {
     const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / static_cast<double>(B) : 1.0;
-    const T weight = static_cast<T>(beta * scale);
     for (int64_t b = 0; b < B; ++b) {
+      const T weight = static_cast<T>(beta * scale * sign_b[b]);
       for (int64_t d = 0; d < D; ++d) {
         const int64_t i = b * D + d;
         bool pass = true;
@@ -1025,11 +1057,8 @@ double kl_term(const ElboParams &p, double beta, std::vector<double> &kl_b,
           pass = dim_mean[d] >= p.free_bits;
         else if (free_bits)
           pass = kl[i] >= lambda;
-        const T w = pass ? weight : T(0);
-        if (grad_mu != nullptr)
-          grad_mu[i] = static_cast<G>(w * gaussian_kl_grad_mu(Elem<S>::load(mu[i])));
-        if (grad_logvar != nullptr)
-          grad_logvar[i] = static_cast<G>(w * gaussian_kl_grad_logvar(Elem<S>::load(logvar[i])));
+        store_kl_grads(kl_at<S>(p, i), pass ? weight : T(0), i, grad_mu, grad_logvar,
+                       grad_prior_mu, grad_prior_logvar);
       }
     }
   }
@@ -1056,14 +1085,15 @@ size_t dtype_size(DType d) { return d == DType::kFloat64 ? 8 : d == DType::kFloa
 void launch_elbo_cpu(const ElboParams &p) {
   check_elbo_params(p);
   const SimdLevel level = cpu_simd_level();
-  const double beta = p.beta_ptr != nullptr   ? *p.beta_ptr
-                      : p.step_ptr != nullptr ? schedule_value(p.schedule, *p.step_ptr)
-                                              : p.beta_value;
+  const double beta = resolve_beta(p);
   // A schedule with a negative start or stop, or a beta tensor holding one,
   // must not become a negative KL weight silently.
   KLANNEAL_CHECK_ARG(std::isfinite(beta) && beta >= 0.0,
                      "elbo: beta must be finite and >= 0, got " + std::to_string(beta));
   *p.beta_out = beta;
+  const double capacity = p.has_capacity ? resolve_capacity(p) : 0.0;
+  KLANNEAL_CHECK_ARG(std::isfinite(capacity) && capacity >= 0.0,
+                     "elbo: capacity must be finite and >= 0, got " + std::to_string(capacity));
 
   const bool categorical = p.likelihood == Likelihood::kCategorical;
   const int64_t chunks_per_row = categorical ? 1 : (p.row_len + kChunk - 1) / kChunk;
@@ -1115,7 +1145,8 @@ void launch_elbo_cpu(const ElboParams &p) {
   const int64_t B = p.batch;
   std::vector<double> kl_b(static_cast<size_t>(B), 0.0), klterm_b(static_cast<size_t>(B), 0.0);
   const double klterm_total = dispatch_dtype(
-      p.latent_dtype, [&](auto s) { return kl_term<decltype(s)>(p, beta, kl_b, klterm_b); });
+      p.latent_dtype,
+      [&](auto s) { return kl_term<decltype(s)>(p, beta, capacity, kl_b, klterm_b); });
 
   // Fixed-order sums: units of example b are consecutive.
   const int64_t units_per_example = n_units / B;
@@ -1128,6 +1159,8 @@ void launch_elbo_cpu(const ElboParams &p) {
       p.loss[b] = recon_b + beta * klterm_b[b];
       p.recon[b] = recon_b;
       p.kl[b] = kl_b[b];
+      if (p.kl_weight != nullptr)
+        p.kl_weight[b] = klterm_b[b];
     }
     recon_total += recon_b;
     kl_total += kl_b[b];
@@ -1137,6 +1170,8 @@ void launch_elbo_cpu(const ElboParams &p) {
     *p.loss = (recon_total + beta * klterm_total) / divisor;
     *p.recon = recon_total / divisor;
     *p.kl = kl_total / divisor;
+    if (p.kl_weight != nullptr)
+      *p.kl_weight = klterm_total / divisor;
   }
 }
 

@@ -56,6 +56,12 @@ void check_elbo_params(const ElboParams& p) {
                      "elbo: null input pointer");
   KLANNEAL_CHECK_ARG(p.latent_dim == 0 || (p.mu != nullptr && p.logvar != nullptr),
                      "elbo: null mu/logvar pointer");
+  KLANNEAL_CHECK_ARG((p.prior_mu == nullptr) == (p.prior_logvar == nullptr),
+                     "elbo: prior_mu and prior_logvar go together (both or neither)");
+  KLANNEAL_CHECK_ARG(p.latent_dim == 0 || p.prior_mu != nullptr ||
+                         (p.grad_prior_mu == nullptr && p.grad_prior_logvar == nullptr),
+                     "elbo: prior gradients asked for without a prior");
+  if (p.has_capacity) check_schedule_params(p.capacity);
   KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
                          p.beta_out != nullptr,
                      "elbo: null output pointer");

@@ -110,6 +110,14 @@ def packed_call(params: dict) -> tuple[list, list, list, list]:
     schedule = flat.pop("schedule", [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     for name, value in zip(LAYOUT["floats"][3:], schedule):
         flat[name] = value
+    capacity = flat.pop("capacity", [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    for name, value in zip(LAYOUT["floats"][11:], capacity):
+        flat[name] = value
+    for name in ("prior_mu", "prior_logvar", "global_kl_per_dim", "kl_weight", "grad_prior_mu",
+                 "grad_prior_logvar", "has_capacity"):  # fmt: skip
+        flat.setdefault(name, 0)
+    flat.setdefault("need_grad_prior_mu", int(bool(flat["grad_prior_mu"])))
+    flat.setdefault("need_grad_prior_logvar", int(bool(flat["grad_prior_logvar"])))
     flat.setdefault("validate", 0)
     flat.setdefault("need_grad_recon", int(bool(flat.get("grad_recon", 0))))
     flat.setdefault("need_grad_mu", int(bool(flat.get("grad_mu", 0))))

@@ -138,8 +138,13 @@ def run_emulated(
     gaussian_var: float = 1.0,
     inplace: bool = False,
     grads: bool = True,
+    capacity: Optional[float] = None,
+    global_kl_per_dim: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """Fills an ElboParams dict the way klanneal's op does and runs the launcher."""
+    """Fills an ElboParams dict the way klanneal's op does and runs the launcher.
+
+    A learned prior comes as inputs["prior_mu"] / inputs["prior_logvar"].
+    """
     recon_input, target = inputs["recon_input"], inputs["target"]
     mu, logvar = inputs["mu"], inputs["logvar"]
     batch, latent_dim = mu.shape
@@ -159,6 +164,8 @@ def run_emulated(
         )
     }
     out["beta"] = torch.full((1,), float("nan"), dtype=torch.float64)
+    out["kl_weight"] = torch.full((n_out,), float("nan"), dtype=torch.float64)
+    has_prior = "prior_mu" in inputs
     if grads:
         # Gradients are stored in fp32 for fp16/bf16 inputs (ElboParams).
         def grad_like(t: torch.Tensor) -> torch.Tensor:
@@ -168,6 +175,9 @@ def run_emulated(
         out["grad_recon"] = recon_input if inplace else grad_like(recon_input)
         out["grad_mu"] = grad_like(mu)
         out["grad_logvar"] = grad_like(logvar)
+        if has_prior:
+            out["grad_prior_mu"] = grad_like(mu)
+            out["grad_prior_logvar"] = grad_like(logvar)
     keep = []  # tensors whose pointers are passed
     beta_ptr = step_ptr = 0
     schedule = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
@@ -197,8 +207,16 @@ def run_emulated(
         mu=mu.data_ptr(), logvar=logvar.data_ptr(),
         loss=ptr("loss"), recon=ptr("recon"), kl=ptr("kl"), kl_per_dim=ptr("kl_per_dim"),
         beta_out=ptr("beta"), grad_recon=ptr("grad_recon"), grad_mu=ptr("grad_mu"),
-        grad_logvar=ptr("grad_logvar"), n_threads=1,
+        grad_logvar=ptr("grad_logvar"), n_threads=1, kl_weight=ptr("kl_weight"),
+        grad_prior_mu=ptr("grad_prior_mu"), grad_prior_logvar=ptr("grad_prior_logvar"),
     )  # fmt: skip
+    if has_prior:
+        params.update(prior_mu=inputs["prior_mu"].data_ptr(),
+                      prior_logvar=inputs["prior_logvar"].data_ptr())  # fmt: skip
+    if capacity is not None:
+        params.update(has_capacity=1, capacity=[0.0, 0.0, capacity, capacity, 1.0, 1.0, 1.0, 0.0])
+    if global_kl_per_dim is not None:
+        params["global_kl_per_dim"] = global_kl_per_dim.data_ptr()
     call = packed_call(params)
     workspace = torch.full((module.elbo_cuda_workspace_bytes(*call),), 0xFF, dtype=torch.uint8)
     module.elbo_forward_cuda(*call, workspace.data_ptr(), workspace.numel(), 0)
@@ -209,22 +227,35 @@ def reference(
     inputs: dict[str, torch.Tensor], beta: Any = 1.0, step: Optional[int] = None, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """elbo_loss_ref in float64 with the gradients of each loss entry (upstream 1)."""
-    leaves = {
-        n: inputs[n].detach().double().requires_grad_(True) for n in ("recon_input", "mu", "logvar")
-    }
+    names = [n for n in ("recon_input", "mu", "logvar", "prior_mu", "prior_logvar") if n in inputs]
+    leaves = {n: inputs[n].detach().double().requires_grad_(True) for n in names}
+    if "prior_mu" in leaves:
+        kwargs.update(prior_mu=leaves["prior_mu"], prior_logvar=leaves["prior_logvar"])
+    # beta as a leaf (a schedule evaluated at step first): d loss / d beta is kl_weight.
+    value = beta(step) if hasattr(beta, "to_params") else beta
+    beta_leaf = torch.as_tensor(value, dtype=torch.float64).detach().clone().requires_grad_(True)
+    beta, step = beta_leaf, None
     target = inputs["target"]
     if target.dtype.is_floating_point:
         target = target.double()
     ref = elbo_loss_ref(
         leaves["recon_input"], target, leaves["mu"], leaves["logvar"], beta, step=step, **kwargs
     )
+    losses = ref.loss.reshape(-1)
+    kl_weight = torch.stack([
+        torch.autograd.grad(loss_b, beta_leaf, retain_graph=True)[0] for loss_b in losses
+    ])  # fmt: skip
     ref.loss.sum().backward()
     out = {f: getattr(ref, f).reshape(-1) for f in ("loss", "recon", "kl", "kl_per_dim", "beta")}
+    out["kl_weight"] = kl_weight  # d loss_b / d beta
     out.update(
         grad_recon=leaves["recon_input"].grad,
         grad_mu=leaves["mu"].grad,
         grad_logvar=leaves["logvar"].grad,
     )
+    if "prior_mu" in leaves:
+        out.update(grad_prior_mu=leaves["prior_mu"].grad,
+                   grad_prior_logvar=leaves["prior_logvar"].grad)  # fmt: skip
     return out
 
 
@@ -359,7 +390,7 @@ def test_nan_logit_and_minus_inf_logits_behave_as_the_reference(emulated):
 def test_without_gradients_only_the_values_are_written(emulated):
     inputs = make_inputs("categorical", (2, 3, 300), 3)
     got = run_emulated(emulated, inputs, 0.4, grads=False, free_bits=0.2)
-    assert set(got) == {"loss", "recon", "kl", "kl_per_dim", "beta"}
+    assert set(got) == {"loss", "recon", "kl", "kl_per_dim", "beta", "kl_weight"}
     want = reference(inputs, 0.4, free_bits=0.2)
     assert_matches(got, want, TOL[torch.float32])
 
@@ -411,3 +442,48 @@ def test_recon_and_latent_dtypes_are_dispatched_separately(emulated, latent_dtyp
     want = reference(inputs, 0.5, free_bits=0.3, free_bits_mode="sample")
     tol = TOL[torch.float32] if latent_dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
     assert_matches(got, want, tol)
+
+
+@pytest.mark.parametrize("capacity", [None, 2.0])
+@pytest.mark.parametrize(
+    "free_bits,free_bits_mode", [(0.0, "batch"), (0.3, "batch"), (0.3, "sample")]
+)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_prior_and_capacity_match_reference(
+    emulated, likelihood, reduction, free_bits, free_bits_mode, capacity
+):
+    if reduction == "none" and free_bits > 0 and free_bits_mode == "batch":
+        pytest.skip("not a valid combination")
+    shape = (4, 3, 37) if likelihood == "categorical" else (4, 9)
+    inputs = make_inputs(likelihood, shape, 5)
+    gen = torch.Generator().manual_seed(9)
+    inputs["prior_mu"] = (0.5 * torch.randn(4, 5, generator=gen)).float()
+    inputs["prior_logvar"] = (0.4 * torch.randn(4, 5, generator=gen)).float()
+    kwargs = dict(likelihood=likelihood, reduction=reduction, free_bits=free_bits,
+                  free_bits_mode=free_bits_mode)  # fmt: skip
+    beta = torch.tensor(0.7)
+    got = run_emulated(emulated, inputs, beta, None, capacity=capacity, **kwargs)
+    want = reference(inputs, beta, None, capacity=capacity, **kwargs)
+    assert_matches(got, want, TOL[torch.float32])
+
+
+def test_global_kl_per_dim_replaces_the_batch_mean(emulated):
+    inputs = make_inputs("categorical", (4, 3, 37), 5)
+    # A global mean (from an all-reduce) above lambda in dims 0-2, below in 3-4.
+    global_mean = torch.tensor([2.0, 1.5, 0.9, 0.1, 0.2], dtype=torch.float64)
+    got = run_emulated(emulated, inputs, 0.7, None, free_bits=0.5, global_kl_per_dim=global_mean)
+    leaves = {n: inputs[n].detach().double().requires_grad_(True)
+              for n in ("recon_input", "mu", "logvar")}  # fmt: skip
+    from klanneal.reference import reference_loss
+
+    ref = reference_loss(
+        leaves["recon_input"], inputs["target"], leaves["mu"], leaves["logvar"], 0.7, step=None,
+        likelihood="categorical", reduction="batchmean", free_bits=0.5, free_bits_mode="batch",
+        ignore_index=IGNORE, gaussian_var=1.0, prior_mu=None, prior_logvar=None, capacity=None,
+        global_mean=lambda _: global_mean,
+    )  # fmt: skip
+    ref.loss.backward()
+    torch.testing.assert_close(got["loss"], ref.loss.reshape(-1), **TOL[torch.float32])
+    torch.testing.assert_close(got["grad_mu"].double(), leaves["mu"].grad, **TOL[torch.float32])
+    assert bool((got["grad_mu"][:, 3:] == 0).all()) and bool((got["grad_mu"][:, :3] != 0).all())

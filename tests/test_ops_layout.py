@@ -32,14 +32,20 @@ def test_python_and_cpp_agree_on_the_layout_and_the_codes():
 def test_options_round_trip_by_name():
     opts = ElboOptions("gaussian", "none", 0.25, "sample", -7, 0.5, False)
     floats, ints = opts.pack(
-        beta_value=0.3, schedule=(2, 1, 0.1, 1.0, 40, 4, 0.5, 0.0), need_grad_mu=True
+        beta_value=0.3,
+        schedule=(2, 1, 0.1, 1.0, 40, 4, 0.5, 0.0),
+        need_grad_mu=True,
+        capacity=(3, 0, 0.0, 25.0, 1000, 1, 1, 0),
+        need_grad_prior_logvar=True,
     )
     layout = _C.elbo_layout()
     assert len(floats) == len(layout["floats"]) and len(ints) == len(layout["ints"])
     back = ElboOptions.unpack(floats, ints)
     assert back.options == opts
-    assert back.beta_value == 0.3 and back.need_grads == (False, True, False)
+    assert back.beta_value == 0.3 and back.need_grads == (False, True, False, False, True)
     assert back.schedule == (2.0, 1.0, 0.1, 1.0, 40.0, 4.0, 0.5, 0.0)
+    assert back.capacity == (3.0, 0.0, 0.0, 25.0, 1000.0, 1.0, 1.0, 0.0)
+    assert ElboOptions.unpack(*opts.pack()).capacity is None
     assert ints[layout["ints"].index("reduction")] == layout["reduction"].index("none")
 
 

@@ -283,8 +283,7 @@ def test_a_negative_beta_tensor_is_refused_by_the_kernel_too():
 )
 def test_raw_schedule_parameters_are_checked_on_the_fused_path(bad):
     x, target, mu, logvar = make_inputs("categorical", 2, (3,))
-    floats = [0.0, 0.0, 1.0] + [float(v) for v in bad]
-    ints = [0, 0, 0, -100, 1, 0, 0, 0]
+    floats, ints = _ops.ElboOptions().pack(schedule=bad)
     with pytest.raises(ValueError, match="schedule"):
         _ops.elbo_loss_op(x, target, mu, logvar, None, torch.tensor(3), floats, ints)
 

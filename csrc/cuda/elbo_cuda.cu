@@ -49,9 +49,10 @@ int64_t chunks_per_row(const ElboParams& p) {
 }
 
 // Workspace: float64 arrays, each starting on a 256-byte boundary.
-//   partials [n_rows * chunks_per_row], recon_ex [B], kl_ex [B], term_ex [B]
+//   partials [n_rows * chunks_per_row], recon_ex [B], kl_ex [B], term_ex [B],
+//   signs [B] (the capacity's sign per example, or for the batch in [0])
 struct WorkspaceLayout {
-  size_t partials = 0, recon_ex = 0, kl_ex = 0, term_ex = 0;  // byte offsets
+  size_t partials = 0, recon_ex = 0, kl_ex = 0, term_ex = 0, signs = 0;  // byte offsets
   size_t bytes = 0;
 };
 
@@ -65,7 +66,8 @@ WorkspaceLayout workspace_layout(const ElboParams& p) {
   w.recon_ex = align_up(n_partials * sizeof(double));
   w.kl_ex = w.recon_ex + align_up(per_example);
   w.term_ex = w.kl_ex + align_up(per_example);
-  w.bytes = w.term_ex + align_up(per_example);
+  w.signs = w.term_ex + align_up(per_example);
+  w.bytes = w.signs + align_up(per_example);
   return w;
 }
 
@@ -206,6 +208,7 @@ void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_byt
   double* recon_ex = reinterpret_cast<double*>(base + w.recon_ex);
   double* kl_ex = reinterpret_cast<double*>(base + w.kl_ex);
   double* term_ex = reinterpret_cast<double*>(base + w.term_ex);
+  double* signs = reinterpret_cast<double*>(base + w.signs);
   const int64_t n_chunks = chunks_per_row(p);
   const int64_t partials_per_example = (p.n_rows / p.batch) * n_chunks;
 
@@ -215,8 +218,18 @@ void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_byt
   dispatch_dtype(p.latent_dtype, [&](auto tag) {
     launch_latent<decltype(tag)>(p, partials, partials_per_example, recon_ex, kl_ex, term_ex, s);
   });
-  cuda::finalize_kernel<<<1, kBlockThreads, 0, s>>>(p, recon_ex, kl_ex, term_ex);
+  cuda::finalize_kernel<<<1, kBlockThreads, 0, s>>>(p, recon_ex, kl_ex, term_ex, signs);
   check_launch("finalize_kernel");
+  const bool latent_grads = p.grad_mu != nullptr || p.grad_logvar != nullptr ||
+                            p.grad_prior_mu != nullptr || p.grad_prior_logvar != nullptr;
+  if (p.has_capacity && latent_grads && p.latent_dim > 0) {
+    const int64_t blocks = (p.batch * p.latent_dim + kBlockThreads - 1) / kBlockThreads;
+    dispatch_dtype(p.latent_dtype, [&](auto tag) {
+      cuda::capacity_grad_kernel<decltype(tag)>
+          <<<grid_for(blocks), kBlockThreads, 0, s>>>(p, signs);
+    });
+    check_launch("capacity_grad_kernel");
+  }
 }
 
 }  // namespace klanneal

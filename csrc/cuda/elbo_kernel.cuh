@@ -87,15 +87,31 @@ __device__ __forceinline__ bool is_vector_aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
 }
 
-// ---- beta --------------------------------------------------------------------
-// The single place that picks beta's source (see ElboParams): a float64
-// scalar in device memory, else the schedule at the device-side step, else
-// the launch-time value. Evaluated on the device so that graph replays see
-// the current beta / step.
-__device__ __forceinline__ double resolve_beta(const ElboParams& p) {
-  if (p.beta_ptr != nullptr) return *p.beta_ptr;
-  if (p.step_ptr != nullptr) return schedule_value(p.schedule, *p.step_ptr);
-  return p.beta_value;
+// ---- latents -------------------------------------------------------------------
+// KL of latent element k, against the learned prior if there is one.
+template <typename T>
+__device__ __forceinline__ KlElem<Acc<T>> kl_at(const ElboParams& p, int64_t k) {
+  const T* mu = static_cast<const T*>(p.mu);
+  const T* logvar = static_cast<const T*>(p.logvar);
+  if (p.prior_mu == nullptr) return gaussian_kl_elem(to_acc(mu[k]), to_acc(logvar[k]));
+  const T* prior_mu = static_cast<const T*>(p.prior_mu);
+  const T* prior_logvar = static_cast<const T*>(p.prior_logvar);
+  return gaussian_kl_elem(to_acc(mu[k]), to_acc(logvar[k]), to_acc(prior_mu[k]),
+                          to_acc(prior_logvar[k]));
+}
+
+__device__ __forceinline__ bool any_latent_grad(const ElboParams& p) {
+  return p.grad_mu != nullptr || p.grad_logvar != nullptr || p.grad_prior_mu != nullptr ||
+         p.grad_prior_logvar != nullptr;
+}
+
+// Stores element k's latent gradients, KL's derivatives times w.
+template <typename T>
+__device__ __forceinline__ void store_latent_grads(const ElboParams& p, const KlElem<Acc<T>>& e,
+                                                   Acc<T> w, int64_t k) {
+  using A = Acc<T>;
+  store_kl_grads(e, w, k, static_cast<A*>(p.grad_mu), static_cast<A*>(p.grad_logvar),
+                 static_cast<A*>(p.grad_prior_mu), static_cast<A*>(p.grad_prior_logvar));
 }
 
 // ---- reduction operators for CUB ------------------------------------------------
@@ -399,6 +415,12 @@ __device__ __forceinline__ bool free_bits_pass(A x, A lambda) {
   return x >= lambda;
 }
 
+// The per-dimension batch mean of the free-bits clamp: the caller's
+// all-reduced global one (data-parallel free bits) or this batch's.
+__device__ __forceinline__ double batch_kl_mean(const ElboParams& p, int64_t d, double local) {
+  return p.global_kl_per_dim != nullptr ? p.global_kl_per_dim[d] : local;
+}
+
 // max(lambda, x) with torch.clamp's NaN behaviour: a NaN x stays NaN.
 template <typename A>
 __device__ __forceinline__ A free_bits_clamp(A x, A lambda) {
@@ -422,15 +444,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t dims = p.latent_dim;
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* logvar = static_cast<const T*>(p.logvar);
-  A* grad_mu = static_cast<A*>(p.grad_mu);
-  A* grad_logvar = static_cast<A*>(p.grad_logvar);
   const bool sample_free_bits = p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kSample;
   // Batch free bits: the mask needs the batch mean, kl_dims_kernel writes
-  // those gradients.
-  const bool write_grads = (grad_mu != nullptr || grad_logvar != nullptr) &&
-                           !(p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch);
+  // those gradients. With a capacity, capacity_grad_kernel applies its sign
+  // afterwards.
+  const bool write_grads =
+      any_latent_grad(p) && !(p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch);
   const A lambda = static_cast<A>(p.free_bits);
   const A factor = write_grads ? static_cast<A>(resolve_beta(p)) * grad_scale : A(0);
 
@@ -440,17 +459,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int64_t i = tid; i < partials_per_example; i += kBlockThreads) acc.recon += part[i];
     for (int64_t d = tid; d < dims; d += kBlockThreads) {
       const int64_t k = b * dims + d;
-      const A m = to_acc(mu[k]);
-      const A lv = to_acc(logvar[k]);
-      const A kl = gaussian_kl(m, lv);
-      const bool pass = !sample_free_bits || free_bits_pass(kl, lambda);
-      acc.kl += static_cast<double>(kl);
-      acc.kl_term += static_cast<double>(sample_free_bits ? free_bits_clamp(kl, lambda) : kl);
-      if (write_grads) {
-        const A f = pass ? factor : A(0);
-        if (grad_mu != nullptr) grad_mu[k] = gaussian_kl_grad_mu(m) * f;
-        if (grad_logvar != nullptr) grad_logvar[k] = gaussian_kl_grad_logvar(lv) * f;
-      }
+      const KlElem<A> e = kl_at<T>(p, k);
+      const bool pass = !sample_free_bits || free_bits_pass(e.kl, lambda);
+      acc.kl += static_cast<double>(e.kl);
+      acc.kl_term += static_cast<double>(sample_free_bits ? free_bits_clamp(e.kl, lambda) : e.kl);
+      if (write_grads) store_latent_grads<T>(p, e, pass ? factor : A(0), k);
     }
     acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
     if (tid == 0) {
@@ -477,34 +490,29 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t dims = p.latent_dim;
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* logvar = static_cast<const T*>(p.logvar);
-  A* grad_mu = static_cast<A*>(p.grad_mu);
-  A* grad_logvar = static_cast<A*>(p.grad_logvar);
-  const bool write_grads = (grad_mu != nullptr || grad_logvar != nullptr) && p.free_bits > 0.0 &&
-                           p.free_bits_mode == FreeBitsMode::kBatch;
+  const bool write_grads =
+      any_latent_grad(p) && p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch;
   const A factor = write_grads ? static_cast<A>(resolve_beta(p)) * grad_scale : A(0);
 
   for (int64_t d = blockIdx.x; d < dims; d += gridDim.x) {
     double sum = 0.0;
     for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
-      const int64_t k = b * dims + d;
-      sum += static_cast<double>(gaussian_kl(to_acc(mu[k]), to_acc(logvar[k])));
+      sum += static_cast<double>(kl_at<T>(p, b * dims + d).kl);
     }
     sum = BlockReduce(temp).Reduce(sum, DoubleSum{});
     if (tid == 0) {
       const double mean = sum / static_cast<double>(p.batch);
       p.kl_per_dim[d] = mean;
-      // The mask compares the batch mean with lambda in float64.
-      dim_passes = free_bits_pass(mean, p.free_bits);
+      // The mask compares the batch mean (the caller's global one if given)
+      // with lambda in float64.
+      dim_passes = free_bits_pass(batch_kl_mean(p, d, mean), p.free_bits);
     }
     __syncthreads();
     if (write_grads) {
       const A f = dim_passes ? factor : A(0);
       for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
         const int64_t k = b * dims + d;
-        if (grad_mu != nullptr) grad_mu[k] = gaussian_kl_grad_mu(to_acc(mu[k])) * f;
-        if (grad_logvar != nullptr) grad_logvar[k] = gaussian_kl_grad_logvar(to_acc(logvar[k])) * f;
+        store_latent_grads<T>(p, kl_at<T>(p, k), f, k);
       }
     }
     __syncthreads();  // temp and dim_passes are reused by the next dimension
@@ -513,24 +521,30 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---- finalize: a single block, fixed order --------------------------------------
 // Reduces the per-example values and writes the float64 outputs.
-//   loss, recon, kl: [B] for kNone, else [1]; beta_out: [1].
+//   loss, recon, kl, kl_weight: [B] for kNone, else [1]; beta_out: [1].
+//   signs: [B] for kNone, else [1]: d |t - C| / d t of the capacity (1
+//          without one), read by capacity_grad_kernel.
 // Reads kl_per_dim (written by kl_dims_kernel) for batch free bits.
 __global__ void __launch_bounds__(kBlockThreads)
     finalize_kernel(const ElboParams p, const double* recon_ex, const double* kl_ex,
-                    const double* term_ex) {
+                    const double* term_ex, double* signs) {
   using BlockReduce = cub::BlockReduce<ElboSums, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
 
   const int tid = static_cast<int>(threadIdx.x);
   const double beta = resolve_beta(p);
+  const double capacity = p.has_capacity ? resolve_capacity(p) : 0.0;
   if (tid == 0) p.beta_out[0] = beta;
 
   if (p.reduction == Reduction::kNone) {
     // Per example; batch free bits is rejected for kNone by the launcher.
     for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
+      const double term = p.has_capacity ? capacity_term(term_ex[b], capacity) : term_ex[b];
+      signs[b] = p.has_capacity ? capacity_sign(term_ex[b], capacity) : 1.0;
       p.recon[b] = recon_ex[b];
       p.kl[b] = kl_ex[b];
-      p.loss[b] = recon_ex[b] + beta * term_ex[b];
+      p.loss[b] = recon_ex[b] + beta * term;
+      if (p.kl_weight != nullptr) p.kl_weight[b] = term;
     }
     return;
   }
@@ -544,7 +558,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (batch_free_bits) {
     for (int64_t d = tid; d < p.latent_dim; d += kBlockThreads) {
-      acc.kl_term += free_bits_clamp(p.kl_per_dim[d], p.free_bits);
+      acc.kl_term += free_bits_clamp(batch_kl_mean(p, d, p.kl_per_dim[d]), p.free_bits);
     }
   }
   acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
@@ -553,11 +567,38 @@ __global__ void __launch_bounds__(kBlockThreads)
     // Batch free bits is a per-example quantity (it applies to the batch-mean
     // KL): the batch's KL term is B times it, so that batchmean gives
     // sum_d max(lambda, mean_b KL_bd) and sum gives B times that.
-    const double term = batch_free_bits ? acc.kl_term * batch : acc.kl_term;
+    double term = batch_free_bits ? acc.kl_term * batch : acc.kl_term;
+    signs[0] = 1.0;
+    if (p.has_capacity) {
+      // B * |t / B - C|: the capacity applies to the per-example KL term.
+      signs[0] = capacity_sign(term / batch, capacity);
+      term = batch * capacity_term(term / batch, capacity);
+    }
     const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / batch : 1.0;
     p.recon[0] = acc.recon * scale;
     p.kl[0] = acc.kl * scale;
     p.loss[0] = (acc.recon + beta * term) * scale;
+    if (p.kl_weight != nullptr) p.kl_weight[0] = term * scale;
+  }
+}
+
+// ---- capacity: the sign of |t - C| on the latent gradients ------------------------
+// Runs after finalize_kernel when a capacity is set: every latent gradient
+// of example b is multiplied by signs[b] (kNone) or signs[0].
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    capacity_grad_kernel(const ElboParams p, const double* signs) {
+  using A = Acc<T>;
+  A* grads[4] = {static_cast<A*>(p.grad_mu), static_cast<A*>(p.grad_logvar),
+                 static_cast<A*>(p.grad_prior_mu), static_cast<A*>(p.grad_prior_logvar)};
+  const int64_t n = p.batch * p.latent_dim;
+  const bool per_example = p.reduction == Reduction::kNone;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const A sign = static_cast<A>(signs[per_example ? k / p.latent_dim : 0]);
+    for (A* g : grads) {
+      if (g != nullptr) g[k] *= sign;
+    }
   }
 }
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -45,13 +45,18 @@ except ImportError:  # pragma: no cover - exercised via KLANNEAL_DISABLE_NATIVE
 PY_LAYOUT: dict[str, list[str]] = {
     "sizes": ["batch", "n_rows", "row_len", "latent_dim", "recon_dtype", "latent_dtype",
               "n_threads"],
-    "ptrs": ["recon_input", "target", "mu", "logvar", "beta_ptr", "step_ptr", "loss", "recon",
-             "kl", "kl_per_dim", "beta_out", "grad_recon", "grad_mu", "grad_logvar"],
+    "ptrs": ["recon_input", "target", "mu", "logvar", "prior_mu", "prior_logvar",
+             "global_kl_per_dim", "beta_ptr", "step_ptr", "loss", "recon", "kl", "kl_per_dim",
+             "beta_out", "kl_weight", "grad_recon", "grad_mu", "grad_logvar", "grad_prior_mu",
+             "grad_prior_logvar"],
     "floats": ["beta_value", "free_bits", "gaussian_var", "schedule_kind", "schedule_shape",
                "schedule_start", "schedule_stop", "schedule_total_steps", "schedule_n_cycles",
-               "schedule_ratio", "schedule_zero_ratio"],
+               "schedule_ratio", "schedule_zero_ratio", "capacity_kind", "capacity_shape",
+               "capacity_start", "capacity_stop", "capacity_total_steps", "capacity_n_cycles",
+               "capacity_ratio", "capacity_zero_ratio"],
     "ints": ["likelihood", "reduction", "free_bits_mode", "ignore_index", "validate",
-             "need_grad_recon", "need_grad_mu", "need_grad_logvar"],
+             "need_grad_recon", "need_grad_mu", "need_grad_logvar", "need_grad_prior_mu",
+             "need_grad_prior_logvar", "has_capacity"],
     "likelihood": ["categorical", "bernoulli", "gaussian", "mse"],
     "reduction": ["batchmean", "sum", "none"],
     "free_bits_mode": ["batch", "sample"],
@@ -69,6 +74,9 @@ FULL_PRECISION = (torch.float32, torch.float64)
 _INT = {name: i for i, name in enumerate(LAYOUT["ints"])}
 _FLOAT = {name: i for i, name in enumerate(LAYOUT["floats"])}
 _N_SCHEDULE = 8  # ScheduleParams' fields, from schedule_kind on
+NEED_GRAD_RECON = _INT["need_grad_recon"]
+_NEED_GRADS = ("need_grad_recon", "need_grad_mu", "need_grad_logvar", "need_grad_prior_mu",
+               "need_grad_prior_logvar")  # fmt: skip
 
 # A recon_input gradient of at least this many bytes comes from klanneal's
 # buffer pool on the CPU (csrc/include/klanneal/buffer_pool.h) instead of a
@@ -80,13 +88,18 @@ POOL_MIN_BYTES = 1 << 20
 NO_SCHEDULE: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0)
 
 
+def constant_schedule(value: float) -> tuple[float, ...]:
+    """ScheduleParams of a schedule that is `value` at every step."""
+    return (0.0, 0.0, float(value), float(value), 1.0, 1.0, 1.0, 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ElboOptions:
     """The scalar options of one elbo_loss call, checked, packed for the op by name.
 
-    ``pack`` writes them, with the per-call beta and the gradients asked
-    for, into the op's ``floats`` and ``ints`` lists; ``unpack`` reads them
-    back. Nothing else knows the slot layout.
+    ``pack`` writes them, with the per-call beta, capacity and the gradients
+    asked for, into the op's ``floats`` and ``ints`` lists; ``unpack`` reads
+    them back. Nothing else knows the slot layout.
     """
 
     likelihood: str = "categorical"
@@ -102,17 +115,28 @@ class ElboOptions:
         *,
         beta_value: float = 0.0,
         schedule: tuple[float, ...] | list[float] = NO_SCHEDULE,
+        capacity: Optional[tuple[float, ...] | list[float]] = None,
         need_grad_recon: bool = False,
         need_grad_mu: bool = False,
         need_grad_logvar: bool = False,
+        need_grad_prior_mu: bool = False,
+        need_grad_prior_logvar: bool = False,
     ) -> tuple[list[float], list[int]]:
-        """The op's ``floats`` and ``ints`` (need_grad_recon: ignored by the inplace op)."""
+        """The op's ``floats`` and ``ints`` (need_grad_recon: ignored by the inplace op).
+
+        `capacity`: the capacity's 8 ScheduleParams (evaluated at the op's
+        step, or a constant schedule), or None for the plain KL term.
+        """
         floats = [0.0] * len(_FLOAT)
         floats[_FLOAT["beta_value"]] = float(beta_value)
         floats[_FLOAT["free_bits"]] = float(self.free_bits)
         floats[_FLOAT["gaussian_var"]] = float(self.gaussian_var)
         first = _FLOAT["schedule_kind"]
         floats[first : first + _N_SCHEDULE] = [float(v) for v in schedule]
+        first = _FLOAT["capacity_kind"]
+        floats[first : first + _N_SCHEDULE] = [
+            float(v) for v in (NO_SCHEDULE if capacity is None else capacity)
+        ]
         ints = [0] * len(_INT)
         ints[_INT["likelihood"]] = LIKELIHOODS.index(self.likelihood)
         ints[_INT["reduction"]] = REDUCTIONS.index(self.reduction)
@@ -122,12 +146,16 @@ class ElboOptions:
         ints[_INT["need_grad_recon"]] = int(need_grad_recon)
         ints[_INT["need_grad_mu"]] = int(need_grad_mu)
         ints[_INT["need_grad_logvar"]] = int(need_grad_logvar)
+        ints[_INT["need_grad_prior_mu"]] = int(need_grad_prior_mu)
+        ints[_INT["need_grad_prior_logvar"]] = int(need_grad_prior_logvar)
+        ints[_INT["has_capacity"]] = int(capacity is not None)
         return floats, ints
 
     @staticmethod
     def unpack(floats: list[float], ints: list[int]) -> OpArgs:
-        """The options, beta and the gradients asked for, from the op's lists."""
+        """The options, beta, capacity and the gradients asked for, from the op's lists."""
         first = _FLOAT["schedule_kind"]
+        cap = _FLOAT["capacity_kind"]
         return OpArgs(
             ElboOptions(
                 likelihood=LIKELIHOODS[ints[_INT["likelihood"]]],
@@ -140,11 +168,10 @@ class ElboOptions:
             ),
             beta_value=floats[_FLOAT["beta_value"]],
             schedule=tuple(floats[first : first + _N_SCHEDULE]),
-            need_grads=(
-                bool(ints[_INT["need_grad_recon"]]),
-                bool(ints[_INT["need_grad_mu"]]),
-                bool(ints[_INT["need_grad_logvar"]]),
+            capacity=(
+                tuple(floats[cap : cap + _N_SCHEDULE]) if ints[_INT["has_capacity"]] else None
             ),
+            need_grads=tuple(bool(ints[_INT[n]]) for n in _NEED_GRADS),  # type: ignore[arg-type]
         )
 
 
@@ -155,7 +182,10 @@ class OpArgs:
     options: ElboOptions
     beta_value: float
     schedule: tuple[float, ...]
-    need_grads: tuple[bool, bool, bool]  # recon_input, mu, logvar
+    capacity: Optional[tuple[float, ...]]
+    need_grads: tuple[
+        bool, bool, bool, bool, bool
+    ]  # recon_input, mu, logvar, prior_mu, prior_logvar
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,14 +209,25 @@ def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.d
     return dtype if dtype in FULL_PRECISION else torch.float32
 
 
-Outputs = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-]  # fmt: skip
-InplaceOutputs = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor,
-]  # fmt: skip
+Outputs = tuple[torch.Tensor, ...]  # the op's 11 outputs (see _OUTPUTS)
+InplaceOutputs = tuple[torch.Tensor, ...]  # the inplace op's 10: no grad_recon
+
+
+class OpInputs(NamedTuple):
+    """The op's inputs in schema order (the learned prior and the global free-bits
+    mean come last, optional, so that older calls keep their positions)."""
+
+    recon_input: torch.Tensor
+    target: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    beta: Optional[torch.Tensor]
+    step: Optional[torch.Tensor]
+    floats: list[float]
+    ints: list[int]
+    prior_mu: Optional[torch.Tensor] = None
+    prior_logvar: Optional[torch.Tensor] = None
+    global_kl_per_dim: Optional[torch.Tensor] = None
 
 
 def native_available(device: torch.device) -> bool:
@@ -244,7 +285,7 @@ def _loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
 def _scalar_outputs(
     mu: torch.Tensor, reduction: str, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """Uninitialised float64 loss, recon, kl, kl_per_dim, beta."""
+    """Uninitialised float64 loss, recon, kl, kl_per_dim, beta, kl_weight."""
     shape = _loss_shape(mu.shape[0], reduction)
     f64 = torch.float64
     return (
@@ -253,18 +294,15 @@ def _scalar_outputs(
         torch.empty(shape, dtype=f64, device=device),
         torch.empty(mu.shape[1], dtype=f64, device=device),
         torch.empty((), dtype=f64, device=device),
+        torch.empty(shape, dtype=f64, device=device),
     )
 
 
-def _latent_grads(
-    mu: torch.Tensor, logvar: torch.Tensor, need: tuple[bool, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised grad_mu, grad_logvar (in grad_dtype), or empty ones when not asked for."""
+def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[torch.Tensor, ...]:
+    """Uninitialised grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar (in
+    grad_dtype), or empty ones for those not asked for (need: the 5 flags)."""
     dtype = grad_dtype(mu.dtype)
-    return (
-        mu.new_empty(mu.shape if need[1] else (0,), dtype=dtype),
-        logvar.new_empty(logvar.shape if need[2] else (0,), dtype=dtype),
-    )
+    return tuple(mu.new_empty(mu.shape if n else (0,), dtype=dtype) for n in need[1:])
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -272,42 +310,38 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _launch(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
+    i: OpInputs,
     grad_recon: Optional[torch.Tensor],
     scalars: Optional[tuple[torch.Tensor, ...]] = None,
     args: Optional[OpArgs] = None,
-) -> Outputs:
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """The device kernel: allocates the outputs and runs recon_input's device's kernel.
 
     check -> allocate -> pointers -> launch; the packed lists go to C++ as
-    they are. `scalars`: float64 loss, recon, kl, kl_per_dim, beta to write
-    (the eager path passes views of one buffer), else allocated here;
-    `args`: ElboOptions.unpack(floats, ints) when the caller has it already.
+    they are. `scalars`: float64 loss, recon, kl, kl_per_dim, beta, kl_weight
+    to write (the eager path passes views of one buffer), else allocated
+    here; `args`: ElboOptions.unpack(floats, ints) when the caller has it
+    already. Returns the 6 scalars and the 5 gradients (recon_input, mu,
+    logvar, prior_mu, prior_logvar; empty where not asked for).
     """
     if args is None:
-        args = ElboOptions.unpack(floats, ints)
+        args = ElboOptions.unpack(i.floats, i.ints)
     opts = args.options
+    recon_input, target, mu = i.recon_input, i.target, i.mu
     device = recon_input.device
     on_cpu = device.type == "cpu"
     if opts.validate:
         # On CPU the kernel checks class ids / bernoulli targets in its own
         # pass over the data and returns the first bad one.
         _validate.check_values(
-            recon_input, target, opts.likelihood, opts.ignore_index, beta, step,
+            recon_input, target, opts.likelihood, opts.ignore_index, i.beta, i.step,
             check_target=not on_cpu,
         )  # fmt: skip
     batch, latent_dim = mu.shape
     if scalars is None:
         scalars = _scalar_outputs(mu, opts.reduction, device)
-    loss, recon, kl, kl_per_dim, beta_out = scalars
-    grad_mu, grad_logvar = _latent_grads(mu, logvar, args.need_grads)
+    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
+    grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _latent_grads(mu, args.need_grads)
     if opts.likelihood == "categorical":
         row_len = recon_input.shape[-1]
         n_rows = recon_input.numel() // row_len
@@ -317,11 +351,15 @@ def _launch(
         batch, n_rows, row_len, latent_dim, DTYPE_CODES[recon_input.dtype],
         DTYPE_CODES[mu.dtype], torch.get_num_threads(),
     ]  # fmt: skip
+    # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py).
     ptrs = [
-        _ptr(recon_input), _ptr(target), _ptr(mu), _ptr(logvar), _ptr(beta), _ptr(step),
-        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim),
-        beta_out.data_ptr(), _ptr(grad_recon), _ptr(grad_mu), _ptr(grad_logvar),
+        _ptr(recon_input), _ptr(target), _ptr(mu), _ptr(i.logvar), _ptr(i.prior_mu),
+        _ptr(i.prior_logvar), _ptr(i.global_kl_per_dim), _ptr(i.beta), _ptr(i.step),
+        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), beta_out.data_ptr(),
+        kl_weight.data_ptr(), _ptr(grad_recon), _ptr(grad_mu), _ptr(grad_logvar),
+        _ptr(grad_prior_mu), _ptr(grad_prior_logvar),
     ]  # fmt: skip
+    floats, ints = i.floats, i.ints
     if on_cpu:
         bad = _C.elbo_forward_cpu(sizes, ptrs, floats, ints)
         if bad >= 0:
@@ -338,121 +376,126 @@ def _launch(
     else:
         raise RuntimeError(f"klanneal: no native ELBO kernel for device {device}")
     empty = recon_input.new_empty(0)
-    return (
-        loss, recon, kl, kl_per_dim, beta_out,
-        grad_recon if grad_recon is not None else empty, grad_mu, grad_logvar,
+    grads = (grad_recon if grad_recon is not None else empty, grad_mu, grad_logvar,
+             grad_prior_mu, grad_prior_logvar)  # fmt: skip
+    return scalars, grads
+
+
+def _schema_outputs(
+    scalars: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...], inplace: bool
+) -> Outputs:
+    """The op's outputs: loss, recon, kl, kl_per_dim, beta, [grad_recon,] grad_mu,
+    grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar."""
+    return scalars[:5] + grads[1 if inplace else 0 : 3] + scalars[5:] + grads[3:]
+
+
+def _native_kernel(*args: Any, **kwargs: Any) -> Outputs:
+    i = OpInputs(*args, **kwargs)
+    need_recon = ElboOptions.unpack(i.floats, i.ints).need_grads[0]
+    grad_recon = _grad_recon_buffer(i.recon_input) if need_recon else None
+    return _schema_outputs(*_launch(i, grad_recon), inplace=False)
+
+
+def _native_inplace_kernel(*args: Any, **kwargs: Any) -> InplaceOutputs:
+    i = OpInputs(*args, **kwargs)
+    return _schema_outputs(*_launch(i, i.recon_input), inplace=True)
+
+
+def _reference_outputs(i: OpInputs) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The 6 scalars and 5 gradients of the op from the pure-PyTorch reference and autograd."""
+    from klanneal.reference import reference_loss
+    from klanneal.schedules import schedule_value_ref
+
+    args = ElboOptions.unpack(i.floats, i.ints)
+    opts = args.options
+    mu = i.mu
+    f64 = torch.float64
+    if i.beta is not None:
+        beta_value: Any = i.beta.detach().to(f64)
+    elif i.step is not None:
+        beta_value = schedule_value_ref(list(args.schedule), int(i.step))
+    else:
+        beta_value = args.beta_value
+    capacity = None
+    if args.capacity is not None:
+        capacity = schedule_value_ref(list(args.capacity), 0 if i.step is None else int(i.step))
+    need = args.need_grads
+    with torch.enable_grad():
+        # beta as a leaf: d loss / d beta is the op's kl_weight output.
+        beta_leaf = torch.as_tensor(beta_value, dtype=f64, device=mu.device).reshape(())
+        beta_leaf = beta_leaf.detach().requires_grad_()
+        tensors = (i.recon_input, mu, i.logvar, i.prior_mu, i.prior_logvar)
+        leaves = [
+            None if t is None else t.detach().requires_grad_(n) for t, n in zip(tensors, need)
+        ]
+        x, mu_leaf, logvar_leaf = (t for t in leaves[:3] if t is not None)
+        given = i.global_kl_per_dim
+        out = reference_loss(
+            x, i.target, mu_leaf, logvar_leaf, beta_leaf, step=None,
+            likelihood=opts.likelihood, reduction=opts.reduction, free_bits=opts.free_bits,
+            free_bits_mode=opts.free_bits_mode, ignore_index=opts.ignore_index,
+            gaussian_var=opts.gaussian_var, prior_mu=leaves[3], prior_logvar=leaves[4],
+            capacity=capacity, global_mean=None if given is None else lambda _: given,
+        )  # fmt: skip
+        wanted = [t for t, n in zip(leaves, need) if n and t is not None]
+        # Examples are independent under "none" (batch free bits is refused
+        # there): the gradient of the sum is each example's own gradient.
+        kl_weight = _kl_weight(out.loss, beta_leaf, opts.reduction)
+        grads = list(torch.autograd.grad(out.loss.sum(), wanted)) if wanted else []
+    full = []
+    for t, n in zip(leaves, need):
+        dtype = grad_dtype(mu.dtype if t is None else t.dtype)
+        g = grads.pop(0).to(dtype) if n and t is not None else mu.new_empty(0, dtype=dtype)
+        full.append(g.contiguous())
+    scalars = (
+        out.loss.detach().to(f64), out.recon.to(f64), out.kl.to(f64), out.kl_per_dim.to(f64),
+        beta_leaf.detach().clone(), kl_weight,
     )  # fmt: skip
+    return scalars, tuple(full)
 
 
-def _native_kernel(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> Outputs:
-    need_recon = ElboOptions.unpack(floats, ints).need_grads[0]
-    grad_recon = _grad_recon_buffer(recon_input) if need_recon else None
-    return _launch(recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon)
+def _kl_weight(loss: torch.Tensor, beta_leaf: torch.Tensor, reduction: str) -> torch.Tensor:
+    """d loss / d beta per loss element (float64), by autograd."""
+    if reduction != "none":
+        (g,) = torch.autograd.grad(loss, beta_leaf, allow_unused=True, retain_graph=True)
+        return (torch.zeros((), dtype=torch.float64) if g is None else g.detach()).to(torch.float64)
+    # Per example: loss_b = recon_b + beta * term_b, so term_b = d loss_b / d beta.
+    rows = [
+        torch.autograd.grad(loss[b], beta_leaf, allow_unused=True, retain_graph=True)[0]
+        for b in range(loss.shape[0])
+    ]
+    zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+    return torch.stack([zero if g is None else g.detach().to(torch.float64) for g in rows])
 
 
-def _native_inplace_kernel(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> InplaceOutputs:
-    outs = _launch(recon_input, target, mu, logvar, beta, step, floats, ints, recon_input)
-    return outs[:5] + outs[6:]
-
-
-def _reference_kernel(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> Outputs:
+def _reference_kernel(*args: Any, **kwargs: Any) -> Outputs:
     """The op on any device, from the pure-PyTorch reference and autograd.
 
     The default kernel: devices without a native one (and builds without
     _C) get the same outputs, the gradients taken with torch.autograd.grad.
     """
-    from klanneal.reference import elbo_loss_ref
-    from klanneal.schedules import schedule_value_ref
-
-    args = ElboOptions.unpack(floats, ints)
-    opts = args.options
-    if beta is not None:
-        beta_value: Any = beta.to(torch.float64)
-    elif step is not None:
-        beta_value = schedule_value_ref(list(args.schedule), int(step))
-    else:
-        beta_value = args.beta_value
-    need = args.need_grads
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) for t, n in zip((recon_input, mu, logvar), need)]
-        out = elbo_loss_ref(
-            leaves[0], target, leaves[1], leaves[2], beta_value, likelihood=opts.likelihood,
-            reduction=opts.reduction, free_bits=opts.free_bits,
-            free_bits_mode=opts.free_bits_mode, ignore_index=opts.ignore_index,
-            gaussian_var=opts.gaussian_var,
-        )  # fmt: skip
-        wanted = [t for t, n in zip(leaves, need) if n]
-        # Examples are independent under "none" (batch free bits is refused
-        # there): the gradient of the sum is each example's own gradient.
-        grads = list(torch.autograd.grad(out.loss.sum(), wanted)) if wanted else []
-    full = []
-    for t, n in zip(leaves, need):
-        g = grads.pop(0).to(grad_dtype(t.dtype)) if n else t.new_empty(0, dtype=grad_dtype(t.dtype))
-        full.append(g.contiguous())
-    f64 = torch.float64
-    beta_t = torch.as_tensor(beta_value, dtype=f64, device=mu.device).reshape(())
-    return (  # type: ignore[return-value]  # 5 scalars + 3 gradients
-        out.loss.detach().to(f64), out.recon.to(f64), out.kl.to(f64), out.kl_per_dim.to(f64),
-        beta_t.clone(), *full,
-    )  # fmt: skip
+    return _schema_outputs(*_reference_outputs(OpInputs(*args, **kwargs)), inplace=False)
 
 
-def _reference_inplace_kernel(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> InplaceOutputs:
-    outs = _reference_kernel(recon_input, target, mu, logvar, beta, step, floats, ints)
-    recon_input.copy_(outs[5].to(recon_input.dtype))
-    return outs[:5] + outs[6:]
+def _reference_inplace_kernel(*args: Any, **kwargs: Any) -> InplaceOutputs:
+    i = OpInputs(*args, **kwargs)
+    scalars, grads = _reference_outputs(i)
+    i.recon_input.copy_(grads[0].to(i.recon_input.dtype))
+    return _schema_outputs(scalars, grads, inplace=True)
 
 
 # ---- registration ------------------------------------------------------------------
 
 _ARGS = (
     "Tensor recon_input, Tensor target, Tensor mu, Tensor logvar, Tensor? beta, Tensor? step, "
-    "float[] floats, int[] ints"
+    "float[] floats, int[] ints, Tensor? prior_mu=None, Tensor? prior_logvar=None, "
+    "Tensor? global_kl_per_dim=None"
 )
-torch.library.define(
-    "klanneal::elbo_loss",
-    f"({_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
+torch.library.define("klanneal::elbo_loss", f"({_ARGS}) -> ({', '.join(['Tensor'] * 11)})")
 torch.library.define(
     "klanneal::elbo_loss_inplace",
     f"({_ARGS.replace('Tensor recon_input', 'Tensor(a!) recon_input')}) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"({', '.join(['Tensor'] * 10)})",
 )
 elbo_loss_op = torch.ops.klanneal.elbo_loss.default
 elbo_loss_inplace_op = torch.ops.klanneal.elbo_loss_inplace.default
@@ -465,40 +508,24 @@ if _C is not None:
         torch.library.impl("klanneal::elbo_loss_inplace", _device)(_native_inplace_kernel)
 
 
-@torch.library.register_fake("klanneal::elbo_loss")  # type: ignore[untyped-decorator]
-def _elbo_loss_fake(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> tuple[torch.Tensor, ...]:
-    args = ElboOptions.unpack(floats, ints)
-    dtype = grad_dtype(recon_input.dtype)
+def _fake_outputs(i: OpInputs, inplace: bool) -> Outputs:
+    args = ElboOptions.unpack(i.floats, i.ints)
+    recon_input = i.recon_input
     grad_recon = recon_input.new_empty(
-        recon_input.shape if args.need_grads[0] else (0,), dtype=dtype
+        recon_input.shape if args.need_grads[0] else (0,), dtype=grad_dtype(recon_input.dtype)
     )
-    scalars = _scalar_outputs(mu, args.options.reduction, recon_input.device)
-    return scalars + (grad_recon,) + _latent_grads(mu, logvar, args.need_grads)
+    scalars = _scalar_outputs(i.mu, args.options.reduction, recon_input.device)
+    return _schema_outputs(scalars, (grad_recon,) + _latent_grads(i.mu, args.need_grads), inplace)
+
+
+@torch.library.register_fake("klanneal::elbo_loss")  # type: ignore[untyped-decorator]
+def _elbo_loss_fake(*args: Any, **kwargs: Any) -> Outputs:
+    return _fake_outputs(OpInputs(*args, **kwargs), inplace=False)
 
 
 @torch.library.register_fake("klanneal::elbo_loss_inplace")  # type: ignore[untyped-decorator]
-def _elbo_loss_inplace_fake(
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    beta: Optional[torch.Tensor],
-    step: Optional[torch.Tensor],
-    floats: list[float],
-    ints: list[int],
-) -> tuple[torch.Tensor, ...]:
-    args = ElboOptions.unpack(floats, ints)
-    scalars = _scalar_outputs(mu, args.options.reduction, recon_input.device)
-    return scalars + _latent_grads(mu, logvar, args.need_grads)
+def _elbo_loss_inplace_fake(*args: Any, **kwargs: Any) -> InplaceOutputs:
+    return _fake_outputs(OpInputs(*args, **kwargs), inplace=True)
 
 
 # ---- autograd -----------------------------------------------------------------
@@ -526,7 +553,8 @@ def _is_one(grad_output: torch.Tensor) -> bool:
 
 
 def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-    """Gradients of recon_input, target, mu, logvar: the saved ones times grad_loss.
+    """Gradients of the op's inputs in schema order (OpInputs): the saved ones
+    times grad_loss; beta's is grad_loss times d loss / d beta (kl_weight).
 
     Eager, the saved gradients are scaled in place (no second logits-sized
     buffer), after which they cannot serve another backward; when grad_loss
@@ -535,8 +563,9 @@ def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Option
     """
     if ctx.scaled_in_place:
         raise RuntimeError(_SECOND_BACKWARD)
+    none: list[Optional[torch.Tensor]] = [None] * len(OpInputs._fields)
     if grad_loss is None:  # only non-differentiable outputs reached this node
-        return [None, None, None, None]
+        return none
     eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
     if eager and torch.is_grad_enabled():
         # Backward runs in grad mode only under create_graph=True: the result
@@ -544,9 +573,10 @@ def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Option
         # differentiates it again.
         raise RuntimeError(_DOUBLE_BACKWARD)
     saved = ctx.saved_tensors
+    kl_weight = saved[-1]
     skip = eager and _is_one(grad_loss)
     grads: list[Optional[torch.Tensor]] = []
-    for grad, asked in zip(saved, ctx.asked):
+    for grad, asked in zip(saved[:-1], ctx.asked):
         if not asked:
             grads.append(None)
         elif skip:
@@ -568,7 +598,7 @@ def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Option
     if eager and not skip:
         ctx.scaled_in_place = True
     # fp16/bf16 inputs: the gradients were kept in fp32 up to here.
-    dtypes = (ctx.recon_dtype, ctx.latent_dtype, ctx.latent_dtype)
+    dtypes = (ctx.recon_dtype,) + (ctx.latent_dtype,) * 4
     grads = [g if g is None or g.dtype == d else g.to(d) for g, d in zip(grads, dtypes)]
     # A gaussian/mse target that requires grad: d loss / d target = -d loss / d recon_input.
     grad_target = None
@@ -577,42 +607,43 @@ def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Option
             grad_target = -grads[0]
         else:
             grad_target, grads[0] = grads[0].neg_() if eager else -grads[0], None
-    return [grads[0], grad_target, grads[1], grads[2]]
+    out = none
+    out[0], out[1], out[2], out[3] = grads[0], grad_target, grads[1], grads[2]
+    out[8], out[9] = grads[3], grads[4]
+    if ctx.grad_beta:
+        # A learnable beta (GECO, a Lagrange multiplier): d loss / d beta = the KL term.
+        out[4] = (grad_loss.to(torch.float64) * kl_weight).sum()
+    return out
 
 
-def _save_context(
-    ctx: Any,
-    recon_input: torch.Tensor,
-    target: torch.Tensor,
-    mu: torch.Tensor,
-    floats: list[float],
-    ints: list[int],
-    args: Optional[OpArgs] = None,
-) -> None:
+def _save_context(ctx: Any, i: OpInputs, args: Optional[OpArgs] = None) -> None:
     # Without this autograd would materialise a zero tensor for the unused
     # gradient of every other output, a logits-sized one for grad_recon.
     ctx.set_materialize_grads(False)
     if args is None:
-        args = ElboOptions.unpack(floats, ints)
+        args = ElboOptions.unpack(i.floats, i.ints)
     ctx.reduction = args.options.reduction
     ctx.scaled_in_place = False
-    ctx.recon_dtype, ctx.latent_dtype = recon_input.dtype, mu.dtype
-    # Which of grad_recon, grad_mu, grad_logvar the forward pass computed (a
-    # gradient asked for may still be empty: a [B, 0, V] input).
+    ctx.recon_dtype, ctx.latent_dtype = i.recon_input.dtype, i.mu.dtype
+    # Which of grad_recon, grad_mu, grad_logvar, grad_prior_mu,
+    # grad_prior_logvar the forward pass computed (a gradient asked for may
+    # still be empty: a [B, 0, V] input).
     ctx.asked = args.need_grads
-    ctx.grad_recon_input = recon_input.requires_grad
-    ctx.grad_target = target.requires_grad and target.dtype.is_floating_point
+    ctx.grad_recon_input = i.recon_input.requires_grad
+    ctx.grad_target = i.target.requires_grad and i.target.dtype.is_floating_point
+    ctx.grad_beta = i.beta is not None and i.beta.requires_grad
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    recon_input, target, mu, _, _, _, floats, ints = inputs
-    _save_context(ctx, recon_input, target, mu, floats, ints)
-    ctx.save_for_backward(*output[5:])
+    i = OpInputs(*inputs)
+    _save_context(ctx, i)
+    # grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar, kl_weight.
+    ctx.save_for_backward(*output[5:8], *output[9:11], output[8])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-    return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
+    return tuple(_backward_common(ctx, grad_loss))
 
 
 torch.library.register_autograd("klanneal::elbo_loss", _backward, setup_context=_setup_context)
@@ -627,54 +658,42 @@ def _kernels(device: torch.device) -> tuple[Any, Any]:
 def _split_scalars(
     buf: torch.Tensor, batch: int, latent_dim: int, reduction: str
 ) -> tuple[torch.Tensor, ...]:
-    """loss, recon, kl, kl_per_dim, beta as views of one buffer of 3n + D + 1 numbers."""
+    """loss, recon, kl, kl_per_dim, beta, kl_weight as views of one buffer of 4n + D + 1."""
+    n = batch if reduction == "none" else 1
+    loss, recon, kl, kl_per_dim, beta, kl_weight = torch.split(buf, [n, n, n, latent_dim, 1, n])
     if reduction == "none":
-        loss, recon, kl, kl_per_dim, beta = torch.split(buf, [batch, batch, batch, latent_dim, 1])
-        return loss, recon, kl, kl_per_dim, beta[0]
-    loss, recon, kl, kl_per_dim, beta = torch.split(buf, [1, 1, 1, latent_dim, 1])
-    return loss[0], recon[0], kl[0], kl_per_dim, beta[0]
+        return loss, recon, kl, kl_per_dim, beta[0], kl_weight
+    return loss[0], recon[0], kl[0], kl_per_dim, beta[0], kl_weight[0]
 
 
 class _ElboFunction(torch.autograd.Function):
     """Eager autograd of klanneal.elbo_loss: the native kernel called directly.
 
-    The five scalar outputs are written into one float64 buffer and cast to
-    the result dtype in one op (two allocations and one cast per call, not
-    five and five: what matters for small batches).
+    The six scalar outputs are written into one float64 buffer and the five
+    results cast to the result dtype in one op (two allocations and one cast
+    per call, not six and five: what matters for small batches).
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        recon_input: torch.Tensor,
-        target: torch.Tensor,
-        mu: torch.Tensor,
-        logvar: torch.Tensor,
-        beta: Optional[torch.Tensor],
-        step: Optional[torch.Tensor],
-        floats: list[float],
-        ints: list[int],
-        dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, ...]:
-        args = ElboOptions.unpack(floats, ints)
+    def forward(ctx: Any, dtype: torch.dtype, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        i = OpInputs(*inputs)
+        args = ElboOptions.unpack(i.floats, i.ints)
         reduction = args.options.reduction
-        batch, latent_dim = mu.shape
+        batch, latent_dim = i.mu.shape
         n = batch if reduction == "none" else 1
-        buf = torch.empty(3 * n + latent_dim + 1, dtype=torch.float64, device=mu.device)
-        grad_recon = _grad_recon_buffer(recon_input) if args.need_grads[0] else None
-        outs = _launch(
-            recon_input, target, mu, logvar, beta, step, floats, ints, grad_recon,
-            scalars=_split_scalars(buf, batch, latent_dim, reduction), args=args,
-        )  # fmt: skip
-        _save_context(ctx, recon_input, target, mu, floats, ints, args)
-        ctx.save_for_backward(*outs[5:])
-        results = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)
+        buf = torch.empty(4 * n + latent_dim + 1, dtype=torch.float64, device=i.mu.device)
+        grad_recon = _grad_recon_buffer(i.recon_input) if args.need_grads[0] else None
+        scalars = _split_scalars(buf, batch, latent_dim, reduction)
+        _, grads = _launch(i, grad_recon, scalars=scalars, args=args)
+        _save_context(ctx, i, args)
+        ctx.save_for_backward(*grads, scalars[5])
+        results = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)[:5]
         ctx.mark_non_differentiable(*results[1:])
         return results
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-        return tuple(_backward_common(ctx, grad_loss)) + (None,) * 5
+        return (None, *_backward_common(ctx, grad_loss))
 
 
 class _ElboInplace(torch.autograd.Function):
@@ -689,39 +708,34 @@ class _ElboInplace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        recon_input: torch.Tensor,
-        target: torch.Tensor,
-        mu: torch.Tensor,
-        logvar: torch.Tensor,
-        beta: Optional[torch.Tensor],
-        step: Optional[torch.Tensor],
-        floats: list[float],
-        ints: list[int],
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        i = OpInputs(*inputs)
         if torch.compiler.is_compiling():
-            outs = elbo_loss_inplace_op(recon_input, target, mu, logvar, beta, step, floats, ints)
+            outs = elbo_loss_inplace_op(*inputs)
         else:
-            kernel = _kernels(recon_input.device)[1]
-            outs = kernel(recon_input, target, mu, logvar, beta, step, floats, ints)
-            torch.autograd.graph.increment_version(recon_input)
-        _save_context(ctx, recon_input, target, mu, floats, ints)
-        ctx.save_for_backward(recon_input, outs[5], outs[6])
+            kernel = _kernels(i.recon_input.device)[1]
+            outs = kernel(*inputs)
+            torch.autograd.graph.increment_version(i.recon_input)
+        _save_context(ctx, i)
+        # outs: 5 scalars, grad_mu, grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar.
+        ctx.save_for_backward(i.recon_input, outs[5], outs[6], outs[8], outs[9], outs[7])
         ctx.mark_non_differentiable(*outs[1:5])
         return tuple(outs[:5])
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-        return tuple(_backward_common(ctx, grad_loss)) + (None,) * 4
+        return tuple(_backward_common(ctx, grad_loss))
 
 
 def elbo_loss_fused(*args: Any, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced, float64
-    results) or the native kernel (eager, results already in `dtype`)."""
+    results) or the native kernel (eager, results already in `dtype`).
+
+    args: the op's inputs (OpInputs order).
+    """
     if torch.compiler.is_compiling() or not native_available(args[0].device):
         return tuple(elbo_loss_op(*args)[:5])
-    return tuple(_ElboFunction.apply(*args, dtype))  # type: ignore[no-untyped-call]
+    return tuple(_ElboFunction.apply(dtype, *args))  # type: ignore[no-untyped-call]
 
 
 def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:

@@ -118,6 +118,8 @@ def check_args(
     free_bits_mode: Any,
     ignore_index: Any,
     gaussian_var: Any,
+    *,
+    capacity: Any = None,
 ) -> None:
     """Raises TypeError/ValueError naming the first bad argument."""
     check_options(likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var)
@@ -190,9 +192,12 @@ def check_args(
     if mu.shape[0] == 0:
         raise ValueError("the batch is empty (B = 0)")
 
-    if is_schedule(beta):
+    check_not_capacity(beta, "beta")
+    check_capacity(capacity)
+    if is_schedule(beta) or is_schedule(capacity):
         if step is None:
-            raise ValueError("step is required when beta is a schedule")
+            what = "beta" if is_schedule(beta) else "capacity"
+            raise ValueError(f"step is required when {what} is a schedule")
         if isinstance(step, torch.Tensor):
             if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
                 raise TypeError(
@@ -204,8 +209,10 @@ def check_args(
         elif as_step(step) < 0:
             raise ValueError(f"step must be >= 0, got {as_step(step)}")
     elif step is not None:
-        raise ValueError("step is only used when beta is a schedule (klanneal.schedules)")
-    elif isinstance(beta, torch.Tensor):
+        raise ValueError(
+            "step is only used when beta or capacity is a schedule (klanneal.schedules)"
+        )
+    if isinstance(beta, torch.Tensor):
         if beta.numel() != 1 or not beta.dtype.is_floating_point:
             raise TypeError(
                 "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
@@ -215,11 +222,86 @@ def check_args(
             raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
     elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):  # type: ignore[unreachable]
         _check_real("beta", beta, positive=False)
-    else:
+    elif not is_schedule(beta):
         raise TypeError(
             "beta must be a float, a 0-d tensor or a klanneal.schedules object (with `step`), "
             f"got {type(beta).__name__}"
         )
+
+
+def check_not_capacity(schedule: Any, name: str) -> None:
+    """A Capacity is a target KL, not a KL weight: refuse it as beta."""
+    from klanneal.schedules import Capacity
+
+    if isinstance(schedule, Capacity):
+        raise TypeError(
+            f"{name}: {schedule!r} is a capacity (a target KL in nats), not a KL weight; "
+            "pass it as capacity=... (the objective beta * |KL - C|), with beta the weight "
+            "(gamma in Burgess et al. 2018)"
+        )
+
+
+def check_capacity(capacity: Any) -> None:
+    """None, a real number >= 0 or a schedule (evaluated at step)."""
+    if capacity is None:
+        return
+    if is_schedule(capacity):
+        start, stop = capacity.to_params()[2:4]
+        if min(start, stop) < 0:
+            raise ValueError(f"capacity: {capacity!r} takes negative values; C must be >= 0")
+        return
+    if isinstance(capacity, torch.Tensor):
+        raise TypeError(
+            "capacity must be a float or a klanneal.schedules object (a tensor capacity is "
+            "not supported: use a schedule with a step tensor under torch.compile)"
+        )
+    _check_real("capacity", capacity, positive=False)
+
+
+def check_prior(
+    mu: torch.Tensor, prior_mu: Optional[torch.Tensor], prior_logvar: Optional[torch.Tensor]
+) -> None:
+    """A learned prior: both tensors or neither, each like mu."""
+    if prior_mu is None and prior_logvar is None:
+        return
+    if prior_mu is None or prior_logvar is None:
+        missing = "prior_mu" if prior_mu is None else "prior_logvar"
+        raise ValueError(f"prior_mu and prior_logvar go together: {missing} is missing")
+    for name, t in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != mu.shape:
+            raise ValueError(
+                f"{name} must have the shape of mu {tuple(mu.shape)}, got {tuple(t.shape)}"
+            )
+        if t.dtype != mu.dtype:
+            raise TypeError(f"{name} must have the dtype of mu ({mu.dtype}), got {t.dtype}")
+        if t.device != mu.device:
+            raise ValueError(f"{name} is on {t.device} but mu is on {mu.device}")
+
+
+def check_free_bits_group(group: Any) -> Any:
+    """None, "world" or a torch.distributed ProcessGroup; the group (None: none)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if isinstance(group, str):
+        if group != "world":
+            raise ValueError(
+                f"free_bits_group must be None, 'world' or a ProcessGroup; got {group!r}"
+            )
+    elif not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            "free_bits_group must be None, 'world' or a torch.distributed ProcessGroup, got "
+            f"{type(group).__name__}"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "free_bits_group needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group)"
+        )
+    return group
 
 
 def check_values(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -27,17 +27,23 @@ def elbo_loss(
     free_bits_mode: str = "batch",
     ignore_index: int = -100,
     gaussian_var: float = 1.0,
+    prior_mu: Optional[torch.Tensor] = None,
+    prior_logvar: Optional[torch.Tensor] = None,
+    capacity: Union[None, float, Schedule] = None,
+    free_bits_group: Any = None,
     inplace: bool = False,
     validate: bool = True,
 ) -> ELBOOutput:
-    """Negative ELBO: reconstruction NLL + beta * KL(q(z|x) || N(0, I)).
+    """Negative ELBO: reconstruction NLL + beta * KL(q(z|x) || p(z)).
 
     Per element, the reconstruction term is: categorical
     logsumexp(x) - x[target]; bernoulli the binary cross-entropy with logits
     (soft targets in [0, 1] allowed); gaussian
     0.5 * ((x - target)^2 / gaussian_var + log(2 pi gaussian_var)); mse
-    (x - target)^2. The KL of example b and latent dimension d is
-    KL_bd = -0.5 * (1 + logvar_bd - mu_bd^2 - exp(logvar_bd)).
+    (x - target)^2. The KL of example b and latent dimension d is, from the
+    default prior N(0, I), KL_bd = -0.5 * (1 + logvar_bd - mu_bd^2 - exp(logvar_bd)),
+    and from a learned prior N(prior_mu, exp(prior_logvar)) (a conditional
+    VAE's prior network) KL_bd = 0.5 * (plv - lv + (exp(lv) + (mu - pmu)^2) / exp(plv) - 1).
 
     Reductions over the batch of B examples:
       - "batchmean": (sum of all recon terms + beta * KL term) / B, the
@@ -46,7 +52,10 @@ def elbo_loss(
       - "none": the per-example vector [B].
     The KL term is sum_{b,d} KL_bd. With free bits lambda > 0 it is
     B * sum_d max(lambda, mean_b KL_bd) in "batch" mode (Kingma et al. 2016)
-    and sum_b sum_d max(lambda, KL_bd) in "sample" mode.
+    and sum_b sum_d max(lambda, KL_bd) in "sample" mode. With a capacity C
+    (Burgess et al. 2018) the KL term t becomes |t - C|: |t_b - C| per
+    example for "none", B * |t / B - C| for "batchmean" and "sum" (so
+    batchmean = recon / B + beta * |mean KL - C|, beta playing gamma).
 
     Args:
         recon_input: categorical: logits [B, ..., V]; bernoulli: logits [B, ...];
@@ -59,9 +68,11 @@ def elbo_loss(
         mu: [B, D] mean of q(z|x).
         logvar: [B, D] log-variance of q(z|x), same dtype as mu.
         beta: KL weight: a float, a 0-d tensor (no torch.compile recompiles as
-            its value changes) or a klanneal.schedules object evaluated at `step`.
-        step: int or 0-d integer tensor; required with a schedule, not allowed
-            otherwise.
+            its value changes; one that requires grad, a learnable beta as in
+            GECO, gets d loss / d beta, the KL term) or a klanneal.schedules
+            object evaluated at `step` (not a Capacity: pass that as `capacity`).
+        step: int or 0-d integer tensor; required with a schedule (beta or
+            capacity), not allowed otherwise.
         likelihood: "categorical", "bernoulli", "gaussian" or "mse".
         reduction: "batchmean", "sum" or "none" ("none" is not allowed with
             free_bits > 0 in "batch" mode, a batch-level objective).
@@ -69,6 +80,17 @@ def elbo_loss(
         free_bits_mode: "batch" or "sample" (see above).
         ignore_index: categorical target value whose positions contribute nothing.
         gaussian_var: the fixed variance of the gaussian likelihood (> 0).
+        prior_mu, prior_logvar: [B, D] mean and log-variance of a learned
+            diagonal-Gaussian prior (both or neither; mu's dtype and device);
+            None: N(0, I). Both get gradients.
+        capacity: None, a float C >= 0, or a schedule (klanneal.schedules.Capacity)
+            evaluated at `step`: the capacity objective above.
+        free_bits_group: None, "world" or a torch.distributed ProcessGroup:
+            with batch free bits, the per-dimension batch mean is all-reduced
+            over the group before the clamp (like SyncBatchNorm), so that
+            under DistributedDataParallel the gradients equal those of one
+            process on the global batch (docs/elbo.md, "Data-parallel
+            training"). recon, kl and kl_per_dim stay this process's.
         inplace: write the gradient w.r.t. recon_input into recon_input's own
             buffer (saves a logits-sized allocation; fp32/fp64 only, a no-op
             for fp16/bf16, whose gradients are kept in fp32). recon_input is
@@ -101,8 +123,10 @@ def elbo_loss(
     """
     _validate.check_args(
         recon_input, target, mu, logvar, beta, step, likelihood, reduction,
-        free_bits, free_bits_mode, ignore_index, gaussian_var,
+        free_bits, free_bits_mode, ignore_index, gaussian_var, capacity=capacity,
     )  # fmt: skip
+    _validate.check_prior(mu, prior_mu, prior_logvar)
+    group = _validate.check_free_bits_group(free_bits_group)
     if inplace and _overwrites_a_leaf(recon_input):
         raise ValueError(
             "inplace=True would overwrite recon_input, a leaf tensor that requires grad (or a "
@@ -113,6 +137,12 @@ def elbo_loss(
         # predictions' dtype loses it (an fp32 target 0.5004 is 0.5 in bf16).
         common = torch.promote_types(recon_input.dtype, target.dtype)
         recon_input, target = recon_input.to(common), target.to(common)
+    if isinstance(step, int) and not isinstance(step, bool) and torch.compiler.is_compiling():
+        # A Python int step under torch.compile: a tensor inside the graph,
+        # evaluated by the op, so that a new step is not a new constant (a
+        # recompile per step).
+        step = torch.tensor(step, dtype=torch.int64)
+    batch_free_bits = free_bits > 0 and free_bits_mode == "batch"
     if not _ops.native_available(recon_input.device) or _functorch_active():
         # torch.func transforms (grad, vmap) and devices without a kernel take
         # the reference: plain PyTorch ops, which every transform supports.
@@ -131,55 +161,86 @@ def elbo_loss(
         return elbo_loss_ref(
             recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
             reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
-            ignore_index=ignore_index, gaussian_var=gaussian_var,
+            ignore_index=ignore_index, gaussian_var=gaussian_var, prior_mu=prior_mu,
+            prior_logvar=prior_logvar, capacity=capacity,
+            free_bits_group=group if batch_free_bits else None,
         )  # fmt: skip
 
     device = recon_input.device
     beta_tensor: Optional[torch.Tensor] = None
     step_tensor: Optional[torch.Tensor] = None
+    if isinstance(step, torch.Tensor):
+        step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
     schedule = _ops.NO_SCHEDULE
     beta_value = 0.0
     if _validate.is_schedule(beta):
-        if isinstance(step, torch.Tensor):
+        if step_tensor is not None:
             # Evaluated inside the op from the step tensor: no recompiles as it changes.
             _validate.check_schedule_range(beta)
             schedule = tuple(float(v) for v in beta.to_params())
-            step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
         else:
             step_int = _validate.as_step(step)
             beta_value = _validate.check_beta_value(
                 float(beta(step_int)), f"{beta!r} at step {step_int}"
             )
+            schedule = _ops.constant_schedule(beta_value)
     elif isinstance(beta, torch.Tensor):
-        beta_tensor = beta.detach().to(device=device, dtype=torch.float64).reshape(())
+        # Not detached: a beta that requires grad gets d loss / d beta through the op.
+        beta_tensor = beta.to(device=device, dtype=torch.float64).reshape(())
     else:
         beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_args)
+        schedule = _ops.constant_schedule(beta_value)
+    capacity_params: Optional[tuple[float, ...]] = None
+    if _validate.is_schedule(capacity):
+        if step_tensor is not None:
+            capacity_params = tuple(float(v) for v in capacity.to_params())
+        else:
+            capacity_params = _ops.constant_schedule(float(capacity(_validate.as_step(step))))
+    elif capacity is not None:
+        capacity_params = _ops.constant_schedule(float(capacity))  # type: ignore[arg-type]  # a number
 
     # is_grad_enabled() is False inside the op, so the caller decides which
     # gradients the forward pass computes. A gaussian/mse target that
     # requires grad (a loss between two model outputs) gets -grad_recon.
     grad_enabled = torch.is_grad_enabled()
     grad_target = grad_enabled and target.requires_grad
-    need_grad_recon = grad_enabled and (recon_input.requires_grad or grad_target)
-    need_grad_mu = grad_enabled and mu.requires_grad
-    need_grad_logvar = grad_enabled and logvar.requires_grad
-    if likelihood == "categorical":
-        target = target.to(torch.int64)
+    has_prior = prior_mu is not None and prior_logvar is not None
     options = _ops.ElboOptions(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )
     floats, ints = options.pack(
-        beta_value=beta_value, schedule=schedule, need_grad_recon=need_grad_recon,
-        need_grad_mu=need_grad_mu, need_grad_logvar=need_grad_logvar,
+        beta_value=beta_value, schedule=schedule, capacity=capacity_params,
+        need_grad_recon=grad_enabled and (recon_input.requires_grad or grad_target),
+        need_grad_mu=grad_enabled and mu.requires_grad,
+        need_grad_logvar=grad_enabled and logvar.requires_grad,
+        need_grad_prior_mu=grad_enabled and has_prior and prior_mu.requires_grad,  # type: ignore[union-attr]
+        need_grad_prior_logvar=grad_enabled and has_prior and prior_logvar.requires_grad,  # type: ignore[union-attr]
     )  # fmt: skip
-    args = (
+    if likelihood == "categorical":
+        target = target.to(torch.int64)
+    global_mean = None
+    if group is not None and batch_free_bits:
+        from klanneal.reference import global_kl_per_dim, kl_per_element
+
+        with torch.no_grad():
+            global_mean = global_kl_per_dim(
+                kl_per_element(mu, logvar, prior_mu, prior_logvar), group
+            ).contiguous()
+    args: tuple[Any, ...] = (
         recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
         beta_tensor, step_tensor, floats, ints,
     )  # fmt: skip
+    if has_prior or global_mean is not None:
+        args += (
+            None if prior_mu is None else prior_mu.contiguous(),
+            None if prior_logvar is None else prior_logvar.contiguous(),
+            global_mean,
+        )  # fmt: skip
     # fp16/bf16 gradients are kept in fp32 until backward (loss scaling), so
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
     dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
+    need_grad_recon = bool(ints[_ops.NEED_GRAD_RECON])
     if inplace and need_grad_recon and recon_input.dtype in _ops.FULL_PRECISION:
         outs = _ops.elbo_loss_inplace(*args)
     else:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Union
+import warnings
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from klanneal import _validate
 from klanneal.elbo import elbo_loss
+from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule
 
-__all__ = ["ELBOLoss"]
+__all__ = ["ELBOLoss", "LinearELBOLoss"]
 
 
 class ELBOLoss(nn.Module):
@@ -32,27 +34,44 @@ class ELBOLoss(nn.Module):
         optimizer.step()
         criterion.step()
 
+    The capacity objective (Burgess et al. 2018) steps with the same counter::
+
+        criterion = ELBOLoss(schedule=4.0, capacity=Capacity(c_max=25, warmup_steps=10_000))
+
+    The state_dict records the schedules' parameters next to the step:
+    loading it into an ELBOLoss with different schedules raises (strict) or
+    warns (``strict=False``). ``forward`` warns once if it runs 1000 times
+    in training mode without a ``step()``: the schedule would be frozen.
+
     Args:
-        schedule: a klanneal.schedules object, or a float for a constant beta.
+        schedule: a klanneal.schedules object, or a float for a constant beta
+            (not a Capacity: pass that as ``capacity``).
+        capacity: None, a float or a schedule: the capacity C of
+            ``klanneal.elbo_loss``, evaluated at the same step.
         likelihood, reduction, free_bits, free_bits_mode, ignore_index,
-            gaussian_var, inplace, validate: as in ``klanneal.elbo_loss``.
+            gaussian_var, free_bits_group, inplace, validate: as in
+            ``klanneal.elbo_loss``.
 
     Raises:
         TypeError, ValueError: an invalid option (checked here, at construction).
     """
 
     current_step: torch.Tensor
+    # forward calls in training mode without a step() before the warning.
+    STEPLESS_CALLS_WARNING = 1000
 
     def __init__(
         self,
         schedule: Union[float, Schedule] = 1.0,
         *,
+        capacity: Union[None, float, Schedule] = None,
         likelihood: str = "categorical",
         reduction: str = "batchmean",
         free_bits: float = 0.0,
         free_bits_mode: str = "batch",
         ignore_index: int = -100,
         gaussian_var: float = 1.0,
+        free_bits_group: Any = None,
         inplace: bool = False,
         validate: bool = True,
     ) -> None:
@@ -60,6 +79,8 @@ class ELBOLoss(nn.Module):
         _validate.check_options(
             likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var
         )
+        _validate.check_not_capacity(schedule, "schedule")
+        _validate.check_capacity(capacity)
         if not _validate.is_schedule(schedule):
             if isinstance(schedule, bool) or not isinstance(schedule, (int, float)):
                 raise TypeError(
@@ -72,6 +93,8 @@ class ELBOLoss(nn.Module):
                 )
             schedule = float(schedule)
         self.schedule = schedule
+        self.capacity = capacity
+        self.free_bits_group = free_bits_group
         self.likelihood = likelihood
         self.reduction = reduction
         self.free_bits = float(free_bits)
@@ -81,6 +104,12 @@ class ELBOLoss(nn.Module):
         self.inplace = inplace
         self.validate = validate
         self.register_buffer("current_step", torch.zeros((), dtype=torch.int64))
+        self._calls_since_step = 0
+        self._warned_stepless = False
+        self._schedule_mismatch: Optional[str] = None
+        self.register_load_state_dict_post_hook(  # type: ignore[no-untyped-call]
+            ELBOLoss._report_schedule_mismatch
+        )
 
     def forward(
         self,
@@ -88,9 +117,13 @@ class ELBOLoss(nn.Module):
         target: torch.Tensor,
         mu: torch.Tensor,
         logvar: torch.Tensor,
+        prior_mu: Optional[torch.Tensor] = None,
+        prior_logvar: Optional[torch.Tensor] = None,
     ) -> ELBOOutput:
         """Loss at the current step; see ``klanneal.elbo_loss`` for shapes and the result."""
-        scheduled = _validate.is_schedule(self.schedule)
+        scheduled = _validate.is_schedule(self.schedule) or _validate.is_schedule(self.capacity)
+        if self.training and scheduled and not torch.compiler.is_compiling():
+            self._count_stepless_call()
         return elbo_loss(
             recon_input,
             target,
@@ -98,6 +131,10 @@ class ELBOLoss(nn.Module):
             logvar,
             self.schedule,
             step=self.current_step if scheduled else None,
+            prior_mu=prior_mu,
+            prior_logvar=prior_logvar,
+            capacity=self.capacity,
+            free_bits_group=self.free_bits_group,
             likelihood=self.likelihood,
             reduction=self.reduction,
             free_bits=self.free_bits,
@@ -108,10 +145,32 @@ class ELBOLoss(nn.Module):
             validate=self.validate,
         )
 
+    def _count_stepless_call(self) -> None:
+        self._calls_since_step += 1
+        if self._calls_since_step >= self.STEPLESS_CALLS_WARNING and not self._warned_stepless:
+            self._warned_stepless = True
+            warnings.warn(
+                f"ELBOLoss: forward ran {self._calls_since_step} times in training mode without "
+                "a step(); the schedule stays at step "
+                f"{int(self.current_step)}. Call criterion.step() once per optimizer step "
+                "(or set_step(n)).",
+                stacklevel=3,
+            )
+
     @torch.no_grad()
     def step(self) -> None:
         """Advances the schedule by one step (call once per optimizer step)."""
         self.current_step.add_(1)
+        self._calls_since_step = 0
+
+    @torch.no_grad()
+    def set_step(self, step: int) -> None:
+        """Moves the schedule to `step` (an int >= 0), e.g. when resuming without a state_dict."""
+        value = _validate.as_step(step)
+        if value < 0:
+            raise ValueError(f"step must be >= 0, got {value}")
+        self.current_step.fill_(value)
+        self._calls_since_step = 0
 
     @property
     def beta(self) -> float:
@@ -120,9 +179,170 @@ class ELBOLoss(nn.Module):
             return float(self.schedule(int(self.current_step)))
         return float(self.schedule)  # type: ignore[arg-type]  # a real number
 
+    def _schedules_state(self) -> dict[str, Any]:
+        def describe(s: Any) -> Any:
+            if s is None or not _validate.is_schedule(s):
+                return s
+            return {"type": type(s).__name__, "params": [float(v) for v in s.to_params()]}
+
+        return {"schedule": describe(self.schedule), "capacity": describe(self.capacity)}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The schedules' parameters, saved in the state_dict next to ``current_step``."""
+        return self._schedules_state()
+
+    def set_extra_state(self, state: Any) -> None:
+        """Checked in ``_load_from_state_dict`` (which knows ``strict``)."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        saved = state_dict.get(prefix + "_extra_state")
+        mine = self._schedules_state()
+        if saved is not None and saved != mine:
+            # Reported by _report_schedule_mismatch, a post-hook: torch tells
+            # a module's loader nothing about `strict`, but the keys a
+            # post-hook adds fail a strict load only.
+            self._schedule_mismatch = (
+                f"{prefix}_extra_state: ELBOLoss state saved with different schedules "
+                f"({saved}; this module has {mine}): its current_step would index another "
+                "schedule"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    @staticmethod
+    def _report_schedule_mismatch(module: nn.Module, incompatible: Any) -> None:
+        message = getattr(module, "_schedule_mismatch", None)
+        if message is None:
+            return
+        module._schedule_mismatch = None  # type: ignore[assignment]
+        warnings.warn(message + " (an error with strict=True)", stacklevel=3)
+        incompatible.unexpected_keys.append(message)
+
     def extra_repr(self) -> str:
         return (
-            f"schedule={self.schedule!r}, likelihood={self.likelihood!r}, "
+            f"schedule={self.schedule!r}, capacity={self.capacity!r}, "
+            f"likelihood={self.likelihood!r}, "
             f"reduction={self.reduction!r}, free_bits={self.free_bits}, "
             f"free_bits_mode={self.free_bits_mode!r}, inplace={self.inplace}"
+        )
+
+
+class LinearELBOLoss(ELBOLoss):
+    """``klanneal.linear_elbo_loss`` as a module: the decoder's output layer and the
+    negative ELBO in one chunked op, the [N, V] logits never built.
+
+    The ``ELBOLoss`` counterpart (the same step buffer, ``step()``, ``beta``
+    and state_dict, so ``klanneal.integrations.lightning.KLAnnealing`` steps
+    it too), called with the *input* of the output layer instead of its
+    logits::
+
+        criterion = LinearELBOLoss(model.out, klanneal.schedules.Cyclical(total_steps))
+        ...
+        hidden, mu, logvar = model.features(batch)       # hidden: [B, T, H]
+        out = criterion(hidden, tokens, mu, logvar)      # = ELBOLoss()(model.out(hidden), ...)
+        out.loss.backward()                               # grads of hidden, model.out, mu, logvar
+        optimizer.step()
+        criterion.step()
+
+    The layer is held by reference, not registered as a submodule: its
+    weight and bias are read at every call (so they follow the optimizer and
+    the model's ``.to()``), stay the model's parameters and are not saved a
+    second time in the criterion's state_dict.
+
+    Args:
+        linear: the decoder's output layer (an ``nn.Linear`` with V outputs),
+            or None with ``weight``.
+        schedule: a klanneal.schedules object, or a float for a constant beta.
+        weight: [V, H] projection instead of ``linear`` (e.g. tied embeddings).
+        bias: [V] or None; only with ``weight``.
+        reduction, free_bits, free_bits_mode, ignore_index, chunk_size,
+            validate: as in ``klanneal.linear_elbo_loss``.
+
+    Raises:
+        TypeError, ValueError: an invalid option, neither or both of
+            ``linear`` and ``weight``, or ``bias`` without ``weight``
+            (checked here, at construction).
+    """
+
+    def __init__(
+        self,
+        linear: Union[nn.Linear, None] = None,
+        schedule: Union[float, Schedule] = 1.0,
+        *,
+        weight: Union[torch.Tensor, None] = None,
+        bias: Union[torch.Tensor, None] = None,
+        reduction: str = "batchmean",
+        free_bits: float = 0.0,
+        free_bits_mode: str = "batch",
+        ignore_index: int = -100,
+        chunk_size: Union[int, None] = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__(
+            schedule, reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
+            ignore_index=ignore_index, validate=validate,
+        )  # fmt: skip
+        if (linear is None) == (weight is None):
+            raise ValueError("pass the output layer as `linear` or as `weight` (and `bias`), once")
+        if linear is not None and not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if linear is not None and bias is not None:
+            raise ValueError("bias is only used with weight (the bias of `linear` is its own)")
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+        ):
+            raise ValueError(f"chunk_size must be an int > 0 or None, got {chunk_size!r}")
+        # Plain attributes (nn.Module would register a Linear as a submodule
+        # and a Parameter as the criterion's own): see the class docstring.
+        self.__dict__["linear"] = linear
+        self.__dict__["_weight"] = weight
+        self.__dict__["_bias"] = bias
+        self.chunk_size = chunk_size
+
+    def forward(  # type: ignore[override]  # hidden states, not logits
+        self,
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+    ) -> ELBOOutput:
+        """Loss at the current step; see ``klanneal.linear_elbo_loss`` for shapes and the result."""
+        linear = self.__dict__["linear"]
+        weight = self.__dict__["_weight"] if linear is None else linear.weight
+        bias = self.__dict__["_bias"] if linear is None else linear.bias
+        scheduled = _validate.is_schedule(self.schedule)
+        return linear_elbo_loss(
+            hidden,
+            weight,
+            target,
+            mu,
+            logvar,
+            self.schedule,
+            step=self.current_step if scheduled else None,
+            bias=bias,
+            reduction=self.reduction,
+            free_bits=self.free_bits,
+            free_bits_mode=self.free_bits_mode,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+            validate=self.validate,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"schedule={self.schedule!r}, reduction={self.reduction!r}, "
+            f"free_bits={self.free_bits}, free_bits_mode={self.free_bits_mode!r}, "
+            f"chunk_size={self.chunk_size}"
         )

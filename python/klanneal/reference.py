@@ -11,7 +11,7 @@ and obvious on purpose. It does not validate its arguments: call
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ class ELBOOutput(NamedTuple):
     """Result of ``klanneal.elbo_loss`` (and of ``elbo_loss_ref``).
 
     Attributes:
-        loss: the objective, differentiable w.r.t. recon_input, mu and logvar;
+        loss: the objective, differentiable w.r.t. recon_input, mu and logvar
+            (and prior_mu, prior_logvar, a beta tensor that requires grad);
             0-d, or [B] for reduction="none".
         recon: the reconstruction term under the same reduction, detached.
         kl: the true KL term (before free bits) under the same reduction, detached.
@@ -94,6 +95,37 @@ def _beta_value(beta: Any, step: Optional[Union[int, torch.Tensor]]) -> Union[fl
     return result
 
 
+def kl_per_element(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: Optional[torch.Tensor] = None,
+    prior_logvar: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """KL_bd of q = N(mu, exp(logvar)) from N(0, I), or from N(prior_mu, exp(prior_logvar))."""
+    if prior_mu is None or prior_logvar is None:
+        return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    return 0.5 * (
+        prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1
+    )
+
+
+def global_kl_per_dim(kl_bd: torch.Tensor, group: Any) -> torch.Tensor:
+    """The [D] float64 mean of KL_bd over the batches of every process of `group`.
+
+    One all-reduce of the per-dimension sums and the batch size: the mean of
+    the global batch, as one process on the concatenated batch computes it
+    (like SyncBatchNorm's statistics). Detached: the clamp's mask and value
+    need it, its gradient flows through the local batch only.
+    """
+    import torch.distributed as dist
+
+    sums = kl_bd.detach().to(torch.float64).sum(dim=0)
+    count = torch.full((1,), float(kl_bd.shape[0]), dtype=torch.float64, device=sums.device)
+    buf = torch.cat([sums, count])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=None if group == "world" else group)
+    return buf[:-1] / buf[-1]
+
+
 def elbo_loss_ref(
     recon_input: torch.Tensor,
     target: torch.Tensor,
@@ -108,6 +140,10 @@ def elbo_loss_ref(
     free_bits_mode: str = "batch",
     ignore_index: int = -100,
     gaussian_var: float = 1.0,
+    prior_mu: Optional[torch.Tensor] = None,
+    prior_logvar: Optional[torch.Tensor] = None,
+    capacity: Any = None,
+    free_bits_group: Any = None,
 ) -> ELBOOutput:
     """Reconstruction + beta * Gaussian KL in plain PyTorch.
 
@@ -116,11 +152,50 @@ def elbo_loss_ref(
     recon terms + beta * KL term) / B, "sum" the same without / B, "none"
     the per-example vector [B]. The KL term is sum_{b,d} KL_bd, or with free
     bits lambda > 0: B * sum_d max(lambda, mean_b KL_bd) ("batch" mode) or
-    sum_b sum_d max(lambda, KL_bd) ("sample" mode).
+    sum_b sum_d max(lambda, KL_bd) ("sample" mode). KL_bd is taken from
+    N(prior_mu, exp(prior_logvar)) when given, else from N(0, 1). With a
+    capacity C the KL term t becomes |t - C| per example ("none") or
+    B * |t / B - C|. With free_bits_group (batch free bits) the batch mean
+    is the global batch's, all-reduced over the group.
 
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta).
     """
+    global_mean = None
+    if free_bits_group is not None:
+
+        def global_mean(kl_bd: torch.Tensor) -> torch.Tensor:
+            return global_kl_per_dim(kl_bd, free_bits_group)
+
+    return reference_loss(
+        recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
+        reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
+        ignore_index=ignore_index, gaussian_var=gaussian_var, prior_mu=prior_mu,
+        prior_logvar=prior_logvar, capacity=capacity, global_mean=global_mean,
+    )  # fmt: skip
+
+
+def reference_loss(
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Any,
+    *,
+    step: Optional[Union[int, torch.Tensor]],
+    likelihood: str,
+    reduction: str,
+    free_bits: float,
+    free_bits_mode: str,
+    ignore_index: int,
+    gaussian_var: float,
+    prior_mu: Optional[torch.Tensor],
+    prior_logvar: Optional[torch.Tensor],
+    capacity: Any,
+    global_mean: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> ELBOOutput:
+    """elbo_loss_ref with the global batch mean of batch free bits given as a
+    function of the local KL_bd (an all-reduce, or the op's precomputed one)."""
     batch = mu.shape[0]
     # At least float32, as torch autocast returns losses: half-precision
     # inputs are accumulated in fp32 and a half result could overflow.
@@ -130,13 +205,20 @@ def elbo_loss_ref(
     beta = _beta_value(beta, step)
 
     recon_b = _recon_per_example(recon_input, target, likelihood, ignore_index, gaussian_var)
-    kl_bd = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # [B, D]
+    kl_bd = kl_per_element(mu, logvar, prior_mu, prior_logvar)  # [B, D]
     kl_per_dim = kl_bd.mean(dim=0)  # [D]
     if free_bits > 0 and free_bits_mode == "batch":
         # clamp, not maximum: at a tie the gradient passes (the kernels match
         # this). The batch mean is compared with lambda in float64, whatever
         # the latent dtype (as the CPU and CUDA kernels do).
-        kl_term_total = batch * kl_bd.double().mean(dim=0).clamp(min=free_bits).sum()
+        local_mean = kl_bd.double().mean(dim=0)
+        if global_mean is None:
+            kl_term_total = batch * local_mean.clamp(min=free_bits).sum()
+        else:
+            # The global mean's value and mask, the gradient of the local mean.
+            mean = global_mean(kl_bd)
+            passing = local_mean - local_mean.detach() + mean
+            kl_term_total = batch * torch.where(mean >= free_bits, passing, free_bits).sum()
         kl_term_b = None
     elif free_bits > 0:
         kl_term_b = kl_bd.clamp(min=free_bits).sum(dim=1)
@@ -145,6 +227,13 @@ def elbo_loss_ref(
         kl_term_b = kl_bd.sum(dim=1)
         kl_term_total = kl_term_b.sum()
     kl_b = kl_bd.sum(dim=1)
+    if capacity is not None:
+        c = _beta_value(capacity, step)
+        if reduction == "none":
+            assert kl_term_b is not None  # batch free bits is refused with "none"
+            kl_term_b = (kl_term_b - c).abs()
+        else:
+            kl_term_total = batch * torch.abs(kl_term_total / batch - c)
 
     if reduction == "none":
         loss = recon_b + beta * kl_term_b

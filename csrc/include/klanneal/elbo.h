@@ -2,7 +2,10 @@
 //
 //   loss = recon + beta * KL_term
 //   recon: sum over elements of the per-element negative log-likelihood
-//   KL_term: sum_d KL(q(z_d|x) || N(0,1)), with free bits if asked
+//   KL_term: sum_d KL(q(z_d|x) || p(z_d)), with free bits if asked, where
+//            the prior p is N(0, 1) or a learned N(prior_mu, exp(prior_logvar));
+//            with a capacity C (Burgess et al. 2018) it becomes |KL_term - C|
+//            (per example for kNone, else B * |KL_term / B - C|).
 //
 // Reductions over the batch of B examples: kBatchMean divides the sums by B
 // (the per-example ELBO of the paper's code), kSum does not, kNone writes
@@ -60,11 +63,24 @@ struct ElboParams {
   ScheduleParams schedule;
   double beta_value = 1.0;
 
+  // Capacity objective: when has_capacity, C = schedule_value(capacity,
+  // step) (at *step_ptr, or at step 0 without one: a constant schedule
+  // carries a plain number) replaces the KL term t by |t - C| (resolve_capacity).
+  bool has_capacity = false;
+  ScheduleParams capacity;
+
   // Inputs (contiguous).
   const void* recon_input = nullptr;  // [n_rows, row_len], recon_dtype
   const void* target = nullptr;       // categorical: int64 [n_rows]; else recon_dtype [n_rows, row_len]
   const void* mu = nullptr;           // [B, D], latent_dtype
   const void* logvar = nullptr;       // [B, D], latent_dtype
+  // A learned diagonal-Gaussian prior, both or neither; nullptr: N(0, I).
+  const void* prior_mu = nullptr;      // [B, D], latent_dtype
+  const void* prior_logvar = nullptr;  // [B, D], latent_dtype
+  // Batch free bits across data-parallel processes: if not null, the
+  // per-dimension batch mean of KL_bd over the global batch (all-reduced by
+  // the caller), which replaces the local mean in the clamp and its mask.
+  const double* global_kl_per_dim = nullptr;  // [D], float64
 
   // Outputs, all float64; the Python layer casts them to the result dtype.
   double* loss = nullptr;        // [B] for kNone, else [1]
@@ -72,6 +88,9 @@ struct ElboParams {
   double* kl = nullptr;          // same shape as loss; the true KL, before free bits
   double* kl_per_dim = nullptr;  // [D], batch mean of KL_bd
   double* beta_out = nullptr;    // [1], the beta that was used
+  // d loss / d beta: the KL term under the reduction (after free bits and
+  // capacity), so that a learnable beta gets its gradient. Optional.
+  double* kl_weight = nullptr;   // same shape as loss
 
   // Gradients of `loss` (under its reduction), written in the forward pass;
   // nullptr skips that work. grad_recon may alias recon_input (inplace, fp32
@@ -82,6 +101,8 @@ struct ElboParams {
   void* grad_recon = nullptr;   // [n_rows, row_len], grad_dtype(recon_dtype)
   void* grad_mu = nullptr;      // [B, D], grad_dtype(latent_dtype)
   void* grad_logvar = nullptr;  // [B, D], grad_dtype(latent_dtype)
+  void* grad_prior_mu = nullptr;      // [B, D], grad_dtype(latent_dtype)
+  void* grad_prior_logvar = nullptr;  // [B, D], grad_dtype(latent_dtype)
 
   int n_threads = 1;  // CPU only: worker threads (the caller passes torch.get_num_threads())
 
@@ -93,6 +114,28 @@ struct ElboParams {
   // recon_input is left untouched when grad_recon aliases it.
   int64_t* first_invalid_target = nullptr;
 };
+
+// The single place that picks beta's source (see ElboParams), shared by the
+// CPU and CUDA launchers: on the device it reads the current beta / step, so
+// CUDA graph replays see them.
+KLANNEAL_HD double resolve_beta(const ElboParams& p) {
+  if (p.beta_ptr != nullptr) return *p.beta_ptr;
+  if (p.step_ptr != nullptr) return schedule_value(p.schedule, *p.step_ptr);
+  return p.beta_value;
+}
+
+// The capacity C at this call's step (meaningful only when has_capacity).
+KLANNEAL_HD double resolve_capacity(const ElboParams& p) {
+  return schedule_value(p.capacity, p.step_ptr != nullptr ? *p.step_ptr : 0);
+}
+
+// The capacity objective of a KL term t: |t - C|, and its derivative
+// sign(t - C), 0 at t == C (the subgradient torch.abs uses) and NaN for a
+// NaN t. Both in float64.
+KLANNEAL_HD double capacity_term(double t, double c) { return t < c ? c - t : t - c; }
+KLANNEAL_HD double capacity_sign(double t, double c) {
+  return t > c ? 1.0 : t < c ? -1.0 : t == c ? 0.0 : t;
+}
 
 // The parameter contract of both launchers (csrc/elbo_params.cpp): throws
 // std::invalid_argument naming the first inconsistent field. check_elbo_sizes

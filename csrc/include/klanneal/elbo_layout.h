@@ -26,6 +26,9 @@ namespace klanneal {
   X(target)                   \
   X(mu)                       \
   X(logvar)                   \
+  X(prior_mu)                 \
+  X(prior_logvar)             \
+  X(global_kl_per_dim)        \
   X(beta_ptr)                 \
   X(step_ptr)                 \
   X(loss)                     \
@@ -33,14 +36,17 @@ namespace klanneal {
   X(kl)                       \
   X(kl_per_dim)               \
   X(beta_out)                 \
+  X(kl_weight)                \
   X(grad_recon)               \
   X(grad_mu)                  \
-  X(grad_logvar)
+  X(grad_logvar)              \
+  X(grad_prior_mu)            \
+  X(grad_prior_logvar)
 
 // The scalar options of the torch op's schema, `floats` and `ints` (torch's
 // per-call cost grows with the square of the schema's argument count: two
-// lists instead of eleven arguments). The schedule's 8 floats follow
-// ScheduleParams' field order.
+// lists instead of eleven arguments). Each schedule's 8 floats (beta's and
+// the capacity's) follow ScheduleParams' field order.
 #define KLANNEAL_ELBO_FLOATS(X) \
   X(beta_value)                 \
   X(free_bits)                  \
@@ -52,7 +58,15 @@ namespace klanneal {
   X(schedule_total_steps)       \
   X(schedule_n_cycles)          \
   X(schedule_ratio)             \
-  X(schedule_zero_ratio)
+  X(schedule_zero_ratio)        \
+  X(capacity_kind)              \
+  X(capacity_shape)             \
+  X(capacity_start)             \
+  X(capacity_stop)              \
+  X(capacity_total_steps)       \
+  X(capacity_n_cycles)          \
+  X(capacity_ratio)             \
+  X(capacity_zero_ratio)
 
 #define KLANNEAL_ELBO_INTS(X) \
   X(likelihood)               \
@@ -62,7 +76,10 @@ namespace klanneal {
   X(validate)                 \
   X(need_grad_recon)          \
   X(need_grad_mu)             \
-  X(need_grad_logvar)
+  X(need_grad_logvar)         \
+  X(need_grad_prior_mu)       \
+  X(need_grad_prior_logvar)   \
+  X(has_capacity)
 
 #define KLANNEAL_SLOT_ENUM(name) k_##name,
 enum class SizeSlot : int { KLANNEAL_ELBO_SIZES(KLANNEAL_SLOT_ENUM) kCount };

@@ -145,20 +145,48 @@ KLANNEAL_HD T mse_grad(T x, T y) {
   return T(2) * (x - y);
 }
 
-// ---- Gaussian KL(N(mu, exp(logvar)) || N(0, 1)) per element -------------------
+// ---- Gaussian KL per element and its derivatives ----------------------------
+// KL(N(mu, exp(lv)) || N(0, 1)) = -0.5 * (1 + lv - mu^2 - exp(lv)), and with a
+// learned prior N(pmu, exp(plv)):
+//   KL = 0.5 * (plv - lv + (exp(lv) + (mu - pmu)^2) / exp(plv) - 1).
+// KlElem holds the value and d KL / d (mu, lv, pmu, plv).
+template <typename T>
+struct KlElem {
+  T kl, d_mu, d_logvar, d_prior_mu, d_prior_logvar;
+};
+
 template <typename T>
 KLANNEAL_HD T gaussian_kl(T mu, T logvar) {
   return T(-0.5) * (T(1) + logvar - mu * mu - exp(logvar));
 }
 
 template <typename T>
-KLANNEAL_HD T gaussian_kl_grad_mu(T mu) {
-  return mu;
+KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar) {
+  const T var = exp(logvar);
+  return {T(-0.5) * (T(1) + logvar - mu * mu - var), mu, T(0.5) * (var - T(1)), T(0), T(0)};
 }
 
 template <typename T>
-KLANNEAL_HD T gaussian_kl_grad_logvar(T logvar) {
-  return T(0.5) * (exp(logvar) - T(1));
+KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar, T prior_mu, T prior_logvar) {
+  const T diff = mu - prior_mu;
+  const T inv_prior_var = exp(-prior_logvar);
+  const T ratio = exp(logvar - prior_logvar);  // var / prior_var
+  const T mahalanobis = diff * diff * inv_prior_var;
+  const T d_mu = diff * inv_prior_var;
+  return {T(0.5) * ((prior_logvar - logvar) + ratio + mahalanobis - T(1)), d_mu,
+          T(0.5) * (ratio - T(1)), -d_mu, T(0.5) * (T(1) - ratio - mahalanobis)};
+}
+
+// The latent gradients of one element, KL's derivatives times the weight w
+// (beta, the reduction's scale, the free-bits mask and the capacity's
+// sign); a null pointer skips that gradient.
+template <typename G, typename T>
+KLANNEAL_HD void store_kl_grads(const KlElem<T>& e, T w, int64_t k, G* grad_mu, G* grad_logvar,
+                                G* grad_prior_mu, G* grad_prior_logvar) {
+  if (grad_mu != nullptr) grad_mu[k] = static_cast<G>(e.d_mu * w);
+  if (grad_logvar != nullptr) grad_logvar[k] = static_cast<G>(e.d_logvar * w);
+  if (grad_prior_mu != nullptr) grad_prior_mu[k] = static_cast<G>(e.d_prior_mu * w);
+  if (grad_prior_logvar != nullptr) grad_prior_logvar[k] = static_cast<G>(e.d_prior_logvar * w);
 }
 
 }  // namespace klanneal
