@@ -42,11 +42,18 @@ bench-quick: install
 wheel: venv
 	$(PIP) wheel --no-deps -w dist .
 
+# C++/CUDA sources under clang-format (.clang-format: LLVM base, 100
+# columns); csrc/dlpack.h is vendored as it is upstream.
+CXX_SOURCES = $(filter-out csrc/dlpack.h,$(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu \
+	csrc/cuda/*.cuh csrc/include/klanneal/*.h tests/cuda_emulation/*.cpp \
+	tests/cuda_emulation/include/*.h))
+
 # mypy --strict on python/klanneal (config and the modules not yet clean:
 # [tool.mypy] in pyproject.toml); stubtest checks _C.pyi against the built extension.
 lint: install
 	$(VENV)/bin/ruff check python tests benchmarks examples
 	$(VENV)/bin/ruff format --check python tests benchmarks examples
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 	$(VENV)/bin/mypy
 	$(PY) -m mypy.stubtest --mypy-config-file pyproject.toml \
 		--allowlist stubtest-allowlist.txt --ignore-unused-allowlist klanneal._C
@@ -54,6 +61,7 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format python tests benchmarks examples
 	$(VENV)/bin/ruff check --fix python tests benchmarks examples
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
 	rm -rf build dist _skbuild *.egg-info

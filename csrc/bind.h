@@ -6,11 +6,11 @@
 
 namespace klanneal {
 
-void register_schedules(pybind11::module_& m);
-void register_elbo(pybind11::module_& m);
+void register_schedules(pybind11::module_ &m);
+void register_elbo(pybind11::module_ &m);
 // Registers the CUDA entry points when built with CUDA; a no-op otherwise.
-void register_elbo_cuda(pybind11::module_& m);
+void register_elbo_cuda(pybind11::module_ &m);
 // The CPU gradient-buffer pool (buffer_pool.h) and its DLPack export.
-void register_pool(pybind11::module_& m);
+void register_pool(pybind11::module_ &m);
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -16,7 +16,7 @@
 
 namespace klanneal {
 
-inline ScheduleParams schedule_params_from_list(const std::vector<double>& v) {
+inline ScheduleParams schedule_params_from_list(const std::vector<double> &v) {
   KLANNEAL_CHECK_ARG(v.size() == 8, "schedule: expected 8 floats (kind, shape, start, stop, "
                                     "total_steps, n_cycles, ratio, zero_ratio), got " +
                                         std::to_string(v.size()));
@@ -41,10 +41,10 @@ inline ScheduleParams schedule_params_from_list(const std::vector<double>& v) {
 // ElboParams from the packed call (klanneal/elbo_layout.h): sizes, pointers,
 // floats and ints, each in its slot order. The one place that knows which
 // field each slot fills.
-inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
-                                          const std::vector<uint64_t>& ptrs,
-                                          const std::vector<double>& floats,
-                                          const std::vector<int64_t>& ints) {
+inline ElboParams elbo_params_from_packed(const std::vector<int64_t> &sizes,
+                                          const std::vector<uint64_t> &ptrs,
+                                          const std::vector<double> &floats,
+                                          const std::vector<int64_t> &ints) {
   KLANNEAL_CHECK_ARG(sizes.size() == static_cast<size_t>(SizeSlot::kCount) &&
                          ptrs.size() == static_cast<size_t>(PtrSlot::kCount) &&
                          floats.size() == static_cast<size_t>(FloatSlot::kCount) &&
@@ -52,7 +52,7 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
                      "elbo: packed arguments of the wrong length (see _C.elbo_layout())");
   auto size = [&](SizeSlot k) { return sizes[static_cast<size_t>(k)]; };
   auto ptr = [&](PtrSlot k) {
-    return reinterpret_cast<void*>(static_cast<uintptr_t>(ptrs[static_cast<size_t>(k)]));
+    return reinterpret_cast<void *>(static_cast<uintptr_t>(ptrs[static_cast<size_t>(k)]));
   };
   auto f64 = [&](FloatSlot k) { return floats[static_cast<size_t>(k)]; };
   auto i64 = [&](IntSlot k) { return ints[static_cast<size_t>(k)]; };
@@ -91,15 +91,15 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
   p.logvar = ptr(PtrSlot::k_logvar);
   p.prior_mu = ptr(PtrSlot::k_prior_mu);
   p.prior_logvar = ptr(PtrSlot::k_prior_logvar);
-  p.global_kl_per_dim = static_cast<const double*>(ptr(PtrSlot::k_global_kl_per_dim));
-  p.beta_ptr = static_cast<const double*>(ptr(PtrSlot::k_beta_ptr));
-  p.step_ptr = static_cast<const int64_t*>(ptr(PtrSlot::k_step_ptr));
-  p.loss = static_cast<double*>(ptr(PtrSlot::k_loss));
-  p.recon = static_cast<double*>(ptr(PtrSlot::k_recon));
-  p.kl = static_cast<double*>(ptr(PtrSlot::k_kl));
-  p.kl_per_dim = static_cast<double*>(ptr(PtrSlot::k_kl_per_dim));
-  p.beta_out = static_cast<double*>(ptr(PtrSlot::k_beta_out));
-  p.kl_weight = static_cast<double*>(ptr(PtrSlot::k_kl_weight));
+  p.global_kl_per_dim = static_cast<const double *>(ptr(PtrSlot::k_global_kl_per_dim));
+  p.beta_ptr = static_cast<const double *>(ptr(PtrSlot::k_beta_ptr));
+  p.step_ptr = static_cast<const int64_t *>(ptr(PtrSlot::k_step_ptr));
+  p.loss = static_cast<double *>(ptr(PtrSlot::k_loss));
+  p.recon = static_cast<double *>(ptr(PtrSlot::k_recon));
+  p.kl = static_cast<double *>(ptr(PtrSlot::k_kl));
+  p.kl_per_dim = static_cast<double *>(ptr(PtrSlot::k_kl_per_dim));
+  p.beta_out = static_cast<double *>(ptr(PtrSlot::k_beta_out));
+  p.kl_weight = static_cast<double *>(ptr(PtrSlot::k_kl_weight));
   p.grad_recon = ptr(PtrSlot::k_grad_recon);
   p.grad_mu = ptr(PtrSlot::k_grad_mu);
   p.grad_logvar = ptr(PtrSlot::k_grad_logvar);
@@ -108,4 +108,4 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t>& sizes,
   return p;
 }
 
-}  // namespace klanneal
+} // namespace klanneal

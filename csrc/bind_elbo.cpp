@@ -14,9 +14,10 @@ namespace {
 
 namespace py = pybind11;
 
-py::list slot_names(const std::vector<const char*>& names) {
+py::list slot_names(const std::vector<const char *> &names) {
   py::list out;
-  for (const char* n : names) out.append(n);
+  for (const char *n : names)
+    out.append(n);
   return out;
 }
 
@@ -41,7 +42,7 @@ py::dict elbo_layout() {
 #undef KLANNEAL_SLOT_NAME
 #undef KLANNEAL_CODE_NAME
 
-}  // namespace
+} // namespace
 
 void register_elbo(py::module_ &m) {
   m.def("elbo_layout", &elbo_layout,
@@ -54,7 +55,8 @@ void register_elbo(py::module_ &m) {
          const std::vector<double> &floats, const std::vector<int64_t> &ints) -> int64_t {
         ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
         int64_t first_invalid = -1;
-        if (ints[static_cast<size_t>(IntSlot::k_validate)] != 0) p.first_invalid_target = &first_invalid;
+        if (ints[static_cast<size_t>(IntSlot::k_validate)] != 0)
+          p.first_invalid_target = &first_invalid;
         {
           py::gil_scoped_release release;
           launch_elbo_cpu(p);
@@ -68,4 +70,4 @@ void register_elbo(py::module_ &m) {
       "else -1. Raises ValueError on inconsistent parameters.");
 }
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -16,12 +16,12 @@
 namespace klanneal {
 
 #if KLANNEAL_WITH_CUDA
-void register_elbo_cuda(pybind11::module_& m) {
+void register_elbo_cuda(pybind11::module_ &m) {
   namespace py = pybind11;
   m.def(
       "elbo_cuda_workspace_bytes",
-      [](const std::vector<int64_t>& sizes, const std::vector<uint64_t>& ptrs,
-         const std::vector<double>& floats, const std::vector<int64_t>& ints) -> size_t {
+      [](const std::vector<int64_t> &sizes, const std::vector<uint64_t> &ptrs,
+         const std::vector<double> &floats, const std::vector<int64_t> &ints) -> size_t {
         const ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
         py::gil_scoped_release release;
         return elbo_cuda_workspace_bytes(p);
@@ -31,14 +31,14 @@ void register_elbo_cuda(pybind11::module_& m) {
       "(elbo_layout()).");
   m.def(
       "elbo_forward_cuda",
-      [](const std::vector<int64_t>& sizes, const std::vector<uint64_t>& ptrs,
-         const std::vector<double>& floats, const std::vector<int64_t>& ints,
+      [](const std::vector<int64_t> &sizes, const std::vector<uint64_t> &ptrs,
+         const std::vector<double> &floats, const std::vector<int64_t> &ints,
          uint64_t workspace_ptr, uint64_t workspace_bytes, uint64_t stream) {
         const ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
         py::gil_scoped_release release;
-        launch_elbo_cuda(p, reinterpret_cast<void*>(static_cast<uintptr_t>(workspace_ptr)),
+        launch_elbo_cuda(p, reinterpret_cast<void *>(static_cast<uintptr_t>(workspace_ptr)),
                          static_cast<size_t>(workspace_bytes),
-                         reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+                         reinterpret_cast<void *>(static_cast<uintptr_t>(stream)));
       },
       py::arg("sizes"), py::arg("ptrs"), py::arg("floats"), py::arg("ints"),
       py::arg("workspace_ptr"), py::arg("workspace_bytes"), py::arg("stream"),
@@ -49,7 +49,7 @@ void register_elbo_cuda(pybind11::module_& m) {
 }
 #else
 // Built without CUDA: _C has no CUDA entry points (build_info()["cuda"] is False).
-void register_elbo_cuda(pybind11::module_& m) { (void)m; }
+void register_elbo_cuda(pybind11::module_ &m) { (void)m; }
 #endif
 
-}  // namespace klanneal
+} // namespace klanneal

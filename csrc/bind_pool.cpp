@@ -5,9 +5,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <limits>
 #include <new>
+#include <string>
 #include <vector>
 
 #include <pybind11/stl.h>

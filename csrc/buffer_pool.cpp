@@ -2,15 +2,15 @@
 // out, and a short list of freed ones.
 #include "klanneal/buffer_pool.h"
 
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <new>
-#include <unordered_map>
-#include <array>
-#include <chrono>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 

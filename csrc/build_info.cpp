@@ -27,4 +27,4 @@ BuildInfo build_info() {
   return info;
 }
 
-}  // namespace klanneal
+} // namespace klanneal

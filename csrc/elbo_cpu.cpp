@@ -9,20 +9,15 @@
 // Categorical rows: one read of the row for the online max / log-sum-exp
 // (blocks of 4 vectors: one rescale of the running sum per block, one exp per
 // element), then one pass writing the gradient softmax - onehot. fp32 rows
-// use the AVX-512 or AVX2 kernels where the CPU has them (simd_exp_cpu.h),
-// else the scalar formulas of elbo_math.h; fp64 rows have the same kernels
-// with fp64 lanes; fp16/bf16 rows are widened to an fp32 scratch row and take
-// the fp32 path.
+// use the AVX-512 or AVX2 kernels where the CPU has them (elbo_simd_cpu.h:
+// one body per formula, compiled per ISA), else the scalar formulas of
+// elbo_math.h; fp64 rows have the same kernels with fp64 lanes; fp16/bf16
+// rows are widened to an fp32 scratch row and take the fp32 path. Threads:
+// parallel_cpu.h; storage types: half_cpu.h.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
-#include <cstring>
-#include <exception>
 #include <limits>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -31,16 +26,28 @@
 #include "klanneal/cpu_features.h"
 #include "klanneal/elbo.h"
 #include "klanneal/elbo_math.h"
-#include "klanneal/simd_exp_cpu.h"
-
-#if defined(__linux__) || defined(__APPLE__)
-#include <pthread.h>
-#endif
+#include "klanneal/elbo_simd_cpu.h"
+#include "klanneal/half_cpu.h"
+#include "klanneal/parallel_cpu.h"
 
 namespace klanneal {
 namespace {
 
-constexpr int64_t kChunk = 16384;               // elements per unit, non-categorical
+using cpu::BFloat16;
+using cpu::categorical_row_f32;
+using cpu::categorical_row_f64;
+using cpu::CategoricalRow;
+using cpu::Elem;
+using cpu::Grad;
+using cpu::Half;
+using cpu::parallel_for;
+using cpu::pointwise_chunk_f32;
+using cpu::PointwiseChunkF32;
+using cpu::PointwiseConsts;
+using cpu::unit_interval_prefix_f32;
+using cpu::ValidPrefixF32;
+
+constexpr int64_t kChunk = 16384; // elements per unit, non-categorical
 // Elements per thread below which a thread costs more than it saves. A
 // categorical element costs ~0.7 ns (fp32, AVX-512), a bernoulli one ~1 ns,
 // a gaussian one less; waking a pool worker costs a few microseconds, but a
@@ -52,85 +59,9 @@ constexpr int64_t kChunk = 16384;               // elements per unit, non-catego
 constexpr int64_t kMinElemsPerThreadCategorical = 1 << 15;
 constexpr int64_t kMinElemsPerThreadPointwise = 1 << 18;
 
-// ---- storage types and conversions -----------------------------------------
-
-struct Half {
-  uint16_t bits;
-};
-struct BFloat16 {
-  uint16_t bits;
-};
-
-inline float float_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint32_t bits_from_float(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// IEEE fp16 -> fp32 with subnormals, Inf and NaN
-// (the bit-exact method of Maratyszcza's FP16 library).
-inline float half_to_float(uint16_t h) {
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t result =
-      sign | (two_w < (1u << 27) ? bits_from_float(denormalized) : bits_from_float(normalized));
-  return float_from_bits(result);
-}
-
-inline float bfloat16_to_float(uint16_t h) {
-  return float_from_bits(static_cast<uint32_t>(h) << 16);
-}
-
-// Arithmetic type T of a storage type S (float for fp32/fp16/bf16, double
-// for fp64) and the load conversion (gradients are stored as Grad<S>, below).
-template <typename S> struct Elem;
-template <> struct Elem<float> {
-  using T = float;
-  static T load(float v) { return v; }
-};
-template <> struct Elem<double> {
-  using T = double;
-  static T load(double v) { return v; }
-};
-template <> struct Elem<Half> {
-  using T = float;
-  static T load(Half v) { return half_to_float(v.bits); }
-};
-template <> struct Elem<BFloat16> {
-  using T = float;
-  static T load(BFloat16 v) { return bfloat16_to_float(v.bits); }
-};
-
-// Storage type of the gradients (grad_recon, grad_mu, grad_logvar) of inputs
-// stored as S: S itself for fp32/fp64, fp32 for fp16/bf16. A half-precision
-// gradient stored before backward applies the upstream gradient would lose
-// what a loss scaler exists to keep: values below fp16's 6e-8 flush to 0
-// before they are multiplied by 2^16, and values above 65504 overflow to
-// inf although the scaled value fits (see docs/elbo.md, mixed precision).
-template <typename S> struct GradOf {
-  using type = S;
-};
-template <> struct GradOf<Half> {
-  using type = float;
-};
-template <> struct GradOf<BFloat16> {
-  using type = float;
-};
-template <typename S> using Grad = typename GradOf<S>::type;
-
 // ---- categorical rows -------------------------------------------------------
-// Each takes one row x[0, V) with a target 0 <= t < V, returns the row's loss
-// logsumexp(x) - x[t] and, if grad is not null, writes
-// (softmax(x) - onehot(t)) * scale into grad (which may alias x: x[t] is read
-// before the gradient pass).
+// The scalar row kernel (CategoricalRow in elbo_simd_cpu.h), for CPUs
+// without AVX2 and non-x86 builds.
 
 template <typename T>
 double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale) {
@@ -147,630 +78,14 @@ double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale
   return static_cast<double>(categorical_nll(m, ls, x_target));
 }
 
-#if defined(KLANNEAL_X86_SIMD)
-
-// Per-lane (max, sum) states merged in lane order with the scalar lse_merge.
-template <int kLanes, typename T> LseState<T> merge_lanes(const T *m, const T *s) {
-  LseState<T> st{m[0], s[0]};
-  for (int l = 1; l < kLanes; ++l)
-    st = lse_merge(st, LseState<T>{m[l], s[l]});
-  return st;
-}
-
-// A group of elements with max m_new is added by rescaling the running sum
-// once to the new max, shifting by 0 in lanes still at -inf so that
-// exp(-inf - shift) = 0 rather than exp(NaN).
-KLANNEAL_TARGET_AVX2 inline __m256 shift_for(__m256 m_new) {
-  const __m256 is_neg_inf = _mm256_cmp_ps(m_new, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-  return _mm256_blendv_ps(m_new, _mm256_setzero_ps(), is_neg_inf);
-}
-
-KLANNEAL_TARGET_AVX2 inline __m256i tail_mask(__m256i lane, int64_t left) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))), lane);
-}
-
-KLANNEAL_TARGET_AVX512 inline __m512 shift_for(__m512 m_new) {
-  const __mmask16 is_neg_inf = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
-  return _mm512_mask_blend_ps(is_neg_inf, m_new, _mm512_setzero_ps());
-}
-
-inline __mmask16 tail_mask16(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-KLANNEAL_TARGET_AVX2
-double categorical_row_avx2(const float *x, int64_t V, int64_t t, float *grad, float scale) {
-  const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 vm = neg_inf; // running max per lane; never NaN (it is max's second operand)
-  __m256 vs = zero;    // sum of exp(x - vm) per lane; NaN once a NaN was seen
-
-  int64_t i = 0;
-  for (; i + 32 <= V; i += 32) {
-    const __m256 a0 = _mm256_loadu_ps(x + i);
-    const __m256 a1 = _mm256_loadu_ps(x + i + 8);
-    const __m256 a2 = _mm256_loadu_ps(x + i + 16);
-    const __m256 a3 = _mm256_loadu_ps(x + i + 24);
-    const __m256 m_new =
-        _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)), vm);
-    const __m256 shift = shift_for(m_new);
-    const __m256 e01 = _mm256_add_ps(simd::exp_avx2(_mm256_sub_ps(a0, shift)),
-                                     simd::exp_avx2(_mm256_sub_ps(a1, shift)));
-    const __m256 e23 = _mm256_add_ps(simd::exp_avx2(_mm256_sub_ps(a2, shift)),
-                                     simd::exp_avx2(_mm256_sub_ps(a3, shift)));
-    vs = _mm256_fmadd_ps(vs, simd::exp_avx2(_mm256_sub_ps(vm, shift)), _mm256_add_ps(e01, e23));
-    vm = m_new;
-  }
-  for (; i < V; i += 8) {
-    const __m256i mask = tail_mask(lane, V - i);
-    const __m256 a =
-        _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(x + i, mask), _mm256_castsi256_ps(mask));
-    const __m256 m_new = _mm256_max_ps(a, vm);
-    const __m256 shift = shift_for(m_new);
-    vs = _mm256_fmadd_ps(vs, simd::exp_avx2(_mm256_sub_ps(vm, shift)),
-                         simd::exp_avx2(_mm256_sub_ps(a, shift)));
-    vm = m_new;
-  }
-  alignas(32) float m[8], s[8];
-  _mm256_store_ps(m, vm);
-  _mm256_store_ps(s, vs);
-  const LseState<float> st = merge_lanes<8>(m, s);
-  const float row_max = st.m, ls = lse_log_sum(st);
-  const float x_target = x[t];
-  if (grad != nullptr) {
-    const __m256 vmax = _mm256_set1_ps(row_max), vls = _mm256_set1_ps(ls);
-    const __m256 vscale = _mm256_set1_ps(scale);
-    for (i = 0; i < V; i += 8) {
-      const __m256i mask = tail_mask(lane, V - i);
-      const __m256 a = _mm256_maskload_ps(x + i, mask);
-      _mm256_maskstore_ps(grad + i, mask,
-                          _mm256_mul_ps(simd::exp_avx2(_mm256_sub_ps(_mm256_sub_ps(a, vmax), vls)), vscale));
-    }
-    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
-  }
-  return static_cast<double>(categorical_nll(row_max, ls, x_target));
-}
-
-KLANNEAL_TARGET_AVX512
-double categorical_row_avx512(const float *x, int64_t V, int64_t t, float *grad, float scale) {
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 vm = neg_inf; // as in the AVX2 kernel
-  __m512 vs = zero;
-  int64_t i = 0;
-  for (; i + 64 <= V; i += 64) {
-    const __m512 a0 = _mm512_loadu_ps(x + i);
-    const __m512 a1 = _mm512_loadu_ps(x + i + 16);
-    const __m512 a2 = _mm512_loadu_ps(x + i + 32);
-    const __m512 a3 = _mm512_loadu_ps(x + i + 48);
-    const __m512 m_new =
-        _mm512_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)), vm);
-    const __m512 shift = shift_for(m_new);
-    const __m512 e01 = _mm512_add_ps(simd::exp_avx512(_mm512_sub_ps(a0, shift)),
-                                     simd::exp_avx512(_mm512_sub_ps(a1, shift)));
-    const __m512 e23 = _mm512_add_ps(simd::exp_avx512(_mm512_sub_ps(a2, shift)),
-                                     simd::exp_avx512(_mm512_sub_ps(a3, shift)));
-    vs = _mm512_fmadd_ps(vs, simd::exp_avx512(_mm512_sub_ps(vm, shift)), _mm512_add_ps(e01, e23));
-    vm = m_new;
-  }
-  for (; i < V; i += 16) {
-    const __m512 a = _mm512_mask_loadu_ps(neg_inf, tail_mask16(V - i), x + i);
-    const __m512 m_new = _mm512_max_ps(a, vm);
-    const __m512 shift = shift_for(m_new);
-    vs = _mm512_fmadd_ps(vs, simd::exp_avx512(_mm512_sub_ps(vm, shift)),
-                         simd::exp_avx512(_mm512_sub_ps(a, shift)));
-    vm = m_new;
-  }
-  alignas(64) float m[16], s[16];
-  _mm512_store_ps(m, vm);
-  _mm512_store_ps(s, vs);
-  const LseState<float> st = merge_lanes<16>(m, s);
-  const float row_max = st.m, ls = lse_log_sum(st);
-  const float x_target = x[t];
-  if (grad != nullptr) {
-    const __m512 vmax = _mm512_set1_ps(row_max), vls = _mm512_set1_ps(ls);
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (i = 0; i + 16 <= V; i += 16) {
-      const __m512 a = _mm512_loadu_ps(x + i);
-      _mm512_storeu_ps(grad + i, _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(_mm512_sub_ps(a, vmax), vls)), vscale));
-    }
-    if (i < V) {
-      const __mmask16 mask = tail_mask16(V - i);
-      const __m512 a = _mm512_maskz_loadu_ps(mask, x + i);
-      _mm512_mask_storeu_ps(grad + i, mask,
-                            _mm512_mul_ps(simd::exp_avx512(_mm512_sub_ps(_mm512_sub_ps(a, vmax), vls)), vscale));
-    }
-    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
-  }
-  return static_cast<double>(categorical_nll(row_max, ls, x_target));
-}
-
-// fp64 rows: the fp32 kernels above with 4 (AVX2) or 8 (AVX-512) lanes.
-
-KLANNEAL_TARGET_AVX2 inline __m256d shift_for(__m256d m_new) {
-  const __m256d is_neg_inf = _mm256_cmp_pd(m_new, _mm256_set1_pd(-INFINITY), _CMP_EQ_OQ);
-  return _mm256_blendv_pd(m_new, _mm256_setzero_pd(), is_neg_inf);
-}
-
-KLANNEAL_TARGET_AVX2 inline __m256i tail_mask64(__m256i lane, int64_t left) {
-  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(std::min<int64_t>(left, 4)), lane);
-}
-
-KLANNEAL_TARGET_AVX512 inline __m512d shift_for(__m512d m_new) {
-  const __mmask8 is_neg_inf = _mm512_cmp_pd_mask(m_new, _mm512_set1_pd(-INFINITY), _CMP_EQ_OQ);
-  return _mm512_mask_blend_pd(is_neg_inf, m_new, _mm512_setzero_pd());
-}
-
-inline __mmask8 tail_mask8(int64_t left) {
-  return left >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << left) - 1u);
-}
-
-KLANNEAL_TARGET_AVX2
-double categorical_row_avx2_f64(const double *x, int64_t V, int64_t t, double *grad, double scale) {
-  const __m256d neg_inf = _mm256_set1_pd(-INFINITY);
-  const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
-  __m256d vm = neg_inf;
-  __m256d vs = _mm256_setzero_pd();
-  int64_t i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m256d a0 = _mm256_loadu_pd(x + i);
-    const __m256d a1 = _mm256_loadu_pd(x + i + 4);
-    const __m256d a2 = _mm256_loadu_pd(x + i + 8);
-    const __m256d a3 = _mm256_loadu_pd(x + i + 12);
-    const __m256d m_new =
-        _mm256_max_pd(_mm256_max_pd(_mm256_max_pd(a0, a1), _mm256_max_pd(a2, a3)), vm);
-    const __m256d shift = shift_for(m_new);
-    const __m256d e01 = _mm256_add_pd(simd::exp_avx2(_mm256_sub_pd(a0, shift)),
-                                      simd::exp_avx2(_mm256_sub_pd(a1, shift)));
-    const __m256d e23 = _mm256_add_pd(simd::exp_avx2(_mm256_sub_pd(a2, shift)),
-                                      simd::exp_avx2(_mm256_sub_pd(a3, shift)));
-    vs = _mm256_fmadd_pd(vs, simd::exp_avx2(_mm256_sub_pd(vm, shift)), _mm256_add_pd(e01, e23));
-    vm = m_new;
-  }
-  for (; i < V; i += 4) {
-    const __m256i mask = tail_mask64(lane, V - i);
-    const __m256d a =
-        _mm256_blendv_pd(neg_inf, _mm256_maskload_pd(x + i, mask), _mm256_castsi256_pd(mask));
-    const __m256d m_new = _mm256_max_pd(a, vm);
-    const __m256d shift = shift_for(m_new);
-    vs = _mm256_fmadd_pd(vs, simd::exp_avx2(_mm256_sub_pd(vm, shift)),
-                         simd::exp_avx2(_mm256_sub_pd(a, shift)));
-    vm = m_new;
-  }
-  alignas(32) double m[4], s[4];
-  _mm256_store_pd(m, vm);
-  _mm256_store_pd(s, vs);
-  const LseState<double> st = merge_lanes<4>(m, s);
-  const double row_max = st.m, ls = lse_log_sum(st);
-  const double x_target = x[t];
-  if (grad != nullptr) {
-    const __m256d vmax = _mm256_set1_pd(row_max), vls = _mm256_set1_pd(ls);
-    const __m256d vscale = _mm256_set1_pd(scale);
-    for (i = 0; i < V; i += 4) {
-      const __m256i mask = tail_mask64(lane, V - i);
-      const __m256d a = _mm256_maskload_pd(x + i, mask);
-      _mm256_maskstore_pd(grad + i, mask,
-                          _mm256_mul_pd(simd::exp_avx2(_mm256_sub_pd(_mm256_sub_pd(a, vmax), vls)), vscale));
-    }
-    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
-  }
-  return categorical_nll(row_max, ls, x_target);
-}
-
-KLANNEAL_TARGET_AVX512
-double categorical_row_avx512_f64(const double *x, int64_t V, int64_t t, double *grad,
-                                  double scale) {
-  const __m512d neg_inf = _mm512_set1_pd(-INFINITY);
-  __m512d vm = neg_inf;
-  __m512d vs = _mm512_setzero_pd();
-  int64_t i = 0;
-  for (; i + 32 <= V; i += 32) {
-    const __m512d a0 = _mm512_loadu_pd(x + i);
-    const __m512d a1 = _mm512_loadu_pd(x + i + 8);
-    const __m512d a2 = _mm512_loadu_pd(x + i + 16);
-    const __m512d a3 = _mm512_loadu_pd(x + i + 24);
-    const __m512d m_new =
-        _mm512_max_pd(_mm512_max_pd(_mm512_max_pd(a0, a1), _mm512_max_pd(a2, a3)), vm);
-    const __m512d shift = shift_for(m_new);
-    const __m512d e01 = _mm512_add_pd(simd::exp_avx512(_mm512_sub_pd(a0, shift)),
-                                      simd::exp_avx512(_mm512_sub_pd(a1, shift)));
-    const __m512d e23 = _mm512_add_pd(simd::exp_avx512(_mm512_sub_pd(a2, shift)),
-                                      simd::exp_avx512(_mm512_sub_pd(a3, shift)));
-    vs = _mm512_fmadd_pd(vs, simd::exp_avx512(_mm512_sub_pd(vm, shift)), _mm512_add_pd(e01, e23));
-    vm = m_new;
-  }
-  for (; i < V; i += 8) {
-    const __m512d a = _mm512_mask_loadu_pd(neg_inf, tail_mask8(V - i), x + i);
-    const __m512d m_new = _mm512_max_pd(a, vm);
-    const __m512d shift = shift_for(m_new);
-    vs = _mm512_fmadd_pd(vs, simd::exp_avx512(_mm512_sub_pd(vm, shift)),
-                         simd::exp_avx512(_mm512_sub_pd(a, shift)));
-    vm = m_new;
-  }
-  alignas(64) double m[8], s[8];
-  _mm512_store_pd(m, vm);
-  _mm512_store_pd(s, vs);
-  const LseState<double> st = merge_lanes<8>(m, s);
-  const double row_max = st.m, ls = lse_log_sum(st);
-  const double x_target = x[t];
-  if (grad != nullptr) {
-    const __m512d vmax = _mm512_set1_pd(row_max), vls = _mm512_set1_pd(ls);
-    const __m512d vscale = _mm512_set1_pd(scale);
-    for (i = 0; i < V; i += 8) {
-      const __mmask8 mask = tail_mask8(V - i);
-      const __m512d a = _mm512_maskz_loadu_pd(mask, x + i);
-      _mm512_mask_storeu_pd(grad + i, mask,
-                            _mm512_mul_pd(simd::exp_avx512(_mm512_sub_pd(_mm512_sub_pd(a, vmax), vls)), vscale));
-    }
-    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
-  }
-  return categorical_nll(row_max, ls, x_target);
-}
-
-// ---- bernoulli / gaussian / mse on fp32, vectorised -------------------------
-// The formulas of elbo_math.h on 8 or 16 lanes; each lane's loss is widened
-// to double before it is accumulated, lanes are summed in order at the end.
-
-struct PointwiseConsts {
-  float scale;    // 1/B for batchmean, else 1
-  float inv_var;  // gaussian
-  float log_norm; // gaussian: log(2 pi var)
-};
-
-template <int kKind> // static_cast<int>(Likelihood)
-KLANNEAL_TARGET_AVX2 inline __m256 pointwise_avx2(__m256 x, __m256 y, __m256 *grad,
-                                                  const PointwiseConsts &c) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  if constexpr (kKind == static_cast<int>(Likelihood::kBernoulli)) {
-    // max(x, 0) - x*y + log1p(exp(-|x|)); grad sigmoid(x) - y, with the
-    // sigmoid from the same e = exp(-|x|) (one exp per element):
-    // 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
-    const __m256 abs_x = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-    const __m256 e = simd::exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), abs_x));
-    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
-    const __m256 sig =
-        _mm256_blendv_ps(r, _mm256_mul_ps(e, r), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
-    *grad = _mm256_mul_ps(_mm256_sub_ps(sig, y), _mm256_set1_ps(c.scale));
-    // bernoulli_linear_part: x * (1 - y) for x > 0, -(x * y) otherwise, 0
-    // where the target factor is exactly 0 (the limits at infinite logits).
-    const __m256 zero = _mm256_setzero_ps();
-    const __m256 w = _mm256_sub_ps(one, y);
-    const __m256 pos = _mm256_andnot_ps(_mm256_cmp_ps(w, zero, _CMP_EQ_OQ), _mm256_mul_ps(x, w));
-    const __m256 neg = _mm256_andnot_ps(_mm256_cmp_ps(y, zero, _CMP_EQ_OQ),
-                                        _mm256_sub_ps(zero, _mm256_mul_ps(x, y)));
-    const __m256 linear = _mm256_blendv_ps(neg, pos, _mm256_cmp_ps(x, zero, _CMP_GT_OQ));
-    return _mm256_add_ps(linear, simd::log1p_unit_avx2(e));
-  } else if constexpr (kKind == static_cast<int>(Likelihood::kGaussian)) {
-    const __m256 d = _mm256_sub_ps(x, y);
-    const __m256 inv_var = _mm256_set1_ps(c.inv_var);
-    *grad = _mm256_mul_ps(_mm256_mul_ps(d, inv_var), _mm256_set1_ps(c.scale));
-    return _mm256_mul_ps(_mm256_set1_ps(0.5f),
-                         _mm256_fmadd_ps(_mm256_mul_ps(d, d), inv_var, _mm256_set1_ps(c.log_norm)));
-  } else {
-    const __m256 d = _mm256_sub_ps(x, y);
-    *grad = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0f), d), _mm256_set1_ps(c.scale));
-    return _mm256_mul_ps(d, d);
-  }
-}
-
-template <int kKind>
-KLANNEAL_TARGET_AVX512 inline __m512 pointwise_avx512(__m512 x, __m512 y, __m512 *grad,
-                                                      const PointwiseConsts &c) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  if constexpr (kKind == static_cast<int>(Likelihood::kBernoulli)) {
-    const __m512 abs_x = _mm512_abs_ps(x); // as in the AVX2 kernel: one exp
-    const __m512 e = simd::exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), abs_x));
-    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
-    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 sig = _mm512_mask_mul_ps(r, negative, e, r);
-    *grad = _mm512_mul_ps(_mm512_sub_ps(sig, y), _mm512_set1_ps(c.scale));
-    // bernoulli_linear_part, as in the AVX2 kernel.
-    const __m512 zero = _mm512_setzero_ps();
-    const __m512 w = _mm512_sub_ps(one, y);
-    const __m512 pos = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero, _CMP_NEQ_UQ), x, w);
-    const __m512 neg = _mm512_maskz_sub_ps(_mm512_cmp_ps_mask(y, zero, _CMP_NEQ_UQ), zero,
-                                           _mm512_mul_ps(x, y));
-    const __m512 linear =
-        _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), neg, pos);
-    return _mm512_add_ps(linear, simd::log1p_unit_avx512(e));
-  } else if constexpr (kKind == static_cast<int>(Likelihood::kGaussian)) {
-    const __m512 d = _mm512_sub_ps(x, y);
-    const __m512 inv_var = _mm512_set1_ps(c.inv_var);
-    *grad = _mm512_mul_ps(_mm512_mul_ps(d, inv_var), _mm512_set1_ps(c.scale));
-    return _mm512_mul_ps(_mm512_set1_ps(0.5f),
-                         _mm512_fmadd_ps(_mm512_mul_ps(d, d), inv_var, _mm512_set1_ps(c.log_norm)));
-  } else {
-    const __m512 d = _mm512_sub_ps(x, y);
-    *grad = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), d), _mm512_set1_ps(c.scale));
-    return _mm512_mul_ps(d, d);
-  }
-}
-
-template <int kKind>
-KLANNEAL_TARGET_AVX2 double pointwise_chunk_avx2(const float *x, const float *y, int64_t n,
-                                                 float *grad, const PointwiseConsts &c) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256i mask = tail_mask(lane, n - i);
-    __m256 g;
-    __m256 l = pointwise_avx2<kKind>(_mm256_maskload_ps(x + i, mask),
-                                     _mm256_maskload_ps(y + i, mask), &g, c);
-    l = _mm256_and_ps(l, _mm256_castsi256_ps(mask)); // lanes past the end add 0
-    acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(l)));
-    acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1)));
-    if (grad != nullptr)
-      _mm256_maskstore_ps(grad + i, mask, g);
-  }
-  alignas(32) double lanes[8];
-  _mm256_store_pd(lanes, acc_lo);
-  _mm256_store_pd(lanes + 4, acc_hi);
-  double sum = 0.0;
-  for (double v : lanes)
-    sum += v;
-  return sum;
-}
-
-template <int kKind>
-KLANNEAL_TARGET_AVX512 double pointwise_chunk_avx512(const float *x, const float *y, int64_t n,
-                                                     float *grad, const PointwiseConsts &c) {
-  __m512d acc_lo = _mm512_setzero_pd(), acc_hi = _mm512_setzero_pd();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = tail_mask16(n - i);
-    __m512 g;
-    __m512 l = pointwise_avx512<kKind>(_mm512_maskz_loadu_ps(mask, x + i),
-                                       _mm512_maskz_loadu_ps(mask, y + i), &g, c);
-    l = _mm512_maskz_mov_ps(mask, l); // lanes past the end add 0
-    acc_lo = _mm512_add_pd(acc_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(l)));
-    acc_hi = _mm512_add_pd(acc_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(l, 1)));
-    if (grad != nullptr)
-      _mm512_mask_storeu_ps(grad + i, mask, g);
-  }
-  alignas(64) double lanes[16];
-  _mm512_store_pd(lanes, acc_lo);
-  _mm512_store_pd(lanes + 8, acc_hi);
-  double sum = 0.0;
-  for (double v : lanes)
-    sum += v;
-  return sum;
-}
-
-using PointwiseChunkF32 = double (*)(const float *, const float *, int64_t, float *,
-                                     const PointwiseConsts &);
-
-// nullptr: no vector kernel at this level (the scalar loop runs).
-PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
-  constexpr int kB = static_cast<int>(Likelihood::kBernoulli);
-  constexpr int kG = static_cast<int>(Likelihood::kGaussian);
-  constexpr int kM = static_cast<int>(Likelihood::kMse);
-  if (level == SimdLevel::kAvx512) {
-    if (likelihood == Likelihood::kBernoulli)
-      return pointwise_chunk_avx512<kB>;
-    if (likelihood == Likelihood::kGaussian)
-      return pointwise_chunk_avx512<kG>;
-    return pointwise_chunk_avx512<kM>;
-  }
-  if (level == SimdLevel::kAvx2) {
-    if (likelihood == Likelihood::kBernoulli)
-      return pointwise_chunk_avx2<kB>;
-    if (likelihood == Likelihood::kGaussian)
-      return pointwise_chunk_avx2<kG>;
-    return pointwise_chunk_avx2<kM>;
-  }
-  return nullptr;
-}
-
-// Index of the first block of 32 values holding one outside [0, 1] (NaN
-// included), or the start of the tail shorter than a block: the caller
-// scans on from there.
-KLANNEAL_TARGET_AVX2 inline __m256 in_unit_interval(const float *y) {
-  const __m256 v = _mm256_loadu_ps(y); // ordered compares: false for NaN
-  return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ),
-                       _mm256_cmp_ps(v, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
-}
-
-KLANNEAL_TARGET_AVX2 int64_t first_invalid_probability_avx2(const float *y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256 ok = _mm256_and_ps(
-        _mm256_and_ps(in_unit_interval(y + i), in_unit_interval(y + i + 8)),
-        _mm256_and_ps(in_unit_interval(y + i + 16), in_unit_interval(y + i + 24)));
-    if (_mm256_movemask_ps(ok) != 0xFF)
-      return i;
-  }
-  return i;
-}
-
-#endif // KLANNEAL_X86_SIMD
-
-template <typename T> using CategoricalRow = double (*)(const T *, int64_t, int64_t, T *, T);
-
 // The row kernel for fp32 (T = float) or fp64 rows at this SIMD level.
 template <typename T> CategoricalRow<T> categorical_row(SimdLevel level) {
-#if defined(KLANNEAL_X86_SIMD)
-  if constexpr (std::is_same_v<T, float>) {
-    if (level == SimdLevel::kAvx512)
-      return categorical_row_avx512;
-    if (level == SimdLevel::kAvx2)
-      return categorical_row_avx2;
-  } else {
-    if (level == SimdLevel::kAvx512)
-      return categorical_row_avx512_f64;
-    if (level == SimdLevel::kAvx2)
-      return categorical_row_avx2_f64;
-  }
-#endif
-  (void)level;
-  return categorical_row_scalar<T>;
-}
-
-// ---- threading --------------------------------------------------------------
-//
-// parallel_for(n_units, n_threads, fn) calls fn(begin, end) on disjoint
-// ranges covering [0, n_units). Ranges are claimed dynamically, `grain`
-// units at a time, by the calling thread and by up to n_threads - 1 workers
-// of a persistent pool: a worker the OS has not scheduled yet leaves its
-// share to the others instead of holding up the call. Which thread runs a
-// unit never changes a result: every unit writes only its own output slots.
-//
-// The pool is created on first use and grows to the largest thread count
-// asked for. One call uses it at a time; a concurrent call (another Python
-// thread) starts threads of its own instead of waiting. The pool is never
-// destroyed: its workers are detached and sleep on a condition variable, so
-// nothing is joined or torn down at interpreter exit. A fork()ed child gets
-// a fresh pool on first use (the parent's workers do not exist there).
-
-// Claims ranges of `grain` units from `next` until none are left.
-template <typename F>
-void claim_units(std::atomic<int64_t> &next, int64_t n_units, int64_t grain, const F &fn) {
-  for (;;) {
-    const int64_t begin = next.fetch_add(grain, std::memory_order_relaxed);
-    if (begin >= n_units)
-      return;
-    fn(begin, std::min(begin + grain, n_units));
-  }
-}
-
-class WorkerPool {
-public:
-  // Runs job() on the calling thread and on up to n_helpers workers; returns
-  // when every thread that started on it has finished. False (nothing ran)
-  // if the pool is busy with another call or cannot start its threads.
-  bool run(int n_helpers, void (*job)(void *), void *context) {
-    std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
-    if (!dispatch.owns_lock() || !grow(n_helpers))
-      return false;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = job;
-      context_ = context;
-      seats_ = n_helpers;
-      ++generation_;
-    }
-    wake_.notify_all();
-    std::exception_ptr error;
-    try {
-      job(context);
-    } catch (...) { // the workers still use the caller's stack: wait for them first
-      error = std::current_exception();
-    }
-    std::unique_lock<std::mutex> lock(mutex_);
-    seats_ = 0; // a worker waking from now on has nothing left to do
-    idle_.wait(lock, [this] { return running_ == 0; });
-    if (error)
-      std::rethrow_exception(error);
-    return true;
-  }
-
-private:
-  bool grow(int n_helpers) {
-    try {
-      while (static_cast<int>(n_workers_) < n_helpers) {
-        std::thread([this] { work(); }).detach();
-        ++n_workers_;
-      }
-    } catch (...) { // std::system_error: no more threads
-      return false;
-    }
-    return true;
-  }
-
-  void work() {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (seats_ == 0)
-        continue;
-      --seats_;
-      ++running_;
-      void (*job)(void *) = job_;
-      void *context = context_;
-      lock.unlock();
-      job(context);
-      lock.lock();
-      if (--running_ == 0)
-        idle_.notify_one();
-    }
-  }
-
-  std::mutex dispatch_mutex_; // held by the one call using the pool
-  std::mutex mutex_;          // guards the fields below
-  std::condition_variable wake_, idle_;
-  uint64_t generation_ = 0; // bumped once per call
-  int seats_ = 0;           // workers that may still join the current call
-  int running_ = 0;         // workers inside the current call's job
-  size_t n_workers_ = 0;
-  void (*job_)(void *) = nullptr;
-  void *context_ = nullptr;
-};
-
-std::atomic<WorkerPool *> g_pool{nullptr};
-std::once_flag g_atfork_once;
-
-WorkerPool &worker_pool() {
-  std::call_once(g_atfork_once, [] {
-#if defined(__linux__) || defined(__APPLE__)
-    // The child of a fork has none of the workers: forget the pool there.
-    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });
-#endif
-  });
-  WorkerPool *pool = g_pool.load();
-  if (pool == nullptr) {
-    auto *fresh = new WorkerPool; // never deleted: see above
-    if (g_pool.compare_exchange_strong(pool, fresh))
-      pool = fresh;
-    else
-      delete fresh; // another thread created it first; `pool` holds that one
-  }
-  return *pool;
-}
-
-// More threads than the machine has cores only add switching: the pool is
-// capped there, whatever torch.get_num_threads() says (set_num_threads(256)
-// on 2 cores would otherwise leave hundreds of idle workers behind).
-int max_threads() {
-  static const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return n;
-}
-
-template <typename F> void parallel_for(int64_t n_units, int n_threads, const F &fn) {
-  n_threads = std::min(n_threads, max_threads());
-  n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_units)));
-  if (n_threads == 1) {
-    fn(0, n_units);
-    return;
-  }
-  // About 8 claims per thread: small enough to balance a late or slow
-  // thread, large enough that the atomic is never contended.
-  const int64_t grain = std::max<int64_t>(1, n_units / (8 * static_cast<int64_t>(n_threads)));
-  std::atomic<int64_t> next{0};
-  struct Job {
-    std::atomic<int64_t> *next;
-    int64_t n_units, grain;
-    const F *fn;
-  } job{&next, n_units, grain, &fn};
-  auto run_job = [](void *context) {
-    const Job &j = *static_cast<const Job *>(context);
-    claim_units(*j.next, j.n_units, j.grain, *j.fn);
-  };
-  if (worker_pool().run(n_threads - 1, run_job, &job))
-    return;
-  // Pool busy (a concurrent call) or out of threads: threads of our own.
-  std::vector<std::thread> workers;
-  workers.reserve(n_threads - 1);
-  for (int k = 1; k < n_threads; ++k) {
-    try {
-      workers.emplace_back(run_job, &job);
-    } catch (...) {
-      break; // the threads that did start, and this one, share the work
-    }
-  }
-  run_job(&job);
-  for (auto &w : workers)
-    w.join();
+  CategoricalRow<T> vector_row = nullptr;
+  if constexpr (std::is_same_v<T, float>)
+    vector_row = categorical_row_f32(level);
+  else
+    vector_row = categorical_row_f64(level);
+  return vector_row != nullptr ? vector_row : categorical_row_scalar<T>;
 }
 
 // ---- target checks (ElboParams::first_invalid_target) ------------------------
@@ -791,12 +106,10 @@ int64_t first_invalid_class(const ElboParams &p) {
 template <typename S> int64_t first_invalid_probability(const S *y, int64_t n, SimdLevel level) {
   using T = typename Elem<S>::T;
   int64_t i = 0;
-#if defined(KLANNEAL_X86_SIMD)
   if constexpr (std::is_same_v<S, float>) {
-    if (level == SimdLevel::kAvx2 || level == SimdLevel::kAvx512)
-      i = first_invalid_probability_avx2(y, n); // skips whole blocks of valid values
+    if (const ValidPrefixF32 prefix = unit_interval_prefix_f32(level))
+      i = prefix(y, n); // skips whole blocks of valid values
   }
-#endif
   (void)level;
   for (; i < n; ++i) {
     const T v = Elem<S>::load(y[i]);
@@ -881,7 +194,6 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
       unit_bad[u] = i < 0 ? -1 : lo + i;
     }
   };
-#if defined(KLANNEAL_X86_SIMD)
   if constexpr (std::is_same_v<S, float>) {
     if (const PointwiseChunkF32 chunk = pointwise_chunk_f32(level, p.likelihood)) {
       const PointwiseConsts c{scale, inv_var, log_norm};
@@ -895,8 +207,6 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
       return;
     }
   }
-#endif
-  (void)level;
   auto run = [&](auto nll, auto dnll) {
     parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
@@ -930,8 +240,8 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
 }
 
 template <typename S>
-void recon_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
-                 int64_t chunks_per_row, SimdLevel level, int n_threads) {
+void recon_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad, int64_t chunks_per_row,
+                 SimdLevel level, int n_threads) {
   if (p.likelihood == Likelihood::kCategorical)
     categorical_rows<S>(p, unit_loss, level, n_threads);
   else
@@ -964,8 +274,7 @@ int64_t first_invalid_bernoulli_prepass(const ElboParams &p, int64_t chunks_per_
 // ---- KL term and the outputs -----------------------------------------------
 
 // KL of latent element k, against the learned prior if there is one.
-template <typename S>
-KlElem<typename Elem<S>::T> kl_at(const ElboParams &p, int64_t k) {
+template <typename S> KlElem<typename Elem<S>::T> kl_at(const ElboParams &p, int64_t k) {
   const auto *mu = static_cast<const S *>(p.mu);
   const auto *logvar = static_cast<const S *>(p.logvar);
   if (p.prior_mu == nullptr)
@@ -1057,8 +366,8 @@ double kl_term(const ElboParams &p, double beta, double capacity, std::vector<do
           pass = dim_mean[d] >= p.free_bits;
         else if (free_bits)
           pass = kl[i] >= lambda;
-        store_kl_grads(kl_at<S>(p, i), pass ? weight : T(0), i, grad_mu, grad_logvar,
-                       grad_prior_mu, grad_prior_logvar);
+        store_kl_grads(kl_at<S>(p, i), pass ? weight : T(0), i, grad_mu, grad_logvar, grad_prior_mu,
+                       grad_prior_logvar);
       }
     }
   }
@@ -1099,10 +408,10 @@ void launch_elbo_cpu(const ElboParams &p) {
   const int64_t chunks_per_row = categorical ? 1 : (p.row_len + kChunk - 1) / kChunk;
   const int64_t n_units = p.n_rows * chunks_per_row;
   const int64_t elems = p.n_rows * p.row_len;
-  const int n_threads = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(std::max(p.n_threads, 1),
-                           elems / (categorical ? kMinElemsPerThreadCategorical
-                                                : kMinElemsPerThreadPointwise))));
+  const int n_threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(std::max(p.n_threads, 1),
+                                             elems / (categorical ? kMinElemsPerThreadCategorical
+                                                                  : kMinElemsPerThreadPointwise))));
 
   // Target checks: class ids (n_rows values) and, for inplace calls,
   // bernoulli targets before anything is written; otherwise bernoulli
@@ -1144,9 +453,9 @@ void launch_elbo_cpu(const ElboParams &p) {
 
   const int64_t B = p.batch;
   std::vector<double> kl_b(static_cast<size_t>(B), 0.0), klterm_b(static_cast<size_t>(B), 0.0);
-  const double klterm_total = dispatch_dtype(
-      p.latent_dtype,
-      [&](auto s) { return kl_term<decltype(s)>(p, beta, capacity, kl_b, klterm_b); });
+  const double klterm_total = dispatch_dtype(p.latent_dtype, [&](auto s) {
+    return kl_term<decltype(s)>(p, beta, capacity, kl_b, klterm_b);
+  });
 
   // Fixed-order sums: units of example b are consecutive.
   const int64_t units_per_example = n_units / B;

@@ -17,9 +17,9 @@ bool valid_dtype(DType d) {
 
 bool is_half(DType d) { return d == DType::kFloat16 || d == DType::kBFloat16; }
 
-}  // namespace
+} // namespace
 
-void check_elbo_sizes(const ElboParams& p) {
+void check_elbo_sizes(const ElboParams &p) {
   KLANNEAL_CHECK_ARG(p.batch > 0, "elbo: batch must be > 0, got " + std::to_string(p.batch));
   KLANNEAL_CHECK_ARG(p.n_rows >= 0 && p.row_len >= 0 && p.latent_dim >= 0,
                      "elbo: n_rows, row_len and latent_dim must be >= 0");
@@ -36,7 +36,7 @@ void check_elbo_sizes(const ElboParams& p) {
   }
 }
 
-void check_elbo_params(const ElboParams& p) {
+void check_elbo_params(const ElboParams &p) {
   check_elbo_sizes(p);
   const auto red = static_cast<int32_t>(p.reduction);
   const auto fbm = static_cast<int32_t>(p.free_bits_mode);
@@ -61,20 +61,22 @@ void check_elbo_params(const ElboParams& p) {
   KLANNEAL_CHECK_ARG(p.latent_dim == 0 || p.prior_mu != nullptr ||
                          (p.grad_prior_mu == nullptr && p.grad_prior_logvar == nullptr),
                      "elbo: prior gradients asked for without a prior");
-  if (p.has_capacity) check_schedule_params(p.capacity);
+  if (p.has_capacity)
+    check_schedule_params(p.capacity);
   KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
                          p.beta_out != nullptr,
                      "elbo: null output pointer");
   // fp16/bf16 gradients are stored in fp32 (see GradOf in elbo_cpu.cpp): they
   // cannot be written over a half-precision recon_input.
-  KLANNEAL_CHECK_ARG(!(p.grad_recon != nullptr && p.grad_recon == p.recon_input &&
-                       is_half(p.recon_dtype)),
-                     "elbo: an inplace gradient needs fp32/fp64 recon_input (fp16/bf16 "
-                     "gradients are kept in fp32)");
-  if (p.beta_ptr == nullptr && p.step_ptr != nullptr) check_schedule_params(p.schedule);
+  KLANNEAL_CHECK_ARG(
+      !(p.grad_recon != nullptr && p.grad_recon == p.recon_input && is_half(p.recon_dtype)),
+      "elbo: an inplace gradient needs fp32/fp64 recon_input (fp16/bf16 "
+      "gradients are kept in fp32)");
+  if (p.beta_ptr == nullptr && p.step_ptr != nullptr)
+    check_schedule_params(p.schedule);
   if (p.beta_ptr == nullptr && p.step_ptr == nullptr)
     KLANNEAL_CHECK_ARG(std::isfinite(p.beta_value) && p.beta_value >= 0.0,
                        "elbo: beta must be finite and >= 0, got " + std::to_string(p.beta_value));
 }
 
-}  // namespace klanneal
+} // namespace klanneal

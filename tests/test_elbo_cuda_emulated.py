@@ -81,8 +81,10 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
         f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}",
         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
         str(EMULATION / "emulated_module.cpp"), str(ROOT / "csrc" / "bind_elbo_cuda.cpp"),
-        # The parameter contract shared with the CPU launcher, and the schedule check it uses.
+        # The parameter contract shared with the CPU launcher, and the schedule check it
+        # uses (schedules_cpu.cpp fills on the worker pool of parallel_cpu.cpp).
         str(ROOT / "csrc" / "elbo_params.cpp"), str(ROOT / "csrc" / "schedules_cpu.cpp"),
+        str(ROOT / "csrc" / "parallel_cpu.cpp"),
         "-o", str(output),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)

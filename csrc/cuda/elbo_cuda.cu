@@ -26,7 +26,7 @@ unsigned int grid_for(int64_t work_items) {
   return static_cast<unsigned int>(work_items < kMaxBlocks ? work_items : kMaxBlocks);
 }
 
-void check_launch(const char* kernel) {
+void check_launch(const char *kernel) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("klanneal: CUDA error launching ") + kernel + ": " +
@@ -34,7 +34,7 @@ void check_launch(const char* kernel) {
   }
 }
 
-void check_call(cudaError_t err, const char* what) {
+void check_call(cudaError_t err, const char *what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("klanneal: CUDA error in ") + what + ": " +
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
@@ -43,8 +43,9 @@ void check_call(cudaError_t err, const char* what) {
 
 // Partial recon sums per example row: categorical rows are reduced by one
 // warp/block each; long non-categorical rows are split into chunks.
-int64_t chunks_per_row(const ElboParams& p) {
-  if (p.likelihood == Likelihood::kCategorical) return 1;
+int64_t chunks_per_row(const ElboParams &p) {
+  if (p.likelihood == Likelihood::kCategorical)
+    return 1;
   return (p.row_len + cuda::kElementwiseChunk - 1) / cuda::kElementwiseChunk;
 }
 
@@ -52,13 +53,13 @@ int64_t chunks_per_row(const ElboParams& p) {
 //   partials [n_rows * chunks_per_row], recon_ex [B], kl_ex [B], term_ex [B],
 //   signs [B] (the capacity's sign per example, or for the batch in [0])
 struct WorkspaceLayout {
-  size_t partials = 0, recon_ex = 0, kl_ex = 0, term_ex = 0, signs = 0;  // byte offsets
+  size_t partials = 0, recon_ex = 0, kl_ex = 0, term_ex = 0, signs = 0; // byte offsets
   size_t bytes = 0;
 };
 
 size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 
-WorkspaceLayout workspace_layout(const ElboParams& p) {
+WorkspaceLayout workspace_layout(const ElboParams &p) {
   WorkspaceLayout w;
   const size_t n_partials = static_cast<size_t>(p.n_rows * chunks_per_row(p));
   const size_t per_example = static_cast<size_t>(p.batch) * sizeof(double);
@@ -74,8 +75,8 @@ WorkspaceLayout workspace_layout(const ElboParams& p) {
 // Restores the calling thread's current device of this library's CUDA
 // runtime (statically linked: it does not share torch's current device).
 class DeviceGuard {
- public:
-  explicit DeviceGuard(const void* device_ptr) {
+public:
+  explicit DeviceGuard(const void *device_ptr) {
     check_call(cudaGetDevice(&previous_), "cudaGetDevice");
     cudaPointerAttributes attrs{};
     check_call(cudaPointerGetAttributes(&attrs, device_ptr), "cudaPointerGetAttributes");
@@ -87,71 +88,72 @@ class DeviceGuard {
     }
   }
   ~DeviceGuard() {
-    if (switched_) cudaSetDevice(previous_);  // best effort: destructors must not throw
+    if (switched_)
+      cudaSetDevice(previous_); // best effort: destructors must not throw
   }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  DeviceGuard(const DeviceGuard &) = delete;
+  DeviceGuard &operator=(const DeviceGuard &) = delete;
 
- private:
+private:
   int previous_ = 0;
   bool switched_ = false;
 };
 
 template <typename T>
-void launch_recon(const ElboParams& p, double* partials, int64_t n_chunks, cudaStream_t stream) {
+void launch_recon(const ElboParams &p, double *partials, int64_t n_chunks, cudaStream_t stream) {
   using A = cuda::Acc<T>;
-  if (p.n_rows == 0 || n_chunks == 0) return;  // no elements: recon is 0
-  const A scale = p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch))
-                                                       : A(1);
+  if (p.n_rows == 0 || n_chunks == 0)
+    return; // no elements: recon is 0
+  const A scale =
+      p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch)) : A(1);
   switch (p.likelihood) {
-    case Likelihood::kCategorical:
-      if (p.row_len <= cuda::kWarpRowMaxLen) {
-        const int64_t blocks = (p.n_rows + cuda::kWarpsPerBlock - 1) / cuda::kWarpsPerBlock;
-        cuda::categorical_warp_kernel<T>
-            <<<grid_for(blocks), kBlockThreads, 0, stream>>>(p, partials, scale);
-        check_launch("categorical_warp_kernel");
-      } else {
-        cuda::categorical_block_kernel<T>
-            <<<grid_for(p.n_rows), kBlockThreads, 0, stream>>>(p, partials, scale);
-        check_launch("categorical_block_kernel");
-      }
-      return;
-    case Likelihood::kBernoulli: {
-      const cuda::ElementwiseLoss<Likelihood::kBernoulli, A> f{A(0), A(0)};
-      cuda::elementwise_kernel<T, Likelihood::kBernoulli>
-          <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
-                                                                       scale);
-      check_launch("elementwise_kernel<bernoulli>");
-      return;
+  case Likelihood::kCategorical:
+    if (p.row_len <= cuda::kWarpRowMaxLen) {
+      const int64_t blocks = (p.n_rows + cuda::kWarpsPerBlock - 1) / cuda::kWarpsPerBlock;
+      cuda::categorical_warp_kernel<T>
+          <<<grid_for(blocks), kBlockThreads, 0, stream>>>(p, partials, scale);
+      check_launch("categorical_warp_kernel");
+    } else {
+      cuda::categorical_block_kernel<T>
+          <<<grid_for(p.n_rows), kBlockThreads, 0, stream>>>(p, partials, scale);
+      check_launch("categorical_block_kernel");
     }
-    case Likelihood::kGaussian: {
-      // log(2*pi*var) and 1/var once per launch, in float64.
-      const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{A(1.0 / p.gaussian_var),
-                                                              A(gaussian_log_norm(p.gaussian_var))};
-      cuda::elementwise_kernel<T, Likelihood::kGaussian>
-          <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
-                                                                       scale);
-      check_launch("elementwise_kernel<gaussian>");
-      return;
-    }
-    case Likelihood::kMse: {
-      const cuda::ElementwiseLoss<Likelihood::kMse, A> f{A(0), A(0)};
-      cuda::elementwise_kernel<T, Likelihood::kMse>
-          <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
-                                                                       scale);
-      check_launch("elementwise_kernel<mse>");
-      return;
-    }
+    return;
+  case Likelihood::kBernoulli: {
+    const cuda::ElementwiseLoss<Likelihood::kBernoulli, A> f{A(0), A(0)};
+    cuda::elementwise_kernel<T, Likelihood::kBernoulli>
+        <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
+                                                                      scale);
+    check_launch("elementwise_kernel<bernoulli>");
+    return;
+  }
+  case Likelihood::kGaussian: {
+    // log(2*pi*var) and 1/var once per launch, in float64.
+    const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{A(1.0 / p.gaussian_var),
+                                                            A(gaussian_log_norm(p.gaussian_var))};
+    cuda::elementwise_kernel<T, Likelihood::kGaussian>
+        <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
+                                                                      scale);
+    check_launch("elementwise_kernel<gaussian>");
+    return;
+  }
+  case Likelihood::kMse: {
+    const cuda::ElementwiseLoss<Likelihood::kMse, A> f{A(0), A(0)};
+    cuda::elementwise_kernel<T, Likelihood::kMse>
+        <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
+                                                                      scale);
+    check_launch("elementwise_kernel<mse>");
+    return;
+  }
   }
 }
 
 template <typename T>
-void launch_latent(const ElboParams& p, const double* partials, int64_t partials_per_example,
-                   double* recon_ex, double* kl_ex, double* term_ex, cudaStream_t stream) {
+void launch_latent(const ElboParams &p, const double *partials, int64_t partials_per_example,
+                   double *recon_ex, double *kl_ex, double *term_ex, cudaStream_t stream) {
   using A = cuda::Acc<T>;
-  const A grad_scale = p.reduction == Reduction::kBatchMean
-                           ? A(1.0 / static_cast<double>(p.batch))
-                           : A(1);
+  const A grad_scale =
+      p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch)) : A(1);
   cuda::example_kernel<T><<<grid_for(p.batch), kBlockThreads, 0, stream>>>(
       p, partials, partials_per_example, recon_ex, kl_ex, term_ex, grad_scale);
   check_launch("example_kernel");
@@ -161,33 +163,32 @@ void launch_latent(const ElboParams& p, const double* partials, int64_t partials
   }
 }
 
-template <typename F>
-void dispatch_dtype(DType t, F&& f) {
+template <typename F> void dispatch_dtype(DType t, F &&f) {
   switch (t) {
-    case DType::kFloat32:
-      f(float{});
-      return;
-    case DType::kFloat64:
-      f(double{});
-      return;
-    case DType::kFloat16:
-      f(__half{});
-      return;
-    case DType::kBFloat16:
-      f(__nv_bfloat16{});
-      return;
+  case DType::kFloat32:
+    f(float{});
+    return;
+  case DType::kFloat64:
+    f(double{});
+    return;
+  case DType::kFloat16:
+    f(__half{});
+    return;
+  case DType::kBFloat16:
+    f(__nv_bfloat16{});
+    return;
   }
   throw std::invalid_argument("elbo_cuda: unknown dtype " + std::to_string(static_cast<int>(t)));
 }
 
-}  // namespace
+} // namespace
 
-size_t elbo_cuda_workspace_bytes(const ElboParams& p) {
+size_t elbo_cuda_workspace_bytes(const ElboParams &p) {
   check_elbo_sizes(p);
   return workspace_layout(p).bytes;
 }
 
-void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_bytes, void* stream) {
+void launch_elbo_cuda(const ElboParams &p, void *workspace, size_t workspace_bytes, void *stream) {
   check_elbo_params(p);
   // The CPU launcher may skip kl_per_dim; the CUDA finalize kernel reads it
   // (batch free bits), so here it is required.
@@ -203,18 +204,17 @@ void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_byt
   // the legacy default stream, which is then what torch itself uses.
   const DeviceGuard guard(p.loss);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  char* base = static_cast<char*>(workspace);
-  double* partials = reinterpret_cast<double*>(base + w.partials);
-  double* recon_ex = reinterpret_cast<double*>(base + w.recon_ex);
-  double* kl_ex = reinterpret_cast<double*>(base + w.kl_ex);
-  double* term_ex = reinterpret_cast<double*>(base + w.term_ex);
-  double* signs = reinterpret_cast<double*>(base + w.signs);
+  char *base = static_cast<char *>(workspace);
+  double *partials = reinterpret_cast<double *>(base + w.partials);
+  double *recon_ex = reinterpret_cast<double *>(base + w.recon_ex);
+  double *kl_ex = reinterpret_cast<double *>(base + w.kl_ex);
+  double *term_ex = reinterpret_cast<double *>(base + w.term_ex);
+  double *signs = reinterpret_cast<double *>(base + w.signs);
   const int64_t n_chunks = chunks_per_row(p);
   const int64_t partials_per_example = (p.n_rows / p.batch) * n_chunks;
 
-  dispatch_dtype(p.recon_dtype, [&](auto tag) {
-    launch_recon<decltype(tag)>(p, partials, n_chunks, s);
-  });
+  dispatch_dtype(p.recon_dtype,
+                 [&](auto tag) { launch_recon<decltype(tag)>(p, partials, n_chunks, s); });
   dispatch_dtype(p.latent_dtype, [&](auto tag) {
     launch_latent<decltype(tag)>(p, partials, partials_per_example, recon_ex, kl_ex, term_ex, s);
   });
@@ -232,4 +232,4 @@ void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_byt
   }
 }
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -50,16 +50,13 @@ constexpr int64_t kElementwiseChunk = 4096;
 
 // ---- element types -----------------------------------------------------------
 // Arithmetic in float for fp32/fp16/bf16 inputs, in double for fp64.
-template <typename T>
-struct AccType {
+template <typename T> struct AccType {
   using type = float;
 };
-template <>
-struct AccType<double> {
+template <> struct AccType<double> {
   using type = double;
 };
-template <typename T>
-using Acc = typename AccType<T>::type;
+template <typename T> using Acc = typename AccType<T>::type;
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -68,57 +65,54 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162flo
 
 // 16-byte vectors: 4 floats, 2 doubles, 8 halves / bfloat16s per load.
 constexpr int kVectorBytes = 16;
-template <typename T>
-constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
+template <typename T> constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
 
-template <typename T>
-struct alignas(kVectorBytes) Packed {
+template <typename T> struct alignas(kVectorBytes) Packed {
   T v[kVec<T>];
 };
 
 // Gradients are stored in Acc<T> (ElboParams: fp32 for fp16/bf16 inputs), a
 // vector of them per input vector.
-template <typename T>
-struct alignas(kVectorBytes) GradPacked {
+template <typename T> struct alignas(kVectorBytes) GradPacked {
   Acc<T> v[kVec<T>];
 };
 
-__device__ __forceinline__ bool is_vector_aligned(const void* ptr) {
+__device__ __forceinline__ bool is_vector_aligned(const void *ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
 }
 
 // ---- latents -------------------------------------------------------------------
 // KL of latent element k, against the learned prior if there is one.
 template <typename T>
-__device__ __forceinline__ KlElem<Acc<T>> kl_at(const ElboParams& p, int64_t k) {
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* logvar = static_cast<const T*>(p.logvar);
-  if (p.prior_mu == nullptr) return gaussian_kl_elem(to_acc(mu[k]), to_acc(logvar[k]));
-  const T* prior_mu = static_cast<const T*>(p.prior_mu);
-  const T* prior_logvar = static_cast<const T*>(p.prior_logvar);
+__device__ __forceinline__ KlElem<Acc<T>> kl_at(const ElboParams &p, int64_t k) {
+  const T *mu = static_cast<const T *>(p.mu);
+  const T *logvar = static_cast<const T *>(p.logvar);
+  if (p.prior_mu == nullptr)
+    return gaussian_kl_elem(to_acc(mu[k]), to_acc(logvar[k]));
+  const T *prior_mu = static_cast<const T *>(p.prior_mu);
+  const T *prior_logvar = static_cast<const T *>(p.prior_logvar);
   return gaussian_kl_elem(to_acc(mu[k]), to_acc(logvar[k]), to_acc(prior_mu[k]),
                           to_acc(prior_logvar[k]));
 }
 
-__device__ __forceinline__ bool any_latent_grad(const ElboParams& p) {
+__device__ __forceinline__ bool any_latent_grad(const ElboParams &p) {
   return p.grad_mu != nullptr || p.grad_logvar != nullptr || p.grad_prior_mu != nullptr ||
          p.grad_prior_logvar != nullptr;
 }
 
 // Stores element k's latent gradients, KL's derivatives times w.
 template <typename T>
-__device__ __forceinline__ void store_latent_grads(const ElboParams& p, const KlElem<Acc<T>>& e,
+__device__ __forceinline__ void store_latent_grads(const ElboParams &p, const KlElem<Acc<T>> &e,
                                                    Acc<T> w, int64_t k) {
   using A = Acc<T>;
-  store_kl_grads(e, w, k, static_cast<A*>(p.grad_mu), static_cast<A*>(p.grad_logvar),
-                 static_cast<A*>(p.grad_prior_mu), static_cast<A*>(p.grad_prior_logvar));
+  store_kl_grads(e, w, k, static_cast<A *>(p.grad_mu), static_cast<A *>(p.grad_logvar),
+                 static_cast<A *>(p.grad_prior_mu), static_cast<A *>(p.grad_prior_logvar));
 }
 
 // ---- reduction operators for CUB ------------------------------------------------
-template <typename A>
-struct LseMergeOp {
-  __device__ __forceinline__ LseState<A> operator()(const LseState<A>& a,
-                                                    const LseState<A>& b) const {
+template <typename A> struct LseMergeOp {
+  __device__ __forceinline__ LseState<A> operator()(const LseState<A> &a,
+                                                    const LseState<A> &b) const {
     return lse_merge(a, b);
   }
 };
@@ -130,12 +124,12 @@ struct DoubleSum {
 // The three running float64 sums of an example (or of the batch), reduced
 // together: one block reduction and one barrier instead of three.
 struct ElboSums {
-  double recon;    // reconstruction NLL
-  double kl;       // true KL
-  double kl_term;  // KL term after free bits
+  double recon;   // reconstruction NLL
+  double kl;      // true KL
+  double kl_term; // KL term after free bits
 };
 struct ElboSumsOp {
-  __device__ __forceinline__ ElboSums operator()(const ElboSums& x, const ElboSums& y) const {
+  __device__ __forceinline__ ElboSums operator()(const ElboSums &x, const ElboSums &y) const {
     return {x.recon + y.recon, x.kl + y.kl, x.kl_term + y.kl_term};
   }
 };
@@ -149,36 +143,37 @@ struct ElboSumsOp {
 
 // Pass 1: this thread's online log-sum-exp state over its share of the row.
 template <typename T>
-__device__ __forceinline__ LseState<Acc<T>> row_lse_partial(const T* x, int64_t len,
-                                                            bool vectorised, int lane,
-                                                            int lanes) {
+__device__ __forceinline__ LseState<Acc<T>> row_lse_partial(const T *x, int64_t len,
+                                                            bool vectorised, int lane, int lanes) {
   LseState<Acc<T>> st = lse_init<Acc<T>>();
   int64_t tail_begin = 0;
   if (vectorised) {
     const int64_t n_vec = len / kVec<T>;
-    const Packed<T>* xv = reinterpret_cast<const Packed<T>*>(x);
+    const Packed<T> *xv = reinterpret_cast<const Packed<T> *>(x);
     for (int64_t i = lane; i < n_vec; i += lanes) {
       const Packed<T> pk = xv[i];
 #pragma unroll
-      for (int k = 0; k < kVec<T>; ++k) st = lse_push(st, to_acc(pk.v[k]));
+      for (int k = 0; k < kVec<T>; ++k)
+        st = lse_push(st, to_acc(pk.v[k]));
     }
     tail_begin = n_vec * kVec<T>;
   }
-  for (int64_t j = tail_begin + lane; j < len; j += lanes) st = lse_push(st, to_acc(x[j]));
+  for (int64_t j = tail_begin + lane; j < len; j += lanes)
+    st = lse_push(st, to_acc(x[j]));
   return st;
 }
 
 // Pass 2: grad_j = (softmax_j - [j == target]) * scale, the target term
 // formed in Acc (fp32 at least) by categorical_grad before the cast.
 template <typename T>
-__device__ __forceinline__ void row_write_grad(const T* x, Acc<T>* grad, int64_t len,
+__device__ __forceinline__ void row_write_grad(const T *x, Acc<T> *grad, int64_t len,
                                                bool vectorised, int lane, int lanes, Acc<T> m,
                                                Acc<T> log_sum, int64_t target, Acc<T> scale) {
   int64_t tail_begin = 0;
   if (vectorised) {
     const int64_t n_vec = len / kVec<T>;
-    const Packed<T>* xv = reinterpret_cast<const Packed<T>*>(x);
-    GradPacked<T>* gv = reinterpret_cast<GradPacked<T>*>(grad);
+    const Packed<T> *xv = reinterpret_cast<const Packed<T> *>(x);
+    GradPacked<T> *gv = reinterpret_cast<GradPacked<T> *>(grad);
     for (int64_t i = lane; i < n_vec; i += lanes) {
       const Packed<T> pk = xv[i];
       GradPacked<T> out;
@@ -198,8 +193,9 @@ __device__ __forceinline__ void row_write_grad(const T* x, Acc<T>* grad, int64_t
 
 // Ignored rows get a zero gradient, rows with an invalid target a NaN one.
 template <typename A>
-__device__ __forceinline__ void row_fill(A* grad, int64_t len, int lane, int lanes, A value) {
-  for (int64_t j = lane; j < len; j += lanes) grad[j] = value;
+__device__ __forceinline__ void row_fill(A *grad, int64_t len, int lane, int lanes, A value) {
+  for (int64_t j = lane; j < len; j += lanes)
+    grad[j] = value;
 }
 
 // What a row's target asks for. Out-of-range targets are never used as an
@@ -207,8 +203,10 @@ __device__ __forceinline__ void row_fill(A* grad, int64_t len, int lane, int lan
 enum class RowKind { kNormal, kIgnored, kInvalid };
 
 __device__ __forceinline__ RowKind row_kind(int64_t target, int64_t len, int64_t ignore_index) {
-  if (target == ignore_index) return RowKind::kIgnored;
-  if (target < 0 || target >= len) return RowKind::kInvalid;
+  if (target == ignore_index)
+    return RowKind::kIgnored;
+  if (target < 0 || target >= len)
+    return RowKind::kInvalid;
   return RowKind::kNormal;
 }
 
@@ -218,7 +216,7 @@ __device__ __forceinline__ RowKind row_kind(int64_t target, int64_t len, int64_t
 //   scale:    d loss / d row loss (1/B for batchmean, else 1)
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    categorical_warp_kernel(const ElboParams p, double* partials, Acc<T> scale) {
+    categorical_warp_kernel(const ElboParams p, double *partials, Acc<T> scale) {
   using A = Acc<T>;
   using WarpReduce = cub::WarpReduce<LseState<A>>;
   __shared__ typename WarpReduce::TempStorage temp[kWarpsPerBlock];
@@ -227,9 +225,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t len = p.row_len;
-  const T* logits = static_cast<const T*>(p.recon_input);
-  const int64_t* target = static_cast<const int64_t*>(p.target);
-  A* grad = static_cast<A*>(p.grad_recon);
+  const T *logits = static_cast<const T *>(p.recon_input);
+  const int64_t *target = static_cast<const int64_t *>(p.target);
+  A *grad = static_cast<A *>(p.grad_recon);
   const A nan = A(NAN);
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < p.n_rows;
@@ -237,12 +235,14 @@ __global__ void __launch_bounds__(kBlockThreads)
     // All 32 lanes of the warp work on this row: every branch below that
     // depends on the row is warp-uniform.
     const int64_t t = target[row];
-    const T* x = logits + row * len;
-    A* g = grad == nullptr ? nullptr : grad + row * len;
+    const T *x = logits + row * len;
+    A *g = grad == nullptr ? nullptr : grad + row * len;
     const RowKind kind = row_kind(t, len, p.ignore_index);
     if (kind != RowKind::kNormal) {
-      if (lane == 0) partials[row] = kind == RowKind::kIgnored ? 0.0 : double(NAN);
-      if (g != nullptr) row_fill(g, len, lane, 32, kind == RowKind::kIgnored ? A(0) : nan);
+      if (lane == 0)
+        partials[row] = kind == RowKind::kIgnored ? 0.0 : double(NAN);
+      if (g != nullptr)
+        row_fill(g, len, lane, 32, kind == RowKind::kIgnored ? A(0) : nan);
       continue;
     }
     const bool vectorised = is_vector_aligned(x) && (g == nullptr || is_vector_aligned(g));
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 // One block of kBlockThreads per row, for long rows.
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    categorical_block_kernel(const ElboParams p, double* partials, Acc<T> scale) {
+    categorical_block_kernel(const ElboParams p, double *partials, Acc<T> scale) {
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<LseState<A>, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
@@ -276,24 +276,25 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t len = p.row_len;
-  const T* logits = static_cast<const T*>(p.recon_input);
-  const int64_t* target = static_cast<const int64_t*>(p.target);
-  A* grad = static_cast<A*>(p.grad_recon);
+  const T *logits = static_cast<const T *>(p.recon_input);
+  const int64_t *target = static_cast<const int64_t *>(p.target);
+  A *grad = static_cast<A *>(p.grad_recon);
   const A nan = A(NAN);
 
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
     // Every branch below that depends on the row is block-uniform, so all
     // threads reach the barriers together.
     const int64_t t = target[row];
-    const T* x = logits + row * len;
-    A* g = grad == nullptr ? nullptr : grad + row * len;
+    const T *x = logits + row * len;
+    A *g = grad == nullptr ? nullptr : grad + row * len;
     const RowKind kind = row_kind(t, len, p.ignore_index);
     if (kind != RowKind::kNormal) {
-      if (tid == 0) partials[row] = kind == RowKind::kIgnored ? 0.0 : double(NAN);
+      if (tid == 0)
+        partials[row] = kind == RowKind::kIgnored ? 0.0 : double(NAN);
       if (g != nullptr) {
         row_fill(g, len, tid, kBlockThreads, kind == RowKind::kIgnored ? A(0) : nan);
       }
-      continue;  // no shared memory touched: no barrier needed
+      continue; // no shared memory touched: no barrier needed
     }
     const bool vectorised = is_vector_aligned(x) && (g == nullptr || is_vector_aligned(g));
     const A x_target = tid == 0 ? to_acc(x[t]) : A(0);
@@ -317,26 +318,22 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---- bernoulli / gaussian / mse rows ----------------------------------------------
 // Per-element loss and d loss / d x of the non-categorical likelihoods.
-template <Likelihood L, typename A>
-struct ElementwiseLoss;
+template <Likelihood L, typename A> struct ElementwiseLoss;
 
-template <typename A>
-struct ElementwiseLoss<Likelihood::kBernoulli, A> {
-  A inv_var, log_norm;  // unused
+template <typename A> struct ElementwiseLoss<Likelihood::kBernoulli, A> {
+  A inv_var, log_norm; // unused
   __device__ __forceinline__ A nll(A x, A y) const { return bernoulli_nll(x, y); }
   __device__ __forceinline__ A grad(A x, A y) const { return bernoulli_grad(x, y); }
 };
 
-template <typename A>
-struct ElementwiseLoss<Likelihood::kGaussian, A> {
+template <typename A> struct ElementwiseLoss<Likelihood::kGaussian, A> {
   A inv_var, log_norm;
   __device__ __forceinline__ A nll(A x, A y) const { return gaussian_nll(x, y, inv_var, log_norm); }
   __device__ __forceinline__ A grad(A x, A y) const { return gaussian_grad(x, y, inv_var); }
 };
 
-template <typename A>
-struct ElementwiseLoss<Likelihood::kMse, A> {
-  A inv_var, log_norm;  // unused
+template <typename A> struct ElementwiseLoss<Likelihood::kMse, A> {
+  A inv_var, log_norm; // unused
   __device__ __forceinline__ A nll(A x, A y) const { return mse_nll(x, y); }
   __device__ __forceinline__ A grad(A x, A y) const { return mse_grad(x, y); }
 };
@@ -348,7 +345,7 @@ struct ElementwiseLoss<Likelihood::kMse, A> {
 // aliased grad_recon (inplace) is safe.
 template <typename T, Likelihood L>
 __global__ void __launch_bounds__(kBlockThreads)
-    elementwise_kernel(const ElboParams p, double* partials, int64_t chunks_per_row,
+    elementwise_kernel(const ElboParams p, double *partials, int64_t chunks_per_row,
                        ElementwiseLoss<L, Acc<T>> f, Acc<T> scale) {
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<double, kBlockThreads>;
@@ -356,9 +353,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t len = p.row_len;
-  const T* input = static_cast<const T*>(p.recon_input);
-  const T* target = static_cast<const T*>(p.target);
-  A* grad = static_cast<A*>(p.grad_recon);
+  const T *input = static_cast<const T *>(p.recon_input);
+  const T *target = static_cast<const T *>(p.target);
+  A *grad = static_cast<A *>(p.grad_recon);
   const int64_t n_items = p.n_rows * chunks_per_row;
 
   for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x) {
@@ -366,9 +363,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t begin = (item % chunks_per_row) * kElementwiseChunk;
     const int64_t n = (len - begin < kElementwiseChunk) ? len - begin : kElementwiseChunk;
     const int64_t offset = row * len + begin;
-    const T* x = input + offset;
-    const T* y = target + offset;
-    A* g = grad == nullptr ? nullptr : grad + offset;
+    const T *x = input + offset;
+    const T *y = target + offset;
+    A *g = grad == nullptr ? nullptr : grad + offset;
     const bool vectorised =
         is_vector_aligned(x) && is_vector_aligned(y) && (g == nullptr || is_vector_aligned(g));
 
@@ -376,9 +373,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     int64_t tail_begin = 0;
     if (vectorised) {
       const int64_t n_vec = n / kVec<T>;
-      const Packed<T>* xv = reinterpret_cast<const Packed<T>*>(x);
-      const Packed<T>* yv = reinterpret_cast<const Packed<T>*>(y);
-      GradPacked<T>* gv = reinterpret_cast<GradPacked<T>*>(g);
+      const Packed<T> *xv = reinterpret_cast<const Packed<T> *>(x);
+      const Packed<T> *yv = reinterpret_cast<const Packed<T> *>(y);
+      GradPacked<T> *gv = reinterpret_cast<GradPacked<T> *>(g);
       for (int64_t i = tid; i < n_vec; i += kBlockThreads) {
         const Packed<T> xp = xv[i];
         const Packed<T> yp = yv[i];
@@ -388,9 +385,11 @@ __global__ void __launch_bounds__(kBlockThreads)
           const A xa = to_acc(xp.v[k]);
           const A ya = to_acc(yp.v[k]);
           sum += static_cast<double>(f.nll(xa, ya));
-          if (g != nullptr) out.v[k] = f.grad(xa, ya) * scale;
+          if (g != nullptr)
+            out.v[k] = f.grad(xa, ya) * scale;
         }
-        if (g != nullptr) gv[i] = out;
+        if (g != nullptr)
+          gv[i] = out;
       }
       tail_begin = n_vec * kVec<T>;
     }
@@ -398,11 +397,13 @@ __global__ void __launch_bounds__(kBlockThreads)
       const A xa = to_acc(x[j]);
       const A ya = to_acc(y[j]);
       sum += static_cast<double>(f.nll(xa, ya));
-      if (g != nullptr) g[j] = f.grad(xa, ya) * scale;
+      if (g != nullptr)
+        g[j] = f.grad(xa, ya) * scale;
     }
     sum = BlockReduce(temp).Reduce(sum, DoubleSum{});
-    if (tid == 0) partials[item] = sum;
-    __syncthreads();  // temp is reused by the next item
+    if (tid == 0)
+      partials[item] = sum;
+    __syncthreads(); // temp is reused by the next item
   }
 }
 
@@ -410,20 +411,18 @@ __global__ void __launch_bounds__(kBlockThreads)
 // Free bits on the KL term: 0 disables (gradient mask 1). With lambda > 0 the
 // term is max(lambda, x), as torch.clamp(x, min=lambda), whose gradient
 // passes where x >= lambda (ties included).
-template <typename A>
-__device__ __forceinline__ bool free_bits_pass(A x, A lambda) {
+template <typename A> __device__ __forceinline__ bool free_bits_pass(A x, A lambda) {
   return x >= lambda;
 }
 
 // The per-dimension batch mean of the free-bits clamp: the caller's
 // all-reduced global one (data-parallel free bits) or this batch's.
-__device__ __forceinline__ double batch_kl_mean(const ElboParams& p, int64_t d, double local) {
+__device__ __forceinline__ double batch_kl_mean(const ElboParams &p, int64_t d, double local) {
   return p.global_kl_per_dim != nullptr ? p.global_kl_per_dim[d] : local;
 }
 
 // max(lambda, x) with torch.clamp's NaN behaviour: a NaN x stays NaN.
-template <typename A>
-__device__ __forceinline__ A free_bits_clamp(A x, A lambda) {
+template <typename A> __device__ __forceinline__ A free_bits_clamp(A x, A lambda) {
   return x < lambda ? lambda : x;
 }
 
@@ -436,8 +435,8 @@ __device__ __forceinline__ A free_bits_clamp(A x, A lambda) {
 //   grad_scale: d loss / d (example's KL term), without beta (1/B or 1)
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    example_kernel(const ElboParams p, const double* partials, int64_t partials_per_example,
-                   double* recon_ex, double* kl_ex, double* term_ex, Acc<T> grad_scale) {
+    example_kernel(const ElboParams p, const double *partials, int64_t partials_per_example,
+                   double *recon_ex, double *kl_ex, double *term_ex, Acc<T> grad_scale) {
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<ElboSums, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
@@ -455,15 +454,17 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
     ElboSums acc{0.0, 0.0, 0.0};
-    const double* part = partials + b * partials_per_example;
-    for (int64_t i = tid; i < partials_per_example; i += kBlockThreads) acc.recon += part[i];
+    const double *part = partials + b * partials_per_example;
+    for (int64_t i = tid; i < partials_per_example; i += kBlockThreads)
+      acc.recon += part[i];
     for (int64_t d = tid; d < dims; d += kBlockThreads) {
       const int64_t k = b * dims + d;
       const KlElem<A> e = kl_at<T>(p, k);
       const bool pass = !sample_free_bits || free_bits_pass(e.kl, lambda);
       acc.kl += static_cast<double>(e.kl);
       acc.kl_term += static_cast<double>(sample_free_bits ? free_bits_clamp(e.kl, lambda) : e.kl);
-      if (write_grads) store_latent_grads<T>(p, e, pass ? factor : A(0), k);
+      if (write_grads)
+        store_latent_grads<T>(p, e, pass ? factor : A(0), k);
     }
     acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
     if (tid == 0) {
@@ -471,7 +472,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       kl_ex[b] = acc.kl;
       term_ex[b] = acc.kl_term;
     }
-    __syncthreads();  // temp is reused by the next example
+    __syncthreads(); // temp is reused by the next example
   }
 }
 
@@ -515,7 +516,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         store_latent_grads<T>(p, kl_at<T>(p, k), f, k);
       }
     }
-    __syncthreads();  // temp and dim_passes are reused by the next dimension
+    __syncthreads(); // temp and dim_passes are reused by the next dimension
   }
 }
 
@@ -526,15 +527,16 @@ __global__ void __launch_bounds__(kBlockThreads)
 //          without one), read by capacity_grad_kernel.
 // Reads kl_per_dim (written by kl_dims_kernel) for batch free bits.
 __global__ void __launch_bounds__(kBlockThreads)
-    finalize_kernel(const ElboParams p, const double* recon_ex, const double* kl_ex,
-                    const double* term_ex, double* signs) {
+    finalize_kernel(const ElboParams p, const double *recon_ex, const double *kl_ex,
+                    const double *term_ex, double *signs) {
   using BlockReduce = cub::BlockReduce<ElboSums, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
 
   const int tid = static_cast<int>(threadIdx.x);
   const double beta = resolve_beta(p);
   const double capacity = p.has_capacity ? resolve_capacity(p) : 0.0;
-  if (tid == 0) p.beta_out[0] = beta;
+  if (tid == 0)
+    p.beta_out[0] = beta;
 
   if (p.reduction == Reduction::kNone) {
     // Per example; batch free bits is rejected for kNone by the launcher.
@@ -544,7 +546,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       p.recon[b] = recon_ex[b];
       p.kl[b] = kl_ex[b];
       p.loss[b] = recon_ex[b] + beta * term;
-      if (p.kl_weight != nullptr) p.kl_weight[b] = term;
+      if (p.kl_weight != nullptr)
+        p.kl_weight[b] = term;
     }
     return;
   }
@@ -554,7 +557,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
     acc.recon += recon_ex[b];
     acc.kl += kl_ex[b];
-    if (!batch_free_bits) acc.kl_term += term_ex[b];
+    if (!batch_free_bits)
+      acc.kl_term += term_ex[b];
   }
   if (batch_free_bits) {
     for (int64_t d = tid; d < p.latent_dim; d += kBlockThreads) {
@@ -578,7 +582,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     p.recon[0] = acc.recon * scale;
     p.kl[0] = acc.kl * scale;
     p.loss[0] = (acc.recon + beta * term) * scale;
-    if (p.kl_weight != nullptr) p.kl_weight[0] = term * scale;
+    if (p.kl_weight != nullptr)
+      p.kl_weight[0] = term * scale;
   }
 }
 
@@ -587,20 +592,21 @@ __global__ void __launch_bounds__(kBlockThreads)
 // of example b is multiplied by signs[b] (kNone) or signs[0].
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    capacity_grad_kernel(const ElboParams p, const double* signs) {
+    capacity_grad_kernel(const ElboParams p, const double *signs) {
   using A = Acc<T>;
-  A* grads[4] = {static_cast<A*>(p.grad_mu), static_cast<A*>(p.grad_logvar),
-                 static_cast<A*>(p.grad_prior_mu), static_cast<A*>(p.grad_prior_logvar)};
+  A *grads[4] = {static_cast<A *>(p.grad_mu), static_cast<A *>(p.grad_logvar),
+                 static_cast<A *>(p.grad_prior_mu), static_cast<A *>(p.grad_prior_logvar)};
   const int64_t n = p.batch * p.latent_dim;
   const bool per_example = p.reduction == Reduction::kNone;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const A sign = static_cast<A>(signs[per_example ? k / p.latent_dim : 0]);
-    for (A* g : grads) {
-      if (g != nullptr) g[k] *= sign;
+    for (A *g : grads) {
+      if (g != nullptr)
+        g[k] *= sign;
     }
   }
 }
 
-}  // namespace cuda
-}  // namespace klanneal
+} // namespace cuda
+} // namespace klanneal

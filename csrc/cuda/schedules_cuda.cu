@@ -20,8 +20,8 @@ constexpr int kThreadsPerBlock = 256;
 constexpr int64_t kMaxBlocks = 4096;
 
 __global__ void schedule_values_kernel(ScheduleParams params,
-                                       const int64_t* __restrict__ steps,  // [n]
-                                       double* __restrict__ out,           // [n]
+                                       const int64_t *__restrict__ steps, // [n]
+                                       double *__restrict__ out,          // [n]
                                        int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
@@ -30,19 +30,20 @@ __global__ void schedule_values_kernel(ScheduleParams params,
   }
 }
 
-void throw_if_cuda_error(cudaError_t err, const char* what) {
+void throw_if_cuda_error(cudaError_t err, const char *what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(err) + " (" +
                              cudaGetErrorString(err) + ")");
   }
 }
 
-}  // namespace
+} // namespace
 
-void launch_schedule_values_cuda(const ScheduleParams& p, const int64_t* steps, double* out,
-                                 int64_t n, void* stream) {
+void launch_schedule_values_cuda(const ScheduleParams &p, const int64_t *steps, double *out,
+                                 int64_t n, void *stream) {
   KLANNEAL_CHECK_ARG(n >= 0, "launch_schedule_values_cuda: n must be >= 0");
-  if (n == 0) return;
+  if (n == 0)
+    return;
   KLANNEAL_CHECK_ARG(steps != nullptr && out != nullptr,
                      "launch_schedule_values_cuda: steps and out must be device pointers");
   const int64_t blocks =
@@ -52,4 +53,4 @@ void launch_schedule_values_cuda(const ScheduleParams& p, const int64_t* steps, 
   throw_if_cuda_error(cudaGetLastError(), "launch_schedule_values_cuda: kernel launch failed");
 }
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -405,6 +405,13 @@ def schedule_value_ref(params: Sequence[float], step: int) -> float:
     return stop
 
 
+def _n_threads() -> int:
+    """Threads for a native fill: torch.get_num_threads() when torch is loaded
+    (torch.set_num_threads is honoured), else 0 (every hardware thread)."""
+    torch_module = sys.modules.get("torch")
+    return int(torch_module.get_num_threads()) if torch_module is not None else 0
+
+
 def schedule_values_ref(params: Sequence[float], steps: npt.ArrayLike) -> FloatArray:
     """:func:`schedule_value_ref` at every step of an integer array.
 
@@ -521,7 +528,7 @@ class Schedule:
             native = _loaded_native()
             if native is None:
                 return schedule_values_ref(self._params, np.arange(n, dtype=np.int64))
-            result: FloatArray = native.schedule_values_range(self._params, 0, n)
+            result: FloatArray = native.schedule_values_range(self._params, 0, n, _n_threads())
             return result
         return self._values_array(np.asarray(n_or_steps))
 
@@ -539,7 +546,9 @@ class Schedule:
                 index = int(np.argmax(flat < 0))
                 raise ValueError(f"steps must be >= 0, got {int(flat[index])} at index {index}")
             return schedule_values_ref(self._params, flat).reshape(steps.shape)
-        result: FloatArray = native.schedule_values(self._params, flat).reshape(steps.shape)
+        result: FloatArray = native.schedule_values(self._params, flat, _n_threads()).reshape(
+            steps.shape
+        )
         return result
 
     def _values_tensor(self, steps: torch.Tensor) -> torch.Tensor:

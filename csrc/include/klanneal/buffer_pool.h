@@ -29,7 +29,8 @@ constexpr size_t kPoolMaxBytes = size_t{1} << 30;
 // A buffer of `bytes` bytes (> 0), kPoolAlignment-aligned: a cached one
 // requested with exactly that size if there is one, else a new one of `bytes`
 // rounded up to whole kPoolAlignment blocks (with huge-page advice on Linux;
-// the pool is meant for buffers of a MiB or more). Throws std::bad_alloc when the system has no memory.
+// the pool is meant for buffers of a MiB or more). Throws std::bad_alloc when the system has no
+// memory.
 void *pool_acquire(size_t bytes);
 
 // Gives back a buffer from pool_acquire: cached if the limits allow, freed

@@ -16,4 +16,4 @@ struct BuildInfo {
 
 BuildInfo build_info();
 
-}  // namespace klanneal
+} // namespace klanneal

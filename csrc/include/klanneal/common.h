@@ -14,9 +14,10 @@
 
 // Argument errors raised by the core surface in Python as ValueError (see
 // bindings.cpp); the Python layer checks first, this is the last line.
-#define KLANNEAL_CHECK_ARG(cond, msg)                                                          \
-  do {                                                                                         \
-    if (!(cond)) throw std::invalid_argument(std::string(msg));                               \
+#define KLANNEAL_CHECK_ARG(cond, msg)                                                              \
+  do {                                                                                             \
+    if (!(cond))                                                                                   \
+      throw std::invalid_argument(std::string(msg));                                               \
   } while (0)
 
 namespace klanneal {
@@ -27,8 +28,8 @@ namespace klanneal {
 // the names and codes (klanneal/elbo_layout.h), so they are written once.
 #define KLANNEAL_ENUM_ENTRY(enumerator, name) enumerator,
 
-#define KLANNEAL_DTYPES(X) \
+#define KLANNEAL_DTYPES(X)                                                                         \
   X(kFloat32, "float32") X(kFloat64, "float64") X(kFloat16, "float16") X(kBFloat16, "bfloat16")
 enum class DType : int32_t { KLANNEAL_DTYPES(KLANNEAL_ENUM_ENTRY) };
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -9,6 +9,6 @@ enum class SimdLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 // Widest ISA supported by both this build and the running CPU. The
 // environment variable KLANNEAL_SIMD=scalar|avx2|avx512 caps it (for tests).
 SimdLevel cpu_simd_level();
-const char* simd_level_name(SimdLevel level);
+const char *simd_level_name(SimdLevel level);
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -20,8 +20,11 @@
 
 namespace klanneal {
 
-#define KLANNEAL_LIKELIHOODS(X) \
-  X(kCategorical, "categorical") X(kBernoulli, "bernoulli") X(kGaussian, "gaussian") X(kMse, "mse")
+#define KLANNEAL_LIKELIHOODS(X)                                                                    \
+  X(kCategorical, "categorical")                                                                   \
+  X(kBernoulli, "bernoulli")                                                                       \
+  X(kGaussian, "gaussian")                                                                         \
+  X(kMse, "mse")
 enum class Likelihood : int32_t { KLANNEAL_LIKELIHOODS(KLANNEAL_ENUM_ENTRY) };
 #define KLANNEAL_REDUCTIONS(X) X(kBatchMean, "batchmean") X(kSum, "sum") X(kNone, "none")
 enum class Reduction : int32_t { KLANNEAL_REDUCTIONS(KLANNEAL_ENUM_ENTRY) };
@@ -39,27 +42,27 @@ struct ElboParams {
   // recon_input is viewed as [n_rows, row_len]. Categorical: one row per
   // position, row_len = V, rows_per_example = n_rows / batch consecutive rows
   // belong to one example. Other likelihoods: one row per example.
-  int64_t batch = 0;       // B
-  int64_t n_rows = 0;      // categorical: B * prod(middle dims); others: B
-  int64_t row_len = 0;     // categorical: V; others: elements per example
-  int64_t latent_dim = 0;  // D
+  int64_t batch = 0;      // B
+  int64_t n_rows = 0;     // categorical: B * prod(middle dims); others: B
+  int64_t row_len = 0;    // categorical: V; others: elements per example
+  int64_t latent_dim = 0; // D
 
   Likelihood likelihood = Likelihood::kCategorical;
   Reduction reduction = Reduction::kBatchMean;
   FreeBitsMode free_bits_mode = FreeBitsMode::kBatch;
-  DType recon_dtype = DType::kFloat32;   // recon_input, float targets, grad_recon
-  DType latent_dtype = DType::kFloat32;  // mu, logvar, grad_mu, grad_logvar
+  DType recon_dtype = DType::kFloat32;  // recon_input, float targets, grad_recon
+  DType latent_dtype = DType::kFloat32; // mu, logvar, grad_mu, grad_logvar
 
-  double free_bits = 0.0;     // lambda in nats per latent dimension; 0 disables
-  double gaussian_var = 1.0;  // fixed variance of the gaussian likelihood
+  double free_bits = 0.0;    // lambda in nats per latent dimension; 0 disables
+  double gaussian_var = 1.0; // fixed variance of the gaussian likelihood
   int64_t ignore_index = -100;
 
   // Beta comes from exactly one source, checked in this order:
   //   beta_ptr  (a float64 scalar in the op's device memory), else
   //   step_ptr  (an int64 scalar step; beta = schedule_value(schedule, *step)), else
   //   beta_value.
-  const double* beta_ptr = nullptr;
-  const int64_t* step_ptr = nullptr;
+  const double *beta_ptr = nullptr;
+  const int64_t *step_ptr = nullptr;
   ScheduleParams schedule;
   double beta_value = 1.0;
 
@@ -70,27 +73,27 @@ struct ElboParams {
   ScheduleParams capacity;
 
   // Inputs (contiguous).
-  const void* recon_input = nullptr;  // [n_rows, row_len], recon_dtype
-  const void* target = nullptr;       // categorical: int64 [n_rows]; else recon_dtype [n_rows, row_len]
-  const void* mu = nullptr;           // [B, D], latent_dtype
-  const void* logvar = nullptr;       // [B, D], latent_dtype
+  const void *recon_input = nullptr; // [n_rows, row_len], recon_dtype
+  const void *target = nullptr; // categorical: int64 [n_rows]; else recon_dtype [n_rows, row_len]
+  const void *mu = nullptr;     // [B, D], latent_dtype
+  const void *logvar = nullptr; // [B, D], latent_dtype
   // A learned diagonal-Gaussian prior, both or neither; nullptr: N(0, I).
-  const void* prior_mu = nullptr;      // [B, D], latent_dtype
-  const void* prior_logvar = nullptr;  // [B, D], latent_dtype
+  const void *prior_mu = nullptr;     // [B, D], latent_dtype
+  const void *prior_logvar = nullptr; // [B, D], latent_dtype
   // Batch free bits across data-parallel processes: if not null, the
   // per-dimension batch mean of KL_bd over the global batch (all-reduced by
   // the caller), which replaces the local mean in the clamp and its mask.
-  const double* global_kl_per_dim = nullptr;  // [D], float64
+  const double *global_kl_per_dim = nullptr; // [D], float64
 
   // Outputs, all float64; the Python layer casts them to the result dtype.
-  double* loss = nullptr;        // [B] for kNone, else [1]
-  double* recon = nullptr;       // same shape as loss
-  double* kl = nullptr;          // same shape as loss; the true KL, before free bits
-  double* kl_per_dim = nullptr;  // [D], batch mean of KL_bd
-  double* beta_out = nullptr;    // [1], the beta that was used
+  double *loss = nullptr;       // [B] for kNone, else [1]
+  double *recon = nullptr;      // same shape as loss
+  double *kl = nullptr;         // same shape as loss; the true KL, before free bits
+  double *kl_per_dim = nullptr; // [D], batch mean of KL_bd
+  double *beta_out = nullptr;   // [1], the beta that was used
   // d loss / d beta: the KL term under the reduction (after free bits and
   // capacity), so that a learnable beta gets its gradient. Optional.
-  double* kl_weight = nullptr;   // same shape as loss
+  double *kl_weight = nullptr; // same shape as loss
 
   // Gradients of `loss` (under its reduction), written in the forward pass;
   // nullptr skips that work. grad_recon may alias recon_input (inplace, fp32
@@ -98,13 +101,13 @@ struct ElboParams {
   // loss. Their storage type is the input's for fp32/fp64 and float32 for
   // fp16/bf16 inputs: a half-precision gradient stored before the upstream
   // gradient (a loss scale) is applied would underflow or overflow.
-  void* grad_recon = nullptr;   // [n_rows, row_len], grad_dtype(recon_dtype)
-  void* grad_mu = nullptr;      // [B, D], grad_dtype(latent_dtype)
-  void* grad_logvar = nullptr;  // [B, D], grad_dtype(latent_dtype)
-  void* grad_prior_mu = nullptr;      // [B, D], grad_dtype(latent_dtype)
-  void* grad_prior_logvar = nullptr;  // [B, D], grad_dtype(latent_dtype)
+  void *grad_recon = nullptr;        // [n_rows, row_len], grad_dtype(recon_dtype)
+  void *grad_mu = nullptr;           // [B, D], grad_dtype(latent_dtype)
+  void *grad_logvar = nullptr;       // [B, D], grad_dtype(latent_dtype)
+  void *grad_prior_mu = nullptr;     // [B, D], grad_dtype(latent_dtype)
+  void *grad_prior_logvar = nullptr; // [B, D], grad_dtype(latent_dtype)
 
-  int n_threads = 1;  // CPU only: worker threads (the caller passes torch.get_num_threads())
+  int n_threads = 1; // CPU only: worker threads (the caller passes torch.get_num_threads())
 
   // CPU only (the CUDA launcher ignores it): if not null, the launcher checks
   // the targets (categorical: class ids in [0, V) or ignore_index; bernoulli:
@@ -112,20 +115,22 @@ struct ElboParams {
   // invalid one, or -1, to this int64 [1]. When it is >= 0 the other outputs
   // are unspecified (but every read and write stays in bounds), except that
   // recon_input is left untouched when grad_recon aliases it.
-  int64_t* first_invalid_target = nullptr;
+  int64_t *first_invalid_target = nullptr;
 };
 
 // The single place that picks beta's source (see ElboParams), shared by the
 // CPU and CUDA launchers: on the device it reads the current beta / step, so
 // CUDA graph replays see them.
-KLANNEAL_HD double resolve_beta(const ElboParams& p) {
-  if (p.beta_ptr != nullptr) return *p.beta_ptr;
-  if (p.step_ptr != nullptr) return schedule_value(p.schedule, *p.step_ptr);
+KLANNEAL_HD double resolve_beta(const ElboParams &p) {
+  if (p.beta_ptr != nullptr)
+    return *p.beta_ptr;
+  if (p.step_ptr != nullptr)
+    return schedule_value(p.schedule, *p.step_ptr);
   return p.beta_value;
 }
 
 // The capacity C at this call's step (meaningful only when has_capacity).
-KLANNEAL_HD double resolve_capacity(const ElboParams& p) {
+KLANNEAL_HD double resolve_capacity(const ElboParams &p) {
   return schedule_value(p.capacity, p.step_ptr != nullptr ? *p.step_ptr : 0);
 }
 
@@ -140,18 +145,18 @@ KLANNEAL_HD double capacity_sign(double t, double c) {
 // The parameter contract of both launchers (csrc/elbo_params.cpp): throws
 // std::invalid_argument naming the first inconsistent field. check_elbo_sizes
 // is the part the CUDA workspace size depends on.
-void check_elbo_sizes(const ElboParams& p);
-void check_elbo_params(const ElboParams& p);
+void check_elbo_sizes(const ElboParams &p);
+void check_elbo_params(const ElboParams &p);
 
 // Fills the outputs. Throws std::invalid_argument on inconsistent parameters.
-void launch_elbo_cpu(const ElboParams& p);
+void launch_elbo_cpu(const ElboParams &p);
 
 #if KLANNEAL_WITH_CUDA
 // Bytes of device scratch memory launch_elbo_cuda needs for these sizes.
-size_t elbo_cuda_workspace_bytes(const ElboParams& p);
+size_t elbo_cuda_workspace_bytes(const ElboParams &p);
 // Enqueues the op on `stream` (a cudaStream_t) without host synchronisation.
 // Throws std::runtime_error naming the CUDA error if a launch fails.
-void launch_elbo_cuda(const ElboParams& p, void* workspace, size_t workspace_bytes, void* stream);
+void launch_elbo_cuda(const ElboParams &p, void *workspace, size_t workspace_bytes, void *stream);
 #endif
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -23,25 +23,20 @@ using std::log1p;
 // ---- categorical: online log-sum-exp --------------------------------------
 // State of a running max m and sum s = sum_j exp(x_j - m). The row's
 // log-sum-exp is m + log(s). NaN propagates: exp(NaN - m) is NaN.
-template <typename T>
-struct LseState {
+template <typename T> struct LseState {
   T m;
   T s;
 };
 
-template <typename T>
-KLANNEAL_HD LseState<T> lse_init() {
-  return {-INFINITY, T(0)};
-}
+template <typename T> KLANNEAL_HD LseState<T> lse_init() { return {-INFINITY, T(0)}; }
 
 // Adds one element. Invariants: m is never NaN (NaN > m is false), s == 0
 // while m == -inf, and a NaN element makes s NaN for good, so a NaN logit
 // gives a NaN loss as in the reference. -inf elements add nothing; a row of
 // only -inf ends with lse = -inf and a NaN loss, also as the reference.
-template <typename T>
-KLANNEAL_HD LseState<T> lse_push(LseState<T> st, T x) {
+template <typename T> KLANNEAL_HD LseState<T> lse_push(LseState<T> st, T x) {
   if (x > st.m) {
-    st.s = st.s * exp(st.m - x) + T(1);  // exp(-inf) = 0 for the first element
+    st.s = st.s * exp(st.m - x) + T(1); // exp(-inf) = 0 for the first element
     st.m = x;
   } else if (x != -INFINITY) {
     st.s += exp(x - st.m);
@@ -50,8 +45,7 @@ KLANNEAL_HD LseState<T> lse_push(LseState<T> st, T x) {
 }
 
 // Merges two partial states (tree or lane reductions).
-template <typename T>
-KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
+template <typename T> KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
   if (b.m > a.m) {
     LseState<T> t = a;
     a = b;
@@ -59,7 +53,8 @@ KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
   }
   // Now a.m >= b.m. An empty (all -inf) b has s == 0 and adds nothing; a NaN
   // s in either carries through the sum.
-  if (b.m == -INFINITY) return {a.m, a.s + b.s};
+  if (b.m == -INFINITY)
+    return {a.m, a.s + b.s};
   return {a.m, a.s + b.s * exp(b.m - a.m)};
 }
 
@@ -68,14 +63,10 @@ KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<T> b) {
 // rounds to one ulp of |m|, so with logits around 1e4 it would cost the
 // loss (a few nats) most of its digits. x - m is exact for the elements that
 // matter (Sterbenz), and log(s) lies in [0, log V].
-template <typename T>
-KLANNEAL_HD T lse_log_sum(LseState<T> st) {
-  return log(st.s);
-}
+template <typename T> KLANNEAL_HD T lse_log_sum(LseState<T> st) { return log(st.s); }
 
 // Loss of one row: logsumexp(x) - x[target] = log(s) - (x[target] - m).
-template <typename T>
-KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) {
+template <typename T> KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) {
   return log_sum - (x_target - m);
 }
 
@@ -83,8 +74,7 @@ KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) {
 // exp((x_j - m) - log(s)). The target term is formed in T (fp32 at least)
 // before any cast to a low-precision dtype: p_t - 1 loses everything if p_t
 // is first rounded to fp16/bf16.
-template <typename T>
-KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, bool is_target, T scale) {
+template <typename T> KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, bool is_target, T scale) {
   const T p = exp((x - m) - log_sum);
   return (is_target ? p - T(1) : p) * scale;
 }
@@ -96,8 +86,7 @@ KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, bool is_target, T scale) {
 // give the limits of the loss, +inf where the target disagrees (x = +inf,
 // y < 1) and 0 where it agrees exactly (x = +inf, y = 1), instead of the
 // NaN of inf - inf or inf * 0.
-template <typename T>
-KLANNEAL_HD T bernoulli_linear_part(T x, T y) {
+template <typename T> KLANNEAL_HD T bernoulli_linear_part(T x, T y) {
   if (x > T(0)) {
     const T w = T(1) - y;
     return w == T(0) ? T(0) : x * w;
@@ -105,15 +94,11 @@ KLANNEAL_HD T bernoulli_linear_part(T x, T y) {
   return y == T(0) ? T(0) : -(x * y);
 }
 
-template <typename T>
-KLANNEAL_HD T bernoulli_nll(T x, T y) {
+template <typename T> KLANNEAL_HD T bernoulli_nll(T x, T y) {
   return bernoulli_linear_part(x, y) + log1p(exp(-fabs(x)));
 }
 
-template <typename T>
-KLANNEAL_HD T bernoulli_grad(T x, T y) {
-  return T(1) / (T(1) + exp(-x)) - y;
-}
+template <typename T> KLANNEAL_HD T bernoulli_grad(T x, T y) { return T(1) / (T(1) + exp(-x)) - y; }
 
 // ---- gaussian with fixed variance, and plain squared error ------------------
 // 0.5 * ((x - y)^2 / var + log(2*pi*var)); log_norm = log(2*pi*var) is
@@ -123,45 +108,34 @@ KLANNEAL_HD double gaussian_log_norm(double var) {
   return 1.8378770664093454835606594728112 + log(var);
 }
 
-template <typename T>
-KLANNEAL_HD T gaussian_nll(T x, T y, T inv_var, T log_norm) {
+template <typename T> KLANNEAL_HD T gaussian_nll(T x, T y, T inv_var, T log_norm) {
   const T d = x - y;
   return T(0.5) * (d * d * inv_var + log_norm);
 }
 
-template <typename T>
-KLANNEAL_HD T gaussian_grad(T x, T y, T inv_var) {
-  return (x - y) * inv_var;
-}
+template <typename T> KLANNEAL_HD T gaussian_grad(T x, T y, T inv_var) { return (x - y) * inv_var; }
 
-template <typename T>
-KLANNEAL_HD T mse_nll(T x, T y) {
+template <typename T> KLANNEAL_HD T mse_nll(T x, T y) {
   const T d = x - y;
   return d * d;
 }
 
-template <typename T>
-KLANNEAL_HD T mse_grad(T x, T y) {
-  return T(2) * (x - y);
-}
+template <typename T> KLANNEAL_HD T mse_grad(T x, T y) { return T(2) * (x - y); }
 
 // ---- Gaussian KL per element and its derivatives ----------------------------
 // KL(N(mu, exp(lv)) || N(0, 1)) = -0.5 * (1 + lv - mu^2 - exp(lv)), and with a
 // learned prior N(pmu, exp(plv)):
 //   KL = 0.5 * (plv - lv + (exp(lv) + (mu - pmu)^2) / exp(plv) - 1).
 // KlElem holds the value and d KL / d (mu, lv, pmu, plv).
-template <typename T>
-struct KlElem {
+template <typename T> struct KlElem {
   T kl, d_mu, d_logvar, d_prior_mu, d_prior_logvar;
 };
 
-template <typename T>
-KLANNEAL_HD T gaussian_kl(T mu, T logvar) {
+template <typename T> KLANNEAL_HD T gaussian_kl(T mu, T logvar) {
   return T(-0.5) * (T(1) + logvar - mu * mu - exp(logvar));
 }
 
-template <typename T>
-KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar) {
+template <typename T> KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar) {
   const T var = exp(logvar);
   return {T(-0.5) * (T(1) + logvar - mu * mu - var), mu, T(0.5) * (var - T(1)), T(0), T(0)};
 }
@@ -170,7 +144,7 @@ template <typename T>
 KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar, T prior_mu, T prior_logvar) {
   const T diff = mu - prior_mu;
   const T inv_prior_var = exp(-prior_logvar);
-  const T ratio = exp(logvar - prior_logvar);  // var / prior_var
+  const T ratio = exp(logvar - prior_logvar); // var / prior_var
   const T mahalanobis = diff * diff * inv_prior_var;
   const T d_mu = diff * inv_prior_var;
   return {T(0.5) * ((prior_logvar - logvar) + ratio + mahalanobis - T(1)), d_mu,
@@ -181,12 +155,16 @@ KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar, T prior_mu, T prior_logva
 // (beta, the reduction's scale, the free-bits mask and the capacity's
 // sign); a null pointer skips that gradient.
 template <typename G, typename T>
-KLANNEAL_HD void store_kl_grads(const KlElem<T>& e, T w, int64_t k, G* grad_mu, G* grad_logvar,
-                                G* grad_prior_mu, G* grad_prior_logvar) {
-  if (grad_mu != nullptr) grad_mu[k] = static_cast<G>(e.d_mu * w);
-  if (grad_logvar != nullptr) grad_logvar[k] = static_cast<G>(e.d_logvar * w);
-  if (grad_prior_mu != nullptr) grad_prior_mu[k] = static_cast<G>(e.d_prior_mu * w);
-  if (grad_prior_logvar != nullptr) grad_prior_logvar[k] = static_cast<G>(e.d_prior_logvar * w);
+KLANNEAL_HD void store_kl_grads(const KlElem<T> &e, T w, int64_t k, G *grad_mu, G *grad_logvar,
+                                G *grad_prior_mu, G *grad_prior_logvar) {
+  if (grad_mu != nullptr)
+    grad_mu[k] = static_cast<G>(e.d_mu * w);
+  if (grad_logvar != nullptr)
+    grad_logvar[k] = static_cast<G>(e.d_logvar * w);
+  if (grad_prior_mu != nullptr)
+    grad_prior_mu[k] = static_cast<G>(e.d_prior_mu * w);
+  if (grad_prior_logvar != nullptr)
+    grad_prior_logvar[k] = static_cast<G>(e.d_prior_logvar * w);
 }
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -11,8 +11,9 @@
 
 namespace klanneal {
 
-#define KLANNEAL_SCHEDULE_KINDS(X) \
-  X(kConstant, "constant") X(kMonotonic, "monotonic") X(kCyclical, "cyclical") X(kCapacity, "capacity")
+#define KLANNEAL_SCHEDULE_KINDS(X)                                                                 \
+  X(kConstant, "constant")                                                                         \
+  X(kMonotonic, "monotonic") X(kCyclical, "cyclical") X(kCapacity, "capacity")
 enum class ScheduleKind : int32_t { KLANNEAL_SCHEDULE_KINDS(KLANNEAL_ENUM_ENTRY) };
 #define KLANNEAL_RAMP_SHAPES(X) X(kLinear, "linear") X(kSigmoid, "sigmoid") X(kCosine, "cosine")
 enum class RampShape : int32_t { KLANNEAL_RAMP_SHAPES(KLANNEAL_ENUM_ENTRY) };
@@ -24,12 +25,12 @@ enum class RampShape : int32_t { KLANNEAL_RAMP_SHAPES(KLANNEAL_ENUM_ENTRY) };
 struct ScheduleParams {
   ScheduleKind kind = ScheduleKind::kConstant;
   RampShape shape = RampShape::kLinear;
-  double start = 0.0;        // value at the start of each ramp (Constant: beta)
-  double stop = 1.0;         // value at the end of each ramp and after total_steps
-  double total_steps = 1.0;  // Cyclical: schedule length; Monotonic/Capacity: warm-up steps
-  double n_cycles = 1.0;     // Cyclical only
-  double ratio = 1.0;        // Cyclical: fraction of each period spent ramping
-  double zero_ratio = 0.0;   // Cyclical: fraction of each period held at start first
+  double start = 0.0;       // value at the start of each ramp (Constant: beta)
+  double stop = 1.0;        // value at the end of each ramp and after total_steps
+  double total_steps = 1.0; // Cyclical: schedule length; Monotonic/Capacity: warm-up steps
+  double n_cycles = 1.0;    // Cyclical only
+  double ratio = 1.0;       // Cyclical: fraction of each period spent ramping
+  double zero_ratio = 0.0;  // Cyclical: fraction of each period held at start first
 };
 
 // a * b, never fused with a neighbouring add into an FMA: the host build
@@ -51,16 +52,16 @@ KLANNEAL_HD double mul_rn(double a, double b) {
 // values may differ between CPU and GPU in the last bit; linear never does.
 KLANNEAL_HD double ramp_shape(RampShape shape, double u) {
   switch (shape) {
-    case RampShape::kSigmoid: {
-      const double lo = 1.0 / (1.0 + exp(6.0));
-      const double hi = 1.0 / (1.0 + exp(-6.0));
-      const double s = 1.0 / (1.0 + exp(-(mul_rn(12.0, u) - 6.0)));
-      return (s - lo) / (hi - lo);
-    }
-    case RampShape::kCosine:
-      return 0.5 - mul_rn(0.5, cos(mul_rn(3.14159265358979323846, u)));
-    default:
-      return u;
+  case RampShape::kSigmoid: {
+    const double lo = 1.0 / (1.0 + exp(6.0));
+    const double hi = 1.0 / (1.0 + exp(-6.0));
+    const double s = 1.0 / (1.0 + exp(-(mul_rn(12.0, u) - 6.0)));
+    return (s - lo) / (hi - lo);
+  }
+  case RampShape::kCosine:
+    return 0.5 - mul_rn(0.5, cos(mul_rn(3.14159265358979323846, u)));
+  default:
+    return u;
   }
 }
 
@@ -85,28 +86,32 @@ KLANNEAL_HD double ramp_between(double start, double stop, double r) {
 // is exact while total_steps * n_cycles <= 2**52 (checked by
 // check_schedule_params): cycle boundaries fall on exactly the right step and
 // a schedule whose period is a whole number of steps is exactly periodic.
-KLANNEAL_HD double schedule_value(const ScheduleParams& p, int64_t step) {
+KLANNEAL_HD double schedule_value(const ScheduleParams &p, int64_t step) {
   const double t = step < 0 ? 0.0 : static_cast<double>(step);
   switch (p.kind) {
-    case ScheduleKind::kConstant:
+  case ScheduleKind::kConstant:
+    return p.start;
+  case ScheduleKind::kMonotonic:
+  case ScheduleKind::kCapacity: {
+    if (!(t < p.total_steps))
+      return p.stop; // also warm-up of 0 steps
+    return ramp_between(p.start, p.stop, t / p.total_steps);
+  }
+  case ScheduleKind::kCyclical: {
+    if (!(t < p.total_steps))
+      return p.stop;
+    const double scaled = mul_rn(t, p.n_cycles); // < 2**52: exact
+    const double cycle = floor(scaled / p.total_steps);
+    const double tau = (scaled - mul_rn(cycle, p.total_steps)) / p.total_steps;
+    if (tau < p.zero_ratio)
       return p.start;
-    case ScheduleKind::kMonotonic:
-    case ScheduleKind::kCapacity: {
-      if (!(t < p.total_steps)) return p.stop;  // also warm-up of 0 steps
-      return ramp_between(p.start, p.stop, t / p.total_steps);
-    }
-    case ScheduleKind::kCyclical: {
-      if (!(t < p.total_steps)) return p.stop;
-      const double scaled = mul_rn(t, p.n_cycles);  // < 2**52: exact
-      const double cycle = floor(scaled / p.total_steps);
-      const double tau = (scaled - mul_rn(cycle, p.total_steps)) / p.total_steps;
-      if (tau < p.zero_ratio) return p.start;
-      const double u = (tau - p.zero_ratio) / p.ratio;
-      if (u >= 1.0) return p.stop;
-      return ramp_between(p.start, p.stop, ramp_shape(p.shape, u));
-    }
+    const double u = (tau - p.zero_ratio) / p.ratio;
+    if (u >= 1.0)
+      return p.stop;
+    return ramp_between(p.start, p.stop, ramp_shape(p.shape, u));
+  }
   }
   return p.stop;
 }
 
-}  // namespace klanneal
+} // namespace klanneal

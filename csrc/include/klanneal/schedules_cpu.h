@@ -33,24 +33,24 @@ namespace klanneal {
 // as soon as everything they would still write is overwritten later, so the
 // cost is O(n_iter + n_cycle) even where the published loop is
 // O(n_cycle * n_iter) (start == stop, or a step below half an ulp of v).
-void frange_cycle_linear(double* out, int64_t n_iter, double start, double stop,
-                         int64_t n_cycle, double ratio);
+void frange_cycle_linear(double *out, int64_t n_iter, double start, double stop, int64_t n_cycle,
+                         double ratio);
 
 // The notebook's frange_cycle_sigmoid / frange_cycle_cosine: the loop above,
 // writing start + (stop - start) * f((v - start) / (stop - start)) with
 // f(u) = 1/(1+exp(-(12u-6))) resp. 0.5 - 0.5*cos(pi*u), clamped to
 // [start, stop] (start == stop writes start). For start=0, stop=1 that is
 // the notebook's f(v).
-void frange_cycle_sigmoid(double* out, int64_t n_iter, double start, double stop,
-                          int64_t n_cycle, double ratio);
-void frange_cycle_cosine(double* out, int64_t n_iter, double start, double stop,
-                         int64_t n_cycle, double ratio);
+void frange_cycle_sigmoid(double *out, int64_t n_iter, double start, double stop, int64_t n_cycle,
+                          double ratio);
+void frange_cycle_cosine(double *out, int64_t n_iter, double start, double stop, int64_t n_cycle,
+                         double ratio);
 
 // Optimus' frange_cycle_zero_linear, bit for bit: each period holds `start`
 // for i < period*ratio_zero, then ramps like frange_cycle_linear with
 // step = (stop-start)/(period*ratio_increase). Requires ratio_increase in
 // (0, 1], ratio_zero in [0, 1), ratio_increase + ratio_zero <= 1.
-void frange_cycle_zero_linear(double* out, int64_t n_iter, double start, double stop,
+void frange_cycle_zero_linear(double *out, int64_t n_iter, double start, double stop,
                               int64_t n_cycle, double ratio_increase, double ratio_zero);
 
 // Throws std::invalid_argument unless `p` is a schedule the Python classes
@@ -58,17 +58,17 @@ void frange_cycle_zero_linear(double* out, int64_t n_iter, double start, double 
 // total_steps >= 0; Cyclical: whole-number 1 <= n_cycles <= total_steps,
 // total_steps * n_cycles <= 2**52, ratio in (0, 1], zero_ratio in [0, 1),
 // ratio + zero_ratio <= 1.
-void check_schedule_params(const ScheduleParams& p);
+void check_schedule_params(const ScheduleParams &p);
 
 // out[k] = schedule_value(p, steps[k]) for k < n; steps: [n], out: [n].
 // Throws std::invalid_argument naming the first negative step (after
 // filling out, with negative steps clamped to 0). n_threads <= 0: one
 // thread per hardware thread for large n.
-void schedule_values(const ScheduleParams& p, const int64_t* steps, double* out, int64_t n,
+void schedule_values(const ScheduleParams &p, const int64_t *steps, double *out, int64_t n,
                      int n_threads = 0);
 
 // out[k] = schedule_value(p, first_step + k) for k < n; first_step >= 0.
-void schedule_values_range(const ScheduleParams& p, int64_t first_step, double* out, int64_t n,
+void schedule_values_range(const ScheduleParams &p, int64_t first_step, double *out, int64_t n,
                            int n_threads = 0);
 
 #if KLANNEAL_WITH_CUDA
@@ -76,8 +76,8 @@ void schedule_values_range(const ScheduleParams& p, int64_t first_step, double* 
 // cudaStream_t (nullptr: the legacy default stream). Asynchronous; negative
 // steps are clamped to 0 (the caller checks them). Throws
 // std::runtime_error naming the CUDA error if the launch fails.
-void launch_schedule_values_cuda(const ScheduleParams& p, const int64_t* steps, double* out,
-                                 int64_t n, void* stream);
+void launch_schedule_values_cuda(const ScheduleParams &p, const int64_t *steps, double *out,
+                                 int64_t n, void *stream);
 #endif
 
-}  // namespace klanneal
+} // namespace klanneal

@@ -18,7 +18,8 @@ inline float __bfloat162float(__nv_bfloat16 h) {
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  if (std::isnan(f)) return __nv_bfloat16{0x7fc0};
+  if (std::isnan(f))
+    return __nv_bfloat16{0x7fc0};
   u += 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
 }

@@ -47,7 +47,7 @@ struct Scheduler {
   ucontext_t main;
   std::vector<Fiber> fibers;
   int current = 0;
-  const std::function<void()>* body = nullptr;
+  const std::function<void()> *body = nullptr;
   std::exception_ptr error;
   std::mt19937 rng{20261123u};
 };
@@ -59,7 +59,7 @@ inline dim3 thread_idx, block_idx, grid_dim, block_dim;
 inline unsigned int max_blocks = 3;
 
 inline void yield_at(Wait wait) {
-  Fiber& f = scheduler.fibers[scheduler.current];
+  Fiber &f = scheduler.fibers[scheduler.current];
   f.wait = wait;
   swapcontext(&f.context, &scheduler.main);
 }
@@ -68,7 +68,8 @@ inline void fiber_entry() {
   try {
     (*scheduler.body)();
   } catch (...) {
-    if (!scheduler.error) scheduler.error = std::current_exception();
+    if (!scheduler.error)
+      scheduler.error = std::current_exception();
   }
   scheduler.fibers[scheduler.current].wait = Wait::kDone;
   // Returning resumes uc_link (the scheduler).
@@ -78,10 +79,11 @@ inline void fiber_entry() {
 inline bool release_barriers(int n) {
   bool released = false;
   bool block_ready = true;
-  for (const Fiber& f : scheduler.fibers) {
-    if (f.wait != Wait::kDone && f.wait != Wait::kBlock) block_ready = false;
+  for (const Fiber &f : scheduler.fibers) {
+    if (f.wait != Wait::kDone && f.wait != Wait::kBlock)
+      block_ready = false;
   }
-  for (Fiber& f : scheduler.fibers) {
+  for (Fiber &f : scheduler.fibers) {
     if (block_ready && f.wait == Wait::kBlock) {
       f.wait = Wait::kNone;
       released = true;
@@ -91,24 +93,27 @@ inline bool release_barriers(int n) {
     bool warp_ready = true, any = false;
     for (int t = 32 * w; t < n && t < 32 * (w + 1); ++t) {
       const Wait s = scheduler.fibers[t].wait;
-      if (s != Wait::kDone && s != Wait::kWarp) warp_ready = false;
+      if (s != Wait::kDone && s != Wait::kWarp)
+        warp_ready = false;
       any = any || s == Wait::kWarp;
     }
-    if (!warp_ready || !any) continue;
+    if (!warp_ready || !any)
+      continue;
     for (int t = 32 * w; t < n && t < 32 * (w + 1); ++t) {
-      if (scheduler.fibers[t].wait == Wait::kWarp) scheduler.fibers[t].wait = Wait::kNone;
+      if (scheduler.fibers[t].wait == Wait::kWarp)
+        scheduler.fibers[t].wait = Wait::kNone;
     }
     released = true;
   }
   return released;
 }
 
-inline void run_block(int n, const std::function<void()>& body) {
+inline void run_block(int n, const std::function<void()> &body) {
   constexpr size_t kStackBytes = 128 * 1024;
   scheduler.fibers.resize(static_cast<size_t>(n));
   scheduler.body = &body;
   scheduler.error = nullptr;
-  for (Fiber& f : scheduler.fibers) {
+  for (Fiber &f : scheduler.fibers) {
     f.stack.resize(kStackBytes);
     f.wait = Wait::kNone;
     getcontext(&f.context);
@@ -121,12 +126,15 @@ inline void run_block(int n, const std::function<void()>& body) {
   for (;;) {
     order.clear();
     for (int t = 0; t < n; ++t) {
-      if (scheduler.fibers[t].wait == Wait::kNone) order.push_back(t);
+      if (scheduler.fibers[t].wait == Wait::kNone)
+        order.push_back(t);
     }
     if (order.empty()) {
       bool all_done = true;
-      for (const Fiber& f : scheduler.fibers) all_done = all_done && f.wait == Wait::kDone;
-      if (all_done) break;
+      for (const Fiber &f : scheduler.fibers)
+        all_done = all_done && f.wait == Wait::kDone;
+      if (all_done)
+        break;
       if (!release_barriers(n)) {
         throw std::runtime_error("emulated CUDA: a barrier that not every thread reaches");
       }
@@ -139,20 +147,20 @@ inline void run_block(int n, const std::function<void()>& body) {
       swapcontext(&scheduler.main, &scheduler.fibers[t].context);
     }
   }
-  if (scheduler.error) std::rethrow_exception(scheduler.error);
+  if (scheduler.error)
+    std::rethrow_exception(scheduler.error);
 }
 
 struct Config {
   dim3 grid, block;
-  Config(unsigned int g, unsigned int b, size_t, void*) {
+  Config(unsigned int g, unsigned int b, size_t, void *) {
     grid.x = g;
     block.x = b;
   }
 };
 
-template <typename... Args>
-auto launch_with(Config cfg, void (*kernel)(Args...)) {
-  return [cfg, kernel](auto&&... args) {
+template <typename... Args> auto launch_with(Config cfg, void (*kernel)(Args...)) {
+  return [cfg, kernel](auto &&...args) {
     const unsigned int blocks = cfg.grid.x < max_blocks ? cfg.grid.x : max_blocks;
     grid_dim = dim3{blocks, 1, 1};
     block_dim = cfg.block;
@@ -164,7 +172,7 @@ auto launch_with(Config cfg, void (*kernel)(Args...)) {
   };
 }
 
-}  // namespace emu
+} // namespace emu
 
 #define threadIdx (::emu::thread_idx)
 #define blockIdx (::emu::block_idx)
@@ -178,7 +186,7 @@ inline void __syncwarp(unsigned int = 0xffffffffu) { emu::yield_at(emu::Wait::kW
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 struct CUstream_st;
-using cudaStream_t = CUstream_st*;
+using cudaStream_t = CUstream_st *;
 enum cudaMemoryType {
   cudaMemoryTypeUnregistered = 0,
   cudaMemoryTypeHost = 1,
@@ -190,15 +198,15 @@ struct cudaPointerAttributes {
   int device;
 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorName(cudaError_t) { return "cudaSuccess"; }
-inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
-inline cudaError_t cudaGetDevice(int* d) {
+inline const char *cudaGetErrorName(cudaError_t) { return "cudaSuccess"; }
+inline const char *cudaGetErrorString(cudaError_t) { return "no error"; }
+inline cudaError_t cudaGetDevice(int *d) {
   *d = 0;
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 // Host memory stands in for device memory here.
-inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void*) {
+inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *a, const void *) {
   a->type = cudaMemoryTypeDevice;
   a->device = 0;
   return cudaSuccess;

@@ -1,0 +1,110 @@
+// The vectorised CPU kernels of elbo_simd_body.h, instantiated once per ISA:
+// the .inc is included twice, each time in its own namespace under that
+// ISA's target pragma, so one body per formula serves AVX2 and AVX-512 (and
+// fp32 and fp64). Functions defined outside the pragmas (elbo_math.h, the
+// standard library) keep the baseline target: nothing compiled for AVX-512
+// can be picked by the linker for the baseline code paths.
+#include "klanneal/elbo_simd_cpu.h"
+
+#include <cmath>
+#include <cstdint>
+
+#include "klanneal/elbo_math.h"
+#include "klanneal/simd_vec_cpu.h"
+
+namespace klanneal {
+namespace cpu {
+
+#if defined(KLANNEAL_X86_SIMD)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace avx2 {
+using Isa = simd::Avx2;
+#include "elbo_simd_body.h"
+} // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))),        \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
+#endif
+namespace avx512 {
+using Isa = simd::Avx512;
+#include "elbo_simd_body.h"
+} // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+CategoricalRow<float> categorical_row_f32(SimdLevel level) {
+  if (level == SimdLevel::kAvx512)
+    return avx512::categorical_row<float>;
+  if (level == SimdLevel::kAvx2)
+    return avx2::categorical_row<float>;
+  return nullptr;
+}
+
+CategoricalRow<double> categorical_row_f64(SimdLevel level) {
+  if (level == SimdLevel::kAvx512)
+    return avx512::categorical_row<double>;
+  if (level == SimdLevel::kAvx2)
+    return avx2::categorical_row<double>;
+  return nullptr;
+}
+
+namespace {
+template <int kKind> PointwiseChunkF32 pointwise_at(SimdLevel level) {
+  if (level == SimdLevel::kAvx512)
+    return avx512::pointwise_chunk<kKind>;
+  if (level == SimdLevel::kAvx2)
+    return avx2::pointwise_chunk<kKind>;
+  return nullptr;
+}
+} // namespace
+
+PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
+  switch (likelihood) {
+  case Likelihood::kBernoulli:
+    return pointwise_at<static_cast<int>(Likelihood::kBernoulli)>(level);
+  case Likelihood::kGaussian:
+    return pointwise_at<static_cast<int>(Likelihood::kGaussian)>(level);
+  case Likelihood::kMse:
+    return pointwise_at<static_cast<int>(Likelihood::kMse)>(level);
+  default:
+    return nullptr;
+  }
+}
+
+ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level) {
+  if (level == SimdLevel::kAvx512)
+    return avx512::unit_interval_prefix;
+  if (level == SimdLevel::kAvx2)
+    return avx2::unit_interval_prefix;
+  return nullptr;
+}
+
+#else // no x86 SIMD: the scalar formulas everywhere
+
+CategoricalRow<float> categorical_row_f32(SimdLevel) { return nullptr; }
+CategoricalRow<double> categorical_row_f64(SimdLevel) { return nullptr; }
+PointwiseChunkF32 pointwise_chunk_f32(SimdLevel, Likelihood) { return nullptr; }
+ValidPrefixF32 unit_interval_prefix_f32(SimdLevel) { return nullptr; }
+
+#endif
+
+} // namespace cpu
+} // namespace klanneal

@@ -1,0 +1,128 @@
+// The persistent worker pool behind parallel_for (parallel_cpu.h).
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "klanneal/parallel_cpu.h"
+
+#if defined(__linux__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+namespace klanneal {
+namespace cpu {
+namespace {
+
+class WorkerPool {
+public:
+  // Runs job() on the calling thread and on up to n_helpers workers; returns
+  // when every thread that started on it has finished. False (nothing ran)
+  // if the pool is busy with another call or cannot start its threads.
+  bool run(int n_helpers, void (*job)(void *), void *context) {
+    std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
+    if (!dispatch.owns_lock() || !grow(n_helpers))
+      return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = job;
+      context_ = context;
+      seats_ = n_helpers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    std::exception_ptr error;
+    try {
+      job(context);
+    } catch (...) { // the workers still use the caller's stack: wait for them first
+      error = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    seats_ = 0; // a worker waking from now on has nothing left to do
+    idle_.wait(lock, [this] { return running_ == 0; });
+    if (error)
+      std::rethrow_exception(error);
+    return true;
+  }
+
+private:
+  bool grow(int n_helpers) {
+    try {
+      while (static_cast<int>(n_workers_) < n_helpers) {
+        std::thread([this] { work(); }).detach();
+        ++n_workers_;
+      }
+    } catch (...) { // std::system_error: no more threads
+      return false;
+    }
+    return true;
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (seats_ == 0)
+        continue;
+      --seats_;
+      ++running_;
+      void (*job)(void *) = job_;
+      void *context = context_;
+      lock.unlock();
+      job(context);
+      lock.lock();
+      if (--running_ == 0)
+        idle_.notify_one();
+    }
+  }
+
+  std::mutex dispatch_mutex_; // held by the one call using the pool
+  std::mutex mutex_;          // guards the fields below
+  std::condition_variable wake_, idle_;
+  uint64_t generation_ = 0; // bumped once per call
+  int seats_ = 0;           // workers that may still join the current call
+  int running_ = 0;         // workers inside the current call's job
+  size_t n_workers_ = 0;
+  void (*job_)(void *) = nullptr;
+  void *context_ = nullptr;
+};
+
+std::atomic<WorkerPool *> g_pool{nullptr};
+std::once_flag g_atfork_once;
+
+WorkerPool &worker_pool() {
+  std::call_once(g_atfork_once, [] {
+#if defined(__linux__) || defined(__APPLE__)
+    // The child of a fork has none of the workers: forget the pool there.
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });
+#endif
+  });
+  WorkerPool *pool = g_pool.load();
+  if (pool == nullptr) {
+    auto *fresh = new WorkerPool; // never deleted: see above
+    if (g_pool.compare_exchange_strong(pool, fresh))
+      pool = fresh;
+    else
+      delete fresh; // another thread created it first; `pool` holds that one
+  }
+  return *pool;
+}
+
+} // namespace
+
+// More threads than the machine has cores only add switching: the pool is
+// capped there, whatever torch.get_num_threads() says (set_num_threads(256)
+// on 2 cores would otherwise leave hundreds of idle workers behind).
+int max_threads() {
+  static const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return n;
+}
+
+bool run_on_pool(int n_helpers, void (*job)(void *), void *context) {
+  return worker_pool().run(n_helpers, job, context);
+}
+
+} // namespace cpu
+} // namespace klanneal
