@@ -9,7 +9,9 @@ from typing import Any, Optional
 
 MIB = 2**20
 # Provider order in tables and plots; providers not listed here come after, sorted.
-PROVIDER_ORDER = ("eager", "compile", "liger", "klanneal", "klanneal-inplace", "memcpy")
+PROVIDER_ORDER = (
+    "eager", "compile", "liger", "torch-chunked", "klanneal", "klanneal-inplace", "memcpy"
+)  # fmt: skip
 
 # The issues' targets, for the CPU, fp32, full mode (forward + backward):
 # (case, subject, what, numerator, denominator, kind, "<=" or ">=", threshold, source).
@@ -49,8 +51,21 @@ TARGET_SPECS: tuple[tuple[str, str, str, str, str, str, str, float, str], ...] =
 ) + tuple(
     (case, "klanneal", "speed-up over eager", "eager", "klanneal", "time", ">=", 2.0, "5")
     for case in ("image", "continuous")
-)
+) + (
+    # Issue 10 (the eager provider is the hand-written loss since then).
+    ("text", "klanneal", "time / memcpy time (tightened)", "klanneal", "memcpy", "time", "<=",
+     1.6, "10"),
+    ("continuous", "klanneal", "speed-up over eager (tightened)", "eager", "klanneal", "time",
+     ">=", 3.0, "10"),
+    ("continuous", "klanneal", "speed-up over compile", "compile", "klanneal", "time", ">=", 1.2,
+     "10"),
+)  # fmt: skip
 SCHEDULES_TARGET = 100.0  # the fastest klanneal schedule provider vs the published Python loop
+# Issue 12 (bench_linear.py, fp32, forward + backward): klanneal.linear_elbo_loss's time
+# over each peer's, (peer, threshold), and its peak extra memory over the logits'
+# size, less the weight gradient where the issue allows it, (case, less it, threshold).
+LINEAR_TIME_TARGETS = (("eager", 0.7), ("torch-chunked", 0.7))
+LINEAR_MEMORY_TARGETS = (("linear-32k", False, 0.25), ("linear-gpt2", True, 0.15))
 
 
 def _provider_key(name: str) -> tuple[int, str]:
@@ -135,7 +150,34 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _target("schedules", "speed-up over the Python loop", ">=", SCHEDULES_TARGET, None, "")
         )
     results += _step_targets(rows)
+    results += _linear_targets(rows)
     return results
+
+
+def _linear_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 12: linear_elbo_loss's time against eager's and torch's chunked path's,
+    and its peak extra memory against the logits' size."""
+    by = {(r["case"], r["provider"]): r for r in rows if r.get("family") == "linear"}
+    out = []
+    for case in dict.fromkeys(c for c, _ in by):
+        ours = by.get((case, "klanneal"))
+        for peer, threshold in LINEAR_TIME_TARGETS:
+            other = by.get((case, peer))
+            ratio = _ratio(ours and ours["median_ms"], other and other["median_ms"])
+            what = f"klanneal: time / {peer}'s"
+            out.append(_target(case, what, "<=", threshold, ratio, "issue 12"))
+        for target_case, minus_weight_grad, threshold in LINEAR_MEMORY_TARGETS:
+            if target_case != case:
+                continue
+            peak = _mem(ours)
+            what = "klanneal: extra memory (weight grad included) / logits"
+            if minus_weight_grad:
+                what = "klanneal: (extra memory - weight grad) / logits"
+                if ours is not None and peak is not None:
+                    peak -= ours["weight_grad_bytes"]
+            ratio = _ratio(peak, ours and ours["logits_bytes"])
+            out.append(_target(case, what, "<=", threshold, ratio, "issue 12"))
+    return out
 
 
 def _step_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -347,8 +389,57 @@ def _details(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _is_elbo(row: dict[str, Any]) -> bool:
-    """A row of the ELBO cases (not schedules, not the step/overhead cases)."""
-    return row["case"] not in ("schedules", "steps")
+    """A row of the ELBO cases (not schedules, the step/overhead or the linear cases)."""
+    return row["case"] not in ("schedules", "steps") and row.get("family") != "linear"
+
+
+def _linear_section(rows: list[dict[str, Any]]) -> list[str]:
+    linear_rows = [r for r in rows if r.get("family") == "linear"]
+    if not linear_rows:
+        return []
+    lines = [
+        "## Fused output projection + ELBO",
+        "",
+        "Rows from benchmarks/bench_linear.py: the decoder's output layer and the ELBO, "
+        "forward + backward (gradients of hidden, weight, mu, logvar), fp32. `eager` = "
+        "F.linear + F.cross_entropy + KL; `compile` = torch.compile of it; `torch-chunked` = "
+        "F.linear_cross_entropy with LinearCrossEntropyOptions() + KL; `klanneal` = "
+        "klanneal.linear_elbo_loss. Peak extra memory includes the weight's gradient; "
+        "`extra / logits` divides it by the size of the [N, V] fp32 logits.",
+        "",
+    ]
+    for case in dict.fromkeys(r["case"] for r in linear_rows):
+        group = [r for r in linear_rows if r["case"] == case]
+        first = group[0]
+        by_name = {r["provider"]: r for r in group}
+        eager = by_name.get("eager")
+        lines += [
+            f"### {case}: {first['title']}",
+            "",
+            f"hidden {first['hidden_shape']}, logits {first['recon_shape']} "
+            f"({first['logits_bytes'] / MIB:.1f} MiB), weight gradient "
+            f"{first['weight_grad_bytes'] / MIB:.1f} MiB.",
+            "",
+            "| provider | median ms | p20-p80 ms | eager / provider | peak extra MiB "
+            "| extra / logits | loss rel. diff vs eager |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted(group, key=lambda r: _provider_key(r["provider"])):
+            peak = r.get("peak_extra_bytes")
+            diff = r.get("loss_rel_diff_vs_eager")
+            lines.append(
+                f"| {r['provider']} | {_fmt_ms(r['median_ms'])} "
+                f"| {_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])} "
+                f"| {_fmt(_ratio(eager and eager['median_ms'], r['median_ms']), suffix='x')} "
+                f"| {_fmt(None if peak is None else peak / MIB)} "
+                f"| {_fmt(_ratio(peak, r['logits_bytes']))} "
+                f"| {'-' if diff is None else f'{diff:.1e}'} |"
+            )
+        for r in group:
+            if r.get("memory_error"):
+                lines.append(f"\nMemory of {r['provider']} not measured: {r['memory_error']}")
+        lines.append("")
+    return lines
 
 
 def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -451,6 +542,7 @@ def markdown(
         + _summary(rows)
         + _targets_section(targets, config.get("quick", False))
         + _details(rows)
+        + _linear_section(rows)
         + _steps_section(rows)
         + _schedules_section(rows)
         + _method_section(config, notes)

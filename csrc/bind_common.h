@@ -71,6 +71,9 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t> &sizes,
   p.latent_dtype = static_cast<DType>(code(size(SizeSlot::k_latent_dtype)));
   const int64_t threads = size(SizeSlot::k_n_threads);
   p.n_threads = static_cast<int>(threads < 1 ? 1 : threads > 4096 ? 4096 : threads);
+  KLANNEAL_CHECK_ARG(size(SizeSlot::k_out_dtype) == static_cast<int64_t>(DType::kFloat64) ||
+                         size(SizeSlot::k_out_dtype) == static_cast<int64_t>(DType::kFloat32),
+                     "elbo: out_dtype must be float64 or float32");
   p.likelihood = static_cast<Likelihood>(code(i64(IntSlot::k_likelihood)));
   p.reduction = static_cast<Reduction>(code(i64(IntSlot::k_reduction)));
   p.free_bits_mode = static_cast<FreeBitsMode>(code(i64(IntSlot::k_free_bits_mode)));
@@ -106,6 +109,52 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t> &sizes,
   p.grad_prior_mu = ptr(PtrSlot::k_grad_prior_mu);
   p.grad_prior_logvar = ptr(PtrSlot::k_grad_prior_logvar);
   return p;
+}
+
+// The launchers write float64 outputs (ElboParams). With out_dtype float32
+// (the CPU binding's eager path: the results in their final dtype, no cast
+// afterwards), the launcher writes into float64 scratch and this copies the
+// values into the caller's float32 buffers once it returns.
+class Float32Outputs {
+public:
+  // Points p's six scalar outputs at float64 scratch, remembering the caller's buffers.
+  explicit Float32Outputs(ElboParams &p) {
+    const int64_t n = p.reduction == Reduction::kNone ? p.batch : 1;
+    const int64_t lens[kOutputs] = {n, n, n, p.latent_dim, 1, n};
+    double **fields[kOutputs] = {&p.loss,       &p.recon,    &p.kl,
+                                 &p.kl_per_dim, &p.beta_out, &p.kl_weight};
+    int64_t total = 0;
+    for (int64_t len : lens)
+      total += len;
+    scratch_.assign(static_cast<size_t>(total), 0.0);
+    double *next = scratch_.data();
+    for (int i = 0; i < kOutputs; ++i) {
+      dst_[i] = reinterpret_cast<float *>(*fields[i]);
+      len_[i] = dst_[i] != nullptr ? lens[i] : 0;
+      src_[i] = next;
+      if (dst_[i] != nullptr)
+        *fields[i] = next;
+      next += lens[i];
+    }
+  }
+  // After the launch: the values, rounded to float32, into the caller's buffers.
+  void copy_out() const {
+    for (int i = 0; i < kOutputs; ++i)
+      for (int64_t j = 0; j < len_[i]; ++j)
+        dst_[i][j] = static_cast<float>(src_[i][j]);
+  }
+
+private:
+  static constexpr int kOutputs = 6; // loss, recon, kl, kl_per_dim, beta_out, kl_weight
+  std::vector<double> scratch_;
+  float *dst_[kOutputs] = {};
+  const double *src_[kOutputs] = {};
+  int64_t len_[kOutputs] = {};
+};
+
+inline bool wants_float32_outputs(const std::vector<int64_t> &sizes) {
+  return sizes[static_cast<size_t>(SizeSlot::k_out_dtype)] ==
+         static_cast<int64_t>(DType::kFloat32);
 }
 
 } // namespace klanneal

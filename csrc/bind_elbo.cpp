@@ -57,6 +57,15 @@ void register_elbo(py::module_ &m) {
         int64_t first_invalid = -1;
         if (ints[static_cast<size_t>(IntSlot::k_validate)] != 0)
           p.first_invalid_target = &first_invalid;
+        if (wants_float32_outputs(sizes)) {
+          Float32Outputs outputs(p);
+          {
+            py::gil_scoped_release release;
+            launch_elbo_cpu(p);
+          }
+          outputs.copy_out();
+          return first_invalid;
+        }
         {
           py::gil_scoped_release release;
           launch_elbo_cpu(p);
@@ -67,7 +76,8 @@ void register_elbo(py::module_ &m) {
       "Runs the fused ELBO op on CPU tensors given by pointer (the packed call of "
       "elbo_layout()). Returns the flat index of the first invalid target (class id outside "
       "[0, V) or bernoulli target outside [0, 1]) when `validate` is set and one was found, "
-      "else -1. Raises ValueError on inconsistent parameters.");
+      "else -1. The scalar outputs are float64, or float32 with out_dtype float32. Raises "
+      "ValueError on inconsistent parameters.");
 }
 
 } // namespace klanneal

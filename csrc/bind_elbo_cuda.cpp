@@ -35,6 +35,8 @@ void register_elbo_cuda(pybind11::module_ &m) {
          const std::vector<double> &floats, const std::vector<int64_t> &ints,
          uint64_t workspace_ptr, uint64_t workspace_bytes, uint64_t stream) {
         const ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
+        KLANNEAL_CHECK_ARG(!wants_float32_outputs(sizes),
+                           "elbo_cuda: the outputs are float64 (out_dtype float32 is CPU only)");
         py::gil_scoped_release release;
         launch_elbo_cuda(p, reinterpret_cast<void *>(static_cast<uintptr_t>(workspace_ptr)),
                          static_cast<size_t>(workspace_bytes),

@@ -118,6 +118,7 @@ def packed_call(params: dict) -> tuple[list, list, list, list]:
         flat.setdefault(name, 0)
     flat.setdefault("need_grad_prior_mu", int(bool(flat["grad_prior_mu"])))
     flat.setdefault("need_grad_prior_logvar", int(bool(flat["grad_prior_logvar"])))
+    flat.setdefault("out_dtype", LAYOUT["dtype"].index("float64"))
     flat.setdefault("validate", 0)
     flat.setdefault("need_grad_recon", int(bool(flat.get("grad_recon", 0))))
     flat.setdefault("need_grad_mu", int(bool(flat.get("grad_mu", 0))))

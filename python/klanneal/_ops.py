@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised via KLANNEAL_DISABLE_NATIVE
 # the options of the pure-PyTorch default kernel.
 PY_LAYOUT: dict[str, list[str]] = {
     "sizes": ["batch", "n_rows", "row_len", "latent_dim", "recon_dtype", "latent_dtype",
-              "n_threads"],
+              "n_threads", "out_dtype"],
     "ptrs": ["recon_input", "target", "mu", "logvar", "prior_mu", "prior_logvar",
              "global_kl_per_dim", "beta_ptr", "step_ptr", "loss", "recon", "kl", "kl_per_dim",
              "beta_out", "kl_weight", "grad_recon", "grad_mu", "grad_logvar", "grad_prior_mu",
@@ -74,7 +74,6 @@ FULL_PRECISION = (torch.float32, torch.float64)
 _INT = {name: i for i, name in enumerate(LAYOUT["ints"])}
 _FLOAT = {name: i for i, name in enumerate(LAYOUT["floats"])}
 _N_SCHEDULE = 8  # ScheduleParams' fields, from schedule_kind on
-NEED_GRAD_RECON = _INT["need_grad_recon"]
 _NEED_GRADS = ("need_grad_recon", "need_grad_mu", "need_grad_logvar", "need_grad_prior_mu",
                "need_grad_prior_logvar")  # fmt: skip
 
@@ -298,11 +297,11 @@ def _scalar_outputs(
     )
 
 
-def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[torch.Tensor, ...]:
+def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[Optional[torch.Tensor], ...]:
     """Uninitialised grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar (in
-    grad_dtype), or empty ones for those not asked for (need: the 5 flags)."""
+    grad_dtype), None for those not asked for (need: the 5 flags)."""
     dtype = grad_dtype(mu.dtype)
-    return tuple(mu.new_empty(mu.shape if n else (0,), dtype=dtype) for n in need[1:])
+    return tuple(mu.new_empty(mu.shape, dtype=dtype) if n else None for n in need[1:])
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -314,15 +313,16 @@ def _launch(
     grad_recon: Optional[torch.Tensor],
     scalars: Optional[tuple[torch.Tensor, ...]] = None,
     args: Optional[OpArgs] = None,
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+) -> tuple[tuple[torch.Tensor, ...], tuple[Optional[torch.Tensor], ...]]:
     """The device kernel: allocates the outputs and runs recon_input's device's kernel.
 
     check -> allocate -> pointers -> launch; the packed lists go to C++ as
     they are. `scalars`: float64 loss, recon, kl, kl_per_dim, beta, kl_weight
     to write (the eager path passes views of one buffer), else allocated
     here; `args`: ElboOptions.unpack(floats, ints) when the caller has it
-    already. Returns the 6 scalars and the 5 gradients (recon_input, mu,
-    logvar, prior_mu, prior_logvar; empty where not asked for).
+    already. Returns the 6 scalars (float64, or float32 scalars written as
+    float32: the CPU kernel's out_dtype) and the 5 gradients (recon_input,
+    mu, logvar, prior_mu, prior_logvar; None where not asked for).
     """
     if args is None:
         args = ElboOptions.unpack(i.floats, i.ints)
@@ -349,7 +349,7 @@ def _launch(
         n_rows, row_len = batch, recon_input.numel() // batch
     sizes = [
         batch, n_rows, row_len, latent_dim, DTYPE_CODES[recon_input.dtype],
-        DTYPE_CODES[mu.dtype], torch.get_num_threads(),
+        DTYPE_CODES[mu.dtype], torch.get_num_threads(), DTYPE_CODES[loss.dtype],
     ]  # fmt: skip
     # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py).
     ptrs = [
@@ -375,18 +375,17 @@ def _launch(
         )
     else:
         raise RuntimeError(f"klanneal: no native ELBO kernel for device {device}")
-    empty = recon_input.new_empty(0)
-    grads = (grad_recon if grad_recon is not None else empty, grad_mu, grad_logvar,
-             grad_prior_mu, grad_prior_logvar)  # fmt: skip
-    return scalars, grads
+    return scalars, (grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar)
 
 
 def _schema_outputs(
-    scalars: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...], inplace: bool
+    scalars: tuple[torch.Tensor, ...], grads: tuple[Optional[torch.Tensor], ...], inplace: bool
 ) -> Outputs:
     """The op's outputs: loss, recon, kl, kl_per_dim, beta, [grad_recon,] grad_mu,
-    grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar."""
-    return scalars[:5] + grads[1 if inplace else 0 : 3] + scalars[5:] + grads[3:]
+    grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar (an empty tensor
+    for a gradient not asked for)."""
+    full = tuple(scalars[0].new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
+    return scalars[:5] + full[1 if inplace else 0 : 3] + scalars[5:] + full[3:]
 
 
 def _native_kernel(*args: Any, **kwargs: Any) -> Outputs:
@@ -515,7 +514,11 @@ def _fake_outputs(i: OpInputs, inplace: bool) -> Outputs:
         recon_input.shape if args.need_grads[0] else (0,), dtype=grad_dtype(recon_input.dtype)
     )
     scalars = _scalar_outputs(i.mu, args.options.reduction, recon_input.device)
-    return _schema_outputs(scalars, (grad_recon,) + _latent_grads(i.mu, args.need_grads), inplace)
+    latent = tuple(
+        g if g is not None else i.mu.new_empty(0, dtype=grad_dtype(i.mu.dtype))
+        for g in _latent_grads(i.mu, args.need_grads)
+    )
+    return _schema_outputs(scalars, (grad_recon,) + latent, inplace)
 
 
 @torch.library.register_fake("klanneal::elbo_loss")  # type: ignore[untyped-decorator]
@@ -612,7 +615,7 @@ def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Option
     out[8], out[9] = grads[3], grads[4]
     if ctx.grad_beta:
         # A learnable beta (GECO, a Lagrange multiplier): d loss / d beta = the KL term.
-        out[4] = (grad_loss.to(torch.float64) * kl_weight).sum()
+        out[4] = (grad_loss.to(torch.float64) * kl_weight.to(torch.float64)).sum()
     return out
 
 
@@ -660,7 +663,7 @@ def _split_scalars(
 ) -> tuple[torch.Tensor, ...]:
     """loss, recon, kl, kl_per_dim, beta, kl_weight as views of one buffer of 4n + D + 1."""
     n = batch if reduction == "none" else 1
-    loss, recon, kl, kl_per_dim, beta, kl_weight = torch.split(buf, [n, n, n, latent_dim, 1, n])
+    loss, recon, kl, kl_per_dim, beta, kl_weight = buf.split_with_sizes([n, n, n, latent_dim, 1, n])
     if reduction == "none":
         return loss, recon, kl, kl_per_dim, beta[0], kl_weight
     return loss[0], recon[0], kl[0], kl_per_dim, beta[0], kl_weight[0]
@@ -675,25 +678,34 @@ class _ElboFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, dtype: torch.dtype, *inputs: Any) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any, dtype: torch.dtype, args: OpArgs, *inputs: Any
+    ) -> tuple[torch.Tensor, ...]:
         i = OpInputs(*inputs)
-        args = ElboOptions.unpack(i.floats, i.ints)
         reduction = args.options.reduction
         batch, latent_dim = i.mu.shape
         n = batch if reduction == "none" else 1
-        buf = torch.empty(4 * n + latent_dim + 1, dtype=torch.float64, device=i.mu.device)
+        device = i.mu.device
+        # The CPU kernel writes the scalars in the result dtype (out_dtype);
+        # CUDA writes float64, cast once afterwards.
+        on_cpu = device.type == "cpu"
+        buf = torch.empty(
+            4 * n + latent_dim + 1, dtype=dtype if on_cpu else torch.float64, device=device
+        )
         grad_recon = _grad_recon_buffer(i.recon_input) if args.need_grads[0] else None
         scalars = _split_scalars(buf, batch, latent_dim, reduction)
         _, grads = _launch(i, grad_recon, scalars=scalars, args=args)
         _save_context(ctx, i, args)
         ctx.save_for_backward(*grads, scalars[5])
-        results = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)[:5]
+        if not on_cpu:
+            scalars = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)
+        results = scalars[:5]
         ctx.mark_non_differentiable(*results[1:])
         return results
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-        return (None, *_backward_common(ctx, grad_loss))
+        return (None, None, *_backward_common(ctx, grad_loss))
 
 
 class _ElboInplace(torch.autograd.Function):
@@ -727,15 +739,20 @@ class _ElboInplace(torch.autograd.Function):
         return tuple(_backward_common(ctx, grad_loss))
 
 
-def elbo_loss_fused(*args: Any, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def elbo_loss_fused(
+    *args: Any, dtype: torch.dtype, op_args: Optional[OpArgs] = None
+) -> tuple[torch.Tensor, ...]:
     """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced, float64
     results) or the native kernel (eager, results already in `dtype`).
 
-    args: the op's inputs (OpInputs order).
+    args: the op's inputs (OpInputs order); op_args: ElboOptions.unpack of
+    their floats and ints, when the caller has it (the eager path).
     """
     if torch.compiler.is_compiling() or not native_available(args[0].device):
         return tuple(elbo_loss_op(*args)[:5])
-    return tuple(_ElboFunction.apply(dtype, *args))  # type: ignore[no-untyped-call]
+    if op_args is None:
+        op_args = ElboOptions.unpack(args[6], args[7])
+    return tuple(_ElboFunction.apply(dtype, op_args, *args))  # type: ignore[no-untyped-call]
 
 
 def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, Optional, Union
 import torch
 from typing_extensions import TypeGuard
 
-from klanneal.schedules import Schedule
+from klanneal.schedules import Capacity, Schedule
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -231,8 +231,6 @@ def check_args(
 
 def check_not_capacity(schedule: Any, name: str) -> None:
     """A Capacity is a target KL, not a KL weight: refuse it as beta."""
-    from klanneal.schedules import Capacity
-
     if isinstance(schedule, Capacity):
         raise TypeError(
             f"{name}: {schedule!r} is a capacity (a target KL in nats), not a KL weight; "

@@ -185,8 +185,16 @@ def elbo_loss(
             )
             schedule = _ops.constant_schedule(beta_value)
     elif isinstance(beta, torch.Tensor):
-        # Not detached: a beta that requires grad gets d loss / d beta through the op.
-        beta_tensor = beta.to(device=device, dtype=torch.float64).reshape(())
+        if beta.device.type == "cpu" and not beta.requires_grad and _eager_cpu(device):
+            # Eager on the CPU the value is at hand: a number is cheaper than
+            # a float64 copy (two tensor ops per call).
+            beta_value = float(beta)
+            if validate:
+                _validate.check_beta_value(beta_value, "a beta tensor")
+            schedule = _ops.constant_schedule(beta_value)
+        else:
+            # Not detached: a beta that requires grad gets d loss / d beta through the op.
+            beta_tensor = beta.to(device=device, dtype=torch.float64).reshape(())
     else:
         beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_args)
         schedule = _ops.constant_schedule(beta_value)
@@ -208,13 +216,17 @@ def elbo_loss(
     options = _ops.ElboOptions(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )
+    need = (
+        grad_enabled and (recon_input.requires_grad or grad_target),
+        grad_enabled and mu.requires_grad,
+        grad_enabled and logvar.requires_grad,
+        grad_enabled and has_prior and prior_mu.requires_grad,  # type: ignore[union-attr]
+        grad_enabled and has_prior and prior_logvar.requires_grad,  # type: ignore[union-attr]
+    )
     floats, ints = options.pack(
         beta_value=beta_value, schedule=schedule, capacity=capacity_params,
-        need_grad_recon=grad_enabled and (recon_input.requires_grad or grad_target),
-        need_grad_mu=grad_enabled and mu.requires_grad,
-        need_grad_logvar=grad_enabled and logvar.requires_grad,
-        need_grad_prior_mu=grad_enabled and has_prior and prior_mu.requires_grad,  # type: ignore[union-attr]
-        need_grad_prior_logvar=grad_enabled and has_prior and prior_logvar.requires_grad,  # type: ignore[union-attr]
+        need_grad_recon=need[0], need_grad_mu=need[1], need_grad_logvar=need[2],
+        need_grad_prior_mu=need[3], need_grad_prior_logvar=need[4],
     )  # fmt: skip
     if likelihood == "categorical":
         target = target.to(torch.int64)
@@ -240,11 +252,11 @@ def elbo_loss(
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
     dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
-    need_grad_recon = bool(ints[_ops.NEED_GRAD_RECON])
-    if inplace and need_grad_recon and recon_input.dtype in _ops.FULL_PRECISION:
+    if inplace and need[0] and recon_input.dtype in _ops.FULL_PRECISION:
         outs = _ops.elbo_loss_inplace(*args)
     else:
-        outs = _ops.elbo_loss_fused(*args, dtype=dtype)
+        op_args = _ops.OpArgs(options, beta_value, schedule, capacity_params, need)
+        outs = _ops.elbo_loss_fused(*args, dtype=dtype, op_args=op_args)
     loss, recon, kl, kl_per_dim, beta_used = outs[:5]
     if loss.dtype == dtype and not recon.requires_grad:
         # The eager path: results already in `dtype`, the four terms non-differentiable.
@@ -271,6 +283,11 @@ def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
             return True
         t = t._base
     return False
+
+
+def _eager_cpu(device: torch.device) -> bool:
+    """Eager mode (not traced by torch.compile) with CPU inputs."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _functorch_active() -> bool:

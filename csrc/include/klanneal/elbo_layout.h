@@ -18,7 +18,8 @@ namespace klanneal {
   X(latent_dim)                                                                                    \
   X(recon_dtype)                                                                                   \
   X(latent_dtype)                                                                                  \
-  X(n_threads)
+  X(n_threads)                                                                                     \
+  X(out_dtype)
 
 // Pointers are Python ints (tensor.data_ptr(), 0 for none).
 #define KLANNEAL_ELBO_PTRS(X)                                                                      \
