@@ -58,6 +58,9 @@ constexpr int64_t kChunk = 16384; // elements per unit, non-categorical
 // likelihoods get a thread per 256K elements (>= ~0.2 ms of work) only.
 constexpr int64_t kMinElemsPerThreadCategorical = 1 << 15;
 constexpr int64_t kMinElemsPerThreadPointwise = 1 << 18;
+// Latent elements (B * D) from which the KL pass uses the worker threads:
+// each costs an exp (two with a learned prior) and its derivatives.
+constexpr int64_t kMinLatentsPerThread = 1 << 14;
 
 // ---- categorical rows -------------------------------------------------------
 // The scalar row kernel (CategoricalRow in elbo_simd_cpu.h), for CPUs
@@ -294,8 +297,8 @@ template <typename S> KlElem<typename Elem<S>::T> kl_at(const ElboParams &p, int
 // compares the batch mean, a float64 sum (or the caller's all-reduced
 // global_kl_per_dim), in float64; the capacity compares in float64.
 template <typename S>
-double kl_term(const ElboParams &p, double beta, double capacity, std::vector<double> &kl_b,
-               std::vector<double> &klterm_b) {
+double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
+               std::vector<double> &kl_b, std::vector<double> &klterm_b) {
   using T = typename Elem<S>::T;
   const int64_t B = p.batch, D = p.latent_dim;
   using G = Grad<S>;
@@ -303,34 +306,60 @@ double kl_term(const ElboParams &p, double beta, double capacity, std::vector<do
   auto *grad_logvar = static_cast<G *>(p.grad_logvar);
   auto *grad_prior_mu = static_cast<G *>(p.grad_prior_mu);
   auto *grad_prior_logvar = static_cast<G *>(p.grad_prior_logvar);
+  const bool any_grad = grad_mu != nullptr || grad_logvar != nullptr || grad_prior_mu != nullptr ||
+                        grad_prior_logvar != nullptr;
   const bool free_bits = p.free_bits > 0.0;
   const bool batch_mode = free_bits && p.free_bits_mode == FreeBitsMode::kBatch;
   const T lambda = static_cast<T>(p.free_bits);
+  const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / static_cast<double>(B) : 1.0;
+  const T weight = static_cast<T>(beta * scale);
 
+  // Pass 1, examples in parallel: each KL_bd (with its derivatives computed
+  // once), the per-example sums, and the gradients times beta * scale and
+  // the sample-mode mask. The batch-mode mask and the capacity's sign are
+  // applied in pass 3, where they are not all 1.
   std::vector<T> kl(static_cast<size_t>(B * D));
-  std::vector<double> dim_sum(static_cast<size_t>(D), 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    double kb = 0.0, tb = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      const T k = kl_at<S>(p, b * D + d).kl;
-      kl[b * D + d] = k;
-      kb += static_cast<double>(k);
-      dim_sum[d] += static_cast<double>(k);
-      tb += static_cast<double>(free_bits && k < lambda ? lambda : k); // clamp keeps NaN
+  const int threads = B * D >= kMinLatentsPerThread ? n_threads : 1;
+  parallel_for(B, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double kb = 0.0, tb = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t i = b * D + d;
+        const KlElem<T> e = kl_at<S>(p, i);
+        kl[i] = e.kl;
+        kb += static_cast<double>(e.kl);
+        tb += static_cast<double>(free_bits && e.kl < lambda ? lambda : e.kl); // keeps NaN
+        if (any_grad) {
+          const bool pass = batch_mode || !free_bits || e.kl >= lambda;
+          store_kl_grads(e, pass ? weight : T(0), i, grad_mu, grad_logvar, grad_prior_mu,
+                         grad_prior_logvar);
+        }
+      }
+      kl_b[b] = kb;
+      klterm_b[b] = tb;
     }
-    kl_b[b] = kb;
-    klterm_b[b] = tb;
-  }
-  std::vector<double> dim_mean(static_cast<size_t>(D));
+  });
+
+  // Pass 2, in a fixed order: the per-dimension batch means and the totals.
+  std::vector<double> dim_sum(static_cast<size_t>(D), 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < D; ++d)
+      dim_sum[d] += static_cast<double>(kl[b * D + d]);
+  std::vector<double> dim_factor(static_cast<size_t>(D), 1.0);
+  bool masked = false;
   double total = 0.0;
   for (int64_t d = 0; d < D; ++d) {
     const double local = dim_sum[d] / static_cast<double>(B);
     if (p.kl_per_dim != nullptr)
       p.kl_per_dim[d] = local;
     const double mean = p.global_kl_per_dim != nullptr ? p.global_kl_per_dim[d] : local;
-    dim_mean[d] = mean;
-    if (batch_mode)
+    if (batch_mode) {
       total += mean < p.free_bits ? p.free_bits : mean; // keeps NaN
+      if (!(mean >= p.free_bits)) {
+        dim_factor[d] = 0.0;
+        masked = true;
+      }
+    }
   }
   if (batch_mode) {
     total *= static_cast<double>(B);
@@ -341,7 +370,9 @@ double kl_term(const ElboParams &p, double beta, double capacity, std::vector<do
   // Capacity: |t - C| per example (kNone) or B * |t / B - C| for the batch;
   // the gradients take sign(. - C).
   std::vector<double> sign_b(static_cast<size_t>(B), 1.0);
+  bool signed_grads = false;
   if (p.has_capacity) {
+    signed_grads = true;
     if (p.reduction == Reduction::kNone) {
       for (int64_t b = 0; b < B; ++b) {
         sign_b[b] = capacity_sign(klterm_b[b], capacity);
@@ -354,20 +385,18 @@ double kl_term(const ElboParams &p, double beta, double capacity, std::vector<do
     }
   }
 
-  if (grad_mu != nullptr || grad_logvar != nullptr || grad_prior_mu != nullptr ||
-      grad_prior_logvar != nullptr) {
-    const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / static_cast<double>(B) : 1.0;
+  // Pass 3: the batch-mode mask and the capacity's sign (factors of 0 and
+  // +-1, so the gradients are those of one product beta * scale * factor).
+  if (any_grad && (masked || signed_grads)) {
+    G *grads[4] = {grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar};
     for (int64_t b = 0; b < B; ++b) {
-      const T weight = static_cast<T>(beta * scale * sign_b[b]);
       for (int64_t d = 0; d < D; ++d) {
-        const int64_t i = b * D + d;
-        bool pass = true;
-        if (batch_mode)
-          pass = dim_mean[d] >= p.free_bits;
-        else if (free_bits)
-          pass = kl[i] >= lambda;
-        store_kl_grads(kl_at<S>(p, i), pass ? weight : T(0), i, grad_mu, grad_logvar, grad_prior_mu,
-                       grad_prior_logvar);
+        const T factor = static_cast<T>(dim_factor[d] * sign_b[b]);
+        if (factor == T(1))
+          continue;
+        for (G *g : grads)
+          if (g != nullptr)
+            g[b * D + d] = static_cast<G>(static_cast<T>(g[b * D + d]) * factor);
       }
     }
   }
@@ -454,7 +483,7 @@ void launch_elbo_cpu(const ElboParams &p) {
   const int64_t B = p.batch;
   std::vector<double> kl_b(static_cast<size_t>(B), 0.0), klterm_b(static_cast<size_t>(B), 0.0);
   const double klterm_total = dispatch_dtype(p.latent_dtype, [&](auto s) {
-    return kl_term<decltype(s)>(p, beta, capacity, kl_b, klterm_b);
+    return kl_term<decltype(s)>(p, beta, capacity, p.n_threads, kl_b, klterm_b);
   });
 
   // Fixed-order sums: units of example b are consecutive.

@@ -104,7 +104,8 @@ inline typename VecT<float>::R pointwise(typename VecT<float>::R x, typename Vec
 }
 
 // PointwiseChunkF32 (elbo_simd_cpu.h): lanes accumulated in double, summed
-// in lane order at the end.
+// in lane order at the end. Full vectors use plain loads and stores; only
+// the tail is masked (masked stores are slow on some CPUs, AMD's in particular).
 template <int kKind>
 double pointwise_chunk(const float *x, const float *y, int64_t n, float *grad,
                        const PointwiseConsts &c) {
@@ -112,11 +113,19 @@ double pointwise_chunk(const float *x, const float *y, int64_t n, float *grad,
   using R = typename W::R;
   constexpr int L = W::kLanes;
   typename W::Wide lo = W::zero_wide(), hi = W::zero_wide();
-  for (int64_t i = 0; i < n; i += L) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    R g;
+    const R l = pointwise<kKind>(W::loadu(x + i), W::loadu(y + i), &g, c);
+    W::add_widened(&lo, &hi, l);
+    if (grad != nullptr)
+      W::storeu(grad + i, g);
+  }
+  if (i < n) {
     const int64_t left = n - i;
     R g;
-    R l = pointwise<kKind>(W::load_tail(x + i, left, W::zero()),
-                           W::load_tail(y + i, left, W::zero()), &g, c);
+    const R l = pointwise<kKind>(W::load_tail(x + i, left, W::zero()),
+                                 W::load_tail(y + i, left, W::zero()), &g, c);
     W::add_widened(&lo, &hi, W::keep_head(l, left)); // lanes past the end add 0
     if (grad != nullptr)
       W::store_tail(grad + i, left, g);
