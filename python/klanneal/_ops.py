@@ -672,15 +672,18 @@ def _split_scalars(
 class _ElboFunction(torch.autograd.Function):
     """Eager autograd of klanneal.elbo_loss: the native kernel called directly.
 
-    The six scalar outputs are written into one float64 buffer and the five
-    results cast to the result dtype in one op (two allocations and one cast
-    per call, not six and five: what matters for small batches).
+    The six scalar outputs are written into one buffer (in the result dtype
+    on the CPU, float64 cast once on CUDA). Only the loss is the Function's
+    output; recon, kl, kl_per_dim and beta, views of the same buffer, are
+    handed back through `holder` as plain tensors (each extra output of an
+    autograd.Function costs microseconds per call: what matters for small
+    batches).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, dtype: torch.dtype, args: OpArgs, *inputs: Any
-    ) -> tuple[torch.Tensor, ...]:
+        ctx: Any, dtype: torch.dtype, args: OpArgs, holder: list[torch.Tensor], *inputs: Any
+    ) -> torch.Tensor:
         i = OpInputs(*inputs)
         reduction = args.options.reduction
         batch, latent_dim = i.mu.shape
@@ -699,13 +702,12 @@ class _ElboFunction(torch.autograd.Function):
         ctx.save_for_backward(*grads, scalars[5])
         if not on_cpu:
             scalars = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)
-        results = scalars[:5]
-        ctx.mark_non_differentiable(*results[1:])
-        return results
+        holder.extend(scalars[1:5])
+        return scalars[0]
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-        return (None, None, *_backward_common(ctx, grad_loss))
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
+        return (None, None, None, *_backward_common(ctx, grad_loss))
 
 
 class _ElboInplace(torch.autograd.Function):
@@ -752,7 +754,9 @@ def elbo_loss_fused(
         return tuple(elbo_loss_op(*args)[:5])
     if op_args is None:
         op_args = ElboOptions.unpack(args[6], args[7])
-    return tuple(_ElboFunction.apply(dtype, op_args, *args))  # type: ignore[no-untyped-call]
+    holder: list[torch.Tensor] = []
+    loss = _ElboFunction.apply(dtype, op_args, holder, *args)  # type: ignore[no-untyped-call]
+    return (loss, *holder)
 
 
 def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:
