@@ -153,8 +153,7 @@ private:
 };
 
 inline bool wants_float32_outputs(const std::vector<int64_t> &sizes) {
-  return sizes[static_cast<size_t>(SizeSlot::k_out_dtype)] ==
-         static_cast<int64_t>(DType::kFloat32);
+  return sizes[static_cast<size_t>(SizeSlot::k_out_dtype)] == static_cast<int64_t>(DType::kFloat32);
 }
 
 } // namespace klanneal
