@@ -14,7 +14,8 @@ in one process, medians over the repeats):
   text-step   the text VAE of examples/text_vae.py (embeddings 128, LSTMs 256,
               D=32, V=10000, B=32 sentences of 40 tokens), one training step
               with the hand-written ``F.cross_entropy(reduction="sum") / B +
-              beta * kl`` or ``klanneal.elbo_loss``.
+              beta * kl``, ``klanneal.elbo_loss``, or (``klanneal-fused-head``)
+              the output layer and the loss in ``klanneal.linear_elbo_loss``.
 
 Rows: ``{"case": "steps", "mode": <case>, "provider", "median_ms", "p20_ms",
 "p80_ms", "repeats"}`` (the report's "Training steps and per-call overhead"
@@ -168,35 +169,43 @@ def text_case(repeats: int, warmup: int, quick: bool) -> list[dict[str, Any]]:
         torch.randint(4, vocab, (length,), generator=gen).tolist() for _ in range(batch_size)
     ]
     batch = text_vae.make_batch(sequences)
-    models = {
-        name: text_vae.TextVAE(vocab, 128, 256, 32, dropout=0.0)
-        for name in ("hand-written", "klanneal")
-    }
-    models["klanneal"].load_state_dict(models["hand-written"].state_dict())
+    names = ("hand-written", "klanneal", "klanneal-fused-head")
+    models = {name: text_vae.TextVAE(vocab, 128, 256, 32, dropout=0.0) for name in names}
+    for name in names[1:]:
+        models[name].load_state_dict(models["hand-written"].state_dict())
     opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
 
     def step(name: str) -> Callable[[Any], None]:
         model, opt = models[name], opts[name]
 
         def run(_: Any) -> None:
-            logits, mu, logvar = model(batch)
-            if name == "klanneal":
+            # Before the loss: the fused head computes the output layer's
+            # gradients in its forward pass.
+            opt.zero_grad(set_to_none=True)
+            if name == "klanneal-fused-head":
+                hidden, mu, logvar = model.features(batch)
+                loss = klanneal.linear_elbo_loss(
+                    hidden, model.out.weight, batch.target, mu, logvar, BETA,
+                    bias=model.out.bias, ignore_index=text_vae.IGNORE_INDEX,
+                ).loss  # fmt: skip
+            elif name == "klanneal":
+                logits, mu, logvar = model(batch)
                 loss = klanneal.elbo_loss(
                     logits, batch.target, mu, logvar, BETA, ignore_index=text_vae.IGNORE_INDEX
                 ).loss
             else:
+                logits, mu, logvar = model(batch)
                 recon = F.cross_entropy(
                     logits.reshape(-1, vocab), batch.target.reshape(-1),
                     ignore_index=text_vae.IGNORE_INDEX, reduction="sum",
                 )  # fmt: skip
                 loss = (recon + BETA * _kl(mu, logvar)) / batch_size
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         return run
 
-    entries = [_harness.Timed(n, step(n)) for n in ("hand-written", "klanneal")]
+    entries = [_harness.Timed(n, step(n)) for n in names]
     times = _harness.time_round_robin(entries, torch.device("cpu"), repeats, warmup)
     mode = f"text VAE step B={batch_size} T={length + 1} V={vocab}"
     return [_row(mode, name, s) for name, s in times.items()]

@@ -25,7 +25,8 @@ import bench_elbo  # noqa: E402
 
 SCHEDULES = "schedules"
 STEPS = "steps"  # per-call overhead and whole training steps (bench_steps.py)
-ALL_CASES = (*bench_elbo.CASES, STEPS, SCHEDULES)
+LINEAR = "linear"  # fused output projection + ELBO (bench_linear.py)
+ALL_CASES = (*bench_elbo.CASES, LINEAR, STEPS, SCHEDULES)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -161,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     memory_samples = 1 if args.quick else 3
     failures: list[str] = []
-    elbo_cases = [c for c in args.cases if c not in (SCHEDULES, STEPS)]
+    elbo_cases = [c for c in args.cases if c not in (SCHEDULES, STEPS, LINEAR)]
     rows = bench_elbo.run(
         cases=elbo_cases,
         providers=args.providers,
@@ -175,6 +176,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         log=log,
         failures=failures,
     )
+    if LINEAR in args.cases and any(d.type == "cpu" for d in args.devices):
+        import bench_linear
+
+        log("fused output projection + ELBO (benchmarks/bench_linear.py)")
+        rows += bench_linear.run(
+            quick=args.quick,
+            repeats=max(3, args.repeats // 3),
+            warmup=min(args.warmup, 2),
+            memory=memory,
+            memory_samples=1 if args.quick else 2,
+            log=log,
+            failures=failures,
+        )
     notes += [f"FAILED: {failure}" for failure in failures]
     if STEPS in args.cases and any(d.type == "cpu" for d in args.devices):
         import bench_steps

@@ -61,7 +61,11 @@ def test_quick_run_times_every_case_and_provider(quick_run):
     steps = {(r["mode"], r["provider"]) for r in rows if r["case"] == "steps"}
     assert {p for m, p in steps if m.startswith("overhead")} == {"klanneal", "noop", "hand-written"}
     assert {p for m, p in steps if m.startswith("MNIST")} == {"klanneal", "hand-written"}
-    assert {p for m, p in steps if m.startswith("text VAE")} == {"klanneal", "hand-written"}
+    assert {p for m, p in steps if m.startswith("text VAE")} == {
+        "klanneal",
+        "klanneal-fused-head",
+        "hand-written",
+    }
     step_targets = [t for t in results["targets"] if t["case"] == "steps"]
     assert len(step_targets) == 2 and all(t["met"] is not None for t in step_targets)
     for case in ELBO_CASES:

@@ -272,3 +272,13 @@ def test_the_example_uses_only_the_public_api():
     import klanneal
 
     assert not (Path(klanneal.__file__).parent / "examples").exists()
+
+
+def test_fused_head_trains_to_the_same_numbers():
+    # --fused-head: the output layer inside klanneal.linear_elbo_loss; the
+    # same model, draws and steps as the logits + elbo_loss path, to rounding.
+    plain = _train(["--steps", "12"], "cyclical")
+    fused = _train(["--steps", "12", "--fused-head"], "cyclical")
+    for key in ("recon", "kl", "elbo", "beta"):
+        assert fused.curves[key] == pytest.approx(plain.curves[key], rel=1e-4, abs=1e-6), key
+    assert fused.final.elbo == pytest.approx(plain.final.elbo, rel=1e-4)

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sort runs of this many batches by length (0: off; default 0 toy, 20 corpus)",
     )
     g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip (0: off)")
+    g.add_argument(
+        "--fused-head",
+        action="store_true",
+        help="the output layer and the loss in one op (klanneal.linear_elbo_loss): the "
+        "[batch, length, vocabulary] logits are never built",
+    )
     g = p.add_argument_group("schedules (klanneal.schedules)")
     g.add_argument("--beta", type=float, default=1.0, help="constant schedule's beta")
     g.add_argument(

@@ -57,19 +57,30 @@ class TextVAE(nn.Module):
         last = h_n[-1]
         return self.to_mu(last), self.to_logvar(last)
 
-    def decode(self, z: torch.Tensor, dec_input: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L+1, V] of p(x|z) for teacher-forced ``dec_input`` [B, L+1]."""
+    def decode_hidden(self, z: torch.Tensor, dec_input: torch.Tensor) -> torch.Tensor:
+        """The output layer's input [B, L+1, H] for teacher-forced ``dec_input`` [B, L+1]."""
         h0, c0 = torch.tanh(self.z_to_state(z)).chunk(2, dim=-1)
         emb = self.drop(self.embed(dec_input))
         steps = torch.cat([emb, z.unsqueeze(1).expand(-1, emb.shape[1], -1)], dim=-1)
         hidden, _ = self.decoder(
             steps, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())
         )
-        return self.out(self.drop(hidden))
+        return self.drop(hidden)
 
-    def forward(self, batch: Batch, generator: torch.Generator | None = None):
-        """logits [B, L+1, V], mu [B, D], logvar [B, D] with one reparameterised z per row."""
+    def decode(self, z: torch.Tensor, dec_input: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L+1, V] of p(x|z) for teacher-forced ``dec_input`` [B, L+1]."""
+        return self.out(self.decode_hidden(z, dec_input))
+
+    def features(self, batch: Batch, generator: torch.Generator | None = None):
+        """hidden [B, L+1, H] (the input of ``self.out``), mu [B, D], logvar [B, D]:
+        ``forward`` without the output layer, for ``klanneal.linear_elbo_loss``
+        (the same random draws as ``forward``)."""
         mu, logvar = self.encode(batch.enc_input, batch.lengths)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
-        return self.decode(z, batch.dec_input), mu, logvar
+        return self.decode_hidden(z, batch.dec_input), mu, logvar
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None):
+        """logits [B, L+1, V], mu [B, D], logvar [B, D] with one reparameterised z per row."""
+        hidden, mu, logvar = self.features(batch, generator)
+        return self.out(hidden), mu, logvar

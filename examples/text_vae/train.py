@@ -59,6 +59,37 @@ def make_schedule(name: str, steps: int, args: argparse.Namespace):
     raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULE_NAMES}")
 
 
+# --------------------------------------------------------------------------- loss
+
+
+def model_elbo(
+    model: TextVAE,
+    batch,
+    generator: torch.Generator,
+    *,
+    fused_head: bool = False,
+    **kwargs: Any,
+):
+    """The negative ELBO of ``batch`` (klanneal.ELBOOutput) and mu, logvar.
+
+    The model's output layer then ``klanneal.elbo_loss``, or with
+    ``fused_head`` both in ``klanneal.linear_elbo_loss`` (the [B, L+1, V]
+    logits are never built). ``kwargs``: beta, step, reduction.
+    """
+    if fused_head:
+        hidden, mu, logvar = model.features(batch, generator)
+        out = klanneal.linear_elbo_loss(
+            hidden, model.out.weight, batch.target, mu, logvar, bias=model.out.bias,
+            ignore_index=IGNORE_INDEX, **kwargs,
+        )  # fmt: skip
+    else:
+        logits, mu, logvar = model(batch, generator)
+        out = klanneal.elbo_loss(
+            logits, batch.target, mu, logvar, ignore_index=IGNORE_INDEX, **kwargs
+        )
+    return out, mu, logvar
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -85,11 +116,12 @@ def evaluate(
     z_samples: int,
     mi_samples: int,
     seed: int,
+    fused_head: bool = False,
 ) -> Evaluation:
     """Reconstruction, KL, ELBO, perplexity, active units and MI over ``sequences``.
 
-    The loss terms come from ``klanneal.elbo_loss`` at beta = 1, averaged over
-    ``z_samples`` draws of z per sequence.
+    The loss terms come from ``klanneal.elbo_loss`` (``linear_elbo_loss`` with
+    ``fused_head``) at beta = 1, averaged over ``z_samples`` draws of z per sequence.
     """
     was_training = model.training
     model.eval()
@@ -103,15 +135,8 @@ def evaluate(
         batch = make_batch(sequences[start : start + batch_size])
         n_tokens += batch.n_tokens
         for sample in range(z_samples):
-            logits, mu, logvar = model(batch, gen)
-            out = klanneal.elbo_loss(
-                logits,
-                batch.target,
-                mu,
-                logvar,
-                beta=1.0,
-                reduction="sum",
-                ignore_index=IGNORE_INDEX,
+            out, mu, logvar = model_elbo(
+                model, batch, gen, fused_head=fused_head, beta=1.0, reduction="sum"
             )
             recon += float(out.recon) / z_samples
             kl += float(out.kl) / z_samples
@@ -282,20 +307,15 @@ def train_one(
     model.train()
     for step in range(first_step, stop):
         batch = word_dropout(batches.next(), args.word_dropout, drop_gen)
-        logits, mu, logvar = model(batch, z_gen)
+        # Before the loss: with --fused-head the forward pass computes the
+        # output layer's gradients, and the previous ones are freed first.
+        optimizer.zero_grad(set_to_none=True)
         # The fused op evaluates the schedule at `step` itself: no beta is
         # computed by hand anywhere in this loop.
-        out = klanneal.elbo_loss(
-            logits,
-            batch.target,
-            mu,
-            logvar,
-            beta=schedule,
-            step=step,
+        out, _, _ = model_elbo(
+            model, batch, z_gen, fused_head=args.fused_head, beta=schedule, step=step,
             reduction="batchmean",
-            ignore_index=IGNORE_INDEX,
-        )
-        optimizer.zero_grad(set_to_none=True)
+        )  # fmt: skip
         out.loss.backward()
         if args.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -321,6 +341,7 @@ def train_one(
                 z_samples=1,
                 mi_samples=0,
                 seed=args.seed + 4,
+                fused_head=args.fused_head,
             )
             for key, value in (
                 ("step", step + 1),
@@ -353,6 +374,7 @@ def train_one(
         z_samples=args.eval_samples,
         mi_samples=args.mi_samples,
         seed=args.seed + 2,
+        fused_head=args.fused_head,
     )
     return RunResult(name, curves, final, seconds, valid_curves)
 

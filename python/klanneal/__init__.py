@@ -28,6 +28,7 @@ def build_info() -> dict[str, Any]:
 from klanneal import metrics, nn, schedules  # noqa: E402
 from klanneal._ops import empty_cache  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
+from klanneal.linear import linear_elbo_loss  # noqa: E402
 from klanneal.reference import elbo_loss_ref  # noqa: E402
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "elbo_loss",
     "elbo_loss_ref",
     "empty_cache",
+    "linear_elbo_loss",
     "metrics",
     "nn",
     "schedules",

@@ -265,8 +265,9 @@ class LinearELBOLoss(ELBOLoss):
         schedule: a klanneal.schedules object, or a float for a constant beta.
         weight: [V, H] projection instead of ``linear`` (e.g. tied embeddings).
         bias: [V] or None; only with ``weight``.
-        reduction, free_bits, free_bits_mode, ignore_index, chunk_size,
-            validate: as in ``klanneal.linear_elbo_loss``.
+        capacity, reduction, free_bits, free_bits_mode, ignore_index,
+            free_bits_group, chunk_size, validate: as in
+            ``klanneal.linear_elbo_loss`` (and ``ELBOLoss``).
 
     Raises:
         TypeError, ValueError: an invalid option, neither or both of
@@ -276,21 +277,24 @@ class LinearELBOLoss(ELBOLoss):
 
     def __init__(
         self,
-        linear: Union[nn.Linear, None] = None,
+        linear: Optional[nn.Linear] = None,
         schedule: Union[float, Schedule] = 1.0,
         *,
-        weight: Union[torch.Tensor, None] = None,
-        bias: Union[torch.Tensor, None] = None,
+        weight: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+        capacity: Union[None, float, Schedule] = None,
         reduction: str = "batchmean",
         free_bits: float = 0.0,
         free_bits_mode: str = "batch",
         ignore_index: int = -100,
-        chunk_size: Union[int, None] = None,
+        free_bits_group: Any = None,
+        chunk_size: Optional[int] = None,
         validate: bool = True,
     ) -> None:
         super().__init__(
-            schedule, reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
-            ignore_index=ignore_index, validate=validate,
+            schedule, capacity=capacity, reduction=reduction, free_bits=free_bits,
+            free_bits_mode=free_bits_mode, ignore_index=ignore_index,
+            free_bits_group=free_bits_group, validate=validate,
         )  # fmt: skip
         if (linear is None) == (weight is None):
             raise ValueError("pass the output layer as `linear` or as `weight` (and `bias`), once")
@@ -311,18 +315,22 @@ class LinearELBOLoss(ELBOLoss):
         self.__dict__["_bias"] = bias
         self.chunk_size = chunk_size
 
-    def forward(  # type: ignore[override]  # hidden states, not logits
+    def forward(
         self,
         hidden: torch.Tensor,
         target: torch.Tensor,
         mu: torch.Tensor,
         logvar: torch.Tensor,
+        prior_mu: Optional[torch.Tensor] = None,
+        prior_logvar: Optional[torch.Tensor] = None,
     ) -> ELBOOutput:
         """Loss at the current step; see ``klanneal.linear_elbo_loss`` for shapes and the result."""
         linear = self.__dict__["linear"]
         weight = self.__dict__["_weight"] if linear is None else linear.weight
         bias = self.__dict__["_bias"] if linear is None else linear.bias
-        scheduled = _validate.is_schedule(self.schedule)
+        scheduled = _validate.is_schedule(self.schedule) or _validate.is_schedule(self.capacity)
+        if self.training and scheduled and not torch.compiler.is_compiling():
+            self._count_stepless_call()
         return linear_elbo_loss(
             hidden,
             weight,
@@ -332,6 +340,10 @@ class LinearELBOLoss(ELBOLoss):
             self.schedule,
             step=self.current_step if scheduled else None,
             bias=bias,
+            prior_mu=prior_mu,
+            prior_logvar=prior_logvar,
+            capacity=self.capacity,
+            free_bits_group=self.free_bits_group,
             reduction=self.reduction,
             free_bits=self.free_bits,
             free_bits_mode=self.free_bits_mode,
@@ -342,7 +354,7 @@ class LinearELBOLoss(ELBOLoss):
 
     def extra_repr(self) -> str:
         return (
-            f"schedule={self.schedule!r}, reduction={self.reduction!r}, "
-            f"free_bits={self.free_bits}, free_bits_mode={self.free_bits_mode!r}, "
-            f"chunk_size={self.chunk_size}"
+            f"schedule={self.schedule!r}, capacity={self.capacity!r}, "
+            f"reduction={self.reduction!r}, free_bits={self.free_bits}, "
+            f"free_bits_mode={self.free_bits_mode!r}, chunk_size={self.chunk_size}"
         )
