@@ -306,8 +306,7 @@ double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
   auto *grad_logvar = static_cast<G *>(p.grad_logvar);
   auto *grad_prior_mu = static_cast<G *>(p.grad_prior_mu);
   auto *grad_prior_logvar = static_cast<G *>(p.grad_prior_logvar);
-  const bool any_grad = grad_mu != nullptr || grad_logvar != nullptr || grad_prior_mu != nullptr ||
-                        grad_prior_logvar != nullptr;
+  const bool any_grad = any_latent_grad(p);
   const bool free_bits = p.free_bits > 0.0;
   const bool batch_mode = free_bits && p.free_bits_mode == FreeBitsMode::kBatch;
   const T lambda = static_cast<T>(p.free_bits);

@@ -220,9 +220,7 @@ void launch_elbo_cuda(const ElboParams &p, void *workspace, size_t workspace_byt
   });
   cuda::finalize_kernel<<<1, kBlockThreads, 0, s>>>(p, recon_ex, kl_ex, term_ex, signs);
   check_launch("finalize_kernel");
-  const bool latent_grads = p.grad_mu != nullptr || p.grad_logvar != nullptr ||
-                            p.grad_prior_mu != nullptr || p.grad_prior_logvar != nullptr;
-  if (p.has_capacity && latent_grads && p.latent_dim > 0) {
+  if (p.has_capacity && any_latent_grad(p) && p.latent_dim > 0) {
     const int64_t blocks = (p.batch * p.latent_dim + kBlockThreads - 1) / kBlockThreads;
     dispatch_dtype(p.latent_dtype, [&](auto tag) {
       cuda::capacity_grad_kernel<decltype(tag)>

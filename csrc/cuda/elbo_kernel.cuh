@@ -95,11 +95,6 @@ __device__ __forceinline__ KlElem<Acc<T>> kl_at(const ElboParams &p, int64_t k) 
                           to_acc(prior_logvar[k]));
 }
 
-__device__ __forceinline__ bool any_latent_grad(const ElboParams &p) {
-  return p.grad_mu != nullptr || p.grad_logvar != nullptr || p.grad_prior_mu != nullptr ||
-         p.grad_prior_logvar != nullptr;
-}
-
 // Stores element k's latent gradients, KL's derivatives times w.
 template <typename T>
 __device__ __forceinline__ void store_latent_grads(const ElboParams &p, const KlElem<Acc<T>> &e,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -270,14 +270,18 @@ def _project(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         logits[:, v0:v1].copy_(part.t())
 
 
-def _native_kernel(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    target: torch.Tensor,
-    row_weight: Optional[torch.Tensor],
-    ints: list[int],
-) -> Outputs:
+class LinearInputs(NamedTuple):
+    """The inputs of klanneal::linear_nll in schema order."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    target: torch.Tensor
+    row_weight: Optional[torch.Tensor]
+    ints: list[int]
+
+
+def _native_kernel(*args: Any) -> Outputs:
     """recon (float64, under the reduction) and the gradients asked for, chunk by chunk.
 
     hidden [N, H], weight [V, H], bias [V] or None, target int64 [N].
@@ -285,7 +289,9 @@ def _native_kernel(
     sum_r row_weight[r] * loss_r instead of the reduction's (the backward
     of reduction="none"). Gradients come back in grad_dtype of their input
     (float32 for fp16/bf16), empty when not asked for (LinearOptions.op_grads).
+    args: the op's inputs (LinearInputs).
     """
+    hidden, weight, bias, target, row_weight, ints = LinearInputs(*args)
     opts = LinearOptions.unpack(ints)
     n_rows, width = hidden.shape
     vocab, device = weight.shape[0], hidden.device
@@ -385,19 +391,13 @@ def _accumulate(
         grad_bias.addmv_(g.t(), ones, beta=beta, alpha=scale)
 
 
-def _reference_kernel(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    target: torch.Tensor,
-    row_weight: Optional[torch.Tensor],
-    ints: list[int],
-) -> Outputs:
+def _reference_kernel(*args: Any) -> Outputs:
     """The op on any device, in plain PyTorch: F.linear + F.cross_entropy and autograd.
 
     The default kernel (devices without a native one, builds without _C):
     the same outputs as _native_kernel, the logits materialised.
     """
+    hidden, weight, bias, target, row_weight, ints = LinearInputs(*args)
     opts = LinearOptions.unpack(ints)
     compute = _ops.grad_dtype(hidden.dtype)
     if opts.validate:
@@ -440,14 +440,8 @@ if _C is not None:
 
 
 @torch.library.register_fake("klanneal::linear_nll")  # type: ignore[untyped-decorator]
-def _linear_nll_fake(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    target: torch.Tensor,
-    row_weight: Optional[torch.Tensor],
-    ints: list[int],
-) -> Outputs:
+def _linear_nll_fake(*args: Any) -> Outputs:
+    hidden, weight, _, _, _, ints = LinearInputs(*args)
     opts = LinearOptions.unpack(ints)
     compute = _ops.grad_dtype(hidden.dtype)
     shape = (opts.batch,) if opts.reduction == "none" else ()
@@ -546,7 +540,7 @@ def _backward_common(ctx: Any, grad_recon: Optional[torch.Tensor]) -> list[Optio
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    hidden, weight, bias, target, _, ints = inputs
+    hidden, weight, bias, target, _, ints = LinearInputs(*inputs)
     _save(ctx, hidden, weight, bias, target, ints, tuple(output[1:]))
     ctx.mark_non_differentiable(*output[1:])
 

@@ -32,6 +32,8 @@ from typing import Any, Optional, TypedDict
 import numpy as np
 import torch
 
+from klanneal.reference import kl_per_element
+
 __all__ = ["PosteriorStats", "PosteriorSummary", "active_units", "mutual_information"]
 
 #: Cov_x(E_q[z_d | x]) above this counts as active (Burda et al. 2016).
@@ -176,21 +178,6 @@ def mutual_information(
     return float(total) / (n * samples_per_point)
 
 
-def _gaussian_kl(
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    prior_mu: Optional[torch.Tensor],
-    prior_logvar: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) per element; default N(0, 1)."""
-    if prior_mu is None and prior_logvar is None:
-        return -0.5 * (1.0 + logvar - mu * mu - logvar.exp())
-    prior_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
-    prior_logvar = torch.zeros_like(logvar) if prior_logvar is None else prior_logvar
-    diff = mu - prior_mu
-    return 0.5 * (prior_logvar - logvar + (logvar.exp() + diff * diff) / prior_logvar.exp() - 1.0)
-
-
 class PosteriorSummary(TypedDict):
     """What :meth:`PosteriorStats.compute` returns (tensors are float64, on the inputs' device)."""
 
@@ -311,7 +298,7 @@ class PosteriorStats:
         batch = mu.shape[0]
         if batch == 0:
             return
-        kl = _gaussian_kl(mu, logvar, priors["prior_mu"], priors["prior_logvar"])
+        kl = kl_per_element(mu, logvar, priors["prior_mu"], priors["prior_logvar"])
         kl_sum = kl.sum(dim=0)
         batch_mean = mu.mean(dim=0)
         centred = mu - batch_mean

@@ -121,27 +121,35 @@ class ELBOLoss(nn.Module):
         prior_logvar: Optional[torch.Tensor] = None,
     ) -> ELBOOutput:
         """Loss at the current step; see ``klanneal.elbo_loss`` for shapes and the result."""
-        scheduled = _validate.is_schedule(self.schedule) or _validate.is_schedule(self.capacity)
-        if self.training and scheduled and not torch.compiler.is_compiling():
-            self._count_stepless_call()
         return elbo_loss(
             recon_input,
             target,
             mu,
             logvar,
             self.schedule,
-            step=self.current_step if scheduled else None,
             prior_mu=prior_mu,
             prior_logvar=prior_logvar,
+            likelihood=self.likelihood,
+            gaussian_var=self.gaussian_var,
+            inplace=self.inplace,
+            **self._step_options(),
+        )
+
+    def _step_options(self) -> dict[str, Any]:
+        """The options both forwards pass on: the step (when a schedule needs it),
+        capacity, reduction, free bits, ignore_index, validate. Counts a
+        training call towards the missing-step() warning."""
+        scheduled = _validate.is_schedule(self.schedule) or _validate.is_schedule(self.capacity)
+        if self.training and scheduled and not torch.compiler.is_compiling():
+            self._count_stepless_call()
+        return dict(
+            step=self.current_step if scheduled else None,
             capacity=self.capacity,
             free_bits_group=self.free_bits_group,
-            likelihood=self.likelihood,
             reduction=self.reduction,
             free_bits=self.free_bits,
             free_bits_mode=self.free_bits_mode,
             ignore_index=self.ignore_index,
-            gaussian_var=self.gaussian_var,
-            inplace=self.inplace,
             validate=self.validate,
         )
 
@@ -328,9 +336,6 @@ class LinearELBOLoss(ELBOLoss):
         linear = self.__dict__["linear"]
         weight = self.__dict__["_weight"] if linear is None else linear.weight
         bias = self.__dict__["_bias"] if linear is None else linear.bias
-        scheduled = _validate.is_schedule(self.schedule) or _validate.is_schedule(self.capacity)
-        if self.training and scheduled and not torch.compiler.is_compiling():
-            self._count_stepless_call()
         return linear_elbo_loss(
             hidden,
             weight,
@@ -338,18 +343,11 @@ class LinearELBOLoss(ELBOLoss):
             mu,
             logvar,
             self.schedule,
-            step=self.current_step if scheduled else None,
             bias=bias,
             prior_mu=prior_mu,
             prior_logvar=prior_logvar,
-            capacity=self.capacity,
-            free_bits_group=self.free_bits_group,
-            reduction=self.reduction,
-            free_bits=self.free_bits,
-            free_bits_mode=self.free_bits_mode,
-            ignore_index=self.ignore_index,
             chunk_size=self.chunk_size,
-            validate=self.validate,
+            **self._step_options(),
         )
 
     def extra_repr(self) -> str:

@@ -101,9 +101,12 @@ def kl_per_element(
     prior_mu: Optional[torch.Tensor] = None,
     prior_logvar: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """KL_bd of q = N(mu, exp(logvar)) from N(0, I), or from N(prior_mu, exp(prior_logvar))."""
-    if prior_mu is None or prior_logvar is None:
+    """KL_bd of q = N(mu, exp(logvar)) from N(0, I), or from N(prior_mu, exp(prior_logvar))
+    (a missing one of the two taken as 0)."""
+    if prior_mu is None and prior_logvar is None:
         return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    prior_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
+    prior_logvar = torch.zeros_like(logvar) if prior_logvar is None else prior_logvar
     return 0.5 * (
         prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1
     )

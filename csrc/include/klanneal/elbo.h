@@ -129,6 +129,12 @@ KLANNEAL_HD double resolve_beta(const ElboParams &p) {
   return p.beta_value;
 }
 
+// Whether any latent gradient (mu, logvar, prior_mu, prior_logvar) is asked for.
+KLANNEAL_HD bool any_latent_grad(const ElboParams &p) {
+  return p.grad_mu != nullptr || p.grad_logvar != nullptr || p.grad_prior_mu != nullptr ||
+         p.grad_prior_logvar != nullptr;
+}
+
 // The capacity C at this call's step (meaningful only when has_capacity).
 KLANNEAL_HD double resolve_capacity(const ElboParams &p) {
   return schedule_value(p.capacity, p.step_ptr != nullptr ? *p.step_ptr : 0);

@@ -131,10 +131,6 @@ template <typename T> struct KlElem {
   T kl, d_mu, d_logvar, d_prior_mu, d_prior_logvar;
 };
 
-template <typename T> KLANNEAL_HD T gaussian_kl(T mu, T logvar) {
-  return T(-0.5) * (T(1) + logvar - mu * mu - exp(logvar));
-}
-
 template <typename T> KLANNEAL_HD KlElem<T> gaussian_kl_elem(T mu, T logvar) {
   const T var = exp(logvar);
   return {T(-0.5) * (T(1) + logvar - mu * mu - var), mu, T(0.5) * (var - T(1)), T(0), T(0)};
