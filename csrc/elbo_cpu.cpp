@@ -67,7 +67,8 @@ constexpr int64_t kMinLatentsPerThread = 1 << 14;
 // without AVX2 and non-x86 builds.
 
 template <typename T>
-double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale) {
+double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale,
+                              const T * /*next*/) {
   LseState<T> st = lse_init<T>();
   for (int64_t i = 0; i < V; ++i)
     st = lse_push(st, x[i]);
@@ -154,15 +155,16 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
           std::fill(gr, gr + V, ignored ? zero : nan);
         continue;
       }
+      const S *next = r + 1 < end ? xr + V : nullptr;
       if constexpr (std::is_same_v<S, double>) {
-        unit_loss[r] = row_f64(xr, V, t, gr, scale);
+        unit_loss[r] = row_f64(xr, V, t, gr, scale, next);
       } else if constexpr (std::is_same_v<S, float>) {
-        unit_loss[r] = row_f32(xr, V, t, gr, scale);
+        unit_loss[r] = row_f32(xr, V, t, gr, scale, next);
       } else {
         widened.resize(V);
         for (int64_t i = 0; i < V; ++i)
           widened[i] = Elem<S>::load(xr[i]);
-        unit_loss[r] = row_f32(widened.data(), V, t, gr, scale); // fp32 gradient (GradOf)
+        unit_loss[r] = row_f32(widened.data(), V, t, gr, scale, nullptr); // fp32 gradient
       }
     }
   });

@@ -7,63 +7,77 @@
 
 template <typename T> using VecT = simd::Vec<Isa, T>;
 
-// A group of elements with max m_new is added by rescaling the running sum
-// once to the new max, shifting by 0 in lanes still at -inf so that
-// exp(-inf - shift) = 0 rather than exp(NaN).
-template <typename T> inline typename VecT<T>::R shift_for(typename VecT<T>::R m_new) {
-  using W = VecT<T>;
-  return W::select(W::eq(m_new, W::set1(-INFINITY)), W::zero(), m_new);
-}
-
-// Categorical row (CategoricalRow in elbo_simd_cpu.h): one read for the
-// online max / log-sum-exp (blocks of 4 vectors: one rescale of the running
-// sum per block, one exp per element), lanes merged in order with the
-// scalar lse_merge, then one pass writing the gradient.
-template <typename T> double categorical_row(const T *x, int64_t n, int64_t t, T *grad, T scale) {
+// Categorical row (CategoricalRow in elbo_simd_cpu.h), one exp per element
+// (the exp is most of the cost: a memory-bound row would need no more):
+//   1. the row max (4 accumulators; max's second operand wins on NaN, so the
+//      max ignores NaNs, which reach the sum through their exp instead);
+//   2. e_i = exp(x_i - max), summed in 4 accumulators and, with a gradient,
+//      stored into grad (the row is then in cache for pass 3);
+//   3. grad_i = e_i * (scale / sum), and the target's entry from
+//      categorical_grad.
+// The row is read from memory once: rows of up to ~100k fp32 logits stay in
+// L2 between the passes. An all -inf row shifts by 0 and sums to 0 (a NaN
+// loss, as the reference); a +inf logit gives exp(inf - inf) = NaN.
+template <typename T>
+double categorical_row(const T *x, int64_t n, int64_t t, T *grad, T scale, const T *next) {
   using W = VecT<T>;
   using R = typename W::R;
   constexpr int L = W::kLanes;
   const R neg_inf = W::set1(-INFINITY);
-  R vm = neg_inf;   // running max per lane; never NaN (it is max's second operand)
-  R vs = W::zero(); // sum of exp(x - vm) per lane; NaN once a NaN was seen
+  R m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
   int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    const R a0 = W::loadu(x + i);
-    const R a1 = W::loadu(x + i + L);
-    const R a2 = W::loadu(x + i + 2 * L);
-    const R a3 = W::loadu(x + i + 3 * L);
-    const R m_new = W::max(W::max(W::max(a0, a1), W::max(a2, a3)), vm);
-    const R shift = shift_for<T>(m_new);
-    const R e01 = W::add(W::exp(W::sub(a0, shift)), W::exp(W::sub(a1, shift)));
-    const R e23 = W::add(W::exp(W::sub(a2, shift)), W::exp(W::sub(a3, shift)));
-    vs = W::fmadd(vs, W::exp(W::sub(vm, shift)), W::add(e01, e23));
-    vm = m_new;
+    m0 = W::max(W::loadu(x + i), m0);
+    m1 = W::max(W::loadu(x + i + L), m1);
+    m2 = W::max(W::loadu(x + i + 2 * L), m2);
+    m3 = W::max(W::loadu(x + i + 3 * L), m3);
+  }
+  for (; i < n; i += L)
+    m0 = W::max(W::load_tail(x + i, n - i, neg_inf), m0);
+  alignas(64) T lanes[L];
+  W::storeu(lanes, W::max(W::max(m0, m1), W::max(m2, m3)));
+  T row_max = lanes[0];
+  for (int l = 1; l < L; ++l)
+    row_max = lanes[l] > row_max ? lanes[l] : row_max;
+  const T x_target = x[t]; // before grad (which may alias x) is written
+  const R shift = W::set1(row_max == -INFINITY ? T(0) : row_max);
+  R s0 = W::zero(), s1 = W::zero(), s2 = W::zero(), s3 = W::zero();
+  for (i = 0; i + 4 * L <= n; i += 4 * L) {
+    if (next != nullptr) // one cache line of the next row per 64 bytes of this one
+      for (int64_t b = 0; b < 4 * L * int64_t(sizeof(T)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char *>(next + i) + b, 0, 2);
+    const R e0 = W::exp(W::sub(W::loadu(x + i), shift));
+    const R e1 = W::exp(W::sub(W::loadu(x + i + L), shift));
+    const R e2 = W::exp(W::sub(W::loadu(x + i + 2 * L), shift));
+    const R e3 = W::exp(W::sub(W::loadu(x + i + 3 * L), shift));
+    s0 = W::add(s0, e0);
+    s1 = W::add(s1, e1);
+    s2 = W::add(s2, e2);
+    s3 = W::add(s3, e3);
+    if (grad != nullptr) {
+      W::storeu(grad + i, e0);
+      W::storeu(grad + i + L, e1);
+      W::storeu(grad + i + 2 * L, e2);
+      W::storeu(grad + i + 3 * L, e3);
+    }
   }
   for (; i < n; i += L) {
-    const R a = W::load_tail(x + i, n - i, neg_inf);
-    const R m_new = W::max(a, vm);
-    const R shift = shift_for<T>(m_new);
-    vs = W::fmadd(vs, W::exp(W::sub(vm, shift)), W::exp(W::sub(a, shift)));
-    vm = m_new;
+    const R e = W::exp(W::sub(W::load_tail(x + i, n - i, neg_inf), shift)); // 0 past the end
+    s0 = W::add(s0, e);
+    if (grad != nullptr)
+      W::store_tail(grad + i, n - i, e);
   }
-  alignas(64) T m[L], s[L];
-  W::storeu(m, vm);
-  W::storeu(s, vs);
-  LseState<T> st{m[0], s[0]};
-  for (int l = 1; l < L; ++l)
-    st = lse_merge(st, LseState<T>{m[l], s[l]});
-  const T row_max = st.m, ls = lse_log_sum(st);
-  const T x_target = x[t];
+  W::storeu(lanes, W::add(W::add(s0, s1), W::add(s2, s3)));
+  T sum = T(0);
+  for (int l = 0; l < L; ++l)
+    sum += lanes[l];
+  const T ls = lse_log_sum(LseState<T>{row_max, sum});
   if (grad != nullptr) {
-    const R vmax = W::set1(row_max), vls = W::set1(ls), vscale = W::set1(scale);
-    for (i = 0; i + L <= n; i += L) {
-      const R p = W::exp(W::sub(W::sub(W::loadu(x + i), vmax), vls));
-      W::storeu(grad + i, W::mul(p, vscale));
-    }
-    if (i < n) {
-      const R p = W::exp(W::sub(W::sub(W::load_tail(x + i, n - i, W::zero()), vmax), vls));
-      W::store_tail(grad + i, n - i, W::mul(p, vscale));
-    }
+    const R factor = W::set1(scale / sum);
+    for (i = 0; i + L <= n; i += L)
+      W::storeu(grad + i, W::mul(W::loadu(grad + i), factor));
+    if (i < n)
+      W::store_tail(grad + i, n - i, W::mul(W::load_tail(grad + i, n - i, W::zero()), factor));
     grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
   }
   return static_cast<double>(categorical_nll(row_max, ls, x_target));

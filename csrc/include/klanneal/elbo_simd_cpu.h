@@ -16,9 +16,11 @@ namespace cpu {
 // One categorical row x[0, n) with target 0 <= t < n: returns the row's loss
 // logsumexp(x) - x[t] and, if grad is not null, writes
 // (softmax(x) - onehot(t)) * scale into grad (which may alias x: x[t] is
-// read before the gradient pass).
+// read before the gradient pass). next: the row to be processed after this
+// one (n elements, prefetched while this row is computed), or nullptr.
 template <typename T>
-using CategoricalRow = double (*)(const T *x, int64_t n, int64_t t, T *grad, T scale);
+using CategoricalRow = double (*)(const T *x, int64_t n, int64_t t, T *grad, T scale,
+                                  const T *next);
 CategoricalRow<float> categorical_row_f32(SimdLevel level);
 CategoricalRow<double> categorical_row_f64(SimdLevel level);
 
