@@ -13,7 +13,7 @@ CUDA) and the pure-PyTorch reference as the default kernel, so
 ``torch.ops.klanneal.elbo_loss`` runs on any device; ``register_fake`` lets
 torch.compile trace it and ``register_autograd`` makes the op itself
 differentiable (torch.compile, direct calls). In eager mode klanneal.elbo_loss
-does not go through the dispatcher at all: ``_ElboFunction``, a plain
+does not go through the dispatcher at all: ``ElboFunction``, a plain
 autograd.Function, calls the device kernel directly (the cheapest attachment:
 torch's custom-op wrapper costs tens of microseconds per call).
 
@@ -26,6 +26,7 @@ them, by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -74,6 +75,9 @@ FULL_PRECISION = (torch.float32, torch.float64)
 _INT = {name: i for i, name in enumerate(LAYOUT["ints"])}
 _FLOAT = {name: i for i, name in enumerate(LAYOUT["floats"])}
 _N_SCHEDULE = 8  # ScheduleParams' fields, from schedule_kind on
+_BETA_SLOT = _FLOAT["beta_value"]
+_SCHEDULE_SLOT = _FLOAT["schedule_kind"]
+_CAPACITY_SLOT = _FLOAT["capacity_kind"]
 _NEED_GRADS = ("need_grad_recon", "need_grad_mu", "need_grad_logvar", "need_grad_prior_mu",
                "need_grad_prior_logvar")  # fmt: skip
 
@@ -108,6 +112,38 @@ class ElboOptions:
     ignore_index: int = -100
     gaussian_var: float = 1.0
     validate: bool = True
+    # pack()'s result per (gradients asked for, with capacity), for packed().
+    _templates: dict[Any, tuple[list[float], list[int]]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def packed(
+        self,
+        beta_value: float,
+        schedule: tuple[float, ...],
+        capacity: Optional[tuple[float, ...]],
+        need: tuple[bool, bool, bool, bool, bool],
+    ) -> tuple[list[float], list[int]]:
+        """``pack`` for one call (need: need_grad_recon ... need_grad_prior_logvar),
+        from a template kept per `need` and capacity-or-not: the per-call cost
+        of an elbo_loss call is a list copy and three slot writes."""
+        key = (need, capacity is None)
+        template = None if torch.compiler.is_compiling() else self._templates.get(key)
+        if template is None:
+            template = self.pack(
+                capacity=None if capacity is None else NO_SCHEDULE,
+                need_grad_recon=need[0], need_grad_mu=need[1], need_grad_logvar=need[2],
+                need_grad_prior_mu=need[3], need_grad_prior_logvar=need[4],
+            )  # fmt: skip
+            if not torch.compiler.is_compiling():
+                self._templates[key] = template
+        floats = template[0].copy()
+        floats[_BETA_SLOT] = beta_value
+        if schedule is not NO_SCHEDULE:
+            floats[_SCHEDULE_SLOT : _SCHEDULE_SLOT + _N_SCHEDULE] = schedule
+        if capacity is not None:
+            floats[_CAPACITY_SLOT : _CAPACITY_SLOT + _N_SCHEDULE] = capacity
+        return floats, template[1].copy()
 
     def pack(
         self,
@@ -174,6 +210,39 @@ class ElboOptions:
         )
 
 
+def _make_options(
+    likelihood: Any, reduction: Any, free_bits: Any, free_bits_mode: Any, ignore_index: Any,
+    gaussian_var: Any, validate: Any,
+) -> ElboOptions:  # fmt: skip
+    _validate.check_options(
+        likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var
+    )
+    return ElboOptions(
+        likelihood, reduction, float(free_bits), free_bits_mode, int(ignore_index),
+        float(gaussian_var), bool(validate),
+    )  # fmt: skip
+
+
+_cached_options = functools.lru_cache(maxsize=256, typed=True)(_make_options)
+
+
+def elbo_options(
+    likelihood: Any, reduction: Any, free_bits: Any, free_bits_mode: Any, ignore_index: Any,
+    gaussian_var: Any, validate: Any,
+) -> ElboOptions:  # fmt: skip
+    """The checked ElboOptions of these elbo_loss arguments (raises naming a bad
+    one), the same object for the same arguments: one dict lookup per call."""
+    args = (likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate)
+    if torch.compiler.is_compiling():  # traced once per graph; dynamo skips lru_cache
+        return _make_options(*args)
+    try:
+        return _cached_options(*args)
+    except TypeError:
+        # An unhashable argument (or a wrong type check_options reports):
+        # checked without the cache, which raises the argument's own error.
+        return _make_options(*args)
+
+
 @dataclasses.dataclass(frozen=True)
 class OpArgs:
     """What ``ElboOptions.unpack`` reads from the op's ``floats`` and ``ints``."""
@@ -208,7 +277,7 @@ def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.d
     return dtype if dtype in FULL_PRECISION else torch.float32
 
 
-Outputs = tuple[torch.Tensor, ...]  # the op's 11 outputs (see _OUTPUTS)
+Outputs = tuple[torch.Tensor, ...]  # the op's 11 outputs (see _schema_outputs)
 InplaceOutputs = tuple[torch.Tensor, ...]  # the inplace op's 10: no grad_recon
 
 
@@ -229,17 +298,36 @@ class OpInputs(NamedTuple):
     global_kl_per_dim: Optional[torch.Tensor] = None
 
 
+_N_INPUTS = len(OpInputs._fields)
+
+
+_HAS_CUDA_KERNEL = _C is not None and hasattr(_C, "elbo_forward_cuda")
+# os.environ's own dict, keyed and valued by bytes on POSIX: a lookup there
+# costs ~50 ns, os.environ.get ~1 us (it encodes the key and decodes the
+# value), on every elbo_loss call. Both see os.environ's updates at once.
+_ENV_BYTES: Optional[dict[bytes, bytes]] = getattr(os.environ, "_data", None)
+if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in _ENV_BYTES)):
+    _ENV_BYTES = None
+
+
+def env_flag(name: str, default: str) -> str:
+    """The environment variable `name` (os.environ, read at every call), or `default`."""
+    if _ENV_BYTES is not None:
+        value = _ENV_BYTES.get(name.encode())
+        return default if value is None else value.decode(errors="replace")
+    return os.environ.get(name, default)
+
+
 def native_available(device: torch.device) -> bool:
     """Whether the fused kernel runs on `device` (else the reference is used)."""
-    if _C is None or os.environ.get("KLANNEAL_DISABLE_NATIVE", "0") not in ("", "0"):
+    if _C is None or env_flag("KLANNEAL_DISABLE_NATIVE", "0") not in ("", "0"):
         return False
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and hasattr(_C, "elbo_forward_cuda")
+    kind = device.type
+    return kind == "cpu" or (kind == "cuda" and _HAS_CUDA_KERNEL)
 
 
 def _pool_enabled() -> bool:
-    return _C is not None and os.environ.get("KLANNEAL_GRAD_POOL", "1") not in ("0", "")
+    return _C is not None and env_flag("KLANNEAL_GRAD_POOL", "1") not in ("0", "")
 
 
 def _grad_recon_buffer(recon_input: torch.Tensor) -> torch.Tensor:
@@ -251,10 +339,14 @@ def _grad_recon_buffer(recon_input: torch.Tensor) -> torch.Tensor:
     """
     dtype = grad_dtype(recon_input.dtype)
     nbytes = recon_input.numel() * dtype.itemsize
-    if recon_input.device.type == "cpu" and nbytes >= POOL_MIN_BYTES and _pool_enabled():
+    if nbytes >= POOL_MIN_BYTES and recon_input.is_cpu and _pool_enabled():
         capsule = _C.pooled_empty(list(recon_input.shape), DTYPE_CODES[dtype])
         return torch.utils.dlpack.from_dlpack(capsule)
-    return torch.empty(recon_input.shape, dtype=dtype, device=recon_input.device)
+    if not recon_input.is_contiguous():
+        return torch.empty_like(recon_input, dtype=dtype, memory_format=torch.contiguous_format)
+    if dtype == recon_input.dtype:  # empty_like keeps the (contiguous) strides
+        return torch.empty_like(recon_input)
+    return torch.empty_like(recon_input, dtype=dtype)
 
 
 def empty_cache() -> None:
@@ -548,25 +640,33 @@ _SECOND_BACKWARD = (
 
 def _is_one(grad_output: torch.Tensor) -> bool:
     """grad_output is exactly 1 everywhere (checked on CPU only: no device sync)."""
-    if grad_output.device.type != "cpu":
+    if not grad_output.is_cpu:
         return False
     if grad_output.numel() == 1:
         return grad_output.item() == 1.0
     return bool((grad_output == 1).all())
 
 
-def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+def _backward_common(
+    ctx: Any, state: Any, grad_loss: Optional[torch.Tensor]
+) -> list[Optional[torch.Tensor]]:
     """Gradients of the op's inputs in schema order (OpInputs): the saved ones
     times grad_loss; beta's is grad_loss times d loss / d beta (kl_weight).
+
+    ctx.saved_tensors: grad_recon, grad_mu, grad_logvar, grad_prior_mu,
+    grad_prior_logvar, kl_weight. state (ctx itself for the op, the
+    EagerCall in eager mode): reduction, asked (the 5 gradients the forward
+    computed), recon_dtype, latent_dtype, grad_recon_input, grad_target,
+    grad_beta, scaled_in_place.
 
     Eager, the saved gradients are scaled in place (no second logits-sized
     buffer), after which they cannot serve another backward; when grad_loss
     is exactly 1 on CPU they are returned untouched. Under tracing
     (torch.compile, opcheck) the product is out of place.
     """
-    if ctx.scaled_in_place:
+    if state.scaled_in_place:
         raise RuntimeError(_SECOND_BACKWARD)
-    none: list[Optional[torch.Tensor]] = [None] * len(OpInputs._fields)
+    none: list[Optional[torch.Tensor]] = [None] * _N_INPUTS
     if grad_loss is None:  # only non-differentiable outputs reached this node
         return none
     eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
@@ -576,46 +676,49 @@ def _backward_common(ctx: Any, grad_loss: Optional[torch.Tensor]) -> list[Option
         # differentiates it again.
         raise RuntimeError(_DOUBLE_BACKWARD)
     saved = ctx.saved_tensors
-    kl_weight = saved[-1]
     skip = eager and _is_one(grad_loss)
-    grads: list[Optional[torch.Tensor]] = []
-    for grad, asked in zip(saved[:-1], ctx.asked):
-        if not asked:
-            grads.append(None)
-        elif skip:
-            grads.append(grad)
-        elif ctx.reduction == "none":
-            # grad_loss is [B]: it scales each example's slice.
-            factor = grad_loss.reshape(-1, 1)
-            if eager:
-                grad.view(factor.shape[0], -1).mul_(factor)
-                grads.append(grad)
+    grads: list[Optional[torch.Tensor]]
+    if skip:
+        grads = [g if asked else None for g, asked in zip(saved[:5], state.asked)]
+    else:
+        grads = []
+        for grad, asked in zip(saved[:5], state.asked):
+            if not asked:
+                grads.append(None)
+            elif state.reduction == "none":
+                # grad_loss is [B]: it scales each example's slice.
+                factor = grad_loss.reshape(-1, 1)
+                if eager:
+                    grad.view(factor.shape[0], -1).mul_(factor)
+                    grads.append(grad)
+                else:
+                    grads.append(
+                        (grad.view(factor.shape[0], -1) * factor).to(grad.dtype).view(grad.shape)
+                    )
+            elif eager:
+                grads.append(grad.mul_(grad_loss))
             else:
-                grads.append(
-                    (grad.view(factor.shape[0], -1) * factor).to(grad.dtype).view(grad.shape)
-                )
-        elif eager:
-            grads.append(grad.mul_(grad_loss))
-        else:
-            grads.append((grad * grad_loss).to(grad.dtype))
-    if eager and not skip:
-        ctx.scaled_in_place = True
+                grads.append((grad * grad_loss).to(grad.dtype))
+        if eager:
+            state.scaled_in_place = True
     # fp16/bf16 inputs: the gradients were kept in fp32 up to here.
-    dtypes = (ctx.recon_dtype,) + (ctx.latent_dtype,) * 4
-    grads = [g if g is None or g.dtype == d else g.to(d) for g, d in zip(grads, dtypes)]
+    if state.recon_dtype not in FULL_PRECISION and grads[0] is not None:
+        grads[0] = grads[0].to(state.recon_dtype)
+    if state.latent_dtype not in FULL_PRECISION:
+        grads[1:] = [None if g is None else g.to(state.latent_dtype) for g in grads[1:]]
     # A gaussian/mse target that requires grad: d loss / d target = -d loss / d recon_input.
     grad_target = None
-    if ctx.grad_target and grads[0] is not None:
-        if ctx.grad_recon_input:
+    if state.grad_target and grads[0] is not None:
+        if state.grad_recon_input:
             grad_target = -grads[0]
         else:
             grad_target, grads[0] = grads[0].neg_() if eager else -grads[0], None
     out = none
     out[0], out[1], out[2], out[3] = grads[0], grad_target, grads[1], grads[2]
     out[8], out[9] = grads[3], grads[4]
-    if ctx.grad_beta:
+    if state.grad_beta:
         # A learnable beta (GECO, a Lagrange multiplier): d loss / d beta = the KL term.
-        out[4] = (grad_loss.to(torch.float64) * kl_weight.to(torch.float64)).sum()
+        out[4] = (grad_loss.to(torch.float64) * saved[5].to(torch.float64)).sum()
     return out
 
 
@@ -646,7 +749,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
 
 
 def _backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-    return tuple(_backward_common(ctx, grad_loss))
+    return tuple(_backward_common(ctx, ctx, grad_loss))
 
 
 torch.library.register_autograd("klanneal::elbo_loss", _backward, setup_context=_setup_context)
@@ -658,56 +761,176 @@ def _kernels(device: torch.device) -> tuple[Any, Any]:
     return _reference_kernel, _reference_inplace_kernel
 
 
-def _split_scalars(
-    buf: torch.Tensor, batch: int, latent_dim: int, reduction: str
-) -> tuple[torch.Tensor, ...]:
-    """loss, recon, kl, kl_per_dim, beta, kl_weight as views of one buffer of 4n + D + 1."""
-    n = batch if reduction == "none" else 1
-    loss, recon, kl, kl_per_dim, beta, kl_weight = buf.split_with_sizes([n, n, n, latent_dim, 1, n])
-    if reduction == "none":
-        return loss, recon, kl, kl_per_dim, beta[0], kl_weight
-    return loss[0], recon[0], kl[0], kl_per_dim, beta[0], kl_weight[0]
+class EagerCall:
+    """One eager elbo_loss call, from elbo_loss through ElboFunction's backward.
+
+    Holds what is not a differentiable input: the packed options, the step
+    and the global free-bits mean, the result dtype, and after the forward
+    the non-differentiable results (recon, kl, kl_per_dim, beta) and what
+    backward needs. One object: each argument and ctx attribute of an
+    autograd.Function costs time on every call, which is what small batches
+    pay for.
+    """
+
+    __slots__ = (
+        "args", "floats", "ints", "step", "global_kl_per_dim", "dtype", "results",
+        "inputs", "tracked", "asked", "reduction", "recon_dtype", "latent_dtype", "grad_target", "grad_recon_input", "grad_beta",
+        "scaled_in_place",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        args: OpArgs,
+        floats: list[float],
+        ints: list[int],
+        step: Optional[torch.Tensor],
+        global_kl_per_dim: Optional[torch.Tensor],
+        dtype: torch.dtype,
+        inputs: tuple[Optional[torch.Tensor], ...],
+    ) -> None:
+        """inputs: recon_input, target, mu, logvar, beta, prior_mu, prior_logvar
+        (None where absent). ``apply`` passes autograd only those that require grad."""
+        self.args, self.floats, self.ints = args, floats, ints
+        self.inputs = inputs
+        self.tracked = tuple(
+            k for k, t in enumerate(inputs) if t is not None and t.requires_grad
+        )
+        self.step, self.global_kl_per_dim, self.dtype = step, global_kl_per_dim, dtype
+        self.results: tuple[torch.Tensor, ...] = ()
+        self.asked, self.reduction = args.need_grads, args.options.reduction
+        self.scaled_in_place = False
+
+    def launch(
+        self,
+        recon_input: torch.Tensor,
+        target: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        beta: Optional[torch.Tensor],
+        prior_mu: Optional[torch.Tensor],
+        prior_logvar: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+        """Runs the device kernel: returns the loss and the 5 gradients (None where
+        not asked for) and keeps recon, kl, kl_per_dim, beta in `results`.
+
+        The scalars are written in the result dtype on the CPU (out_dtype),
+        in float64 on CUDA and cast afterwards. kl_weight (d loss / d beta)
+        only for a beta that requires grad: it is the last gradient.
+        """
+        args = self.args
+        opts = args.options
+        device = recon_input.device
+        on_cpu = device.type == "cpu"
+        step = self.step
+        if opts.validate and (not on_cpu or beta is not None or step is not None):
+            # On CPU the kernel checks class ids / bernoulli targets in its own
+            # pass over the data and returns the first bad one.
+            _validate.check_values(
+                recon_input, target, opts.likelihood, opts.ignore_index, beta, step,
+                check_target=not on_cpu,
+            )  # fmt: skip
+        batch, latent_dim = mu.shape
+        shape: tuple[int, ...] = (batch,) if opts.reduction == "none" else ()
+        dtype = self.dtype if on_cpu else torch.float64
+        # torch.empty's keyword arguments cost microseconds each: only those
+        # that differ from the defaults are passed.
+        kw: dict[str, Any] = {}
+        if dtype != torch.get_default_dtype():
+            kw["dtype"] = dtype
+        if not on_cpu:
+            kw["device"] = device
+        empty = torch.empty
+        loss, recon, kl = empty(shape, **kw), empty(shape, **kw), empty(shape, **kw)
+        kl_per_dim, beta_out = empty(latent_dim, **kw), empty((), **kw)
+        kl_weight = empty(shape, **kw) if beta is not None and beta.requires_grad else None
+        need = args.need_grads
+        grad_recon = _grad_recon_buffer(recon_input) if need[0] else None
+        gdtype = grad_dtype(mu.dtype)
+        like_kw: dict[str, Any] = {} if gdtype == mu.dtype else {"dtype": gdtype}
+        like = torch.empty_like
+        grads: list[Optional[torch.Tensor]] = [
+            grad_recon,
+            like(mu, **like_kw) if need[1] else None,
+            like(mu, **like_kw) if need[2] else None,
+            like(mu, **like_kw) if need[3] else None,
+            like(mu, **like_kw) if need[4] else None,
+        ]
+        if opts.likelihood == "categorical":
+            row_len = recon_input.shape[-1]
+            n_rows = recon_input.numel() // row_len
+        else:
+            n_rows, row_len = batch, recon_input.numel() // batch
+        codes = DTYPE_CODES
+        sizes = [
+            batch, n_rows, row_len, latent_dim, codes[recon_input.dtype], codes[mu.dtype],
+            torch.get_num_threads(), codes[dtype],
+        ]  # fmt: skip
+        # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py).
+        ptrs = [
+            _ptr(recon_input), _ptr(target), mu.data_ptr(), logvar.data_ptr(), _ptr(prior_mu),
+            _ptr(prior_logvar), _ptr(self.global_kl_per_dim), _ptr(beta), _ptr(step),
+            loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim),
+            beta_out.data_ptr(), _ptr(kl_weight), _ptr(grad_recon),
+        ]  # fmt: skip
+        ptrs += [_ptr(g) for g in grads[1:]]
+        if on_cpu:
+            bad = _C.elbo_forward_cpu(sizes, ptrs, self.floats, self.ints)
+            if bad >= 0:
+                _validate.raise_invalid_target(
+                    recon_input, target, opts.likelihood, opts.ignore_index, bad
+                )
+            self.results = (recon, kl, kl_per_dim, beta_out)
+        else:
+            floats, ints = self.floats, self.ints
+            workspace_bytes = _C.elbo_cuda_workspace_bytes(sizes, ptrs, floats, ints)
+            workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.elbo_forward_cuda(
+                sizes, ptrs, floats, ints, workspace.data_ptr(), workspace_bytes, stream
+            )
+            out = self.dtype
+            loss = loss.to(out)
+            self.results = (recon.to(out), kl.to(out), kl_per_dim.to(out), beta_out.to(out))
+        grads.append(kl_weight)
+        return loss, grads
 
 
-class _ElboFunction(torch.autograd.Function):
+class ElboFunction(torch.autograd.Function):
     """Eager autograd of klanneal.elbo_loss: the native kernel called directly.
 
-    The six scalar outputs are written into one buffer (in the result dtype
-    on the CPU, float64 cast once on CUDA). Only the loss is the Function's
-    output; recon, kl, kl_per_dim and beta, views of the same buffer, are
-    handed back through `holder` as plain tensors (each extra output of an
-    autograd.Function costs microseconds per call: what matters for small
-    batches).
+    Its arguments are an EagerCall and, of the inputs, only those that
+    require grad (EagerCall.tracked): each argument of an autograd.Function
+    costs time on every call, which is what small batches pay for. For the
+    same reason the loss is the only output: recon, kl, kl_per_dim and beta
+    come back on the EagerCall as plain tensors.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, dtype: torch.dtype, args: OpArgs, holder: list[torch.Tensor], *inputs: Any
-    ) -> torch.Tensor:
-        i = OpInputs(*inputs)
-        reduction = args.options.reduction
-        batch, latent_dim = i.mu.shape
-        n = batch if reduction == "none" else 1
-        device = i.mu.device
-        # The CPU kernel writes the scalars in the result dtype (out_dtype);
-        # CUDA writes float64, cast once afterwards.
-        on_cpu = device.type == "cpu"
-        buf = torch.empty(
-            4 * n + latent_dim + 1, dtype=dtype if on_cpu else torch.float64, device=device
-        )
-        grad_recon = _grad_recon_buffer(i.recon_input) if args.need_grads[0] else None
-        scalars = _split_scalars(buf, batch, latent_dim, reduction)
-        _, grads = _launch(i, grad_recon, scalars=scalars, args=args)
-        _save_context(ctx, i, args)
-        ctx.save_for_backward(*grads, scalars[5])
-        if not on_cpu:
-            scalars = _split_scalars(buf.to(dtype), batch, latent_dim, reduction)
-        holder.extend(scalars[1:5])
-        return scalars[0]
+    def forward(ctx: Any, call: EagerCall, *tracked: torch.Tensor) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        recon_input, target, mu, logvar, beta, prior_mu, prior_logvar = call.inputs
+        loss, grads = call.launch(recon_input, target, mu, logvar, beta, prior_mu, prior_logvar)
+        call.recon_dtype, call.latent_dtype = recon_input.dtype, mu.dtype  # type: ignore[union-attr]
+        call.grad_recon_input = recon_input.requires_grad  # type: ignore[union-attr]
+        call.grad_target = target.requires_grad and target.dtype.is_floating_point  # type: ignore[union-attr]
+        call.grad_beta = grads[5] is not None
+        call.inputs = ()  # the inputs are autograd's to keep, not this object's
+        ctx.call = call
+        ctx.save_for_backward(*grads)
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
-        return (None, None, None, *_backward_common(ctx, grad_loss))
+        out = _backward_common(ctx, ctx.call, grad_loss)
+        # OpInputs order -> EagerCall.inputs order, then the tracked ones.
+        full = (out[0], out[1], out[2], out[3], out[4], out[8], out[9])
+        return (None, *[full[k] for k in ctx.call.tracked])
+
+    @staticmethod
+    def run(call: EagerCall) -> torch.Tensor:
+        """The loss of `call`, attached to autograd."""
+        inputs = call.inputs
+        return ElboFunction.apply(call, *[inputs[k] for k in call.tracked])  # type: ignore[no-untyped-call]
 
 
 class _ElboInplace(torch.autograd.Function):
@@ -738,25 +961,14 @@ class _ElboInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
-        return tuple(_backward_common(ctx, grad_loss))
+        return tuple(_backward_common(ctx, ctx, grad_loss))
 
 
-def elbo_loss_fused(
-    *args: Any, dtype: torch.dtype, op_args: Optional[OpArgs] = None
-) -> tuple[torch.Tensor, ...]:
-    """loss, recon, kl, kl_per_dim, beta with autograd: the op (traced, float64
-    results) or the native kernel (eager, results already in `dtype`).
-
-    args: the op's inputs (OpInputs order); op_args: ElboOptions.unpack of
-    their floats and ints, when the caller has it (the eager path).
-    """
-    if torch.compiler.is_compiling() or not native_available(args[0].device):
-        return tuple(elbo_loss_op(*args)[:5])
-    if op_args is None:
-        op_args = ElboOptions.unpack(args[6], args[7])
-    holder: list[torch.Tensor] = []
-    loss = _ElboFunction.apply(dtype, op_args, holder, *args)  # type: ignore[no-untyped-call]
-    return (loss, *holder)
+def elbo_loss_traced(*args: Any) -> tuple[torch.Tensor, ...]:
+    """loss, recon, kl, kl_per_dim, beta (float64) of the op, with its
+    registered autograd: the path under torch.compile and on devices without
+    a native kernel (the op's default kernel is the reference)."""
+    return tuple(elbo_loss_op(*args)[:5])
 
 
 def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:

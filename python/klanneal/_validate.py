@@ -123,16 +123,44 @@ def check_args(
 ) -> None:
     """Raises TypeError/ValueError naming the first bad argument."""
     check_options(likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var)
-    tensors = (("recon_input", recon_input), ("target", target), ("mu", mu), ("logvar", logvar))
-    for name, t in tensors:
+    check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
+
+
+def _check_is_tensor(**tensors: Any) -> None:
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if len({t.device for _, t in tensors}) > 1:
+
+
+def check_tensor_args(
+    recon_input: Any,
+    target: Any,
+    mu: Any,
+    logvar: Any,
+    beta: Any,
+    step: Any,
+    likelihood: str,
+    capacity: Any = None,
+) -> None:
+    """The tensor arguments, beta, step and capacity of elbo_loss (the options
+    already checked by check_options): raises naming the first bad one.
+
+    On the path of every call: the common case is a few attribute reads.
+    """
+    Tensor = torch.Tensor
+    if not (
+        isinstance(recon_input, Tensor)
+        and isinstance(target, Tensor)
+        and isinstance(mu, Tensor)
+        and isinstance(logvar, Tensor)
+    ):
+        _check_is_tensor(recon_input=recon_input, target=target, mu=mu, logvar=logvar)
+    device = mu.device
+    if recon_input.device != device or target.device != device or logvar.device != device:
         raise ValueError(
             "recon_input, target, mu and logvar must be on one device, got "
             f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"
         )
-
     for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
@@ -145,38 +173,40 @@ def check_args(
             f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}"
         )
 
+    recon_shape = recon_input.shape
     if likelihood == "categorical":
-        if recon_input.dim() < 2:
+        if len(recon_shape) < 2:
             raise ValueError(
                 "recon_input must be logits [B, ..., V] for likelihood='categorical', got "
-                f"shape {tuple(recon_input.shape)}"
+                f"shape {tuple(recon_shape)}"
             )
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        target_dtype = target.dtype
+        if target_dtype.is_floating_point or target_dtype.is_complex or target_dtype == torch.bool:
             raise TypeError(
                 "target must be an integer tensor of class ids for likelihood='categorical', "
-                f"got {target.dtype}"
+                f"got {target_dtype}"
             )
-        if target.dtype == torch.uint64:
+        if target_dtype == torch.uint64:
             # Ids >= 2**63 would wrap to negative int64 (2**64 - 100 to -100, ignored).
             raise TypeError("target: uint64 class ids are not supported; pass int64 class ids")
-        if tuple(target.shape) != tuple(recon_input.shape[:-1]):
+        if target.shape != recon_shape[:-1]:
             raise ValueError(
-                f"target must have shape recon_input.shape[:-1] = {tuple(recon_input.shape[:-1])}"
+                f"target must have shape recon_input.shape[:-1] = {tuple(recon_shape[:-1])}"
                 f" for likelihood='categorical', got {tuple(target.shape)}"
             )
-        if recon_input.shape[-1] == 0:
+        if recon_shape[-1] == 0:
             raise ValueError("recon_input has an empty class dimension (V = 0)")
     else:
-        if recon_input.dim() < 1:
+        if len(recon_shape) < 1:
             raise ValueError("recon_input must have a batch dimension [B, ...], got a 0-d tensor")
         if target.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"target must be a floating-point tensor for likelihood={likelihood!r}, "
                 f"got {target.dtype}"
             )
-        if target.shape != recon_input.shape:
+        if target.shape != recon_shape:
             raise ValueError(
-                f"target must have the shape of recon_input {tuple(recon_input.shape)} for "
+                f"target must have the shape of recon_input {tuple(recon_shape)} for "
                 f"likelihood={likelihood!r}, got {tuple(target.shape)}"
             )
         if likelihood == "bernoulli" and target.requires_grad:
@@ -185,13 +215,17 @@ def check_args(
                 "gradient; detach it (or use klanneal.elbo_loss_ref)"
             )
 
-    if recon_input.shape[0] != mu.shape[0]:
-        raise ValueError(
-            f"recon_input has batch size {recon_input.shape[0]} but mu has {mu.shape[0]}"
-        )
-    if mu.shape[0] == 0:
+    batch = mu.shape[0]
+    if recon_shape[0] != batch:
+        raise ValueError(f"recon_input has batch size {recon_shape[0]} but mu has {batch}")
+    if batch == 0:
         raise ValueError("the batch is empty (B = 0)")
 
+    if type(beta) is float:
+        if not (beta >= 0 and math.isfinite(beta)):
+            _check_real("beta", beta, positive=False)
+        if step is None and capacity is None:
+            return
     check_not_capacity(beta, "beta")
     check_capacity(capacity)
     if is_schedule(beta) or is_schedule(capacity):
@@ -204,8 +238,8 @@ def check_args(
                     "step must be an int or a 0-d integer tensor, got a tensor of "
                     f"shape {tuple(step.shape)} and dtype {step.dtype}"
                 )
-            if step.device != mu.device and step.device.type != "cpu":
-                raise ValueError(f"step is on {step.device} but the inputs are on {mu.device}")
+            if step.device != device and step.device.type != "cpu":
+                raise ValueError(f"step is on {step.device} but the inputs are on {device}")
         elif as_step(step) < 0:
             raise ValueError(f"step must be >= 0, got {as_step(step)}")
     elif step is not None:
@@ -218,8 +252,8 @@ def check_args(
                 "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
                 f"object, got a tensor of shape {tuple(beta.shape)} and dtype {beta.dtype}"
             )
-        if beta.device != mu.device and beta.device.type != "cpu":
-            raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
+        if beta.device != device and beta.device.type != "cpu":
+            raise ValueError(f"beta is on {beta.device} but the inputs are on {device}")
     elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):  # type: ignore[unreachable]
         _check_real("beta", beta, positive=False)
     elif not is_schedule(beta):

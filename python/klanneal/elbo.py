@@ -121,12 +121,14 @@ def elbo_loss(
             option, a schedule without `step`, or inplace=True on a leaf that
             requires grad.
     """
-    _validate.check_args(
-        recon_input, target, mu, logvar, beta, step, likelihood, reduction,
-        free_bits, free_bits_mode, ignore_index, gaussian_var, capacity=capacity,
-    )  # fmt: skip
-    _validate.check_prior(mu, prior_mu, prior_logvar)
-    group = _validate.check_free_bits_group(free_bits_group)
+    options = _ops.elbo_options(
+        likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
+    )
+    _validate.check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
+    has_prior = prior_mu is not None or prior_logvar is not None
+    if has_prior:
+        _validate.check_prior(mu, prior_mu, prior_logvar)
+    group = None if free_bits_group is None else _validate.check_free_bits_group(free_bits_group)
     if inplace and _overwrites_a_leaf(recon_input):
         raise ValueError(
             "inplace=True would overwrite recon_input, a leaf tensor that requires grad (or a "
@@ -137,17 +139,19 @@ def elbo_loss(
         # predictions' dtype loses it (an fp32 target 0.5004 is 0.5 in bf16).
         common = torch.promote_types(recon_input.dtype, target.dtype)
         recon_input, target = recon_input.to(common), target.to(common)
-    if isinstance(step, int) and not isinstance(step, bool) and torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling and isinstance(step, int) and not isinstance(step, bool):
         # A Python int step under torch.compile: a tensor inside the graph,
         # evaluated by the op, so that a new step is not a new constant (a
         # recompile per step).
         step = torch.tensor(step, dtype=torch.int64)
-    batch_free_bits = free_bits > 0 and free_bits_mode == "batch"
-    if not _ops.native_available(recon_input.device) or _functorch_active():
+    batch_free_bits = options.free_bits > 0 and free_bits_mode == "batch"
+    device = recon_input.device
+    if not _ops.native_available(device) or _functorch_active():
         # torch.func transforms (grad, vmap) and devices without a kernel take
         # the reference: plain PyTorch ops, which every transform supports.
         # Value checks read the tensors: skipped while torch.compile traces.
-        if validate and not torch.compiler.is_compiling():
+        if validate and not compiling:
             _validate.check_values(
                 recon_input,
                 target,
@@ -166,69 +170,69 @@ def elbo_loss(
             free_bits_group=group if batch_free_bits else None,
         )  # fmt: skip
 
-    device = recon_input.device
+    # Beta and the capacity reach the kernel as one of: a number (beta_value,
+    # a constant capacity schedule), a beta tensor, or schedule parameters
+    # evaluated at a step tensor (ElboParams, resolve_beta). Eager on the CPU
+    # the values are at hand, so tensors are read as numbers: cheaper than
+    # the float64 copies they would otherwise need.
+    eager_cpu = not compiling and device.type == "cpu"
     beta_tensor: Optional[torch.Tensor] = None
     step_tensor: Optional[torch.Tensor] = None
     if isinstance(step, torch.Tensor):
-        step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
+        if eager_cpu and step.device.type == "cpu":
+            step = int(step)
+            if step < 0:
+                raise ValueError(f"step must be >= 0, got {step}")
+        else:
+            step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
     schedule = _ops.NO_SCHEDULE
     beta_value = 0.0
-    if _validate.is_schedule(beta):
+    if type(beta) is float:
+        beta_value = beta
+    elif _validate.is_schedule(beta):
         if step_tensor is not None:
             # Evaluated inside the op from the step tensor: no recompiles as it changes.
             _validate.check_schedule_range(beta)
-            schedule = tuple(float(v) for v in beta.to_params())
+            schedule = beta._params_tuple
         else:
             step_int = _validate.as_step(step)
             beta_value = _validate.check_beta_value(
                 float(beta(step_int)), f"{beta!r} at step {step_int}"
             )
-            schedule = _ops.constant_schedule(beta_value)
     elif isinstance(beta, torch.Tensor):
-        if beta.device.type == "cpu" and not beta.requires_grad and _eager_cpu(device):
-            # Eager on the CPU the value is at hand: a number is cheaper than
-            # a float64 copy (two tensor ops per call).
+        if eager_cpu and beta.device.type == "cpu" and not beta.requires_grad:
             beta_value = float(beta)
             if validate:
                 _validate.check_beta_value(beta_value, "a beta tensor")
-            schedule = _ops.constant_schedule(beta_value)
         else:
             # Not detached: a beta that requires grad gets d loss / d beta through the op.
             beta_tensor = beta.to(device=device, dtype=torch.float64).reshape(())
     else:
-        beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_args)
-        schedule = _ops.constant_schedule(beta_value)
+        beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_tensor_args)
     capacity_params: Optional[tuple[float, ...]] = None
-    if _validate.is_schedule(capacity):
-        if step_tensor is not None:
-            capacity_params = tuple(float(v) for v in capacity.to_params())
+    if capacity is not None:
+        if not _validate.is_schedule(capacity):
+            capacity_params = _ops.constant_schedule(float(capacity))
+        elif step_tensor is not None:
+            capacity_params = capacity._params_tuple
         else:
             capacity_params = _ops.constant_schedule(float(capacity(_validate.as_step(step))))
-    elif capacity is not None:
-        capacity_params = _ops.constant_schedule(float(capacity))  # type: ignore[arg-type]  # a number
 
     # is_grad_enabled() is False inside the op, so the caller decides which
     # gradients the forward pass computes. A gaussian/mse target that
     # requires grad (a loss between two model outputs) gets -grad_recon.
-    grad_enabled = torch.is_grad_enabled()
-    grad_target = grad_enabled and target.requires_grad
-    has_prior = prior_mu is not None and prior_logvar is not None
-    options = _ops.ElboOptions(
-        likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
-    )
-    need = (
-        grad_enabled and (recon_input.requires_grad or grad_target),
-        grad_enabled and mu.requires_grad,
-        grad_enabled and logvar.requires_grad,
-        grad_enabled and has_prior and prior_mu.requires_grad,  # type: ignore[union-attr]
-        grad_enabled and has_prior and prior_logvar.requires_grad,  # type: ignore[union-attr]
-    )
-    floats, ints = options.pack(
-        beta_value=beta_value, schedule=schedule, capacity=capacity_params,
-        need_grad_recon=need[0], need_grad_mu=need[1], need_grad_logvar=need[2],
-        need_grad_prior_mu=need[3], need_grad_prior_logvar=need[4],
-    )  # fmt: skip
-    if likelihood == "categorical":
+    if torch.is_grad_enabled():
+        need = (
+            recon_input.requires_grad or target.requires_grad,
+            mu.requires_grad,
+            logvar.requires_grad,
+            has_prior and prior_mu.requires_grad,  # type: ignore[union-attr]
+            has_prior and prior_logvar.requires_grad,  # type: ignore[union-attr]
+        )
+    else:
+        need = _NO_GRADS
+    floats, ints = options.packed(beta_value, schedule, capacity_params, need)
+    if likelihood == "categorical" and target.dtype != torch.int64:
         target = target.to(torch.int64)
     global_mean = None
     if group is not None and batch_free_bits:
@@ -238,36 +242,41 @@ def elbo_loss(
             global_mean = global_kl_per_dim(
                 kl_per_element(mu, logvar, prior_mu, prior_logvar), group
             ).contiguous()
-    args: tuple[Any, ...] = (
-        recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
-        beta_tensor, step_tensor, floats, ints,
-    )  # fmt: skip
-    if has_prior or global_mean is not None:
-        args += (
-            None if prior_mu is None else prior_mu.contiguous(),
-            None if prior_logvar is None else prior_logvar.contiguous(),
-            global_mean,
-        )  # fmt: skip
+    recon_input, target = recon_input.contiguous(), target.contiguous()
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    if has_prior:
+        prior_mu, prior_logvar = prior_mu.contiguous(), prior_logvar.contiguous()  # type: ignore[union-attr]
+    dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
     # fp16/bf16 gradients are kept in fp32 until backward (loss scaling), so
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
-    dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
-    if inplace and need[0] and recon_input.dtype in _ops.FULL_PRECISION:
-        outs = _ops.elbo_loss_inplace(*args)
-    else:
-        op_args = _ops.OpArgs(options, beta_value, schedule, capacity_params, need)
-        outs = _ops.elbo_loss_fused(*args, dtype=dtype, op_args=op_args)
-    loss, recon, kl, kl_per_dim, beta_used = outs[:5]
-    if loss.dtype == dtype and not recon.requires_grad:
-        # The eager path: results already in `dtype`, the four terms non-differentiable.
-        return ELBOOutput(loss, recon, kl, kl_per_dim, beta_used)
-    return ELBOOutput(
-        loss.to(dtype),
-        recon.detach().to(dtype),
-        kl.detach().to(dtype),
-        kl_per_dim.detach().to(dtype),
-        beta_used.detach().to(dtype),
-    )
+    write_inplace = inplace and need[0] and recon_input.dtype in _ops.FULL_PRECISION
+    if compiling or write_inplace:
+        args: tuple[Any, ...] = (
+            recon_input, target, mu, logvar, beta_tensor, step_tensor, floats, ints,
+            prior_mu, prior_logvar, global_mean,
+        )  # fmt: skip
+        if write_inplace:
+            outs = _ops.elbo_loss_inplace(*args)
+        else:
+            outs = _ops.elbo_loss_traced(*args)
+        return ELBOOutput(
+            outs[0].to(dtype),
+            outs[1].detach().to(dtype),
+            outs[2].detach().to(dtype),
+            outs[3].detach().to(dtype),
+            outs[4].detach().to(dtype),
+        )
+    call = _ops.EagerCall(
+        _ops.OpArgs(options, beta_value, schedule, capacity_params, need),
+        floats, ints, step_tensor, global_mean, dtype,
+        (recon_input, target, mu, logvar, beta_tensor, prior_mu, prior_logvar),
+    )  # fmt: skip
+    loss = _ops.ElboFunction.run(call)
+    return ELBOOutput(loss, *call.results)
+
+
+_NO_GRADS = (False, False, False, False, False)
 
 
 def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
@@ -283,11 +292,6 @@ def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
             return True
         t = t._base
     return False
-
-
-def _eager_cpu(device: torch.device) -> bool:
-    """Eager mode (not traced by torch.compile) with CPU inputs."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _functorch_active() -> bool:

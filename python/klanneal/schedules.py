@@ -470,6 +470,8 @@ class Schedule:
 
     def _set_params(self, params: list[float]) -> None:
         self._params = [float(x) for x in params]
+        # What the fused ELBO op packs per call (no list copy per call).
+        self._params_tuple = tuple(self._params)
         native = _loaded_native()
         # _configure has validated every argument; the C++ check guards the
         # boundary the kernels see, and there is none without the extension.
