@@ -243,9 +243,9 @@ def elbo_options(
         return _make_options(*args)
 
 
-@dataclasses.dataclass(frozen=True)
-class OpArgs:
-    """What ``ElboOptions.unpack`` reads from the op's ``floats`` and ``ints``."""
+class OpArgs(NamedTuple):
+    """What ``ElboOptions.unpack`` reads from the op's ``floats`` and ``ints``
+    (a NamedTuple: built on every eager call)."""
 
     options: ElboOptions
     beta_value: float
@@ -273,7 +273,10 @@ def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.d
     Like torch autocast for losses: a half-precision loss would overflow
     (fp16 with reduction="sum") although it is accumulated in fp32/fp64.
     """
-    dtype = torch.promote_types(recon_dtype, latent_dtype)
+    if recon_dtype == latent_dtype:
+        dtype = recon_dtype
+    else:
+        dtype = torch.promote_types(recon_dtype, latent_dtype)
     return dtype if dtype in FULL_PRECISION else torch.float32
 
 
@@ -774,9 +777,15 @@ class EagerCall:
 
     __slots__ = (
         "args", "floats", "ints", "step", "global_kl_per_dim", "dtype", "results",
-        "inputs", "tracked", "asked", "reduction", "recon_dtype", "latent_dtype", "grad_target", "grad_recon_input", "grad_beta",
-        "scaled_in_place",
+        "inputs", "tracked", "saved_index", "asked", "reduction", "recon_dtype", "latent_dtype",
+        "grad_target", "grad_recon_input", "grad_beta", "scaled_in_place",
     )  # fmt: skip
+    # Set by ElboFunction.forward, read by the backward.
+    recon_dtype: torch.dtype
+    latent_dtype: torch.dtype
+    grad_recon_input: bool
+    grad_target: bool
+    grad_beta: bool
 
     def __init__(
         self,
@@ -792,9 +801,13 @@ class EagerCall:
         (None where absent). ``apply`` passes autograd only those that require grad."""
         self.args, self.floats, self.ints = args, floats, ints
         self.inputs = inputs
-        self.tracked = tuple(
-            k for k, t in enumerate(inputs) if t is not None and t.requires_grad
-        )
+        self.tracked = tuple([k for k, t in enumerate(inputs) if t is not None and t.requires_grad])
+        # The saved gradient (ctx.saved_tensors index) of each tracked input,
+        # for the backward that returns them as they are; None if one needs
+        # more than that (a target or beta gradient): the general backward.
+        index = (0, None, 1, 2, None, 3, 4)
+        saved = [index[k] for k in self.tracked]
+        self.saved_index = None if None in saved else tuple(saved)
         self.step, self.global_kl_per_dim, self.dtype = step, global_kl_per_dim, dtype
         self.results: tuple[torch.Tensor, ...] = ()
         self.asked, self.reduction = args.need_grads, args.options.reduction
@@ -909,10 +922,12 @@ class ElboFunction(torch.autograd.Function):
     def forward(ctx: Any, call: EagerCall, *tracked: torch.Tensor) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         recon_input, target, mu, logvar, beta, prior_mu, prior_logvar = call.inputs
+        assert recon_input is not None and target is not None
+        assert mu is not None and logvar is not None
         loss, grads = call.launch(recon_input, target, mu, logvar, beta, prior_mu, prior_logvar)
-        call.recon_dtype, call.latent_dtype = recon_input.dtype, mu.dtype  # type: ignore[union-attr]
-        call.grad_recon_input = recon_input.requires_grad  # type: ignore[union-attr]
-        call.grad_target = target.requires_grad and target.dtype.is_floating_point  # type: ignore[union-attr]
+        call.recon_dtype, call.latent_dtype = recon_input.dtype, mu.dtype
+        call.grad_recon_input = recon_input.requires_grad
+        call.grad_target = target.requires_grad and target.dtype.is_floating_point
         call.grad_beta = grads[5] is not None
         call.inputs = ()  # the inputs are autograd's to keep, not this object's
         ctx.call = call
@@ -921,7 +936,23 @@ class ElboFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
-        out = _backward_common(ctx, ctx.call, grad_loss)
+        call = ctx.call
+        index = call.saved_index
+        if (
+            index is not None
+            and not call.scaled_in_place
+            and call.latent_dtype in FULL_PRECISION
+            and call.recon_dtype in FULL_PRECISION
+            and type(grad_loss) is torch.Tensor
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and _is_one(grad_loss)
+        ):
+            # The common case (loss.backward() on a scalar loss): the
+            # gradients of the forward pass, as they are.
+            saved = ctx.saved_tensors
+            return (None, *[saved[k] for k in index])
+        out = _backward_common(ctx, call, grad_loss)
         # OpInputs order -> EagerCall.inputs order, then the tracked ones.
         full = (out[0], out[1], out[2], out[3], out[4], out[8], out[9])
         return (None, *[full[k] for k in ctx.call.tracked])
@@ -930,7 +961,8 @@ class ElboFunction(torch.autograd.Function):
     def run(call: EagerCall) -> torch.Tensor:
         """The loss of `call`, attached to autograd."""
         inputs = call.inputs
-        return ElboFunction.apply(call, *[inputs[k] for k in call.tracked])  # type: ignore[no-untyped-call]
+        loss: torch.Tensor = ElboFunction.apply(call, *[inputs[k] for k in call.tracked])  # type: ignore[no-untyped-call]
+        return loss
 
 
 class _ElboInplace(torch.autograd.Function):

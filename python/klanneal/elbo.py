@@ -212,7 +212,7 @@ def elbo_loss(
     capacity_params: Optional[tuple[float, ...]] = None
     if capacity is not None:
         if not _validate.is_schedule(capacity):
-            capacity_params = _ops.constant_schedule(float(capacity))
+            capacity_params = _ops.constant_schedule(float(capacity))  # type: ignore[arg-type]
         elif step_tensor is not None:
             capacity_params = capacity._params_tuple
         else:
