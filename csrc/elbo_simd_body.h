@@ -168,3 +168,59 @@ inline int64_t unit_interval_prefix(const float *y, int64_t n) {
   }
   return i;
 }
+
+// KlRowStandard (elbo_simd_cpu.h): gaussian_kl_elem of elbo_math.h (the
+// N(0, I) prior) on lanes, the same operations in the same order; lanes
+// past n load mu = logvar = 0, whose KL is exactly 0.
+template <typename T>
+double kl_row_standard(const T *mu, const T *logvar, int64_t n, T w, T *kl, T *grad_mu,
+                       T *grad_logvar) {
+  using W = VecT<T>;
+  using R = typename W::R;
+  constexpr int L = W::kLanes;
+  const R one = W::set1(T(1)), half = W::set1(T(0.5)), minus_half = W::set1(T(-0.5));
+  const R vw = W::set1(w);
+  R sum = W::zero();                                  // fp64 rows
+  typename VecT<float>::Wide lo = VecT<float>::zero_wide(), hi = lo; // fp32 rows, widened
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t left = n - i;
+    const bool full = left >= L;
+    const R m = full ? W::loadu(mu + i) : W::load_tail(mu + i, left, W::zero());
+    const R lv = full ? W::loadu(logvar + i) : W::load_tail(logvar + i, left, W::zero());
+    const R var = W::exp(lv);
+    const R k = W::mul(minus_half, W::sub(W::sub(W::add(one, lv), W::mul(m, m)), var));
+    const R g_mu = W::mul(m, vw);
+    const R g_lv = W::mul(W::mul(half, W::sub(var, one)), vw);
+    if (full) {
+      W::storeu(kl + i, k);
+      if (grad_mu != nullptr)
+        W::storeu(grad_mu + i, g_mu);
+      if (grad_logvar != nullptr)
+        W::storeu(grad_logvar + i, g_lv);
+    } else {
+      W::store_tail(kl + i, left, k);
+      if (grad_mu != nullptr)
+        W::store_tail(grad_mu + i, left, g_mu);
+      if (grad_logvar != nullptr)
+        W::store_tail(grad_logvar + i, left, g_lv);
+    }
+    if constexpr (std::is_same_v<T, float>)
+      W::add_widened(&lo, &hi, k);
+    else
+      sum = W::add(sum, k);
+  }
+  double total = 0.0;
+  if constexpr (std::is_same_v<T, float>) {
+    alignas(64) double lanes[L];
+    W::store_wide(lanes, lo);
+    W::store_wide(lanes + L / 2, hi);
+    for (double v : lanes)
+      total += v;
+  } else {
+    alignas(64) double lanes[L];
+    W::storeu(lanes, sum);
+    for (double v : lanes)
+      total += v;
+  }
+  return total;
+}

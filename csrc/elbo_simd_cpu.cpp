@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "klanneal/elbo_math.h"
 #include "klanneal/simd_vec_cpu.h"
@@ -66,6 +67,22 @@ CategoricalRow<double> categorical_row_f64(SimdLevel level) {
   return nullptr;
 }
 
+KlRowStandard<float> kl_row_standard_f32(SimdLevel level) {
+  if (level == SimdLevel::kAvx512)
+    return avx512::kl_row_standard<float>;
+  if (level == SimdLevel::kAvx2)
+    return avx2::kl_row_standard<float>;
+  return nullptr;
+}
+
+KlRowStandard<double> kl_row_standard_f64(SimdLevel level) {
+  if (level == SimdLevel::kAvx512)
+    return avx512::kl_row_standard<double>;
+  if (level == SimdLevel::kAvx2)
+    return avx2::kl_row_standard<double>;
+  return nullptr;
+}
+
 namespace {
 template <int kKind> PointwiseChunkF32 pointwise_at(SimdLevel level) {
   if (level == SimdLevel::kAvx512)
@@ -102,6 +119,8 @@ ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level) {
 CategoricalRow<float> categorical_row_f32(SimdLevel) { return nullptr; }
 CategoricalRow<double> categorical_row_f64(SimdLevel) { return nullptr; }
 PointwiseChunkF32 pointwise_chunk_f32(SimdLevel, Likelihood) { return nullptr; }
+KlRowStandard<float> kl_row_standard_f32(SimdLevel) { return nullptr; }
+KlRowStandard<double> kl_row_standard_f64(SimdLevel) { return nullptr; }
 ValidPrefixF32 unit_interval_prefix_f32(SimdLevel) { return nullptr; }
 
 #endif

@@ -34,6 +34,8 @@ def is_schedule(beta: Any) -> TypeGuard[Schedule]:
 
 def as_step(step: Any) -> int:
     """A Python or numpy integer step as an int (bools and floats are rejected)."""
+    if type(step) is int:
+        return step
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an int or a 0-d integer tensor, got {type(step).__name__}")
     return int(step)
@@ -43,6 +45,14 @@ def check_beta_value(value: float, where: str) -> float:
     """A beta that reaches the kernels must be a finite, non-negative weight."""
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"beta must be finite and >= 0, got {value} ({where})")
+    return value
+
+
+def check_scheduled_beta(value: float, schedule: Any, step: int) -> float:
+    """check_beta_value for `schedule`'s value at `step` (described only on failure:
+    a schedule's repr costs more than the rest of the call)."""
+    if not (math.isfinite(value) and value >= 0):
+        check_beta_value(value, f"{schedule!r} at step {step}")
     return value
 
 

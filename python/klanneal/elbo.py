@@ -161,7 +161,8 @@ def elbo_loss(
                 step if isinstance(step, torch.Tensor) else None,
             )
         if _validate.is_schedule(beta) and not isinstance(step, torch.Tensor):
-            _validate.check_beta_value(beta(_validate.as_step(step)), f"{beta!r} at step {step}")
+            step_int = _validate.as_step(step)
+            _validate.check_scheduled_beta(beta(step_int), beta, step_int)
         return elbo_loss_ref(
             recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
             reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
@@ -196,9 +197,7 @@ def elbo_loss(
             schedule = beta._params_tuple
         else:
             step_int = _validate.as_step(step)
-            beta_value = _validate.check_beta_value(
-                float(beta(step_int)), f"{beta!r} at step {step_int}"
-            )
+            beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
     elif isinstance(beta, torch.Tensor):
         if eager_cpu and beta.device.type == "cpu" and not beta.requires_grad:
             beta_value = float(beta)

@@ -43,5 +43,15 @@ PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood);
 using ValidPrefixF32 = int64_t (*)(const float *y, int64_t n);
 ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level);
 
+// KL against the N(0, I) prior of one example's latents mu[0, n), logvar[0, n)
+// (fp32 or fp64, gaussian_kl_elem of elbo_math.h): writes each KL into kl
+// and its gradients times w into grad_mu and grad_logvar (either may be
+// null); returns the sum of the KLs in double.
+template <typename T>
+using KlRowStandard = double (*)(const T *mu, const T *logvar, int64_t n, T w, T *kl, T *grad_mu,
+                                 T *grad_logvar);
+KlRowStandard<float> kl_row_standard_f32(SimdLevel level);
+KlRowStandard<double> kl_row_standard_f64(SimdLevel level);
+
 } // namespace cpu
 } // namespace klanneal
