@@ -180,7 +180,7 @@ double kl_row_standard(const T *mu, const T *logvar, int64_t n, T w, T *kl, T *g
   constexpr int L = W::kLanes;
   const R one = W::set1(T(1)), half = W::set1(T(0.5)), minus_half = W::set1(T(-0.5));
   const R vw = W::set1(w);
-  R sum = W::zero();                                  // fp64 rows
+  R sum = W::zero();                                                 // fp64 rows
   typename VecT<float>::Wide lo = VecT<float>::zero_wide(), hi = lo; // fp32 rows, widened
   for (int64_t i = 0; i < n; i += L) {
     const int64_t left = n - i;
