@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -959,10 +960,32 @@ class ElboFunction(torch.autograd.Function):
 
     @staticmethod
     def run(call: EagerCall) -> torch.Tensor:
-        """The loss of `call`, attached to autograd."""
+        """The loss of `call`, attached to autograd.
+
+        Through the C apply of torch.autograd.Function (_APPLY): what
+        Function.apply adds in Python is for torch.func transforms, and
+        elbo_loss takes the reference path whenever one is active; the
+        inputs are unwrapped as Function.apply does (a tensor that escaped a
+        finished transform).
+        """
         inputs = call.inputs
-        loss: torch.Tensor = ElboFunction.apply(call, *[inputs[k] for k in call.tracked])  # type: ignore[no-untyped-call]
+        unwrap = _UNWRAP_IF_DEAD
+        tracked = [unwrap(inputs[k]) for k in call.tracked]
+        loss: torch.Tensor = _APPLY(call, *tracked)
         return loss
+
+
+def _c_apply() -> Any:
+    """torch.autograd.Function's C-level apply bound to ElboFunction, or its
+    Python apply where torch's class layout is not the expected one."""
+    apply = getattr(super(torch.autograd.Function, ElboFunction), "apply", None)
+    if isinstance(apply, types.BuiltinMethodType) and apply.__self__ is ElboFunction:
+        return apply
+    return ElboFunction.apply
+
+
+_APPLY = _c_apply()
+_UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 
 
 class _ElboInplace(torch.autograd.Function):
