@@ -51,47 +51,42 @@ using Isa = simd::Avx512;
 #pragma GCC pop_options
 #endif
 
-CategoricalRow<float> categorical_row_f32(SimdLevel level) {
+namespace {
+// The kernel of this SIMD level: the AVX-512 or the AVX2 instantiation of
+// one body, or nullptr (scalar code) below AVX2.
+template <typename F> F at_level(SimdLevel level, F avx512_kernel, F avx2_kernel) {
   if (level == SimdLevel::kAvx512)
-    return avx512::categorical_row<float>;
+    return avx512_kernel;
   if (level == SimdLevel::kAvx2)
-    return avx2::categorical_row<float>;
+    return avx2_kernel;
   return nullptr;
+}
+
+template <int kKind> PointwiseChunkF32 pointwise_at(SimdLevel level) {
+  return at_level<PointwiseChunkF32>(level, avx512::pointwise_chunk<kKind>,
+                                     avx2::pointwise_chunk<kKind>);
+}
+} // namespace
+
+CategoricalRow<float> categorical_row_f32(SimdLevel level) {
+  return at_level<CategoricalRow<float>>(level, avx512::categorical_row<float>,
+                                         avx2::categorical_row<float>);
 }
 
 CategoricalRow<double> categorical_row_f64(SimdLevel level) {
-  if (level == SimdLevel::kAvx512)
-    return avx512::categorical_row<double>;
-  if (level == SimdLevel::kAvx2)
-    return avx2::categorical_row<double>;
-  return nullptr;
+  return at_level<CategoricalRow<double>>(level, avx512::categorical_row<double>,
+                                          avx2::categorical_row<double>);
 }
 
 KlRowStandard<float> kl_row_standard_f32(SimdLevel level) {
-  if (level == SimdLevel::kAvx512)
-    return avx512::kl_row_standard<float>;
-  if (level == SimdLevel::kAvx2)
-    return avx2::kl_row_standard<float>;
-  return nullptr;
+  return at_level<KlRowStandard<float>>(level, avx512::kl_row_standard<float>,
+                                        avx2::kl_row_standard<float>);
 }
 
 KlRowStandard<double> kl_row_standard_f64(SimdLevel level) {
-  if (level == SimdLevel::kAvx512)
-    return avx512::kl_row_standard<double>;
-  if (level == SimdLevel::kAvx2)
-    return avx2::kl_row_standard<double>;
-  return nullptr;
+  return at_level<KlRowStandard<double>>(level, avx512::kl_row_standard<double>,
+                                         avx2::kl_row_standard<double>);
 }
-
-namespace {
-template <int kKind> PointwiseChunkF32 pointwise_at(SimdLevel level) {
-  if (level == SimdLevel::kAvx512)
-    return avx512::pointwise_chunk<kKind>;
-  if (level == SimdLevel::kAvx2)
-    return avx2::pointwise_chunk<kKind>;
-  return nullptr;
-}
-} // namespace
 
 PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
   switch (likelihood) {
@@ -107,11 +102,7 @@ PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
 }
 
 ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level) {
-  if (level == SimdLevel::kAvx512)
-    return avx512::unit_interval_prefix;
-  if (level == SimdLevel::kAvx2)
-    return avx2::unit_interval_prefix;
-  return nullptr;
+  return at_level<ValidPrefixF32>(level, avx512::unit_interval_prefix, avx2::unit_interval_prefix);
 }
 
 #else // no x86 SIMD: the scalar formulas everywhere

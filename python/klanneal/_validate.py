@@ -115,27 +115,6 @@ def check_options(
         )
 
 
-def check_args(
-    recon_input: Any,
-    target: Any,
-    mu: Any,
-    logvar: Any,
-    beta: Any,
-    step: Any,
-    likelihood: Any,
-    reduction: Any,
-    free_bits: Any,
-    free_bits_mode: Any,
-    ignore_index: Any,
-    gaussian_var: Any,
-    *,
-    capacity: Any = None,
-) -> None:
-    """Raises TypeError/ValueError naming the first bad argument."""
-    check_options(likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var)
-    check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
-
-
 def _check_is_tensor(**tensors: Any) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
