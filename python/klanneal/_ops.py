@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import types
 from typing import Any, NamedTuple, Optional
 
 import torch
 
 from klanneal import _validate
+from klanneal._env import env_flag, native_disabled
 
 try:
     from klanneal import _C
@@ -306,25 +306,11 @@ _N_INPUTS = len(OpInputs._fields)
 
 
 _HAS_CUDA_KERNEL = _C is not None and hasattr(_C, "elbo_forward_cuda")
-# os.environ's own dict, keyed and valued by bytes on POSIX: a lookup there
-# costs ~50 ns, os.environ.get ~1 us (it encodes the key and decodes the
-# value), on every elbo_loss call. Both see os.environ's updates at once.
-_ENV_BYTES: Optional[dict[bytes, bytes]] = getattr(os.environ, "_data", None)
-if not (isinstance(_ENV_BYTES, dict) and all(isinstance(k, bytes) for k in _ENV_BYTES)):
-    _ENV_BYTES = None
-
-
-def env_flag(name: str, default: str) -> str:
-    """The environment variable `name` (os.environ, read at every call), or `default`."""
-    if _ENV_BYTES is not None:
-        value = _ENV_BYTES.get(name.encode())
-        return default if value is None else value.decode(errors="replace")
-    return os.environ.get(name, default)
 
 
 def native_available(device: torch.device) -> bool:
     """Whether the fused kernel runs on `device` (else the reference is used)."""
-    if _C is None or env_flag("KLANNEAL_DISABLE_NATIVE", "0") not in ("", "0"):
+    if _C is None or native_disabled():
         return False
     kind = device.type
     return kind == "cpu" or (kind == "cuda" and _HAS_CUDA_KERNEL)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import numpy.typing as npt
+
+from klanneal._env import native_disabled
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +70,7 @@ def _loaded_native() -> ModuleType | None:
     """klanneal._C, or None when it failed to import or KLANNEAL_DISABLE_NATIVE is set."""
     from klanneal import _C
 
-    if _C is None or os.environ.get("KLANNEAL_DISABLE_NATIVE", "0") not in ("", "0"):
+    if _C is None or native_disabled():
         return None
     return _C
 
@@ -499,7 +500,7 @@ class Schedule:
         native = _loaded_native()
         if native is None:
             return schedule_value_ref(self._params, _as_step(step))
-        return float(native.schedule_value(self._params, _as_step(step)))
+        return float(native.schedule_value(self._params_tuple, _as_step(step)))
 
     def values(self, n_or_steps: StepsLike) -> FloatArray | torch.Tensor:
         """Values at many steps at once, vectorised in C++ (threads) or CUDA.
