@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -502,9 +503,11 @@ def _method_section(config: dict[str, Any], notes: list[str]) -> list[str]:
         "- Timing: `time.perf_counter` around each call, the device synchronised before each "
         "timer read; providers of one case and mode are timed round-robin (one call each per "
         "round) so that the load of a shared machine falls on all of them alike.",
-        "- Providers: `eager` = `klanneal.reference.elbo_loss_ref` (F.cross_entropy / "
-        "BCE-with-logits / Gaussian NLL + beta * KL, the unfused code people write); `compile` "
-        "= `torch.compile(elbo_loss_ref, dynamic=False)`, warmed up before timing; `klanneal` = "
+        "- Providers: `eager` = the hand-written loss of benchmarks/bench_elbo.py "
+        "(`handwritten_loss`: torch's fused F.cross_entropy / F.binary_cross_entropy_with_logits"
+        " / F.mse_loss with reduction='sum' + beta * the closed-form KL, / B: the code people "
+        "write); `compile` = `torch.compile(handwritten_loss, dynamic=False)`, warmed up before "
+        "timing; `klanneal` = "
         "`klanneal.elbo_loss(..., inplace=False)` with its default argument validation; "
         "`klanneal-inplace` = the same with `inplace=True`; `liger` = Liger-Kernel's "
         "cross-entropy + a PyTorch KL (CUDA only); `memcpy` = `dst.copy_(logits)` into a "
@@ -594,7 +597,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 capsize=2,
             )
         axis.set_xticks(range(len(modes)))
-        axis.set_xticklabels(modes)
+        # Long mode names ("MNIST-style step B=128") wrapped, so neighbours do not overlap.
+        axis.set_xticklabels([textwrap.fill(str(m), 18, break_long_words=False) for m in modes])
         axis.set_yscale("log")
         axis.set_ylabel("median ms (log), p20-p80")
         axis.set_title(f"{case} ({device}, {dtype})")
