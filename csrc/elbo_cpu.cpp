@@ -6,9 +6,11 @@
 // slot of a buffer and the slots are summed afterwards, sequentially in
 // double precision, so the result is bitwise identical for any n_threads.
 //
-// Categorical rows: one read of the row for the online max / log-sum-exp
-// (blocks of 4 vectors: one rescale of the running sum per block, one exp per
-// element), then one pass writing the gradient softmax - onehot. fp32 rows
+// Categorical rows (vector kernels): the row max, then one exp per element,
+// summed and stored into the gradient row, then that row scaled to softmax -
+// onehot; the row is read from memory once (it stays in L2) while the next
+// one is prefetched. The scalar kernel keeps the online log-sum-exp of
+// elbo_math.h and a second exp per element in its gradient pass. fp32 rows
 // use the AVX-512 or AVX2 kernels where the CPU has them (elbo_simd_cpu.h:
 // one body per formula, compiled per ISA), else the scalar formulas of
 // elbo_math.h; fp64 rows have the same kernels with fp64 lanes; fp16/bf16
