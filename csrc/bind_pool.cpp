@@ -15,6 +15,7 @@
 #include "bind.h"
 #include "dlpack.h"
 #include "klanneal/buffer_pool.h"
+#include "klanneal/parallel_cpu.h"
 
 namespace klanneal {
 namespace {
@@ -133,6 +134,12 @@ void register_pool(pybind11::module_ &m) {
       },
       pybind11::arg("milliseconds"),
       "Tests only: holds the pool's mutex this long without the GIL (tests/test_fork.py).");
+  m.def(
+      "cpu_threads_backend",
+      [] { return std::string(cpu::uses_openmp_team() ? "openmp" : "pool"); },
+      "What the CPU kernels' parallel_for runs on: 'openmp' (the process's GNU OpenMP "
+      "team, torch's intra-op threads) or 'pool' (klanneal's own worker pool: no libgomp "
+      "loaded, KLANNEAL_OPENMP=0, or a forked child).");
   m.attr("pool_max_buffers") = kPoolMaxBuffers;
   m.attr("pool_max_bytes") = kPoolMaxBytes;
 }

@@ -1,5 +1,9 @@
-// The persistent worker pool behind parallel_for (parallel_cpu.h).
+// The threads behind parallel_for (parallel_cpu.h): the process's GNU
+// OpenMP team when one is loaded (torch's own intra-op threads), else a
+// persistent worker pool of our own.
 #include <condition_variable>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -8,6 +12,9 @@
 
 #if defined(__linux__) || defined(__APPLE__)
 #include <pthread.h>
+#endif
+#if defined(__linux__)
+#include <dlfcn.h>
 #endif
 
 namespace klanneal {
@@ -120,9 +127,83 @@ int max_threads() {
   return n;
 }
 
+namespace {
+
+// GNU OpenMP's entry point for `#pragma omp parallel` (GCC >= 4.9 ABI):
+// runs fn(data) on a team of num_threads threads, the caller included, and
+// returns when all have finished.
+using GompParallel = void (*)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+
+// torch's Linux wheels run their intra-op work on a bundled libgomp, whose
+// idle threads spin for milliseconds after every parallel torch op. A pool
+// of our own then shares the cores with those spinning threads (on 2 cores
+// the text case's row kernel took 9-10 ms right after a torch op against
+// 6.3 ms with OMP_WAIT_POLICY=PASSIVE); the spinning threads themselves
+// pick up a parallel region at once. So when the process already has
+// libgomp loaded (found by its soname, never loaded here: the core links no
+// OpenMP and no torch), parallel_for runs on that team. KLANNEAL_OPENMP=0,
+// read at the first parallel call, keeps the pool of our own.
+GompParallel loaded_gomp_parallel() {
+#if defined(__linux__)
+  static const GompParallel fn = []() -> GompParallel {
+    const char *flag = std::getenv("KLANNEAL_OPENMP");
+    if (flag != nullptr && (std::strcmp(flag, "0") == 0 || std::strcmp(flag, "") == 0))
+      return nullptr;
+    void *handle = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (handle == nullptr)
+      return nullptr;
+    return reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
+  }();
+  return fn;
+#else
+  return nullptr;
+#endif
+}
+
+// libgomp's team does not survive fork(): a child that enters a parallel
+// region waits for threads that exist only in the parent. Children (marked
+// by a fork handler installed when the library loads) use the pool.
+std::atomic<bool> g_forked_child{false};
+#if defined(__linux__) || defined(__APPLE__)
+const bool g_fork_handler_installed =
+    pthread_atfork(nullptr, nullptr, [] { g_forked_child.store(true); }) == 0;
+#endif
+
+struct OpenMpJob {
+  void (*job)(void *);
+  void *context;
+  std::mutex mutex;
+  std::exception_ptr error; // the first exception of any team member
+};
+
+// One team member: an exception must not leave an OpenMP region
+// (std::terminate); it is kept and rethrown by the caller.
+void run_member(void *data) {
+  auto &j = *static_cast<OpenMpJob *>(data);
+  try {
+    j.job(j.context);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(j.mutex);
+    if (!j.error)
+      j.error = std::current_exception();
+  }
+}
+
+} // namespace
+
 bool run_on_pool(int n_helpers, void (*job)(void *), void *context) {
+  const GompParallel gomp_parallel = g_forked_child.load() ? nullptr : loaded_gomp_parallel();
+  if (gomp_parallel != nullptr) {
+    OpenMpJob j{job, context, {}, nullptr};
+    gomp_parallel(run_member, &j, static_cast<unsigned>(n_helpers + 1), 0);
+    if (j.error)
+      std::rethrow_exception(j.error);
+    return true;
+  }
   return worker_pool().run(n_helpers, job, context);
 }
+
+bool uses_openmp_team() { return !g_forked_child.load() && loaded_gomp_parallel() != nullptr; }
 
 } // namespace cpu
 } // namespace klanneal

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -213,3 +216,26 @@ def test_compiled_loss_through_pool_matches_eager():
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
     del got, want
     assert _C.pool_cached_bytes() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch bundles libgomp on Linux")
+def test_cpu_kernels_run_on_torchs_openmp_team_unless_told_not_to():
+    # torch's idle OpenMP threads spin after each parallel op; a pool of
+    # klanneal's own would share the cores with them (parallel_cpu.cpp).
+    code = (
+        "import torch, klanneal\n"
+        "x = torch.randn(64, 40000, requires_grad=True)\n"
+        "t = torch.randint(0, 40000, (64,))\n"
+        "mu = torch.zeros(64, 4)\n"
+        "klanneal.elbo_loss(x, t, mu, mu).loss.backward()\n"
+        "print(klanneal._C.cpu_threads_backend())\n"
+    )
+    for flag, want in ((None, "openmp"), ("0", "pool")):
+        env = {k: v for k, v in os.environ.items() if k != "KLANNEAL_OPENMP"}
+        if flag is not None:
+            env["KLANNEAL_OPENMP"] = flag
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == want

@@ -8,6 +8,11 @@
 // share to the others instead of holding up the call. Which thread runs a
 // unit never changes a result: every unit writes only its own output slots.
 //
+// When the process has GNU OpenMP loaded (torch's Linux wheels bundle
+// libgomp for their intra-op threads), the ranges are claimed by the members
+// of an OpenMP team instead: the same threads torch's own ops use, which
+// would otherwise spin on the cores the pool needs (parallel_cpu.cpp).
+//
 // The pool is created on first use and grows to the largest thread count
 // asked for. One call uses it at a time; a concurrent call (another Python
 // thread) starts threads of its own instead of waiting. The pool is never
@@ -29,12 +34,16 @@ namespace cpu {
 // Hardware threads (at least 1): the pool never grows beyond them.
 int max_threads();
 
-// Runs job(context) on the calling thread and on up to n_helpers pool
-// workers; returns when every thread that started on it has finished (an
-// exception of the caller's share is rethrown after that). False, with
-// nothing run, if the pool is busy with another call or cannot start its
-// threads.
+// Runs job(context) on the calling thread and on up to n_helpers workers
+// (OpenMP team members or pool workers); returns when every thread that
+// started on it has finished (an exception is rethrown after that). False,
+// with nothing run, if the pool is busy with another call or cannot start
+// its threads.
 bool run_on_pool(int n_helpers, void (*job)(void *), void *context);
+
+// Whether parallel_for runs on the process's GNU OpenMP team (torch's
+// intra-op threads) rather than on klanneal's own pool (parallel_cpu.cpp).
+bool uses_openmp_team();
 
 // Claims ranges of `grain` units from `next` until none are left.
 template <typename F>
