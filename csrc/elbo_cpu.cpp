@@ -54,15 +54,16 @@ using cpu::ValidPrefixF32;
 
 constexpr int64_t kChunk = 16384; // elements per unit, non-categorical
 // Elements per thread below which a thread costs more than it saves. A
-// categorical element costs ~0.7 ns (fp32, AVX-512), a bernoulli one ~1 ns,
-// a gaussian one less; waking a pool worker costs a few microseconds, but a
-// worker preempted in the middle of its range (a busy machine, or torch's
-// own OpenMP threads still spinning) holds the call up for a time slice. On
-// the 2-core development machine the image case (100K bernoulli elements)
-// took 1.2 ms with 2 threads against 0.35 ms with one: the cheap pointwise
-// likelihoods get a thread per 256K elements (>= ~0.2 ms of work) only.
+// categorical element costs ~0.7 ns (fp32, AVX-512), a bernoulli one ~1.8
+// ns (AVX2), a gaussian one less; handing a range to another thread costs a
+// few microseconds. With klanneal's own pool, a worker sharing its core with
+// torch's still-spinning OpenMP threads made the image case (100K bernoulli
+// elements) slower on 2 threads than on one, so the pointwise likelihoods
+// had a thread per 256K elements only; on torch's OpenMP team
+// (parallel_cpu.cpp) 2 threads took the image case from 1.52-1.56x to
+// 1.81-1.97x the hand-written loss in the suite.
 constexpr int64_t kMinElemsPerThreadCategorical = 1 << 15;
-constexpr int64_t kMinElemsPerThreadPointwise = 1 << 18;
+constexpr int64_t kMinElemsPerThreadPointwise = 1 << 15;
 // Latent elements (B * D) from which the KL pass uses the worker threads:
 // each costs an exp (two with a learned prior) and its derivatives, ~2 ns
 // in the vector row kernel (fp32, AVX2): the gaussian case's 256 x 64
