@@ -23,6 +23,7 @@ measured increase: the op is charged for the memory it really holds. On CUDA:
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import re
@@ -136,6 +137,25 @@ def peak_rss_reset_works() -> bool:
         return _proc_status_kib("VmHWM") <= _proc_status_kib("VmRSS") + 64
     except (OSError, RuntimeError):
         return False
+
+
+def run_memory_worker(script: str, spec: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+    """Runs ``python script --worker <spec as JSON>`` with ``MALLOC_ENV`` and
+    returns the JSON of its last output line, or ``{"error": ...}`` naming the
+    worker's exit status and the tail of its output."""
+    env = {**os.environ, **MALLOC_ENV}
+    process = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+    )
+    if process.returncode != 0:
+        tail = (process.stderr or process.stdout).strip().splitlines()[-3:]
+        return {"error": f"worker exited with {process.returncode}: {' | '.join(tail)}"}
+    result: dict[str, Any] = json.loads(process.stdout.strip().splitlines()[-1])
+    return result
 
 
 def cpu_peak_extra_bytes(call: Callable[[Any], Any], state: Any) -> int:

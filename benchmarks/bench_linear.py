@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,18 +185,7 @@ def _worker_main(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_cpu_memory(spec: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
     """Runs ``_worker_main(spec)`` in a subprocess; returns its result or an ``error``."""
-    env = {**os.environ, **_harness.MALLOC_ENV}
-    process = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout_s,
-    )
-    if process.returncode != 0:
-        tail = (process.stderr or process.stdout).strip().splitlines()[-3:]
-        return {"error": f"worker exited with {process.returncode}: {' | '.join(tail)}"}
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return _harness.run_memory_worker(__file__, spec, timeout_s)
 
 
 # --------------------------------------------------------------------------- suite
