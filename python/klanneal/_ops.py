@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -381,74 +382,76 @@ def _scalar_outputs(
 
 def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[Optional[torch.Tensor], ...]:
     """Uninitialised grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar (in
-    grad_dtype), None for those not asked for (need: the 5 flags)."""
+    grad_dtype, mu's contiguous layout), None for those not asked for (need:
+    the 5 flags). empty_like without keyword arguments where it can: each
+    costs about a microsecond."""
     dtype = grad_dtype(mu.dtype)
-    return tuple(mu.new_empty(mu.shape, dtype=dtype) if n else None for n in need[1:])
+    kw: dict[str, Any] = {} if dtype == mu.dtype else {"dtype": dtype}
+    if not mu.is_contiguous():
+        kw["memory_format"] = torch.contiguous_format
+    return tuple(torch.empty_like(mu, **kw) if n else None for n in need[1:])
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def _launch(
-    i: OpInputs,
-    grad_recon: Optional[torch.Tensor],
-    scalars: Optional[tuple[torch.Tensor, ...]] = None,
-    args: Optional[OpArgs] = None,
-) -> tuple[tuple[torch.Tensor, ...], tuple[Optional[torch.Tensor], ...]]:
-    """The device kernel: allocates the outputs and runs recon_input's device's kernel.
+def _run_kernel(
+    opts: ElboOptions,
+    inputs: tuple[Optional[torch.Tensor], ...],
+    scalars: tuple[Optional[torch.Tensor], ...],
+    grads: Sequence[Optional[torch.Tensor]],
+    floats: list[float],
+    ints: list[int],
+) -> None:
+    """Runs recon_input's device's kernel on allocated outputs (both the op and
+    the eager path): value checks -> sizes and pointers -> launch.
 
-    check -> allocate -> pointers -> launch; the packed lists go to C++ as
-    they are. `scalars`: float64 loss, recon, kl, kl_per_dim, beta, kl_weight
-    to write (the eager path passes views of one buffer), else allocated
-    here; `args`: ElboOptions.unpack(floats, ints) when the caller has it
-    already. Returns the 6 scalars (float64, or float32 scalars written as
-    float32: the CPU kernel's out_dtype) and the 5 gradients (recon_input,
-    mu, logvar, prior_mu, prior_logvar; None where not asked for).
+    inputs: recon_input, target, mu, logvar, prior_mu, prior_logvar,
+    global_kl_per_dim, beta, step (None where absent); scalars: loss, recon,
+    kl, kl_per_dim, beta_out, kl_weight (kl_weight may be None), all of the
+    loss's dtype (float64, or float32 on the CPU: its out_dtype); grads: the
+    gradients of recon_input, mu, logvar, prior_mu, prior_logvar (None where
+    not asked for). The packed lists go to C++ as they are.
     """
-    if args is None:
-        args = ElboOptions.unpack(i.floats, i.ints)
-    opts = args.options
-    recon_input, target, mu = i.recon_input, i.target, i.mu
+    recon_input, target, mu, logvar, prior_mu, prior_logvar, global_mean, beta, step = inputs
+    assert recon_input is not None and target is not None and mu is not None
+    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
+    assert loss is not None and recon is not None and kl is not None and beta_out is not None
     device = recon_input.device
     on_cpu = device.type == "cpu"
-    if opts.validate:
+    if opts.validate and (not on_cpu or beta is not None or step is not None):
         # On CPU the kernel checks class ids / bernoulli targets in its own
         # pass over the data and returns the first bad one.
         _validate.check_values(
-            recon_input, target, opts.likelihood, opts.ignore_index, i.beta, i.step,
+            recon_input, target, opts.likelihood, opts.ignore_index, beta, step,
             check_target=not on_cpu,
         )  # fmt: skip
     batch, latent_dim = mu.shape
-    if scalars is None:
-        scalars = _scalar_outputs(mu, opts.reduction, device)
-    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
-    grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = _latent_grads(mu, args.need_grads)
     if opts.likelihood == "categorical":
         row_len = recon_input.shape[-1]
         n_rows = recon_input.numel() // row_len
     else:
         n_rows, row_len = batch, recon_input.numel() // batch
+    codes = DTYPE_CODES
     sizes = [
-        batch, n_rows, row_len, latent_dim, DTYPE_CODES[recon_input.dtype],
-        DTYPE_CODES[mu.dtype], torch.get_num_threads(), DTYPE_CODES[loss.dtype],
+        batch, n_rows, row_len, latent_dim, codes[recon_input.dtype], codes[mu.dtype],
+        torch.get_num_threads(), codes[loss.dtype],
     ]  # fmt: skip
     # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py).
     ptrs = [
-        _ptr(recon_input), _ptr(target), _ptr(mu), _ptr(i.logvar), _ptr(i.prior_mu),
-        _ptr(i.prior_logvar), _ptr(i.global_kl_per_dim), _ptr(i.beta), _ptr(i.step),
-        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), beta_out.data_ptr(),
-        kl_weight.data_ptr(), _ptr(grad_recon), _ptr(grad_mu), _ptr(grad_logvar),
-        _ptr(grad_prior_mu), _ptr(grad_prior_logvar),
+        _ptr(recon_input), _ptr(target), _ptr(mu), _ptr(logvar), _ptr(prior_mu),
+        _ptr(prior_logvar), _ptr(global_mean), _ptr(beta), _ptr(step), loss.data_ptr(),
+        recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), beta_out.data_ptr(), _ptr(kl_weight),
     ]  # fmt: skip
-    floats, ints = i.floats, i.ints
+    ptrs += [_ptr(g) for g in grads]
     if on_cpu:
         bad = _C.elbo_forward_cpu(sizes, ptrs, floats, ints)
         if bad >= 0:
             _validate.raise_invalid_target(
                 recon_input, target, opts.likelihood, opts.ignore_index, bad
             )
-    elif device.type == "cuda" and hasattr(_C, "elbo_forward_cuda"):
+    elif device.type == "cuda" and _HAS_CUDA_KERNEL:
         workspace_bytes = _C.elbo_cuda_workspace_bytes(sizes, ptrs, floats, ints)
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -457,7 +460,25 @@ def _launch(
         )
     else:
         raise RuntimeError(f"klanneal: no native ELBO kernel for device {device}")
-    return scalars, (grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar)
+
+
+def _launch(
+    i: OpInputs, grad_recon: Optional[torch.Tensor]
+) -> tuple[tuple[torch.Tensor, ...], tuple[Optional[torch.Tensor], ...]]:
+    """The op's device kernel: allocates the float64 scalars and the latent
+    gradients asked for, and runs the kernel (grad_recon: the caller's buffer,
+    or None). Returns the 6 scalars (loss, recon, kl, kl_per_dim, beta,
+    kl_weight) and the 5 gradients (recon_input, mu, logvar, prior_mu,
+    prior_logvar; None where not asked for)."""
+    args = ElboOptions.unpack(i.floats, i.ints)
+    scalars = _scalar_outputs(i.mu, args.options.reduction, i.recon_input.device)
+    grads = (grad_recon, *_latent_grads(i.mu, args.need_grads))
+    inputs = (
+        i.recon_input, i.target, i.mu, i.logvar, i.prior_mu, i.prior_logvar,
+        i.global_kl_per_dim, i.beta, i.step,
+    )  # fmt: skip
+    _run_kernel(args.options, inputs, scalars, grads, i.floats, i.ints)
+    return scalars, grads
 
 
 def _schema_outputs(
@@ -822,13 +843,6 @@ class EagerCall:
         device = recon_input.device
         on_cpu = device.type == "cpu"
         step = self.step
-        if opts.validate and (not on_cpu or beta is not None or step is not None):
-            # On CPU the kernel checks class ids / bernoulli targets in its own
-            # pass over the data and returns the first bad one.
-            _validate.check_values(
-                recon_input, target, opts.likelihood, opts.ignore_index, beta, step,
-                check_target=not on_cpu,
-            )  # fmt: skip
         batch, latent_dim = mu.shape
         shape: tuple[int, ...] = (batch,) if opts.reduction == "none" else ()
         dtype = self.dtype if on_cpu else torch.float64
@@ -845,49 +859,16 @@ class EagerCall:
         kl_weight = empty(shape, **kw) if beta is not None and beta.requires_grad else None
         need = args.need_grads
         grad_recon = _grad_recon_buffer(recon_input) if need[0] else None
-        gdtype = grad_dtype(mu.dtype)
-        like_kw: dict[str, Any] = {} if gdtype == mu.dtype else {"dtype": gdtype}
-        like = torch.empty_like
-        grads: list[Optional[torch.Tensor]] = [
-            grad_recon,
-            like(mu, **like_kw) if need[1] else None,
-            like(mu, **like_kw) if need[2] else None,
-            like(mu, **like_kw) if need[3] else None,
-            like(mu, **like_kw) if need[4] else None,
-        ]
-        if opts.likelihood == "categorical":
-            row_len = recon_input.shape[-1]
-            n_rows = recon_input.numel() // row_len
-        else:
-            n_rows, row_len = batch, recon_input.numel() // batch
-        codes = DTYPE_CODES
-        sizes = [
-            batch, n_rows, row_len, latent_dim, codes[recon_input.dtype], codes[mu.dtype],
-            torch.get_num_threads(), codes[dtype],
-        ]  # fmt: skip
-        # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py).
-        ptrs = [
-            _ptr(recon_input), _ptr(target), mu.data_ptr(), logvar.data_ptr(), _ptr(prior_mu),
-            _ptr(prior_logvar), _ptr(self.global_kl_per_dim), _ptr(beta), _ptr(step),
-            loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim),
-            beta_out.data_ptr(), _ptr(kl_weight), _ptr(grad_recon),
-        ]  # fmt: skip
-        ptrs += [_ptr(g) for g in grads[1:]]
+        grads: list[Optional[torch.Tensor]] = [grad_recon, *_latent_grads(mu, need)]
+        inputs = (
+            recon_input, target, mu, logvar, prior_mu, prior_logvar, self.global_kl_per_dim,
+            beta, step,
+        )  # fmt: skip
+        scalars = (loss, recon, kl, kl_per_dim, beta_out, kl_weight)
+        _run_kernel(opts, inputs, scalars, grads, self.floats, self.ints)
         if on_cpu:
-            bad = _C.elbo_forward_cpu(sizes, ptrs, self.floats, self.ints)
-            if bad >= 0:
-                _validate.raise_invalid_target(
-                    recon_input, target, opts.likelihood, opts.ignore_index, bad
-                )
             self.results = (recon, kl, kl_per_dim, beta_out)
         else:
-            floats, ints = self.floats, self.ints
-            workspace_bytes = _C.elbo_cuda_workspace_bytes(sizes, ptrs, floats, ints)
-            workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
-            stream = torch.cuda.current_stream(device).cuda_stream
-            _C.elbo_forward_cuda(
-                sizes, ptrs, floats, ints, workspace.data_ptr(), workspace_bytes, stream
-            )
             out = self.dtype
             loss = loss.to(out)
             self.results = (recon.to(out), kl.to(out), kl_per_dim.to(out), beta_out.to(out))
