@@ -7,7 +7,9 @@
 
 #include "bind.h"
 #include "bind_common.h"
+#include "klanneal/cpu_features.h"
 #include "klanneal/elbo_layout.h"
+#include "klanneal/elbo_simd_cpu.h"
 
 namespace klanneal {
 namespace {
@@ -78,6 +80,15 @@ void register_elbo(py::module_ &m) {
       "[0, V) or bernoulli target outside [0, 1]) when `validate` is set and one was found, "
       "else -1. The scalar outputs are float64, or float32 with out_dtype float32. Raises "
       "ValueError on inconsistent parameters.");
+  m.def(
+      "_exp_nonpos_mismatches",
+      [](uint32_t stride) {
+        py::gil_scoped_release release;
+        return cpu::exp_nonpos_mismatches(cpu_simd_level(), stride);
+      },
+      py::arg("stride"),
+      "Test hook: lanes where the CPU kernels' exp for x <= 0 differs in its bits from their "
+      "general exp, over every stride-th non-positive float (-1 without a vector exp).");
 }
 
 } // namespace klanneal

@@ -6,16 +6,18 @@
 // slot of a buffer and the slots are summed afterwards, sequentially in
 // double precision, so the result is bitwise identical for any n_threads.
 //
-// Categorical rows (vector kernels): the row max, then one exp per element,
-// summed and stored into the gradient row, then that row scaled to softmax -
-// onehot; the row is read from memory once (it stays in L2) while the next
-// one is prefetched. The scalar kernel keeps the online log-sum-exp of
-// elbo_math.h and a second exp per element in its gradient pass. fp32 rows
-// use the AVX-512 or AVX2 kernels where the CPU has them (elbo_simd_cpu.h:
-// one body per formula, compiled per ISA), else the scalar formulas of
-// elbo_math.h; fp64 rows have the same kernels with fp64 lanes; fp16/bf16
-// rows are widened to an fp32 scratch row and take the fp32 path. Threads:
-// parallel_cpu.h; storage types: half_cpu.h.
+// Categorical rows (vector kernels): per row the max, one exp per element
+// (summed and stored into the gradient row), then that row scaled to
+// softmax - onehot; the three passes are pipelined over each run of rows
+// with class targets (row r's exps beside row r+1's max and row r-1's
+// scaling), so each row is read from memory once, by its max pass, and
+// rescaled while it is still in L2. The scalar kernel keeps the online
+// log-sum-exp of elbo_math.h and a second exp per element in its gradient
+// pass. fp32 rows use the AVX-512 or AVX2 kernels where the CPU has them
+// (elbo_simd_cpu.h: one body per formula, compiled per ISA), else the
+// scalar formulas of elbo_math.h; fp64 rows have the same kernels with
+// fp64 lanes; fp16/bf16 rows are widened to an fp32 scratch row and take
+// the fp32 path. Threads: parallel_cpu.h; storage types: half_cpu.h.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -36,9 +38,9 @@ namespace klanneal {
 namespace {
 
 using cpu::BFloat16;
-using cpu::categorical_row_f32;
-using cpu::categorical_row_f64;
-using cpu::CategoricalRow;
+using cpu::categorical_run_f32;
+using cpu::categorical_run_f64;
+using cpu::CategoricalRun;
 using cpu::Elem;
 using cpu::Grad;
 using cpu::Half;
@@ -71,33 +73,38 @@ constexpr int64_t kMinElemsPerThreadPointwise = 1 << 15;
 constexpr int64_t kMinLatentsPerThread = 1 << 17;
 
 // ---- categorical rows -------------------------------------------------------
-// The scalar row kernel (CategoricalRow in elbo_simd_cpu.h), for CPUs
+// The scalar run kernel (CategoricalRun in elbo_simd_cpu.h), for CPUs
 // without AVX2 and non-x86 builds.
 
 template <typename T>
-double categorical_row_scalar(const T *x, int64_t V, int64_t t, T *grad, T scale,
-                              const T * /*next*/) {
-  LseState<T> st = lse_init<T>();
-  for (int64_t i = 0; i < V; ++i)
-    st = lse_push(st, x[i]);
-  const T m = st.m, ls = lse_log_sum(st);
-  const T x_target = x[t];
-  if (grad != nullptr) {
+void categorical_run_scalar(const T *x, int64_t rows, int64_t V, const int64_t *target, T *grad,
+                            T scale, double *loss) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T *xr = x + r * V;
+    T *gr = grad != nullptr ? grad + r * V : nullptr;
+    const int64_t t = target[r];
+    LseState<T> st = lse_init<T>();
     for (int64_t i = 0; i < V; ++i)
-      grad[i] = categorical_grad(x[i], m, ls, false, scale);
-    grad[t] = categorical_grad(x_target, m, ls, true, scale);
+      st = lse_push(st, xr[i]);
+    const T m = st.m, ls = lse_log_sum(st);
+    const T x_target = xr[t];
+    if (gr != nullptr) {
+      for (int64_t i = 0; i < V; ++i)
+        gr[i] = categorical_grad(xr[i], m, ls, false, scale);
+      gr[t] = categorical_grad(x_target, m, ls, true, scale);
+    }
+    loss[r] = static_cast<double>(categorical_nll(m, ls, x_target));
   }
-  return static_cast<double>(categorical_nll(m, ls, x_target));
 }
 
-// The row kernel for fp32 (T = float) or fp64 rows at this SIMD level.
-template <typename T> CategoricalRow<T> categorical_row(SimdLevel level) {
-  CategoricalRow<T> vector_row = nullptr;
+// The run kernel for fp32 (T = float) or fp64 rows at this SIMD level.
+template <typename T> CategoricalRun<T> categorical_run(SimdLevel level) {
+  CategoricalRun<T> vector_run = nullptr;
   if constexpr (std::is_same_v<T, float>)
-    vector_row = categorical_row_f32(level);
+    vector_run = categorical_run_f32(level);
   else
-    vector_row = categorical_row_f64(level);
-  return vector_row != nullptr ? vector_row : categorical_row_scalar<T>;
+    vector_run = categorical_run_f64(level);
+  return vector_run != nullptr ? vector_run : categorical_run_scalar<T>;
 }
 
 // ---- target checks (ElboParams::first_invalid_target) ------------------------
@@ -145,35 +152,43 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
   auto *grad = static_cast<G *>(p.grad_recon);
   const int64_t V = p.row_len;
   const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
-  const CategoricalRow<float> row_f32 = categorical_row<float>(level);
-  const CategoricalRow<double> row_f64 = categorical_row<double>(level);
+  const CategoricalRun<float> run_f32 = categorical_run<float>(level);
+  const CategoricalRun<double> run_f64 = categorical_run<double>(level);
   const G zero = G(0);
   const G nan = std::numeric_limits<G>::quiet_NaN();
 
   parallel_for(p.n_rows, n_threads, [&](int64_t begin, int64_t end) {
     std::vector<float> widened; // fp16/bf16 row in fp32
-    for (int64_t r = begin; r < end; ++r) {
-      const S *xr = x + r * V;
-      G *gr = grad != nullptr ? grad + r * V : nullptr;
+    int64_t r = begin;
+    while (r < end) {
       const int64_t t = target[r];
       if (t == p.ignore_index || t < 0 || t >= V) {
         const bool ignored = t == p.ignore_index;
         unit_loss[r] = ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-        if (gr != nullptr)
-          std::fill(gr, gr + V, ignored ? zero : nan);
+        if (grad != nullptr)
+          std::fill(grad + r * V, grad + (r + 1) * V, ignored ? zero : nan);
+        ++r;
         continue;
       }
-      const S *next = r + 1 < end ? xr + V : nullptr;
+      // The run of rows from r whose targets are all classes.
+      int64_t stop = r + 1;
+      while (stop < end && target[stop] != p.ignore_index && target[stop] >= 0 && target[stop] < V)
+        ++stop;
+      G *gr = grad != nullptr ? grad + r * V : nullptr;
       if constexpr (std::is_same_v<S, double>) {
-        unit_loss[r] = row_f64(xr, V, t, gr, scale, next);
+        run_f64(x + r * V, stop - r, V, target + r, gr, scale, unit_loss + r);
       } else if constexpr (std::is_same_v<S, float>) {
-        unit_loss[r] = row_f32(xr, V, t, gr, scale, next);
+        run_f32(x + r * V, stop - r, V, target + r, gr, scale, unit_loss + r);
       } else {
         widened.resize(V);
-        for (int64_t i = 0; i < V; ++i)
-          widened[i] = Elem<S>::load(xr[i]);
-        unit_loss[r] = row_f32(widened.data(), V, t, gr, scale, nullptr); // fp32 gradient
+        for (int64_t q = r; q < stop; ++q) { // one row at a time, fp32 gradient
+          for (int64_t i = 0; i < V; ++i)
+            widened[i] = Elem<S>::load(x[q * V + i]);
+          run_f32(widened.data(), 1, V, target + q, gr == nullptr ? nullptr : gr + (q - r) * V,
+                  scale, unit_loss + q);
+        }
       }
+      r = stop;
     }
   });
 }

@@ -7,19 +7,45 @@
 
 template <typename T> using VecT = simd::Vec<Isa, T>;
 
-// Categorical row (CategoricalRow in elbo_simd_cpu.h), one exp per element
-// (the exp is most of the cost: a memory-bound row would need no more):
+// Categorical rows (CategoricalRun in elbo_simd_cpu.h), one exp per element
+// (the exp is most of the cost: a memory-bound row would need no more).
+// Per row:
 //   1. the row max (4 accumulators; max's second operand wins on NaN, so the
 //      max ignores NaNs, which reach the sum through their exp instead);
 //   2. e_i = exp(x_i - max), summed in 4 accumulators and, with a gradient,
-//      stored into grad (the row is then in cache for pass 3);
+//      stored into grad;
 //   3. grad_i = e_i * (scale / sum), and the target's entry from
 //      categorical_grad.
-// The row is read from memory once: rows of up to ~100k fp32 logits stay in
-// L2 between the passes. An all -inf row shifts by 0 and sums to 0 (a NaN
-// loss, as the reference); a +inf logit gives exp(inf - inf) = NaN.
-template <typename T>
-double categorical_row(const T *x, int64_t n, int64_t t, T *grad, T scale, const T *next) {
+// The passes are software-pipelined over the rows of the run: one loop over
+// the columns computes row r's exps (arithmetic-bound), row r+1's max
+// (loads: the row's one read from memory) and row r-1's scaling (loads and
+// stores of a row still in L2), so the max and scale passes' memory
+// traffic runs beside the exp's arithmetic instead of after it. Each value
+// goes through the same operations in the same order as in three separate
+// passes. An all -inf row shifts by 0 and sums to 0 (a NaN loss, as the
+// reference); a +inf logit gives exp(inf - inf) = NaN.
+template <typename T> inline T lanes_max(typename VecT<T>::R v) {
+  using W = VecT<T>;
+  alignas(64) T lanes[W::kLanes];
+  W::storeu(lanes, v);
+  T m = lanes[0];
+  for (int l = 1; l < W::kLanes; ++l)
+    m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+template <typename T> inline T lanes_sum(typename VecT<T>::R v) {
+  using W = VecT<T>;
+  alignas(64) T lanes[W::kLanes];
+  W::storeu(lanes, v);
+  T s = T(0);
+  for (int l = 0; l < W::kLanes; ++l)
+    s += lanes[l];
+  return s;
+}
+
+// Pass 1 alone: the max of x[0, n) (the first row of a run).
+template <typename T> T row_max_pass(const T *x, int64_t n) {
   using W = VecT<T>;
   using R = typename W::R;
   constexpr int L = W::kLanes;
@@ -34,53 +60,131 @@ double categorical_row(const T *x, int64_t n, int64_t t, T *grad, T scale, const
   }
   for (; i < n; i += L)
     m0 = W::max(W::load_tail(x + i, n - i, neg_inf), m0);
-  alignas(64) T lanes[L];
-  W::storeu(lanes, W::max(W::max(m0, m1), W::max(m2, m3)));
-  T row_max = lanes[0];
-  for (int l = 1; l < L; ++l)
-    row_max = lanes[l] > row_max ? lanes[l] : row_max;
-  const T x_target = x[t]; // before grad (which may alias x) is written
+  return lanes_max<T>(W::max(W::max(m0, m1), W::max(m2, m3)));
+}
+
+// Pass 3 alone: prev[0, n) *= factor (the last row of a run).
+template <typename T> void row_scale_pass(T *prev, int64_t n, T factor) {
+  using W = VecT<T>;
+  constexpr int L = W::kLanes;
+  const typename W::R f = W::set1(factor);
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    W::storeu(prev + i, W::mul(W::loadu(prev + i), f));
+  if (i < n)
+    W::store_tail(prev + i, n - i, W::mul(W::load_tail(prev + i, n - i, W::zero()), f));
+}
+
+// Pass 2 of x[0, n) (returns the sum of the exps; stores them into grad
+// with kGrad), fused with pass 1 of next[0, n) (its max into *next_max,
+// with kNext) and pass 3 of prev[0, n) (with kPrev).
+template <typename T, bool kGrad, bool kNext, bool kPrev>
+T fused_row_pass(const T *x, int64_t n, T row_max, T *grad, const T *next, T *next_max, T *prev,
+                 T prev_factor) {
+  using W = VecT<T>;
+  using R = typename W::R;
+  constexpr int L = W::kLanes;
+  const R neg_inf = W::set1(-INFINITY);
   const R shift = W::set1(row_max == -INFINITY ? T(0) : row_max);
+  const R f = W::set1(prev_factor);
   R s0 = W::zero(), s1 = W::zero(), s2 = W::zero(), s3 = W::zero();
-  for (i = 0; i + 4 * L <= n; i += 4 * L) {
-    if (next != nullptr) // one cache line of the next row per 64 bytes of this one
-      for (int64_t b = 0; b < 4 * L * int64_t(sizeof(T)); b += 64)
-        __builtin_prefetch(reinterpret_cast<const char *>(next + i) + b, 0, 2);
-    const R e0 = W::exp(W::sub(W::loadu(x + i), shift));
-    const R e1 = W::exp(W::sub(W::loadu(x + i + L), shift));
-    const R e2 = W::exp(W::sub(W::loadu(x + i + 2 * L), shift));
-    const R e3 = W::exp(W::sub(W::loadu(x + i + 3 * L), shift));
+  R m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    if constexpr (kNext) {
+      m0 = W::max(W::loadu(next + i), m0);
+      m1 = W::max(W::loadu(next + i + L), m1);
+      m2 = W::max(W::loadu(next + i + 2 * L), m2);
+      m3 = W::max(W::loadu(next + i + 3 * L), m3);
+    }
+    const R e0 = W::exp_nonpos(W::sub(W::loadu(x + i), shift));
+    const R e1 = W::exp_nonpos(W::sub(W::loadu(x + i + L), shift));
+    const R e2 = W::exp_nonpos(W::sub(W::loadu(x + i + 2 * L), shift));
+    const R e3 = W::exp_nonpos(W::sub(W::loadu(x + i + 3 * L), shift));
     s0 = W::add(s0, e0);
     s1 = W::add(s1, e1);
     s2 = W::add(s2, e2);
     s3 = W::add(s3, e3);
-    if (grad != nullptr) {
+    if constexpr (kGrad) {
       W::storeu(grad + i, e0);
       W::storeu(grad + i + L, e1);
       W::storeu(grad + i + 2 * L, e2);
       W::storeu(grad + i + 3 * L, e3);
     }
+    if constexpr (kPrev) {
+      W::storeu(prev + i, W::mul(W::loadu(prev + i), f));
+      W::storeu(prev + i + L, W::mul(W::loadu(prev + i + L), f));
+      W::storeu(prev + i + 2 * L, W::mul(W::loadu(prev + i + 2 * L), f));
+      W::storeu(prev + i + 3 * L, W::mul(W::loadu(prev + i + 3 * L), f));
+    }
   }
   for (; i < n; i += L) {
-    const R e = W::exp(W::sub(W::load_tail(x + i, n - i, neg_inf), shift)); // 0 past the end
+    const int64_t left = n - i;
+    if constexpr (kNext)
+      m0 = W::max(W::load_tail(next + i, left, neg_inf), m0);
+    const R e = W::exp_nonpos(W::sub(W::load_tail(x + i, left, neg_inf), shift)); // 0 past the end
     s0 = W::add(s0, e);
-    if (grad != nullptr)
-      W::store_tail(grad + i, n - i, e);
+    if constexpr (kGrad)
+      W::store_tail(grad + i, left, e);
+    if constexpr (kPrev)
+      W::store_tail(prev + i, left, W::mul(W::load_tail(prev + i, left, W::zero()), f));
   }
-  W::storeu(lanes, W::add(W::add(s0, s1), W::add(s2, s3)));
-  T sum = T(0);
-  for (int l = 0; l < L; ++l)
-    sum += lanes[l];
-  const T ls = lse_log_sum(LseState<T>{row_max, sum});
-  if (grad != nullptr) {
-    const R factor = W::set1(scale / sum);
-    for (i = 0; i + L <= n; i += L)
-      W::storeu(grad + i, W::mul(W::loadu(grad + i), factor));
-    if (i < n)
-      W::store_tail(grad + i, n - i, W::mul(W::load_tail(grad + i, n - i, W::zero()), factor));
-    grad[t] = categorical_grad(x_target, row_max, ls, true, scale);
+  if constexpr (kNext)
+    *next_max = lanes_max<T>(W::max(W::max(m0, m1), W::max(m2, m3)));
+  return lanes_sum<T>(W::add(W::add(s0, s1), W::add(s2, s3)));
+}
+
+template <typename T>
+void categorical_run(const T *x, int64_t rows, int64_t n, const int64_t *target, T *grad, T scale,
+                     double *loss) {
+  if (rows <= 0)
+    return;
+  T row_max = row_max_pass(x, n);
+  // The previous row, waiting for its scale pass and its target's entry.
+  T *prev = nullptr;
+  T prev_factor = T(0), prev_x_target = T(0), prev_max = T(0), prev_ls = T(0);
+  int64_t prev_t = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T *xr = x + r * n;
+    T *gr = grad != nullptr ? grad + r * n : nullptr;
+    const int64_t t = target[r];
+    const T x_target = xr[t]; // before grad (which may alias x) is written
+    const bool has_next = r + 1 < rows;
+    T next_max = T(0);
+    T sum;
+    if (gr == nullptr)
+      sum = has_next ? fused_row_pass<T, false, true, false>(xr, n, row_max, nullptr, xr + n,
+                                                             &next_max, nullptr, T(0))
+                     : fused_row_pass<T, false, false, false>(xr, n, row_max, nullptr, nullptr,
+                                                              nullptr, nullptr, T(0));
+    else if (prev == nullptr)
+      sum = has_next ? fused_row_pass<T, true, true, false>(xr, n, row_max, gr, xr + n, &next_max,
+                                                            nullptr, T(0))
+                     : fused_row_pass<T, true, false, false>(xr, n, row_max, gr, nullptr, nullptr,
+                                                             nullptr, T(0));
+    else
+      sum = has_next ? fused_row_pass<T, true, true, true>(xr, n, row_max, gr, xr + n, &next_max,
+                                                           prev, prev_factor)
+                     : fused_row_pass<T, true, false, true>(xr, n, row_max, gr, nullptr, nullptr,
+                                                            prev, prev_factor);
+    if (prev != nullptr) // its scale pass is done: the target's entry
+      prev[prev_t] = categorical_grad(prev_x_target, prev_max, prev_ls, true, scale);
+    const T ls = lse_log_sum(LseState<T>{row_max, sum});
+    loss[r] = static_cast<double>(categorical_nll(row_max, ls, x_target));
+    if (gr != nullptr) {
+      prev = gr;
+      prev_factor = scale / sum;
+      prev_x_target = x_target;
+      prev_max = row_max;
+      prev_ls = ls;
+      prev_t = t;
+    }
+    row_max = next_max;
   }
-  return static_cast<double>(categorical_nll(row_max, ls, x_target));
+  if (prev != nullptr) {
+    row_scale_pass(prev, n, prev_factor);
+    prev[prev_t] = categorical_grad(prev_x_target, prev_max, prev_ls, true, scale);
+  }
 }
 
 // The per-element loss (returned) and gradient times scale (in *grad) of
@@ -95,7 +199,7 @@ inline typename VecT<float>::R pointwise(typename VecT<float>::R x, typename Vec
     // max(x, 0) - x*y + log1p(exp(-|x|)); grad sigmoid(x) - y, with the
     // sigmoid from the same e = exp(-|x|) (one exp per element):
     // 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
-    const R e = W::exp(W::sub(zero, W::abs(x)));
+    const R e = W::exp_nonpos(W::sub(zero, W::abs(x)));
     const R r = W::div(one, W::add(one, e));
     const R sig = W::select(W::lt(x, zero), W::mul(e, r), r);
     *grad = W::mul(W::sub(sig, y), W::set1(c.scale));
@@ -223,4 +327,32 @@ double kl_row_standard(const T *mu, const T *logvar, int64_t n, T w, T *kl, T *g
       total += v;
   }
   return total;
+}
+
+// ExpNonposCheck (elbo_simd_cpu.h): exp_nonpos against exp, lane by lane.
+inline int64_t exp_nonpos_mismatches(uint32_t stride) {
+  using W = VecT<float>;
+  constexpr int L = W::kLanes;
+  int64_t bad = 0;
+  alignas(64) uint32_t bits[L];
+  alignas(64) float a[L], b[L];
+  const uint64_t step = stride < uint32_t(L) ? uint64_t(L) : uint64_t(stride);
+  for (uint64_t u = 0x80000000u; u + L - 1 <= 0xFFFFFFFFu; u += step) {
+    for (int l = 0; l < L; ++l)
+      bits[l] = static_cast<uint32_t>(u + l);
+    bits[0] = u == 0x80000000u ? 0u : bits[0]; // +0 as well as -0
+    float x[L];
+    std::memcpy(x, bits, sizeof(x));
+    W::storeu(a, W::exp(W::loadu(x)));
+    W::storeu(b, W::exp_nonpos(W::loadu(x)));
+    for (int l = 0; l < L; ++l) {
+      if (a[l] != a[l] && b[l] != b[l])
+        continue; // both NaN
+      uint32_t ia, ib;
+      std::memcpy(&ia, a + l, 4);
+      std::memcpy(&ib, b + l, 4);
+      bad += ia != ib;
+    }
+  }
+  return bad;
 }

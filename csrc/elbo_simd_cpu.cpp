@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "klanneal/elbo_math.h"
@@ -68,14 +69,14 @@ template <int kKind> PointwiseChunkF32 pointwise_at(SimdLevel level) {
 }
 } // namespace
 
-CategoricalRow<float> categorical_row_f32(SimdLevel level) {
-  return at_level<CategoricalRow<float>>(level, avx512::categorical_row<float>,
-                                         avx2::categorical_row<float>);
+CategoricalRun<float> categorical_run_f32(SimdLevel level) {
+  return at_level<CategoricalRun<float>>(level, avx512::categorical_run<float>,
+                                         avx2::categorical_run<float>);
 }
 
-CategoricalRow<double> categorical_row_f64(SimdLevel level) {
-  return at_level<CategoricalRow<double>>(level, avx512::categorical_row<double>,
-                                          avx2::categorical_row<double>);
+CategoricalRun<double> categorical_run_f64(SimdLevel level) {
+  return at_level<CategoricalRun<double>>(level, avx512::categorical_run<double>,
+                                          avx2::categorical_run<double>);
 }
 
 KlRowStandard<float> kl_row_standard_f32(SimdLevel level) {
@@ -105,14 +106,22 @@ ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level) {
   return at_level<ValidPrefixF32>(level, avx512::unit_interval_prefix, avx2::unit_interval_prefix);
 }
 
+int64_t exp_nonpos_mismatches(SimdLevel level, uint32_t stride) {
+  using Check = int64_t (*)(uint32_t);
+  const Check check =
+      at_level<Check>(level, avx512::exp_nonpos_mismatches, avx2::exp_nonpos_mismatches);
+  return check != nullptr ? check(stride) : -1;
+}
+
 #else // no x86 SIMD: the scalar formulas everywhere
 
-CategoricalRow<float> categorical_row_f32(SimdLevel) { return nullptr; }
-CategoricalRow<double> categorical_row_f64(SimdLevel) { return nullptr; }
+CategoricalRun<float> categorical_run_f32(SimdLevel) { return nullptr; }
+CategoricalRun<double> categorical_run_f64(SimdLevel) { return nullptr; }
 PointwiseChunkF32 pointwise_chunk_f32(SimdLevel, Likelihood) { return nullptr; }
 KlRowStandard<float> kl_row_standard_f32(SimdLevel) { return nullptr; }
 KlRowStandard<double> kl_row_standard_f64(SimdLevel) { return nullptr; }
 ValidPrefixF32 unit_interval_prefix_f32(SimdLevel) { return nullptr; }
+int64_t exp_nonpos_mismatches(SimdLevel, uint32_t) { return -1; }
 
 #endif
 

@@ -13,16 +13,16 @@
 namespace klanneal {
 namespace cpu {
 
-// One categorical row x[0, n) with target 0 <= t < n: returns the row's loss
-// logsumexp(x) - x[t] and, if grad is not null, writes
-// (softmax(x) - onehot(t)) * scale into grad (which may alias x: x[t] is
-// read before the gradient pass). next: the row to be processed after this
-// one (n elements, prefetched while this row is computed), or nullptr.
+// A run of `rows` categorical rows x[r * n, (r + 1) * n), each with a
+// target 0 <= target[r] < n: loss[r] = logsumexp(row r) - x_r[target[r]]
+// and, if grad is not null, (softmax(row r) - onehot(target[r])) * scale
+// into grad's row r (grad may alias x: every row's target logit is read
+// before that row's gradient is written).
 template <typename T>
-using CategoricalRow = double (*)(const T *x, int64_t n, int64_t t, T *grad, T scale,
-                                  const T *next);
-CategoricalRow<float> categorical_row_f32(SimdLevel level);
-CategoricalRow<double> categorical_row_f64(SimdLevel level);
+using CategoricalRun = void (*)(const T *x, int64_t rows, int64_t n, const int64_t *target, T *grad,
+                                T scale, double *loss);
+CategoricalRun<float> categorical_run_f32(SimdLevel level);
+CategoricalRun<double> categorical_run_f64(SimdLevel level);
 
 struct PointwiseConsts {
   float scale;    // 1/B for batchmean, else 1
@@ -52,6 +52,14 @@ using KlRowStandard = double (*)(const T *mu, const T *logvar, int64_t n, T w, T
                                  T *grad_logvar);
 KlRowStandard<float> kl_row_standard_f32(SimdLevel level);
 KlRowStandard<double> kl_row_standard_f64(SimdLevel level);
+
+// The number of fp32 lanes where exp_nonpos and exp (simd_exp_cpu.h) at
+// this level differ in their bits (both NaN counts as equal), over the
+// floats with the sign bit set, a vector of consecutive bit patterns every
+// `stride` patterns (all of them for stride <= the lane count), and +0; -1
+// below AVX2. A test of the claim that
+// the cheaper exp is the same function on x <= 0.
+int64_t exp_nonpos_mismatches(SimdLevel level, uint32_t stride);
 
 } // namespace cpu
 } // namespace klanneal

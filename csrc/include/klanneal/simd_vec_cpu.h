@@ -12,6 +12,7 @@
 //   store_tail(p, left, v)      stores the first min(left, kLanes) lanes
 //   select(c, a, b)             a where c, else b
 //   exp                         simd_exp_cpu.h's exp (NaN -> NaN, -inf -> 0)
+//   exp_nonpos                  the same for x <= 0 or NaN only, cheaper (fp32; fp64: exp)
 #pragma once
 
 #include "klanneal/simd_exp_cpu.h"
@@ -76,6 +77,7 @@ template <> struct Vec<Avx2, float> {
   KLANNEAL_VEC_AVX2 bool all(C c) { return _mm256_movemask_ps(c) == 0xFF; }
   KLANNEAL_VEC_AVX2 R select(C c, R a, R b) { return _mm256_blendv_ps(b, a, c); }
   KLANNEAL_VEC_AVX2 R exp(R a) { return exp_avx2(a); }
+  KLANNEAL_VEC_AVX2 R exp_nonpos(R a) { return exp_nonpos_avx2(a); }
   KLANNEAL_VEC_AVX2 R log1p_unit(R a) { return log1p_unit_avx2(a); }
   // Float lanes widened to double and added to two accumulators (low, high).
   KLANNEAL_VEC_AVX2 void add_widened(__m256d *lo, __m256d *hi, R v) {
@@ -115,6 +117,7 @@ template <> struct Vec<Avx2, double> {
   KLANNEAL_VEC_AVX2 C eq(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
   KLANNEAL_VEC_AVX2 R select(C c, R a, R b) { return _mm256_blendv_pd(b, a, c); }
   KLANNEAL_VEC_AVX2 R exp(R a) { return exp_avx2(a); }
+  KLANNEAL_VEC_AVX2 R exp_nonpos(R a) { return exp_avx2(a); }
 };
 
 template <> struct Vec<Avx512, float> {
@@ -154,6 +157,7 @@ template <> struct Vec<Avx512, float> {
   KLANNEAL_VEC_AVX512 bool all(C c) { return c == static_cast<C>(0xFFFF); }
   KLANNEAL_VEC_AVX512 R select(C c, R a, R b) { return _mm512_mask_blend_ps(c, b, a); }
   KLANNEAL_VEC_AVX512 R exp(R a) { return exp_avx512(a); }
+  KLANNEAL_VEC_AVX512 R exp_nonpos(R a) { return exp_nonpos_avx512(a); }
   KLANNEAL_VEC_AVX512 R log1p_unit(R a) { return log1p_unit_avx512(a); }
   KLANNEAL_VEC_AVX512 void add_widened(__m512d *lo, __m512d *hi, R v) {
     *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
@@ -190,6 +194,7 @@ template <> struct Vec<Avx512, double> {
   KLANNEAL_VEC_AVX512 C eq(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
   KLANNEAL_VEC_AVX512 R select(C c, R a, R b) { return _mm512_mask_blend_pd(c, b, a); }
   KLANNEAL_VEC_AVX512 R exp(R a) { return exp_avx512(a); }
+  KLANNEAL_VEC_AVX512 R exp_nonpos(R a) { return exp_avx512(a); }
 };
 
 #undef KLANNEAL_VEC_AVX2
