@@ -205,10 +205,11 @@ inline typename VecT<float>::R pointwise(typename VecT<float>::R x, typename Vec
     *grad = W::mul(W::sub(sig, y), W::set1(c.scale));
     // bernoulli_linear_part: x * (1 - y) for x > 0, -(x * y) otherwise, 0
     // where the target factor is exactly 0 (the limits at infinite logits).
-    const R w = W::sub(one, y);
-    const R pos = W::select(W::eq(w, zero), zero, W::mul(x, w));
-    const R neg = W::select(W::eq(y, zero), zero, W::sub(zero, W::mul(x, y)));
-    return W::add(W::select(W::gt(x, zero), pos, neg), W::log1p_unit(e));
+    // As one product x * f, f = step(x) - y (step: 1 for x > 0, else 0):
+    // x * (0 - y) is -(x * y) exactly, and f == 0 exactly where the factor is.
+    const R f = W::sub(W::select(W::gt(x, zero), one, zero), y);
+    const R linear = W::select(W::eq(f, zero), zero, W::mul(x, f));
+    return W::add(linear, W::log1p_unit(e));
   } else if constexpr (kKind == static_cast<int>(Likelihood::kGaussian)) {
     const R d = W::sub(x, y);
     const R inv_var = W::set1(c.inv_var);
