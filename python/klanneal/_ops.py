@@ -309,10 +309,13 @@ _N_INPUTS = len(OpInputs._fields)
 _HAS_CUDA_KERNEL = _C is not None and hasattr(_C, "elbo_forward_cuda")
 
 
-def native_available(device: torch.device) -> bool:
-    """Whether the fused kernel runs on `device` (else the reference is used)."""
+def native_available(device: Optional[torch.device]) -> bool:
+    """Whether the fused kernel runs on `device` (None: the CPU; else the
+    reference is used)."""
     if _C is None or native_disabled():
         return False
+    if device is None:
+        return True
     kind = device.type
     return kind == "cpu" or (kind == "cuda" and _HAS_CUDA_KERNEL)
 
@@ -393,7 +396,7 @@ def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[Optional[to
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+    return 0 if t is None else t.data_ptr()  # 0 for an empty tensor too
 
 
 def _run_kernel(
@@ -418,8 +421,7 @@ def _run_kernel(
     assert recon_input is not None and target is not None and mu is not None
     loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
     assert loss is not None and recon is not None and kl is not None and beta_out is not None
-    device = recon_input.device
-    on_cpu = device.type == "cpu"
+    on_cpu = recon_input.is_cpu
     if opts.validate and (not on_cpu or beta is not None or step is not None):
         # On CPU the kernel checks class ids / bernoulli targets in its own
         # pass over the data and returns the first bad one.
@@ -438,20 +440,23 @@ def _run_kernel(
         batch, n_rows, row_len, latent_dim, codes[recon_input.dtype], codes[mu.dtype],
         torch.get_num_threads(), codes[loss.dtype],
     ]  # fmt: skip
-    # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py).
+    # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py). data_ptr()
+    # is 0 for an empty tensor; the optional ones are None or a tensor.
     ptrs = [
-        _ptr(recon_input), _ptr(target), _ptr(mu), _ptr(logvar), _ptr(prior_mu),
-        _ptr(prior_logvar), _ptr(global_mean), _ptr(beta), _ptr(step), loss.data_ptr(),
-        recon.data_ptr(), kl.data_ptr(), _ptr(kl_per_dim), beta_out.data_ptr(), _ptr(kl_weight),
+        recon_input.data_ptr(), target.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
+        _ptr(prior_mu), _ptr(prior_logvar), _ptr(global_mean), _ptr(beta), _ptr(step),
+        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), kl_per_dim.data_ptr(),
+        beta_out.data_ptr(), _ptr(kl_weight),
     ]  # fmt: skip
-    ptrs += [_ptr(g) for g in grads]
+    ptrs += [0 if g is None else g.data_ptr() for g in grads]
     if on_cpu:
         bad = _C.elbo_forward_cpu(sizes, ptrs, floats, ints)
         if bad >= 0:
             _validate.raise_invalid_target(
                 recon_input, target, opts.likelihood, opts.ignore_index, bad
             )
-    elif device.type == "cuda" and _HAS_CUDA_KERNEL:
+    elif recon_input.is_cuda and _HAS_CUDA_KERNEL:
+        device = recon_input.device
         workspace_bytes = _C.elbo_cuda_workspace_bytes(sizes, ptrs, floats, ints)
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -459,7 +464,7 @@ def _run_kernel(
             sizes, ptrs, floats, ints, workspace.data_ptr(), workspace_bytes, stream
         )
     else:
-        raise RuntimeError(f"klanneal: no native ELBO kernel for device {device}")
+        raise RuntimeError(f"klanneal: no native ELBO kernel for device {recon_input.device}")
 
 
 def _launch(
@@ -840,8 +845,7 @@ class EagerCall:
         """
         args = self.args
         opts = args.options
-        device = recon_input.device
-        on_cpu = device.type == "cpu"
+        on_cpu = recon_input.is_cpu
         step = self.step
         batch, latent_dim = mu.shape
         shape: tuple[int, ...] = (batch,) if opts.reduction == "none" else ()
@@ -852,7 +856,7 @@ class EagerCall:
         if dtype != torch.get_default_dtype():
             kw["dtype"] = dtype
         if not on_cpu:
-            kw["device"] = device
+            kw["device"] = recon_input.device
         empty = torch.empty
         loss, recon, kl = empty(shape, **kw), empty(shape, **kw), empty(shape, **kw)
         kl_per_dim, beta_out = empty(latent_dim, **kw), empty((), **kw)

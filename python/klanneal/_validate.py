@@ -144,15 +144,21 @@ def check_tensor_args(
         and isinstance(logvar, Tensor)
     ):
         _check_is_tensor(recon_input=recon_input, target=target, mu=mu, logvar=logvar)
-    device = mu.device
-    if recon_input.device != device or target.device != device or logvar.device != device:
-        raise ValueError(
-            "recon_input, target, mu and logvar must be on one device, got "
-            f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"
-        )
-    for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    # is_cpu first: each .device read builds a torch.device.
+    if not (recon_input.is_cpu and target.is_cpu and mu.is_cpu and logvar.is_cpu):
+        device = mu.device
+        if recon_input.device != device or target.device != device or logvar.device != device:
+            raise ValueError(
+                "recon_input, target, mu and logvar must be on one device, got "
+                f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"
+            )
+    floats = FLOAT_DTYPES
+    if not (recon_input.dtype in floats and mu.dtype in floats and logvar.dtype in floats):
+        for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
+                )
     if logvar.dtype != mu.dtype:
         raise TypeError(f"logvar must have the dtype of mu ({mu.dtype}), got {logvar.dtype}")
     if mu.dim() != 2:
@@ -227,8 +233,8 @@ def check_tensor_args(
                     "step must be an int or a 0-d integer tensor, got a tensor of "
                     f"shape {tuple(step.shape)} and dtype {step.dtype}"
                 )
-            if step.device != device and step.device.type != "cpu":
-                raise ValueError(f"step is on {step.device} but the inputs are on {device}")
+            if not step.is_cpu and step.device != mu.device:
+                raise ValueError(f"step is on {step.device} but the inputs are on {mu.device}")
         elif as_step(step) < 0:
             raise ValueError(f"step must be >= 0, got {as_step(step)}")
     elif step is not None:
@@ -241,8 +247,8 @@ def check_tensor_args(
                 "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
                 f"object, got a tensor of shape {tuple(beta.shape)} and dtype {beta.dtype}"
             )
-        if beta.device != device and beta.device.type != "cpu":
-            raise ValueError(f"beta is on {beta.device} but the inputs are on {device}")
+        if not beta.is_cpu and beta.device != mu.device:
+            raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
     elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):  # type: ignore[unreachable]
         _check_real("beta", beta, positive=False)
     elif not is_schedule(beta):

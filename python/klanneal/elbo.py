@@ -146,8 +146,8 @@ def elbo_loss(
         # recompile per step).
         step = torch.tensor(step, dtype=torch.int64)
     batch_free_bits = options.free_bits > 0 and free_bits_mode == "batch"
-    device = recon_input.device
-    if not _ops.native_available(device) or _functorch_active():
+    on_cpu = recon_input.is_cpu  # cheaper than .device, which builds a torch.device
+    if not _ops.native_available(None if on_cpu else recon_input.device) or _functorch_active():
         # torch.func transforms (grad, vmap) and devices without a kernel take
         # the reference: plain PyTorch ops, which every transform supports.
         # Value checks read the tensors: skipped while torch.compile traces.
@@ -176,16 +176,16 @@ def elbo_loss(
     # evaluated at a step tensor (ElboParams, resolve_beta). Eager on the CPU
     # the values are at hand, so tensors are read as numbers: cheaper than
     # the float64 copies they would otherwise need.
-    eager_cpu = not compiling and device.type == "cpu"
+    eager_cpu = not compiling and on_cpu
     beta_tensor: Optional[torch.Tensor] = None
     step_tensor: Optional[torch.Tensor] = None
     if isinstance(step, torch.Tensor):
-        if eager_cpu and step.device.type == "cpu":
+        if eager_cpu and step.is_cpu:
             step = int(step)
             if step < 0:
                 raise ValueError(f"step must be >= 0, got {step}")
         else:
-            step_tensor = step.detach().to(device=device, dtype=torch.int64).reshape(())
+            step_tensor = step.detach().to(device=recon_input.device, dtype=torch.int64).reshape(())
     schedule = _ops.NO_SCHEDULE
     beta_value = 0.0
     if type(beta) is float:
@@ -199,13 +199,13 @@ def elbo_loss(
             step_int = _validate.as_step(step)
             beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
     elif isinstance(beta, torch.Tensor):
-        if eager_cpu and beta.device.type == "cpu" and not beta.requires_grad:
+        if eager_cpu and beta.is_cpu and not beta.requires_grad:
             beta_value = float(beta)
             if validate:
                 _validate.check_beta_value(beta_value, "a beta tensor")
         else:
             # Not detached: a beta that requires grad gets d loss / d beta through the op.
-            beta_tensor = beta.to(device=device, dtype=torch.float64).reshape(())
+            beta_tensor = beta.to(device=recon_input.device, dtype=torch.float64).reshape(())
     else:
         beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_tensor_args)
     capacity_params: Optional[tuple[float, ...]] = None
