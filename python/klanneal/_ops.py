@@ -418,9 +418,11 @@ def _run_kernel(
     not asked for). The packed lists go to C++ as they are.
     """
     recon_input, target, mu, logvar, prior_mu, prior_logvar, global_mean, beta, step = inputs
-    assert recon_input is not None and target is not None and mu is not None
+    assert recon_input is not None and target is not None
+    assert mu is not None and logvar is not None
     loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
-    assert loss is not None and recon is not None and kl is not None and beta_out is not None
+    assert loss is not None and recon is not None and kl is not None
+    assert kl_per_dim is not None and beta_out is not None
     on_cpu = recon_input.is_cpu
     if opts.validate and (not on_cpu or beta is not None or step is not None):
         # On CPU the kernel checks class ids / bernoulli targets in its own
