@@ -32,12 +32,9 @@ constexpr float kExpP3 = 4.1665795894e-2f;
 constexpr float kExpP4 = 1.6666665459e-1f;
 constexpr float kExpP5 = 5.0000001201e-1f;
 
-KLANNEAL_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
-  // _mm256_min_ps/_max_ps return the second operand when either is NaN.
-  x = _mm256_min_ps(_mm256_set1_ps(kExpHi), x);
-  x = _mm256_max_ps(_mm256_set1_ps(kExpLo), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// exp(r) for the reduced argument r = x - n ln2 (n * ln2 subtracted in two
+// steps): the Cephes polynomial, 1 + r + r^2 P(r).
+KLANNEAL_TARGET_AVX2 inline __m256 exp_poly_avx2(__m256 x, __m256 n) {
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
   __m256 p = _mm256_set1_ps(kExpP0);
@@ -46,7 +43,16 @@ KLANNEAL_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  return _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+}
+
+KLANNEAL_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
+  // _mm256_min_ps/_max_ps return the second operand when either is NaN.
+  x = _mm256_min_ps(_mm256_set1_ps(kExpHi), x);
+  x = _mm256_max_ps(_mm256_set1_ps(kExpLo), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 p = exp_poly_avx2(x, n);
   // n in [-150, 129] does not fit one fp32 exponent: scale by 2^n1 * 2^n2,
   // n1 = n >> 1, both factors normal. p * 2^n1 is exact; the second product
   // rounds once, to a subnormal, a normal or +inf.
@@ -76,21 +82,15 @@ KLANNEAL_TARGET_AVX2 inline __m256 exp_nonpos_avx2(__m256 x) {
   const __m256 t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                  _mm256_set1_ps(kRoundMagic + kNonposBias));
   const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRoundMagic + kNonposBias));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpP0);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256 p = exp_poly_avx2(x, n);
   const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s), _mm256_set1_ps(0x1p-65f));
 }
 
-KLANNEAL_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(kExpHi), x);
+// exp(x) for x below the upper clamp (or NaN): the lower clamp, the
+// reduction and the polynomial; scalef computes p * 2^n with a single
+// rounding (subnormals, overflow).
+KLANNEAL_TARGET_AVX512 inline __m512 exp_below_hi_avx512(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -103,26 +103,15 @@ KLANNEAL_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  // scalef computes p * 2^n with a single rounding (subnormals, overflow).
   return _mm512_scalef_ps(p, n);
 }
 
-// exp(x) for x <= 0 or NaN: exp_avx512 without its upper clamp.
-KLANNEAL_TARGET_AVX512 inline __m512 exp_nonpos_avx512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpP0);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+KLANNEAL_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
+  return exp_below_hi_avx512(_mm512_min_ps(_mm512_set1_ps(kExpHi), x));
 }
+
+// exp(x) for x <= 0 or NaN: without the upper clamp.
+KLANNEAL_TARGET_AVX512 inline __m512 exp_nonpos_avx512(__m512 x) { return exp_below_hi_avx512(x); }
 
 // log1p(e) for e in [0, 1] (the bernoulli term log1p(exp(-|x|))):
 // log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3], by its odd series up to
