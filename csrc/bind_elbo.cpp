@@ -88,7 +88,9 @@ void register_elbo(py::module_ &m) {
       },
       py::arg("stride"),
       "Test hook: lanes where the CPU kernels' exp for x <= 0 differs in its bits from their "
-      "general exp, over every stride-th non-positive float (-1 without a vector exp).");
+      "general exp, over the floats with the sign bit set, one vector of consecutive bit "
+      "patterns every `stride` patterns (all of them for stride <= the lane count), and +0 "
+      "(-1 without a vector exp).");
 }
 
 } // namespace klanneal

@@ -157,12 +157,14 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
   const G zero = G(0);
   const G nan = std::numeric_limits<G>::quiet_NaN();
 
+  const auto is_class = [&](int64_t t) { return t != p.ignore_index && t >= 0 && t < V; };
+
   parallel_for(p.n_rows, n_threads, [&](int64_t begin, int64_t end) {
     std::vector<float> widened; // fp16/bf16 row in fp32
     int64_t r = begin;
     while (r < end) {
       const int64_t t = target[r];
-      if (t == p.ignore_index || t < 0 || t >= V) {
+      if (!is_class(t)) {
         const bool ignored = t == p.ignore_index;
         unit_loss[r] = ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN();
         if (grad != nullptr)
@@ -172,7 +174,7 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
       }
       // The run of rows from r whose targets are all classes.
       int64_t stop = r + 1;
-      while (stop < end && target[stop] != p.ignore_index && target[stop] >= 0 && target[stop] < V)
+      while (stop < end && is_class(target[stop]))
         ++stop;
       G *gr = grad != nullptr ? grad + r * V : nullptr;
       if constexpr (std::is_same_v<S, double>) {

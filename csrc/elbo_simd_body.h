@@ -140,50 +140,49 @@ void categorical_run(const T *x, int64_t rows, int64_t n, const int64_t *target,
   if (rows <= 0)
     return;
   T row_max = row_max_pass(x, n);
-  // The previous row, waiting for its scale pass and its target's entry.
+  // The previous row's gradient, waiting for its scale pass (by prev_factor)
+  // and then its target's entry (prev_target_grad at prev_t).
   T *prev = nullptr;
-  T prev_factor = T(0), prev_x_target = T(0), prev_max = T(0), prev_ls = T(0);
+  T prev_factor = T(0), prev_target_grad = T(0);
   int64_t prev_t = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const T *xr = x + r * n;
     T *gr = grad != nullptr ? grad + r * n : nullptr;
     const int64_t t = target[r];
     const T x_target = xr[t]; // before grad (which may alias x) is written
-    const bool has_next = r + 1 < rows;
+    const T *next = r + 1 < rows ? xr + n : nullptr;
     T next_max = T(0);
     T sum;
     if (gr == nullptr)
-      sum = has_next ? fused_row_pass<T, false, true, false>(xr, n, row_max, nullptr, xr + n,
-                                                             &next_max, nullptr, T(0))
-                     : fused_row_pass<T, false, false, false>(xr, n, row_max, nullptr, nullptr,
-                                                              nullptr, nullptr, T(0));
+      sum = next != nullptr ? fused_row_pass<T, false, true, false>(xr, n, row_max, nullptr, next,
+                                                                    &next_max, nullptr, T(0))
+                            : fused_row_pass<T, false, false, false>(
+                                  xr, n, row_max, nullptr, nullptr, nullptr, nullptr, T(0));
     else if (prev == nullptr)
-      sum = has_next ? fused_row_pass<T, true, true, false>(xr, n, row_max, gr, xr + n, &next_max,
-                                                            nullptr, T(0))
-                     : fused_row_pass<T, true, false, false>(xr, n, row_max, gr, nullptr, nullptr,
-                                                             nullptr, T(0));
+      sum = next != nullptr ? fused_row_pass<T, true, true, false>(xr, n, row_max, gr, next,
+                                                                   &next_max, nullptr, T(0))
+                            : fused_row_pass<T, true, false, false>(xr, n, row_max, gr, nullptr,
+                                                                    nullptr, nullptr, T(0));
     else
-      sum = has_next ? fused_row_pass<T, true, true, true>(xr, n, row_max, gr, xr + n, &next_max,
-                                                           prev, prev_factor)
-                     : fused_row_pass<T, true, false, true>(xr, n, row_max, gr, nullptr, nullptr,
-                                                            prev, prev_factor);
-    if (prev != nullptr) // its scale pass is done: the target's entry
-      prev[prev_t] = categorical_grad(prev_x_target, prev_max, prev_ls, true, scale);
+      sum = next != nullptr ? fused_row_pass<T, true, true, true>(xr, n, row_max, gr, next,
+                                                                  &next_max, prev, prev_factor)
+                            : fused_row_pass<T, true, false, true>(xr, n, row_max, gr, nullptr,
+                                                                   nullptr, prev, prev_factor);
+    if (prev != nullptr) // its scale pass is done
+      prev[prev_t] = prev_target_grad;
     const T ls = lse_log_sum(LseState<T>{row_max, sum});
     loss[r] = static_cast<double>(categorical_nll(row_max, ls, x_target));
     if (gr != nullptr) {
       prev = gr;
       prev_factor = scale / sum;
-      prev_x_target = x_target;
-      prev_max = row_max;
-      prev_ls = ls;
+      prev_target_grad = categorical_grad(x_target, row_max, ls, true, scale);
       prev_t = t;
     }
     row_max = next_max;
   }
   if (prev != nullptr) {
     row_scale_pass(prev, n, prev_factor);
-    prev[prev_t] = categorical_grad(prev_x_target, prev_max, prev_ls, true, scale);
+    prev[prev_t] = prev_target_grad;
   }
 }
 
@@ -330,7 +329,7 @@ double kl_row_standard(const T *mu, const T *logvar, int64_t n, T w, T *kl, T *g
   return total;
 }
 
-// ExpNonposCheck (elbo_simd_cpu.h): exp_nonpos against exp, lane by lane.
+// exp_nonpos_mismatches (elbo_simd_cpu.h): exp_nonpos against exp, lane by lane.
 inline int64_t exp_nonpos_mismatches(uint32_t stride) {
   using W = VecT<float>;
   constexpr int L = W::kLanes;

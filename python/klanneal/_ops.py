@@ -307,6 +307,7 @@ _N_INPUTS = len(OpInputs._fields)
 
 
 _HAS_CUDA_KERNEL = _C is not None and hasattr(_C, "elbo_forward_cuda")
+_CPU = torch.device("cpu")
 
 
 def native_available(device: Optional[torch.device]) -> bool:
@@ -368,19 +369,36 @@ def _loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
 
 
 def _scalar_outputs(
-    mu: torch.Tensor, reduction: str, device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """Uninitialised float64 loss, recon, kl, kl_per_dim, beta, kl_weight."""
+    mu: torch.Tensor,
+    reduction: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float64,
+    kl_weight: bool = True,
+) -> tuple[Optional[torch.Tensor], ...]:
+    """Uninitialised loss, recon, kl, kl_per_dim, beta and kl_weight (None
+    without `kl_weight`) in `dtype` on `device`. torch.empty's keyword
+    arguments cost microseconds each: only those that differ from the
+    defaults are passed (what a small eager call pays)."""
     shape = _loss_shape(mu.shape[0], reduction)
-    f64 = torch.float64
+    kw: dict[str, Any] = {}
+    if dtype != torch.get_default_dtype():
+        kw["dtype"] = dtype
+    if device.type != "cpu":
+        kw["device"] = device
+    empty = torch.empty
     return (
-        torch.empty(shape, dtype=f64, device=device),
-        torch.empty(shape, dtype=f64, device=device),
-        torch.empty(shape, dtype=f64, device=device),
-        torch.empty(mu.shape[1], dtype=f64, device=device),
-        torch.empty((), dtype=f64, device=device),
-        torch.empty(shape, dtype=f64, device=device),
+        empty(shape, **kw),
+        empty(shape, **kw),
+        empty(shape, **kw),
+        empty(mu.shape[1], **kw),
+        empty((), **kw),
+        empty(shape, **kw) if kl_weight else None,
     )
+
+
+def _op_scalars(mu: torch.Tensor, reduction: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The op's six scalar outputs, float64 (kl_weight included)."""
+    return tuple(t for t in _scalar_outputs(mu, reduction, device) if t is not None)
 
 
 def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[Optional[torch.Tensor], ...]:
@@ -478,7 +496,7 @@ def _launch(
     kl_weight) and the 5 gradients (recon_input, mu, logvar, prior_mu,
     prior_logvar; None where not asked for)."""
     args = ElboOptions.unpack(i.floats, i.ints)
-    scalars = _scalar_outputs(i.mu, args.options.reduction, i.recon_input.device)
+    scalars = _op_scalars(i.mu, args.options.reduction, i.recon_input.device)
     grads = (grad_recon, *_latent_grads(i.mu, args.need_grads))
     inputs = (
         i.recon_input, i.target, i.mu, i.logvar, i.prior_mu, i.prior_logvar,
@@ -623,7 +641,7 @@ def _fake_outputs(i: OpInputs, inplace: bool) -> Outputs:
     grad_recon = recon_input.new_empty(
         recon_input.shape if args.need_grads[0] else (0,), dtype=grad_dtype(recon_input.dtype)
     )
-    scalars = _scalar_outputs(i.mu, args.options.reduction, recon_input.device)
+    scalars = _op_scalars(i.mu, args.options.reduction, recon_input.device)
     latent = tuple(
         g if g is not None else i.mu.new_empty(0, dtype=grad_dtype(i.mu.dtype))
         for g in _latent_grads(i.mu, args.need_grads)
@@ -819,10 +837,16 @@ class EagerCall:
         self.tracked = tuple([k for k, t in enumerate(inputs) if t is not None and t.requires_grad])
         # The saved gradient (ctx.saved_tensors index) of each tracked input,
         # for the backward that returns them as they are; None if one needs
-        # more than that (a target or beta gradient): the general backward.
+        # more than that (a target or beta gradient, or fp16/bf16 inputs,
+        # whose fp32 gradients are cast): the general backward.
         index = (0, None, 1, 2, None, 3, 4)
         saved = [index[k] for k in self.tracked]
-        self.saved_index = None if None in saved else tuple(saved)
+        recon_input, mu = inputs[0], inputs[2]
+        full = (
+            recon_input is not None and recon_input.dtype in FULL_PRECISION
+            and mu is not None and mu.dtype in FULL_PRECISION
+        )  # fmt: skip
+        self.saved_index = None if None in saved or not full else tuple(saved)
         self.step, self.global_kl_per_dim, self.dtype = step, global_kl_per_dim, dtype
         self.results: tuple[torch.Tensor, ...] = ()
         self.asked, self.reduction = args.need_grads, args.options.reduction
@@ -848,29 +872,20 @@ class EagerCall:
         args = self.args
         opts = args.options
         on_cpu = recon_input.is_cpu
-        step = self.step
-        batch, latent_dim = mu.shape
-        shape: tuple[int, ...] = (batch,) if opts.reduction == "none" else ()
-        dtype = self.dtype if on_cpu else torch.float64
-        # torch.empty's keyword arguments cost microseconds each: only those
-        # that differ from the defaults are passed.
-        kw: dict[str, Any] = {}
-        if dtype != torch.get_default_dtype():
-            kw["dtype"] = dtype
-        if not on_cpu:
-            kw["device"] = recon_input.device
-        empty = torch.empty
-        loss, recon, kl = empty(shape, **kw), empty(shape, **kw), empty(shape, **kw)
-        kl_per_dim, beta_out = empty(latent_dim, **kw), empty((), **kw)
-        kl_weight = empty(shape, **kw) if beta is not None and beta.requires_grad else None
+        scalars = _scalar_outputs(
+            mu, opts.reduction, _CPU if on_cpu else recon_input.device,
+            self.dtype if on_cpu else torch.float64, beta is not None and beta.requires_grad,
+        )  # fmt: skip
+        loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
+        assert loss is not None and recon is not None and kl is not None
+        assert kl_per_dim is not None and beta_out is not None
         need = args.need_grads
         grad_recon = _grad_recon_buffer(recon_input) if need[0] else None
         grads: list[Optional[torch.Tensor]] = [grad_recon, *_latent_grads(mu, need)]
         inputs = (
             recon_input, target, mu, logvar, prior_mu, prior_logvar, self.global_kl_per_dim,
-            beta, step,
+            beta, self.step,
         )  # fmt: skip
-        scalars = (loss, recon, kl, kl_per_dim, beta_out, kl_weight)
         _run_kernel(opts, inputs, scalars, grads, self.floats, self.ints)
         if on_cpu:
             self.results = (recon, kl, kl_per_dim, beta_out)
@@ -915,8 +930,6 @@ class ElboFunction(torch.autograd.Function):
         if (
             index is not None
             and not call.scaled_in_place
-            and call.latent_dtype in FULL_PRECISION
-            and call.recon_dtype in FULL_PRECISION
             and type(grad_loss) is torch.Tensor
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()

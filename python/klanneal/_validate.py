@@ -155,7 +155,7 @@ def check_tensor_args(
     floats = FLOAT_DTYPES
     if not (recon_input.dtype in floats and mu.dtype in floats and logvar.dtype in floats):
         for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
-            if t.dtype not in FLOAT_DTYPES:
+            if t.dtype not in floats:
                 raise TypeError(
                     f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
                 )

@@ -57,8 +57,8 @@ KlRowStandard<double> kl_row_standard_f64(SimdLevel level);
 // this level differ in their bits (both NaN counts as equal), over the
 // floats with the sign bit set, a vector of consecutive bit patterns every
 // `stride` patterns (all of them for stride <= the lane count), and +0; -1
-// below AVX2. A test of the claim that
-// the cheaper exp is the same function on x <= 0.
+// below AVX2. A test of the claim that the cheaper exp is the same function
+// on x <= 0.
 int64_t exp_nonpos_mismatches(SimdLevel level, uint32_t stride);
 
 } // namespace cpu
