@@ -196,6 +196,45 @@ def test_pipelined_rows_equal_rows_alone(dtype, vocab, inplace):
     torch.testing.assert_close(got, ref.loss[finite], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bernoulli_gradient_does_not_depend_on_the_kernel_blocks(inplace):
+    # The fp32 bernoulli kernel works in blocks (the exps of 512-1024
+    # elements first, then the rest) and a tail: an element's gradient must
+    # be bitwise the same wherever it falls, and the loss close to the
+    # float64 reference. Shifting the row start moves every element to
+    # another place in the blocks; the extremes exercise the exp's ends.
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    x = 6 * torch.randn(1, n, generator=gen)
+    x[0, :6] = torch.tensor([torch.inf, -torch.inf, 0.0, 90.0, -90.0, -0.0])
+    y = (torch.rand(1, n, generator=gen) < 0.3).float()
+    y[0, 6:40] = torch.rand(34, generator=gen)  # soft targets
+    y[0, :2] = torch.tensor([1.0, 0.0])  # the infinite logits' limits: loss 0
+    mu, logvar = torch.zeros(1, 2), torch.zeros(1, 2)
+
+    def loss_and_grad(xs, ys):
+        leaf = xs.clone().requires_grad_()
+        inp = leaf * 1 if inplace else leaf  # inplace overwrites a non-leaf
+        out = elbo_loss(inp, ys, mu, logvar, likelihood="bernoulli", reduction="sum",
+                        inplace=inplace)  # fmt: skip
+        out.loss.backward()
+        return out.loss.detach(), leaf.grad
+
+    loss, grad = loss_and_grad(x, y)
+    for shift in (1, 3, 8, 511, 512, 1023, 2990):
+        _, shifted = loss_and_grad(x[:, shift:], y[:, shift:])
+        torch.testing.assert_close(shifted, grad[:, shift:], rtol=0, atol=0)
+    for i in range(0, n, 97):  # one element alone: the tail path
+        _, alone = loss_and_grad(x[:, i : i + 1], y[:, i : i + 1])
+        torch.testing.assert_close(alone, grad[:, i : i + 1], rtol=0, atol=0)
+    finite = torch.isfinite(x[0])
+    ref = elbo_loss_ref(x[:, finite].double(), y[:, finite].double(), mu.double(),
+                        logvar.double(), likelihood="bernoulli", reduction="sum")  # fmt: skip
+    got, _ = loss_and_grad(x[:, finite], y[:, finite])
+    torch.testing.assert_close(got.double(), ref.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, got, rtol=1e-6, atol=0)  # the infinities add 0
+
+
 def test_cheaper_exp_is_the_exp_on_nonpositive_inputs():
     # The categorical and bernoulli kernels use an exp specialised to x <= 0
     # (csrc/include/klanneal/simd_exp_cpu.h): bitwise the general one there.

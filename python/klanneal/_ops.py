@@ -325,21 +325,24 @@ def _pool_enabled() -> bool:
     return _C is not None and env_flag("KLANNEAL_GRAD_POOL", "1") not in ("0", "")
 
 
-def _grad_recon_buffer(recon_input: torch.Tensor) -> torch.Tensor:
+def _grad_recon_buffer(
+    recon_input: torch.Tensor, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """An uninitialised contiguous tensor of recon_input's shape for its gradient
-    (dtype: grad_dtype(recon_input.dtype)).
+    (dtype: grad_dtype(recon_input.dtype), which the caller may pass).
 
     Large CPU buffers come from the pool: the tensor's deleter gives the
     buffer back for the next step's call instead of unmapping it.
     """
-    dtype = grad_dtype(recon_input.dtype)
+    if dtype is None:
+        dtype = grad_dtype(recon_input.dtype)
     nbytes = recon_input.numel() * dtype.itemsize
     if nbytes >= POOL_MIN_BYTES and recon_input.is_cpu and _pool_enabled():
         capsule = _C.pooled_empty(list(recon_input.shape), DTYPE_CODES[dtype])
         return torch.utils.dlpack.from_dlpack(capsule)
     if not recon_input.is_contiguous():
         return torch.empty_like(recon_input, dtype=dtype, memory_format=torch.contiguous_format)
-    if dtype == recon_input.dtype:  # empty_like keeps the (contiguous) strides
+    if dtype is recon_input.dtype:  # empty_like keeps the (contiguous) strides
         return torch.empty_like(recon_input)
     return torch.empty_like(recon_input, dtype=dtype)
 
@@ -376,23 +379,33 @@ def _scalar_outputs(
     kl_weight: bool = True,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Uninitialised loss, recon, kl, kl_per_dim, beta and kl_weight (None
-    without `kl_weight`) in `dtype` on `device`. torch.empty's keyword
-    arguments cost microseconds each: only those that differ from the
-    defaults are passed (what a small eager call pays)."""
-    shape = _loss_shape(mu.shape[0], reduction)
+    without `kl_weight`) in `dtype` on `device`.
+
+    What a small eager call pays: torch.empty's keyword arguments cost
+    about a microsecond each, so only those that differ from the defaults
+    are passed; a shape goes as ``size=`` (a positional tuple is first tried
+    against empty's other overloads, slower still).
+    """
+    batch, latent_dim = mu.shape
+    shape = (batch,) if reduction == "none" else ()
+    empty = torch.empty
+    if dtype is torch.get_default_dtype() and device.type == "cpu":
+        return (
+            empty(size=shape), empty(size=shape), empty(size=shape), empty(latent_dim),
+            empty(size=()), empty(size=shape) if kl_weight else None,
+        )  # fmt: skip
     kw: dict[str, Any] = {}
     if dtype != torch.get_default_dtype():
         kw["dtype"] = dtype
     if device.type != "cpu":
         kw["device"] = device
-    empty = torch.empty
     return (
-        empty(shape, **kw),
-        empty(shape, **kw),
-        empty(shape, **kw),
-        empty(mu.shape[1], **kw),
-        empty((), **kw),
-        empty(shape, **kw) if kl_weight else None,
+        empty(size=shape, **kw),
+        empty(size=shape, **kw),
+        empty(size=shape, **kw),
+        empty(latent_dim, **kw),
+        empty(size=(), **kw),
+        empty(size=shape, **kw) if kl_weight else None,
     )
 
 
@@ -401,20 +414,25 @@ def _op_scalars(mu: torch.Tensor, reduction: str, device: torch.device) -> tuple
     return tuple(t for t in _scalar_outputs(mu, reduction, device) if t is not None)
 
 
-def _latent_grads(mu: torch.Tensor, need: tuple[bool, ...]) -> tuple[Optional[torch.Tensor], ...]:
+def _latent_grads(
+    mu: torch.Tensor, need: tuple[bool, ...], dtype: Optional[torch.dtype] = None
+) -> tuple[Optional[torch.Tensor], ...]:
     """Uninitialised grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar (in
-    grad_dtype, mu's contiguous layout), None for those not asked for (need:
-    the 5 flags). empty_like without keyword arguments where it can: each
-    costs about a microsecond."""
-    dtype = grad_dtype(mu.dtype)
+    `dtype`, by default grad_dtype(mu.dtype), mu's contiguous layout), None
+    for those not asked for (need: the 5 flags). empty_like without keyword
+    arguments where it can: each costs about a microsecond."""
+    if dtype is None:
+        dtype = grad_dtype(mu.dtype)
+    if dtype is mu.dtype and mu.is_contiguous():
+        empty = torch.empty_like
+        return (
+            empty(mu) if need[1] else None, empty(mu) if need[2] else None,
+            empty(mu) if need[3] else None, empty(mu) if need[4] else None,
+        )  # fmt: skip
     kw: dict[str, Any] = {} if dtype == mu.dtype else {"dtype": dtype}
     if not mu.is_contiguous():
         kw["memory_format"] = torch.contiguous_format
     return tuple(torch.empty_like(mu, **kw) if n else None for n in need[1:])
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()  # 0 for an empty tensor too
 
 
 def _run_kernel(
@@ -462,13 +480,19 @@ def _run_kernel(
     ]  # fmt: skip
     # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py). data_ptr()
     # is 0 for an empty tensor; the optional ones are None or a tensor.
+    g0, g1, g2, g3, g4 = grads
     ptrs = [
         recon_input.data_ptr(), target.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
-        _ptr(prior_mu), _ptr(prior_logvar), _ptr(global_mean), _ptr(beta), _ptr(step),
+        0 if prior_mu is None else prior_mu.data_ptr(),
+        0 if prior_logvar is None else prior_logvar.data_ptr(),
+        0 if global_mean is None else global_mean.data_ptr(),
+        0 if beta is None else beta.data_ptr(), 0 if step is None else step.data_ptr(),
         loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), kl_per_dim.data_ptr(),
-        beta_out.data_ptr(), _ptr(kl_weight),
+        beta_out.data_ptr(), 0 if kl_weight is None else kl_weight.data_ptr(),
+        0 if g0 is None else g0.data_ptr(), 0 if g1 is None else g1.data_ptr(),
+        0 if g2 is None else g2.data_ptr(), 0 if g3 is None else g3.data_ptr(),
+        0 if g4 is None else g4.data_ptr(),
     ]  # fmt: skip
-    ptrs += [0 if g is None else g.data_ptr() for g in grads]
     if on_cpu:
         bad = _C.elbo_forward_cpu(sizes, ptrs, floats, ints)
         if bad >= 0:
@@ -797,6 +821,30 @@ def _kernels(device: torch.device) -> tuple[Any, Any]:
     return _reference_kernel, _reference_inplace_kernel
 
 
+@functools.cache  # at most 2^7 x 4 x 4 keys
+def _eager_plan(
+    requires: tuple[bool, ...], recon_dtype: torch.dtype, latent_dtype: torch.dtype
+) -> tuple[Any, ...]:
+    """What an eager call's requires-grad flags and dtypes decide, once per combination:
+    need (the 5 gradients the kernel computes), tracked (EagerCall.tracked),
+    saved_index, the result dtype, the gradients' dtypes of recon_input and
+    of the latents."""
+    need = eager_need(requires)
+    tracked = tuple(k for k, r in enumerate(requires) if r)
+    # The saved gradient (ctx.saved_tensors index) of each tracked input,
+    # for the backward that returns them as they are; None if one needs
+    # more than that (a target or beta gradient, or fp16/bf16 inputs,
+    # whose fp32 gradients are cast): the general backward.
+    index = (0, None, 1, 2, None, 3, 4)
+    saved = [index[k] for k in tracked]
+    full = recon_dtype in FULL_PRECISION and latent_dtype in FULL_PRECISION
+    saved_index = None if None in saved or not full else tuple(saved)
+    return (
+        need, tracked, saved_index, result_dtype(recon_dtype, latent_dtype),
+        grad_dtype(recon_dtype), grad_dtype(latent_dtype),
+    )  # fmt: skip
+
+
 class EagerCall:
     """One eager elbo_loss call, from elbo_loss through ElboFunction's backward.
 
@@ -809,47 +857,40 @@ class EagerCall:
     """
 
     __slots__ = (
-        "args", "floats", "ints", "step", "global_kl_per_dim", "dtype", "results",
+        "options", "floats", "ints", "step", "global_kl_per_dim", "dtype", "results",
         "inputs", "tracked", "saved_index", "asked", "reduction", "recon_dtype", "latent_dtype",
-        "grad_target", "grad_recon_input", "grad_beta", "scaled_in_place",
+        "recon_grad_dtype", "latent_grad_dtype", "grad_target", "grad_recon_input", "grad_beta",
+        "scaled_in_place",
     )  # fmt: skip
-    # Set by ElboFunction.forward, read by the backward.
-    recon_dtype: torch.dtype
-    latent_dtype: torch.dtype
-    grad_recon_input: bool
-    grad_target: bool
-    grad_beta: bool
 
     def __init__(
         self,
-        args: OpArgs,
+        options: ElboOptions,
+        requires: tuple[bool, ...],
         floats: list[float],
         ints: list[int],
         step: Optional[torch.Tensor],
         global_kl_per_dim: Optional[torch.Tensor],
-        dtype: torch.dtype,
         inputs: tuple[Optional[torch.Tensor], ...],
     ) -> None:
         """inputs: recon_input, target, mu, logvar, beta, prior_mu, prior_logvar
-        (None where absent). ``apply`` passes autograd only those that require grad."""
-        self.args, self.floats, self.ints = args, floats, ints
+        (None where absent, all contiguous); requires: which of them autograd
+        tracks (all False with grad mode off); floats, ints: the packed
+        options, with ``eager_need(requires)`` the gradients asked for.
+        ``apply`` passes autograd only the tracked inputs."""
+        self.options, self.floats, self.ints = options, floats, ints
         self.inputs = inputs
-        self.tracked = tuple([k for k, t in enumerate(inputs) if t is not None and t.requires_grad])
-        # The saved gradient (ctx.saved_tensors index) of each tracked input,
-        # for the backward that returns them as they are; None if one needs
-        # more than that (a target or beta gradient, or fp16/bf16 inputs,
-        # whose fp32 gradients are cast): the general backward.
-        index = (0, None, 1, 2, None, 3, 4)
-        saved = [index[k] for k in self.tracked]
         recon_input, mu = inputs[0], inputs[2]
-        full = (
-            recon_input is not None and recon_input.dtype in FULL_PRECISION
-            and mu is not None and mu.dtype in FULL_PRECISION
-        )  # fmt: skip
-        self.saved_index = None if None in saved or not full else tuple(saved)
-        self.step, self.global_kl_per_dim, self.dtype = step, global_kl_per_dim, dtype
+        assert recon_input is not None and mu is not None
+        self.recon_dtype, self.latent_dtype = recon_input.dtype, mu.dtype
+        plan = _eager_plan(requires, self.recon_dtype, self.latent_dtype)
+        self.asked, self.tracked, self.saved_index, self.dtype = plan[:4]
+        self.recon_grad_dtype, self.latent_grad_dtype = plan[4:]
+        self.grad_recon_input, self.grad_target = requires[0], requires[1]
+        self.grad_beta = requires[4]
+        self.step, self.global_kl_per_dim = step, global_kl_per_dim
         self.results: tuple[torch.Tensor, ...] = ()
-        self.asked, self.reduction = args.need_grads, args.options.reduction
+        self.reduction = options.reduction
         self.scaled_in_place = False
 
     def launch(
@@ -869,24 +910,25 @@ class EagerCall:
         in float64 on CUDA and cast afterwards. kl_weight (d loss / d beta)
         only for a beta that requires grad: it is the last gradient.
         """
-        args = self.args
-        opts = args.options
         on_cpu = recon_input.is_cpu
-        scalars = _scalar_outputs(
-            mu, opts.reduction, _CPU if on_cpu else recon_input.device,
-            self.dtype if on_cpu else torch.float64, beta is not None and beta.requires_grad,
-        )  # fmt: skip
+        if on_cpu:
+            scalars = _scalar_outputs(mu, self.reduction, _CPU, self.dtype, self.grad_beta)
+        else:
+            device = recon_input.device
+            scalars = _scalar_outputs(mu, self.reduction, device, kl_weight=self.grad_beta)
         loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
         assert loss is not None and recon is not None and kl is not None
         assert kl_per_dim is not None and beta_out is not None
-        need = args.need_grads
-        grad_recon = _grad_recon_buffer(recon_input) if need[0] else None
-        grads: list[Optional[torch.Tensor]] = [grad_recon, *_latent_grads(mu, need)]
+        need = self.asked
+        grads: list[Optional[torch.Tensor]] = [
+            _grad_recon_buffer(recon_input, self.recon_grad_dtype) if need[0] else None,
+            *_latent_grads(mu, need, self.latent_grad_dtype),
+        ]
         inputs = (
             recon_input, target, mu, logvar, prior_mu, prior_logvar, self.global_kl_per_dim,
             beta, self.step,
         )  # fmt: skip
-        _run_kernel(opts, inputs, scalars, grads, self.floats, self.ints)
+        _run_kernel(self.options, inputs, scalars, grads, self.floats, self.ints)
         if on_cpu:
             self.results = (recon, kl, kl_per_dim, beta_out)
         else:
@@ -895,6 +937,13 @@ class EagerCall:
             self.results = (recon.to(out), kl.to(out), kl_per_dim.to(out), beta_out.to(out))
         grads.append(kl_weight)
         return loss, grads
+
+
+def eager_need(requires: tuple[bool, ...]) -> tuple[bool, bool, bool, bool, bool]:
+    """The gradients the kernel computes (recon_input, mu, logvar, prior_mu,
+    prior_logvar) for the requires-grad flags of EagerCall's inputs: a
+    gaussian/mse target that requires grad gets -grad_recon."""
+    return (requires[0] or requires[1], requires[2], requires[3], requires[5], requires[6])
 
 
 class ElboFunction(torch.autograd.Function):
@@ -914,10 +963,6 @@ class ElboFunction(torch.autograd.Function):
         assert recon_input is not None and target is not None
         assert mu is not None and logvar is not None
         loss, grads = call.launch(recon_input, target, mu, logvar, beta, prior_mu, prior_logvar)
-        call.recon_dtype, call.latent_dtype = recon_input.dtype, mu.dtype
-        call.grad_recon_input = recon_input.requires_grad
-        call.grad_target = target.requires_grad and target.dtype.is_floating_point
-        call.grad_beta = grads[5] is not None
         call.inputs = ()  # the inputs are autograd's to keep, not this object's
         ctx.call = call
         ctx.save_for_backward(*grads)

@@ -216,10 +216,15 @@ def check_tensor_args(
     if batch == 0:
         raise ValueError("the batch is empty (B = 0)")
 
-    if type(beta) is float:
-        if not (beta >= 0 and math.isfinite(beta)):
-            _check_real("beta", beta, positive=False)
-        if step is None and capacity is None:
+    if step is None and capacity is None:
+        # The common calls: a float or a 0-d tensor beta, no schedule. The
+        # general checks below raise the same errors for these, later.
+        if type(beta) is float:
+            if not (beta >= 0 and math.isfinite(beta)):
+                _check_real("beta", beta, positive=False)
+            return
+        if type(beta) is Tensor:
+            _check_beta_tensor(beta, mu)
             return
     check_not_capacity(beta, "beta")
     check_capacity(capacity)
@@ -242,13 +247,7 @@ def check_tensor_args(
             "step is only used when beta or capacity is a schedule (klanneal.schedules)"
         )
     if isinstance(beta, torch.Tensor):
-        if beta.numel() != 1 or not beta.dtype.is_floating_point:
-            raise TypeError(
-                "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
-                f"object, got a tensor of shape {tuple(beta.shape)} and dtype {beta.dtype}"
-            )
-        if not beta.is_cpu and beta.device != mu.device:
-            raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
+        _check_beta_tensor(beta, mu)
     elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):  # type: ignore[unreachable]
         _check_real("beta", beta, positive=False)
     elif not is_schedule(beta):
@@ -256,6 +255,16 @@ def check_tensor_args(
             "beta must be a float, a 0-d tensor or a klanneal.schedules object (with `step`), "
             f"got {type(beta).__name__}"
         )
+
+
+def _check_beta_tensor(beta: torch.Tensor, mu: torch.Tensor) -> None:
+    if beta.numel() != 1 or not beta.dtype.is_floating_point:
+        raise TypeError(
+            "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
+            f"object, got a tensor of shape {tuple(beta.shape)} and dtype {beta.dtype}"
+        )
+    if not beta.is_cpu and beta.device != mu.device:
+        raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
 
 
 def check_not_capacity(schedule: Any, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -147,7 +148,9 @@ def elbo_loss(
         step = torch.tensor(step, dtype=torch.int64)
     batch_free_bits = options.free_bits > 0 and free_bits_mode == "batch"
     on_cpu = recon_input.is_cpu  # cheaper than .device, which builds a torch.device
-    if not _ops.native_available(None if on_cpu else recon_input.device) or _functorch_active():
+    if not _ops.native_available(None if on_cpu else recon_input.device) or (
+        not compiling and torch._C._are_functorch_transforms_active()
+    ):
         # torch.func transforms (grad, vmap) and devices without a kernel take
         # the reference: plain PyTorch ops, which every transform supports.
         # Value checks read the tensors: skipped while torch.compile traces.
@@ -201,7 +204,7 @@ def elbo_loss(
     elif isinstance(beta, torch.Tensor):
         if eager_cpu and beta.is_cpu and not beta.requires_grad:
             beta_value = float(beta)
-            if validate:
+            if validate and not (beta_value >= 0 and math.isfinite(beta_value)):
                 _validate.check_beta_value(beta_value, "a beta tensor")
         else:
             # Not detached: a beta that requires grad gets d loss / d beta through the op.
@@ -218,18 +221,21 @@ def elbo_loss(
             capacity_params = _ops.constant_schedule(float(capacity(_validate.as_step(step))))
 
     # is_grad_enabled() is False inside the op, so the caller decides which
-    # gradients the forward pass computes. A gaussian/mse target that
-    # requires grad (a loss between two model outputs) gets -grad_recon.
+    # gradients the forward pass computes (need, from which of recon_input,
+    # target, mu, logvar, beta, prior_mu, prior_logvar autograd tracks).
     if torch.is_grad_enabled():
-        need = (
-            recon_input.requires_grad or target.requires_grad,
+        requires = (
+            recon_input.requires_grad,
+            target.requires_grad,
             mu.requires_grad,
             logvar.requires_grad,
+            beta_tensor is not None and beta_tensor.requires_grad,
             has_prior and prior_mu.requires_grad,  # type: ignore[union-attr]
             has_prior and prior_logvar.requires_grad,  # type: ignore[union-attr]
         )
     else:
-        need = _NO_GRADS
+        requires = _UNTRACKED
+    need = _ops.eager_need(requires)
     floats, ints = options.packed(beta_value, schedule, capacity_params, need)
     if likelihood == "categorical" and target.dtype != torch.int64:
         target = target.to(torch.int64)
@@ -245,7 +251,6 @@ def elbo_loss(
     mu, logvar = mu.contiguous(), logvar.contiguous()
     if has_prior:
         prior_mu, prior_logvar = prior_mu.contiguous(), prior_logvar.contiguous()  # type: ignore[union-attr]
-    dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
     # fp16/bf16 gradients are kept in fp32 until backward (loss scaling), so
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
@@ -259,6 +264,7 @@ def elbo_loss(
             outs = _ops.elbo_loss_inplace(*args)
         else:
             outs = _ops.elbo_loss_traced(*args)
+        dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
         return ELBOOutput(
             outs[0].to(dtype),
             outs[1].detach().to(dtype),
@@ -267,15 +273,14 @@ def elbo_loss(
             outs[4].detach().to(dtype),
         )
     call = _ops.EagerCall(
-        _ops.OpArgs(options, beta_value, schedule, capacity_params, need),
-        floats, ints, step_tensor, global_mean, dtype,
+        options, requires, floats, ints, step_tensor, global_mean,
         (recon_input, target, mu, logvar, beta_tensor, prior_mu, prior_logvar),
     )  # fmt: skip
     loss = _ops.ElboFunction.run(call)
     return ELBOOutput(loss, *call.results)
 
 
-_NO_GRADS = (False, False, False, False, False)
+_UNTRACKED = (False,) * 7
 
 
 def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
