@@ -452,7 +452,9 @@ def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
         "## Training steps and per-call overhead",
         "",
         "Rows from benchmarks/bench_steps.py: a tiny B=2 call against an autograd.Function "
-        "that does nothing (`noop`) and the hand-written loss, and whole training steps "
+        "that does nothing (`noop`), the same returning three precomputed gradients "
+        "(`noop-grads`: autograd accumulates them into the inputs' .grad, which any op "
+        "that returns gradients pays) and the hand-written loss, and whole training steps "
         "(model forward, loss, backward, Adam) with the hand-written loss or klanneal's.",
         "",
         "| case | provider | median ms | p20-p80 ms | repeats | hand-written / provider |",
@@ -470,6 +472,13 @@ def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
         ours, floor = by.get((mode, "klanneal")), by.get((mode, "noop"))
         if ours is not None and floor is not None:
             lines += ["", f"Per-call overhead (klanneal - noop): {1e3 * (ours - floor):.1f} us."]
+            grads = by.get((mode, "noop-grads"))
+            if grads is not None:
+                lines[-1] += (
+                    f" Returning three gradients at all (noop-grads - noop): "
+                    f"{1e3 * (grads - floor):.1f} us; klanneal - noop-grads: "
+                    f"{1e3 * (ours - grads):.1f} us."
+                )
     return lines + [""]
 
 

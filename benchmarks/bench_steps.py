@@ -5,8 +5,11 @@ in one process, medians over the repeats):
 
   overhead    B=2 bernoulli batch of 784 pixels, D=16: ``klanneal.elbo_loss``
               against ``noop``, an autograd.Function on the same inputs that
-              does nothing (the floor of any autograd-attached op), and the
-              hand-written loss. klanneal - noop is the op's own per-call cost.
+              does nothing (the floor of any autograd-attached op),
+              ``noop-grads``, the same returning three precomputed gradients
+              (the floor of one that returns them: autograd accumulates them
+              into the inputs' .grad), and the hand-written loss. klanneal -
+              noop is the op's own per-call cost.
   mnist-step  a complete MNIST-style training step: MLP encoder 784-400-2x16,
               decoder 16-400-784, B=128, Adam; the loss either hand-written
               (``F.binary_cross_entropy_with_logits(..., reduction="sum") / B
@@ -72,6 +75,20 @@ class _Noop(torch.autograd.Function):
         return None, None, None
 
 
+class _NoopGrads(torch.autograd.Function):
+    """_Noop returning the precomputed gradients ``grads`` (set by overhead_case)."""
+
+    grads: tuple[torch.Tensor, ...] = ()
+
+    @staticmethod
+    def forward(ctx, x, mu, logvar):
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _NoopGrads.grads
+
+
 def overhead_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 784, generator=gen).requires_grad_()
@@ -94,6 +111,11 @@ def overhead_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
     def noop() -> None:
         _Noop.apply(x, mu, logvar).backward()
 
+    _NoopGrads.grads = (torch.zeros_like(x), torch.zeros_like(mu), torch.zeros_like(logvar))
+
+    def noop_grads() -> None:
+        _NoopGrads.apply(x, mu, logvar).backward()
+
     def hand() -> None:
         recon = F.binary_cross_entropy_with_logits(x, target, reduction="sum") / 2
         (recon + beta * _kl(mu, logvar) / 2).backward()
@@ -101,6 +123,7 @@ def overhead_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
     entries = [
         _harness.Timed("klanneal", many(fused)),
         _harness.Timed("noop", many(noop)),
+        _harness.Timed("noop-grads", many(noop_grads)),
         _harness.Timed("hand-written", many(hand)),
     ]
     times = _harness.time_round_robin(entries, torch.device("cpu"), repeats, warmup)

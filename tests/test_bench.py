@@ -59,7 +59,12 @@ def test_quick_run_times_every_case_and_provider(quick_run):
         assert "schedules" in cases
     # Per-call overhead and whole training steps (issue 10), with their targets.
     steps = {(r["mode"], r["provider"]) for r in rows if r["case"] == "steps"}
-    assert {p for m, p in steps if m.startswith("overhead")} == {"klanneal", "noop", "hand-written"}
+    assert {p for m, p in steps if m.startswith("overhead")} == {
+        "klanneal",
+        "noop",
+        "noop-grads",
+        "hand-written",
+    }
     assert {p for m, p in steps if m.startswith("MNIST")} == {"klanneal", "hand-written"}
     assert {p for m, p in steps if m.startswith("text VAE")} == {
         "klanneal",

@@ -203,7 +203,7 @@ def elbo_loss(
             beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
     elif isinstance(beta, torch.Tensor):
         if eager_cpu and beta.is_cpu and not beta.requires_grad:
-            beta_value = float(beta)
+            beta_value = beta.item()  # float(beta) is this through Tensor.__float__
             if validate and not (beta_value >= 0 and math.isfinite(beta_value)):
                 _validate.check_beta_value(beta_value, "a beta tensor")
         else:
