@@ -93,13 +93,13 @@ def test_the_first_eager_call_imports_nothing_heavy():
 
 
 def test_the_eager_path_uses_the_c_level_function_apply():
-    # ElboFunction.run skips torch.autograd.Function.apply's Python layer
+    # elbo_loss skips torch.autograd.Function.apply's Python layer
     # (only torch.func transforms need it, and they take the reference path);
     # a torch whose class layout changed falls back to Function.apply.
     import types
 
-    assert isinstance(_ops._APPLY, types.BuiltinMethodType)
-    assert _ops._APPLY.__self__ is _ops.ElboFunction
+    assert isinstance(_ops.APPLY, types.BuiltinMethodType)
+    assert _ops.APPLY.__self__ is _ops.ElboFunction
 
 
 def test_the_unit_gradient_shortcut_and_a_scaled_backward_agree():

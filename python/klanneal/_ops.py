@@ -917,19 +917,19 @@ class EagerCall:
         only for a beta that requires grad: it is the last gradient.
         """
         on_cpu = recon_input.is_cpu
+        need = self.asked
         if on_cpu:
             scalars = _scalar_outputs(mu, self.reduction, _CPU, self.dtype, self.grad_beta)
         else:
             device = recon_input.device
             scalars = _scalar_outputs(mu, self.reduction, device, kl_weight=self.grad_beta)
-        loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
-        assert loss is not None and recon is not None and kl is not None
-        assert kl_per_dim is not None and beta_out is not None
-        need = self.asked
         grads: list[Optional[torch.Tensor]] = [
             _grad_recon_buffer(recon_input, self.recon_grad_dtype) if need[0] else None,
             *_latent_grads(mu, need, self.latent_grad_dtype),
         ]
+        loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
+        assert loss is not None and recon is not None and kl is not None
+        assert kl_per_dim is not None and beta_out is not None
         inputs = (
             recon_input, target, mu, logvar, prior_mu, prior_logvar, self.global_kl_per_dim,
             beta, self.step,
@@ -995,22 +995,6 @@ class ElboFunction(torch.autograd.Function):
         full = (out[0], out[1], out[2], out[3], out[4], out[8], out[9])
         return (None, *[full[k] for k in ctx.call.tracked])
 
-    @staticmethod
-    def run(call: EagerCall) -> torch.Tensor:
-        """The loss of `call`, attached to autograd.
-
-        Through the C apply of torch.autograd.Function (_APPLY): what
-        Function.apply adds in Python is for torch.func transforms, and
-        elbo_loss takes the reference path whenever one is active; the
-        inputs are unwrapped as Function.apply does (a tensor that escaped a
-        finished transform).
-        """
-        inputs = call.inputs
-        unwrap = _UNWRAP_IF_DEAD
-        tracked = [unwrap(inputs[k]) for k in call.tracked]
-        loss: torch.Tensor = _APPLY(call, *tracked)
-        return loss
-
 
 def _c_apply() -> Any:
     """torch.autograd.Function's C-level apply bound to ElboFunction, or its
@@ -1021,8 +1005,13 @@ def _c_apply() -> Any:
     return ElboFunction.apply
 
 
-_APPLY = _c_apply()
-_UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
+# elbo_loss calls ElboFunction through APPLY, the C apply of
+# torch.autograd.Function: what Function.apply adds in Python is for
+# torch.func transforms, and elbo_loss takes the reference path whenever one
+# is active; the inputs are unwrapped (UNWRAP_IF_DEAD) as Function.apply
+# does.
+APPLY = _c_apply()
+UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 
 
 class _ElboInplace(torch.autograd.Function):

@@ -272,11 +272,13 @@ def elbo_loss(
             outs[3].detach().to(dtype),
             outs[4].detach().to(dtype),
         )
-    call = _ops.EagerCall(
-        options, requires, floats, ints, step_tensor, global_mean,
-        (recon_input, target, mu, logvar, beta_tensor, prior_mu, prior_logvar),
-    )  # fmt: skip
-    loss = _ops.ElboFunction.run(call)
+    inputs = (recon_input, target, mu, logvar, beta_tensor, prior_mu, prior_logvar)
+    call = _ops.EagerCall(options, requires, floats, ints, step_tensor, global_mean, inputs)
+    # Function.apply's C part (_ops.APPLY); only the inputs autograd tracks
+    # are its arguments, unwrapped as Function.apply does (a tensor that
+    # escaped a finished torch.func transform).
+    unwrap = _ops.UNWRAP_IF_DEAD
+    loss = _ops.APPLY(call, *[unwrap(inputs[k]) for k in call.tracked])
     return ELBOOutput(loss, *call.results)
 
 
