@@ -26,4 +26,6 @@ def env_flag(name: str, default: str) -> str:
 
 def native_disabled() -> bool:
     """KLANNEAL_DISABLE_NATIVE is set to something other than "" or "0"."""
+    if _ENV_BYTES is not None:  # on every elbo_loss call: the bytes directly
+        return _ENV_BYTES.get(b"KLANNEAL_DISABLE_NATIVE", b"0") not in (b"", b"0")
     return env_flag("KLANNEAL_DISABLE_NATIVE", "0") not in ("", "0")

@@ -193,14 +193,6 @@ def elbo_loss(
     beta_value = 0.0
     if type(beta) is float:
         beta_value = beta
-    elif _validate.is_schedule(beta):
-        if step_tensor is not None:
-            # Evaluated inside the op from the step tensor: no recompiles as it changes.
-            _validate.check_schedule_range(beta)
-            schedule = beta._params_tuple
-        else:
-            step_int = _validate.as_step(step)
-            beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
     elif isinstance(beta, torch.Tensor):
         if eager_cpu and beta.is_cpu and not beta.requires_grad:
             beta_value = beta.item()  # float(beta) is this through Tensor.__float__
@@ -209,6 +201,14 @@ def elbo_loss(
         else:
             # Not detached: a beta that requires grad gets d loss / d beta through the op.
             beta_tensor = beta.to(device=recon_input.device, dtype=torch.float64).reshape(())
+    elif _validate.is_schedule(beta):
+        if step_tensor is not None:
+            # Evaluated inside the op from the step tensor: no recompiles as it changes.
+            _validate.check_schedule_range(beta)
+            schedule = beta._params_tuple
+        else:
+            step_int = _validate.as_step(step)
+            beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
     else:
         beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_tensor_args)
     capacity_params: Optional[tuple[float, ...]] = None
