@@ -247,7 +247,7 @@ def elbo_options(
 
 class OpArgs(NamedTuple):
     """What ``ElboOptions.unpack`` reads from the op's ``floats`` and ``ints``
-    (a NamedTuple: built on every eager call)."""
+    (a NamedTuple: built on every call of the op's kernels)."""
 
     options: ElboOptions
     beta_value: float
@@ -371,10 +371,6 @@ def empty_cache() -> None:
 def pool_cached_bytes() -> int:
     """Bytes the CPU gradient-buffer pool holds in cached (free) buffers."""
     return 0 if _C is None else int(_C.pool_cached_bytes())
-
-
-def _loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
-    return (batch,) if reduction == "none" else ()
 
 
 def _scalar_outputs(
