@@ -148,9 +148,7 @@ def elbo_loss(
         step = torch.tensor(step, dtype=torch.int64)
     batch_free_bits = options.free_bits > 0 and free_bits_mode == "batch"
     on_cpu = recon_input.is_cpu  # cheaper than .device, which builds a torch.device
-    if not _ops.native_available(None if on_cpu else recon_input.device) or (
-        not compiling and torch._C._are_functorch_transforms_active()
-    ):
+    if not _ops.native_available(None if on_cpu else recon_input.device) or _functorch_active():
         # torch.func transforms (grad, vmap) and devices without a kernel take
         # the reference: plain PyTorch ops, which every transform supports.
         # Value checks read the tensors: skipped while torch.compile traces.
