@@ -669,6 +669,33 @@ def test_no_grad_computes_the_same_values():
         torch.testing.assert_close(a, b.detach())
 
 
+def test_no_grad_attaches_nothing_to_inputs_that_require_grad():
+    x, target, mu, logvar = make_inputs("bernoulli", 3, (7,), 1, 4)
+    for t in (x, mu, logvar):
+        t.requires_grad_()
+    with torch.no_grad():
+        out = elbo_loss(x, target, mu, logvar, 0.7, likelihood="bernoulli")
+    assert out.loss.grad_fn is None and not out.loss.requires_grad
+    want = elbo_loss(x, target, mu, logvar, 0.7, likelihood="bernoulli")
+    assert want.loss.grad_fn is not None
+    for a, b in zip(out, want):
+        assert torch.equal(a, b.detach())
+
+
+def test_second_unit_backward_through_the_graph_accumulates():
+    # Unit upstream gradients leave the saved gradients untouched: a second
+    # backward (retain_graph=True) adds them again, as autograd would.
+    x, target, mu, logvar = make_inputs("categorical", 2, (3,), 9, 4)
+    x.requires_grad_()
+    mu.requires_grad_()
+    loss = elbo_loss(x * 1.0, target, mu, logvar).loss
+    loss.backward(retain_graph=True)
+    once = x.grad.clone(), mu.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once[0])
+    torch.testing.assert_close(mu.grad, 2 * once[1])
+
+
 def test_second_backward_through_the_graph_raises():
     x, target, mu, logvar = make_inputs("categorical", 2, (3,), 9, 4)
     x.requires_grad_()

@@ -282,6 +282,18 @@ def test_learnable_beta_float32_on_its_own():
     torch.testing.assert_close(beta.grad, out.kl)  # d (recon/B + beta * KL/B) / d beta = KL/B
 
 
+def test_learnable_beta_on_the_fallback_path(monkeypatch):
+    # The reference fallback reads the beta tensor to check it (validate=True):
+    # a beta that requires grad must be read without torch's requires-grad
+    # warning (an error under this suite's filterwarnings).
+    monkeypatch.setenv("KLANNEAL_DISABLE_NATIVE", "1")
+    x, target, mu, logvar = make_inputs("categorical")
+    beta = torch.nn.Parameter(torch.tensor(1.3))
+    out = klanneal.elbo_loss(x, target, mu, logvar, beta)
+    out.loss.backward()
+    torch.testing.assert_close(beta.grad, out.kl)
+
+
 def test_learnable_beta_under_compile_fullgraph():
     inputs = make_inputs("categorical", dtype=torch.float64)
     beta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)

@@ -823,160 +823,151 @@ def _kernels(device: torch.device) -> tuple[Any, Any]:
     return _reference_kernel, _reference_inplace_kernel
 
 
-@functools.cache  # at most 2^7 x 4 x 4 keys
-def _eager_plan(
-    requires: tuple[bool, ...], recon_dtype: torch.dtype, latent_dtype: torch.dtype
-) -> tuple[Any, ...]:
-    """What an eager call's requires-grad flags and dtypes decide, once per combination:
-    need (the 5 gradients the kernel computes), tracked (EagerCall.tracked),
-    saved_index, the result dtype, the gradients' dtypes of recon_input and
-    of the latents."""
-    need = eager_need(requires)
-    tracked = tuple(k for k, r in enumerate(requires) if r)
-    # The saved gradient (ctx.saved_tensors index) of each tracked input,
-    # for the backward that returns them as they are; None if one needs
-    # more than that (a target or beta gradient, or fp16/bf16 inputs,
-    # whose fp32 gradients are cast): the general backward.
-    index = (0, None, 1, 2, None, 3, 4)
-    saved = [index[k] for k in tracked]
-    full = recon_dtype in FULL_PRECISION and latent_dtype in FULL_PRECISION
-    saved_index = None if None in saved or not full else tuple(saved)
-    return (
-        need, tracked, saved_index, result_dtype(recon_dtype, latent_dtype),
-        grad_dtype(recon_dtype), grad_dtype(latent_dtype),
-    )  # fmt: skip
+class EagerPlan:
+    """What an eager call's requires-grad flags, dtypes and reduction decide,
+    worked out once per combination (``eager_plan``, a cache of at most
+    2^7 x 4 x 4 x 3 keys).
 
-
-class EagerCall:
-    """One eager elbo_loss call, from elbo_loss through ElboFunction's backward.
-
-    Holds what is not a differentiable input: the packed options, the step
-    and the global free-bits mean, the result dtype, and after the forward
-    the non-differentiable results (recon, kl, kl_per_dim, beta) and what
-    backward needs. One object: each argument and ctx attribute of an
-    autograd.Function costs time on every call, which is what small batches
-    pay for.
+    asked: the 5 gradients the kernel computes (recon_input, mu, logvar,
+    prior_mu, prior_logvar); tracked: which of eager_elbo's 7 inputs
+    autograd tracks; saved_index: the saved gradient (ctx.saved_tensors
+    index) of each tracked input, for the backward that returns them as they
+    are, or None where one needs more than that (a target or beta gradient,
+    or fp16/bf16 inputs, whose fp32 gradients are cast); dtype: the results'
+    dtype; the gradients' dtypes. It is also ``_backward_common``'s state:
+    ``scaled`` gives the copy that records a backward's in-place scaling.
     """
 
     __slots__ = (
-        "options", "floats", "ints", "step", "global_kl_per_dim", "dtype", "results",
-        "inputs", "tracked", "saved_index", "asked", "reduction", "recon_dtype", "latent_dtype",
-        "recon_grad_dtype", "latent_grad_dtype", "grad_target", "grad_recon_input", "grad_beta",
-        "scaled_in_place",
+        "asked", "tracked", "saved_index", "dtype", "recon_grad_dtype", "latent_grad_dtype",
+        "reduction", "recon_dtype", "latent_dtype", "grad_recon_input", "grad_target",
+        "grad_beta", "scaled_in_place",
     )  # fmt: skip
 
     def __init__(
         self,
-        options: ElboOptions,
         requires: tuple[bool, ...],
-        floats: list[float],
-        ints: list[int],
-        step: Optional[torch.Tensor],
-        global_kl_per_dim: Optional[torch.Tensor],
-        inputs: tuple[Optional[torch.Tensor], ...],
+        recon_dtype: torch.dtype,
+        latent_dtype: torch.dtype,
+        reduction: str,
     ) -> None:
-        """inputs: recon_input, target, mu, logvar, beta, prior_mu, prior_logvar
-        (None where absent, all contiguous); requires: which of them autograd
-        tracks (all False with grad mode off); floats, ints: the packed
-        options, with ``eager_need(requires)`` the gradients asked for.
-        ``apply`` passes autograd only the tracked inputs."""
-        self.options, self.floats, self.ints = options, floats, ints
-        self.inputs = inputs
-        recon_input, mu = inputs[0], inputs[2]
-        assert recon_input is not None and mu is not None
-        self.recon_dtype, self.latent_dtype = recon_input.dtype, mu.dtype
-        plan = _eager_plan(requires, self.recon_dtype, self.latent_dtype)
-        self.asked, self.tracked, self.saved_index, self.dtype = plan[:4]
-        self.recon_grad_dtype, self.latent_grad_dtype = plan[4:]
+        """requires: whether autograd tracks recon_input, target, mu, logvar,
+        beta, prior_mu, prior_logvar (all False with grad mode off). A
+        gaussian/mse target that requires grad gets -grad_recon."""
+        self.asked = eager_need(requires)
+        self.tracked = tuple(k for k, r in enumerate(requires) if r)
+        index = (0, None, 1, 2, None, 3, 4)
+        saved = [index[k] for k in self.tracked]
+        full = recon_dtype in FULL_PRECISION and latent_dtype in FULL_PRECISION
+        self.saved_index = None if None in saved or not full else tuple(saved)
+        self.dtype = result_dtype(recon_dtype, latent_dtype)
+        self.recon_grad_dtype = grad_dtype(recon_dtype)
+        self.latent_grad_dtype = grad_dtype(latent_dtype)
+        self.reduction = reduction
+        self.recon_dtype, self.latent_dtype = recon_dtype, latent_dtype
         self.grad_recon_input, self.grad_target = requires[0], requires[1]
         self.grad_beta = requires[4]
-        self.step, self.global_kl_per_dim = step, global_kl_per_dim
-        self.results: tuple[torch.Tensor, ...] = ()
-        self.reduction = options.reduction
         self.scaled_in_place = False
 
-    def launch(
-        self,
-        recon_input: torch.Tensor,
-        target: torch.Tensor,
-        mu: torch.Tensor,
-        logvar: torch.Tensor,
-        beta: Optional[torch.Tensor],
-        prior_mu: Optional[torch.Tensor],
-        prior_logvar: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-        """Runs the device kernel: returns the loss and the 5 gradients (None where
-        not asked for) and keeps recon, kl, kl_per_dim, beta in `results`.
+    def scaled(self) -> EagerPlan:
+        """A copy for one backward to mark (the cached plan is shared by calls)."""
+        copy = object.__new__(EagerPlan)
+        for name in EagerPlan.__slots__:
+            setattr(copy, name, getattr(self, name))
+        return copy
 
-        The scalars are written in the result dtype on the CPU (out_dtype),
-        in float64 on CUDA and cast afterwards. kl_weight (d loss / d beta)
-        only for a beta that requires grad: it is the last gradient.
-        """
-        on_cpu = recon_input.is_cpu
-        need = self.asked
-        if on_cpu:
-            scalars = _scalar_outputs(mu, self.reduction, _CPU, self.dtype, self.grad_beta)
-        else:
-            device = recon_input.device
-            scalars = _scalar_outputs(mu, self.reduction, device, kl_weight=self.grad_beta)
-        grads: list[Optional[torch.Tensor]] = [
-            _grad_recon_buffer(recon_input, self.recon_grad_dtype) if need[0] else None,
-            *_latent_grads(mu, need, self.latent_grad_dtype),
-        ]
-        loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
-        assert loss is not None and recon is not None and kl is not None
-        assert kl_per_dim is not None and beta_out is not None
-        inputs = (
-            recon_input, target, mu, logvar, prior_mu, prior_logvar, self.global_kl_per_dim,
-            beta, self.step,
-        )  # fmt: skip
-        _run_kernel(self.options, inputs, scalars, grads, self.floats, self.ints)
-        if on_cpu:
-            self.results = (recon, kl, kl_per_dim, beta_out)
-        else:
-            out = self.dtype
-            loss = loss.to(out)
-            self.results = (recon.to(out), kl.to(out), kl_per_dim.to(out), beta_out.to(out))
-        grads.append(kl_weight)
-        return loss, grads
+
+eager_plan = functools.cache(EagerPlan)
 
 
 def eager_need(requires: tuple[bool, ...]) -> tuple[bool, bool, bool, bool, bool]:
     """The gradients the kernel computes (recon_input, mu, logvar, prior_mu,
-    prior_logvar) for the requires-grad flags of EagerCall's inputs: a
+    prior_logvar) for the requires-grad flags of eager_elbo's inputs: a
     gaussian/mse target that requires grad gets -grad_recon."""
     return (requires[0] or requires[1], requires[2], requires[3], requires[5], requires[6])
 
 
-class ElboFunction(torch.autograd.Function):
-    """Eager autograd of klanneal.elbo_loss: the native kernel called directly.
+def eager_elbo(
+    plan: EagerPlan,
+    options: ElboOptions,
+    inputs: tuple[Optional[torch.Tensor], ...],
+    floats: list[float],
+    ints: list[int],
+    step: Optional[torch.Tensor],
+    global_kl_per_dim: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """One eager elbo_loss call: runs the device kernel, then attaches the
+    loss to autograd (ElboFunction) if any input is tracked.
 
-    Its arguments are an EagerCall and, of the inputs, only those that
-    require grad (EagerCall.tracked): each argument of an autograd.Function
-    costs time on every call, which is what small batches pay for. For the
-    same reason the loss is the only output: recon, kl, kl_per_dim and beta
-    come back on the EagerCall as plain tensors.
+    inputs: recon_input, target, mu, logvar, beta, prior_mu, prior_logvar
+    (None where absent, all contiguous); plan: eager_plan of their
+    requires-grad flags; floats, ints: the packed options, with plan.asked
+    the gradients asked for. Returns loss, recon, kl, kl_per_dim, beta in
+    plan.dtype: written in that dtype on the CPU (out_dtype), in float64 on
+    CUDA and cast.
+    """
+    recon_input, target, mu, logvar, beta, prior_mu, prior_logvar = inputs
+    assert recon_input is not None and target is not None
+    assert mu is not None and logvar is not None
+    need = plan.asked
+    on_cpu = recon_input.is_cpu
+    if on_cpu:
+        scalars = _scalar_outputs(mu, plan.reduction, _CPU, plan.dtype, plan.grad_beta)
+    else:
+        scalars = _scalar_outputs(mu, plan.reduction, recon_input.device, kl_weight=plan.grad_beta)
+    grads = (
+        _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
+        *_latent_grads(mu, need, plan.latent_grad_dtype),
+    )
+    kernel_inputs = (
+        recon_input, target, mu, logvar, prior_mu, prior_logvar, global_kl_per_dim, beta, step,
+    )  # fmt: skip
+    _run_kernel(options, kernel_inputs, scalars, grads, floats, ints)
+    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
+    assert loss is not None and recon is not None and kl is not None
+    assert kl_per_dim is not None and beta_out is not None
+    if not on_cpu:
+        out = plan.dtype
+        loss, recon, kl = loss.to(out), recon.to(out), kl.to(out)
+        kl_per_dim, beta_out = kl_per_dim.to(out), beta_out.to(out)
+    if plan.tracked:
+        # Function.apply's C part (APPLY); only the tracked inputs are its
+        # arguments, unwrapped as Function.apply does (a tensor that escaped
+        # a finished torch.func transform).
+        unwrap = UNWRAP_IF_DEAD
+        tracked = [unwrap(inputs[k]) for k in plan.tracked]
+        loss = APPLY((loss, (*grads, kl_weight), plan), *tracked)
+    return loss, recon, kl, kl_per_dim, beta_out
+
+
+class ElboFunction(torch.autograd.Function):
+    """Eager autograd of klanneal.elbo_loss: attaches the loss of a kernel that
+    already ran (eager_elbo) and returns the gradients it computed.
+
+    Its arguments are (loss, the gradients, the EagerPlan) and, of the
+    inputs, only those that require grad (EagerPlan.tracked): each argument
+    of an autograd.Function costs time on every call, which is what small
+    batches pay for. For the same reason the loss is the only output: recon,
+    kl, kl_per_dim and beta are plain tensors.
     """
 
     @staticmethod
-    def forward(ctx: Any, call: EagerCall, *tracked: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, state: tuple[Any, ...], *tracked: torch.Tensor) -> torch.Tensor:
+        loss: torch.Tensor = state[0]
+        saved, plan = state[1], state[2]
         ctx.set_materialize_grads(False)
-        recon_input, target, mu, logvar, beta, prior_mu, prior_logvar = call.inputs
-        assert recon_input is not None and target is not None
-        assert mu is not None and logvar is not None
-        loss, grads = call.launch(recon_input, target, mu, logvar, beta, prior_mu, prior_logvar)
-        call.inputs = ()  # the inputs are autograd's to keep, not this object's
-        ctx.call = call
-        ctx.save_for_backward(*grads)
+        # grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar, kl_weight.
+        ctx.save_for_backward(*saved)
+        ctx.plan = plan
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
-        call = ctx.call
-        index = call.saved_index
+        plan = ctx.plan
+        index = plan.saved_index
         if (
             index is not None
-            and not call.scaled_in_place
+            and not plan.scaled_in_place
             and type(grad_loss) is torch.Tensor
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
@@ -986,10 +977,11 @@ class ElboFunction(torch.autograd.Function):
             # gradients of the forward pass, as they are.
             saved = ctx.saved_tensors
             return (None, *[saved[k] for k in index])
-        out = _backward_common(ctx, call, grad_loss)
-        # OpInputs order -> EagerCall.inputs order, then the tracked ones.
+        ctx.plan = state = plan.scaled()
+        out = _backward_common(ctx, state, grad_loss)
+        # OpInputs order -> eager_elbo's inputs order, then the tracked ones.
         full = (out[0], out[1], out[2], out[3], out[4], out[8], out[9])
-        return (None, *[full[k] for k in ctx.call.tracked])
+        return (None, *[full[k] for k in plan.tracked])
 
 
 def _c_apply() -> Any:
@@ -1001,7 +993,7 @@ def _c_apply() -> Any:
     return ElboFunction.apply
 
 
-# elbo_loss calls ElboFunction through APPLY, the C apply of
+# eager_elbo calls ElboFunction through APPLY, the C apply of
 # torch.autograd.Function: what Function.apply adds in Python is for
 # torch.func transforms, and elbo_loss takes the reference path whenever one
 # is active; the inputs are unwrapped (UNWRAP_IF_DEAD) as Function.apply

@@ -366,7 +366,7 @@ def check_values(
         if bool(bad.any()):
             raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
     if beta is not None:
-        value = float(beta)
+        value = float(beta.detach())  # a learnable beta: read without a requires-grad warning
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"beta must be finite and >= 0, got {value}")
     if step is not None and int(step) < 0:

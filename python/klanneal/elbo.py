@@ -233,7 +233,12 @@ def elbo_loss(
         )
     else:
         requires = _UNTRACKED
-    need = _ops.eager_need(requires)
+    plan: Optional[_ops.EagerPlan] = None
+    if compiling:  # traced: no cache (the plan is only the eager path's)
+        need = _ops.eager_need(requires)
+    else:
+        plan = _ops.eager_plan(requires, recon_input.dtype, mu.dtype, reduction)
+        need = plan.asked
     floats, ints = options.packed(beta_value, schedule, capacity_params, need)
     if likelihood == "categorical" and target.dtype != torch.int64:
         target = target.to(torch.int64)
@@ -270,14 +275,10 @@ def elbo_loss(
             outs[3].detach().to(dtype),
             outs[4].detach().to(dtype),
         )
+    assert plan is not None
     inputs = (recon_input, target, mu, logvar, beta_tensor, prior_mu, prior_logvar)
-    call = _ops.EagerCall(options, requires, floats, ints, step_tensor, global_mean, inputs)
-    # Function.apply's C part (_ops.APPLY); only the inputs autograd tracks
-    # are its arguments, unwrapped as Function.apply does (a tensor that
-    # escaped a finished torch.func transform).
-    unwrap = _ops.UNWRAP_IF_DEAD
-    loss = _ops.APPLY(call, *[unwrap(inputs[k]) for k in call.tracked])
-    return ELBOOutput(loss, *call.results)
+    results = _ops.eager_elbo(plan, options, inputs, floats, ints, step_tensor, global_mean)
+    return ELBOOutput(*results)
 
 
 _UNTRACKED = (False,) * 7
