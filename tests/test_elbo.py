@@ -669,6 +669,27 @@ def test_no_grad_computes_the_same_values():
         torch.testing.assert_close(a, b.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian", "mse"])
+def test_common_call_matches_the_general_path(likelihood, reduction, dtype):
+    # A float or 0-d tensor beta takes elbo_loss's common-call lane, an int
+    # beta the general argument handling: the same kernel, so the same bits,
+    # after a unit and a non-unit upstream gradient alike.
+    inputs = make_inputs(likelihood, 3, (4,), 11, 5, dtype=dtype)
+    for upstream in (1.0, 2.5):
+        up = torch.full((3,) if reduction == "none" else (), upstream)
+        lane, lane_tensor, general = (
+            run(elbo_loss, inputs, up, beta=beta, likelihood=likelihood, reduction=reduction)
+            for beta in (2.0, torch.tensor(2.0), 2)
+        )
+        want = (*general[0], *general[1])
+        for got in ((*lane[0], *lane[1]), (*lane_tensor[0], *lane_tensor[1])):
+            assert len(got) == len(want) == 8
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_no_grad_attaches_nothing_to_inputs_that_require_grad():
     x, target, mu, logvar = make_inputs("bernoulli", 3, (7,), 1, 4)
     for t in (x, mu, logvar):

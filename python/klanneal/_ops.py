@@ -307,7 +307,6 @@ _N_INPUTS = len(OpInputs._fields)
 
 
 _HAS_CUDA_KERNEL = _C is not None and hasattr(_C, "elbo_forward_cuda")
-_CPU = torch.device("cpu")
 
 
 def native_available(device: Optional[torch.device]) -> bool:
@@ -376,12 +375,12 @@ def pool_cached_bytes() -> int:
 def _scalar_outputs(
     mu: torch.Tensor,
     reduction: str,
-    device: torch.device,
+    device: Optional[torch.device],
     dtype: torch.dtype = torch.float64,
     kl_weight: bool = True,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Uninitialised loss, recon, kl, kl_per_dim, beta and kl_weight (None
-    without `kl_weight`) in `dtype` on `device`.
+    without `kl_weight`) in `dtype` on `device` (None: the CPU).
 
     What a small eager call pays: torch.empty's keyword arguments cost
     about a microsecond each, so only those that differ from the defaults
@@ -391,7 +390,7 @@ def _scalar_outputs(
     batch, latent_dim = mu.shape
     shape = (batch,) if reduction == "none" else ()
     empty = torch.empty
-    if dtype is torch.get_default_dtype() and device.type == "cpu":
+    if device is None and dtype is torch.get_default_dtype():
         return (
             empty(size=shape), empty(size=shape), empty(size=shape), empty(latent_dim),
             empty(size=()), empty(size=shape) if kl_weight else None,
@@ -399,7 +398,7 @@ def _scalar_outputs(
     kw: dict[str, Any] = {}
     if dtype != torch.get_default_dtype():
         kw["dtype"] = dtype
-    if device.type != "cpu":
+    if device is not None:
         kw["device"] = device
     return (
         empty(size=shape, **kw),
@@ -413,7 +412,8 @@ def _scalar_outputs(
 
 def _op_scalars(mu: torch.Tensor, reduction: str, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The op's six scalar outputs, float64 (kl_weight included)."""
-    return tuple(t for t in _scalar_outputs(mu, reduction, device) if t is not None)
+    on = None if device.type == "cpu" else device
+    return tuple(t for t in _scalar_outputs(mu, reduction, on) if t is not None)
 
 
 def _latent_grads(
@@ -912,7 +912,7 @@ def eager_elbo(
     need = plan.asked
     on_cpu = recon_input.is_cpu
     if on_cpu:
-        scalars = _scalar_outputs(mu, plan.reduction, _CPU, plan.dtype, plan.grad_beta)
+        scalars = _scalar_outputs(mu, plan.reduction, None, plan.dtype, plan.grad_beta)
     else:
         scalars = _scalar_outputs(mu, plan.reduction, recon_input.device, kl_weight=plan.grad_beta)
     grads = (

@@ -126,6 +126,22 @@ def elbo_loss(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )
     _validate.check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
+    if (
+        step is None
+        and capacity is None
+        and prior_mu is None
+        and prior_logvar is None
+        and free_bits_group is None
+        and not inplace
+        and recon_input.is_cpu
+        and (likelihood == "categorical" or target.dtype == recon_input.dtype)
+        and not torch.compiler.is_compiling()
+        and _ops.native_available(None)
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        result = _common_cpu_call(options, recon_input, target, mu, logvar, beta)
+        if result is not None:
+            return result
     has_prior = prior_mu is not None or prior_logvar is not None
     if has_prior:
         _validate.check_prior(mu, prior_mu, prior_logvar)
@@ -282,6 +298,50 @@ def elbo_loss(
 
 
 _UNTRACKED = (False,) * 7
+
+
+def _common_cpu_call(
+    options: _ops.ElboOptions,
+    recon_input: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: Any,
+) -> Optional[ELBOOutput]:
+    """elbo_loss's common call, eager on the CPU with the native kernel: a
+    float or CPU tensor beta that does not require grad, and no schedule,
+    capacity, learned prior, process group or inplace (elbo_loss has checked
+    the arguments and these conditions). None for a beta of another kind,
+    which the general path takes.
+
+    The same kernel and autograd as the general path (_ops.eager_elbo), with
+    its argument handling cut to what such a call needs: small batches pay
+    per call for every step of it.
+    """
+    if type(beta) is float:
+        beta_value = beta
+    elif type(beta) is torch.Tensor and beta.is_cpu and not beta.requires_grad:
+        beta_value = beta.item()
+        if options.validate and not (beta_value >= 0 and math.isfinite(beta_value)):
+            _validate.check_beta_value(beta_value, "a beta tensor")
+    else:
+        return None
+    if torch.is_grad_enabled():
+        requires = (
+            recon_input.requires_grad, target.requires_grad, mu.requires_grad,
+            logvar.requires_grad, False, False, False,
+        )  # fmt: skip
+    else:
+        requires = _UNTRACKED
+    plan = _ops.eager_plan(requires, recon_input.dtype, mu.dtype, options.reduction)
+    floats, ints = options.packed(beta_value, _ops.NO_SCHEDULE, None, plan.asked)
+    if options.likelihood == "categorical" and target.dtype != torch.int64:
+        target = target.to(torch.int64)
+    inputs = (
+        recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
+        None, None, None,
+    )  # fmt: skip
+    return ELBOOutput(*_ops.eager_elbo(plan, options, inputs, floats, ints, None, None))
 
 
 def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
