@@ -13,9 +13,11 @@ CUDA) and the pure-PyTorch reference as the default kernel, so
 ``torch.ops.klanneal.elbo_loss`` runs on any device; ``register_fake`` lets
 torch.compile trace it and ``register_autograd`` makes the op itself
 differentiable (torch.compile, direct calls). In eager mode klanneal.elbo_loss
-does not go through the dispatcher at all: ``ElboFunction``, a plain
-autograd.Function, calls the device kernel directly (the cheapest attachment:
-torch's custom-op wrapper costs tens of microseconds per call).
+does not go through the dispatcher at all: ``eager_elbo`` calls the device
+kernel directly and ``ElboFunction``, a plain autograd.Function, attaches the
+loss (the cheapest attachment: torch's custom-op wrapper costs tens of
+microseconds per call); with nothing to track (torch.no_grad) there is no
+Function at all.
 
 The scalar options travel as two lists, ``floats`` and ``ints``, whose slot
 layout is defined in C++ (csrc/include/klanneal/elbo_layout.h) and exported by
