@@ -525,3 +525,22 @@ def test_module_with_weight_and_bias():
 def test_module_errors(args, kwargs, error, fragment):
     with pytest.raises(error, match=fragment):
         LinearELBOLoss(*args, **kwargs)
+
+
+# torch's make_dual loads jvp decompositions through torch.jit.script, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_gets_the_reference_tangent():
+    # Dual tensors take the materialised path (elbo_loss's reference): the
+    # chunked kernel has no forward-mode derivative.
+    import torch.autograd.forward_ad as fwad
+
+    hidden, weight, bias, target, mu, logvar = make_inputs(2, (3,), 6, 11)
+    d_hidden, d_weight = torch.randn_like(hidden), torch.randn_like(weight)
+    got, want = [], []
+    for fn, into in ((fused, got), (reference, want)):
+        with fwad.dual_level():
+            h, w = fwad.make_dual(hidden, d_hidden), fwad.make_dual(weight, d_weight)
+            primal, tangent = fwad.unpack_dual(fn(h, w, bias, target, mu, logvar, beta=0.5).loss)
+            assert tangent is not None
+            into.extend((primal.clone(), tangent.clone()))
+    torch.testing.assert_close(got, want)

@@ -398,3 +398,25 @@ def test_the_worker_pool_is_capped_at_the_core_count():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.strip()) <= (os.cpu_count() or 1)
+
+
+# torch's make_dual loads jvp decompositions through torch.jit.script, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_forward_mode_ad_gets_the_reference_tangent(likelihood):
+    # Dual tensors (torch.autograd.forward_ad) take the reference path: the
+    # fused op has no forward-mode derivative, and a tangent must not be
+    # silently dropped.
+    import torch.autograd.forward_ad as fwad
+
+    x, target, mu, logvar = make_inputs(likelihood, 3, (4,), 9, 5)
+    tangents = [torch.randn_like(t) for t in (x, mu, logvar)]
+    got, want = [], []
+    for fn, into in ((elbo_loss, got), (elbo_loss_ref, want)):
+        with fwad.dual_level():
+            duals = [fwad.make_dual(t, d) for t, d in zip((x, mu, logvar), tangents)]
+            out = fn(duals[0], target, duals[1], duals[2], 0.7, likelihood=likelihood)
+            primal, tangent = fwad.unpack_dual(out.loss)
+            assert tangent is not None
+            into.extend((primal.clone(), tangent.clone()))
+    torch.testing.assert_close(got, want)

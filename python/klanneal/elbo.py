@@ -137,7 +137,7 @@ def elbo_loss(
         and (likelihood == "categorical" or target.dtype == recon_input.dtype)
         and not torch.compiler.is_compiling()
         and _ops.native_available(None)
-        and not torch._C._are_functorch_transforms_active()
+        and not _reference_only()
     ):
         result = _common_cpu_call(options, recon_input, target, mu, logvar, beta)
         if result is not None:
@@ -164,9 +164,10 @@ def elbo_loss(
         step = torch.tensor(step, dtype=torch.int64)
     batch_free_bits = options.free_bits > 0 and free_bits_mode == "batch"
     on_cpu = recon_input.is_cpu  # cheaper than .device, which builds a torch.device
-    if not _ops.native_available(None if on_cpu else recon_input.device) or _functorch_active():
-        # torch.func transforms (grad, vmap) and devices without a kernel take
-        # the reference: plain PyTorch ops, which every transform supports.
+    if not _ops.native_available(None if on_cpu else recon_input.device) or _reference_only():
+        # torch.func transforms (grad, vmap), forward-mode AD and devices
+        # without a kernel take the reference: plain PyTorch ops, which every
+        # transform supports.
         # Value checks read the tensors: skipped while torch.compile traces.
         if validate and not compiling:
             _validate.check_values(
@@ -359,7 +360,15 @@ def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
     return False
 
 
-def _functorch_active() -> bool:
-    """A torch.func transform (grad, vmap, jacrev, ...) is running (eager only:
-    torch.compile traces the op itself)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+def _reference_only() -> bool:
+    """A torch.func transform (grad, vmap, jacrev, ...) is running or a
+    torch.autograd.forward_ad dual level is open (eager only: torch.compile
+    traces the op itself). The fused op has no batching rule and no
+    forward-mode derivative; the reference's plain PyTorch ops have both, so
+    dual tensors get their tangents."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or _FORWARD_AD._current_level >= 0
+    )
+
+
+_FORWARD_AD: Any = torch.autograd.forward_ad

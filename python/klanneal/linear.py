@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from klanneal import _ops, _validate
-from klanneal.elbo import _functorch_active, elbo_loss
+from klanneal.elbo import _reference_only, elbo_loss
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule
 
@@ -740,8 +740,8 @@ def linear_elbo_loss(
         ignore_index=ignore_index, prior_mu=prior_mu, prior_logvar=prior_logvar,
         capacity=capacity, free_bits_group=free_bits_group, validate=validate,
     )  # fmt: skip
-    if not _ops.native_available(hidden.device) or _functorch_active():
-        # No kernel for this device (or a torch.func transform): the logits
+    if not _ops.native_available(hidden.device) or _reference_only():
+        # No kernel for this device (or a torch.func transform, forward-mode AD): the logits
         # are materialised, elbo_loss takes its reference path.
         return elbo_loss(F.linear(hidden, weight, bias), target, mu, logvar, beta, **kl_options)
     # The KL term: elbo_loss on an empty reconstruction ([B, 0, V]; its
