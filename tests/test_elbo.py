@@ -704,8 +704,10 @@ def test_no_grad_attaches_nothing_to_inputs_that_require_grad():
 
 
 def test_second_unit_backward_through_the_graph_accumulates():
-    # Unit upstream gradients leave the saved gradients untouched: a second
-    # backward (retain_graph=True) adds them again, as autograd would.
+    # Unit upstream gradients leave the saved gradients of recon_input and the
+    # latents untouched: a second backward (retain_graph=True) adds them
+    # again, as autograd would (a target-only gradient is negated in place:
+    # tests/test_reliability.py).
     x, target, mu, logvar = make_inputs("categorical", 2, (3,), 9, 4)
     x.requires_grad_()
     mu.requires_grad_()

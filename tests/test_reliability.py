@@ -420,3 +420,34 @@ def test_forward_mode_ad_gets_the_reference_tangent(likelihood):
             assert tangent is not None
             into.extend((primal.clone(), tangent.clone()))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_a_default_device_does_not_redirect_the_cpu_outputs(likelihood, dtype):
+    # Regression: under `with torch.device(...)` (or torch.set_default_device)
+    # the CPU kernel's outputs were allocated on that device and the kernel
+    # wrote through their pointers ("meta": a null-pointer error; a GPU
+    # would have been written by CPU code).
+    inputs = make_inputs(likelihood, 3, (4,), 9, 5, dtype=dtype)
+    want = run(elbo_loss, inputs, likelihood=likelihood)
+    with torch.device("meta"):
+        got = run(elbo_loss, inputs, likelihood=likelihood)
+    for a, b in zip((*got[0], *got[1]), (*want[0], *want[1])):
+        assert a.device.type == "cpu" and torch.equal(a, b)
+
+
+def test_second_backward_after_a_target_only_gradient_raises_clearly():
+    # Regression: with only a gaussian target requiring grad, a unit
+    # backward negates the saved gradient in place; a second backward
+    # (retain_graph=True) hit torch's generic "modified by an inplace
+    # operation" error instead of klanneal's.
+    x, target, mu, logvar = make_inputs("gaussian", 3, (4,), 1, 5)
+    ref_target = target.clone().requires_grad_()
+    elbo_loss_ref(x, ref_target, mu, logvar, 0.5, likelihood="gaussian").loss.backward()
+    target.requires_grad_()
+    loss = elbo_loss(x, target, mu, logvar, 0.5, likelihood="gaussian").loss
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(target.grad, ref_target.grad)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()

@@ -374,6 +374,9 @@ def pool_cached_bytes() -> int:
     return 0 if _C is None else int(_C.pool_cached_bytes())
 
 
+_FUNCTION_MODE_ENABLED = torch._C._is_torch_function_mode_enabled
+
+
 def _scalar_outputs(
     mu: torch.Tensor,
     reduction: str,
@@ -392,7 +395,11 @@ def _scalar_outputs(
     batch, latent_dim = mu.shape
     shape = (batch,) if reduction == "none" else ()
     empty = torch.empty
-    if device is None and dtype is torch.get_default_dtype():
+    # A default device (torch.set_default_device, `with torch.device(...)`)
+    # is a torch function mode: with one active, the CPU kernel's outputs
+    # are placed on the CPU explicitly (it would write through their pointers).
+    function_mode = _FUNCTION_MODE_ENABLED()
+    if device is None and dtype is torch.get_default_dtype() and not function_mode:
         return (
             empty(size=shape), empty(size=shape), empty(size=shape), empty(latent_dim),
             empty(size=()), empty(size=shape) if kl_weight else None,
@@ -402,6 +409,8 @@ def _scalar_outputs(
         kw["dtype"] = dtype
     if device is not None:
         kw["device"] = device
+    elif function_mode:
+        kw["device"] = "cpu"
     return (
         empty(size=shape, **kw),
         empty(size=shape, **kw),
@@ -613,7 +622,8 @@ def _kl_weight(loss: torch.Tensor, beta_leaf: torch.Tensor, reduction: str) -> t
     """d loss / d beta per loss element (float64), by autograd."""
     if reduction != "none":
         (g,) = torch.autograd.grad(loss, beta_leaf, allow_unused=True, retain_graph=True)
-        return (torch.zeros((), dtype=torch.float64) if g is None else g.detach()).to(torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+        return (zero if g is None else g.detach()).to(torch.float64)
     # Per example: loss_b = recon_b + beta * term_b, so term_b = d loss_b / d beta.
     rows = [
         torch.autograd.grad(loss[b], beta_leaf, allow_unused=True, retain_graph=True)[0]
@@ -718,10 +728,10 @@ def _backward_common(
     times grad_loss; beta's is grad_loss times d loss / d beta (kl_weight).
 
     ctx.saved_tensors: grad_recon, grad_mu, grad_logvar, grad_prior_mu,
-    grad_prior_logvar, kl_weight. state (ctx itself for the op, the
-    EagerCall in eager mode): reduction, asked (the 5 gradients the forward
-    computed), recon_dtype, latent_dtype, grad_recon_input, grad_target,
-    grad_beta, scaled_in_place.
+    grad_prior_logvar, kl_weight. state (ctx itself for the op, in eager
+    mode the copy of the call's EagerPlan that ElboFunction keeps on ctx):
+    reduction, asked (the 5 gradients the forward computed), recon_dtype,
+    latent_dtype, grad_recon_input, grad_target, grad_beta, scaled_in_place.
 
     Eager, the saved gradients are scaled in place (no second logits-sized
     buffer), after which they cannot serve another backward; when grad_loss
@@ -775,8 +785,14 @@ def _backward_common(
     if state.grad_target and grads[0] is not None:
         if state.grad_recon_input:
             grad_target = -grads[0]
+        elif eager:
+            # Negated in place (no second logits-sized buffer): if that is the
+            # saved gradient, it cannot serve another backward.
+            if grads[0] is saved[0]:
+                state.scaled_in_place = True
+            grad_target, grads[0] = grads[0].neg_(), None
         else:
-            grad_target, grads[0] = grads[0].neg_() if eager else -grads[0], None
+            grad_target, grads[0] = -grads[0], None
     out = none
     out[0], out[1], out[2], out[3] = grads[0], grad_target, grads[1], grads[2]
     out[8], out[9] = grads[3], grads[4]
