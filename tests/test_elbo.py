@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import klanneal
 from klanneal import _ops, elbo_loss, elbo_loss_ref
+from klanneal.schedules import Cyclical
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
 FREE_BITS = {
@@ -688,6 +689,21 @@ def test_common_call_matches_the_general_path(likelihood, reduction, dtype):
             assert len(got) == len(want) == 8
             for a, b in zip(got, want):
                 assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_common_call_with_a_schedule_uses_its_value_at_the_step():
+    # klanneal.nn.ELBOLoss's call (a schedule and a step tensor) takes the
+    # common-call lane too: the same bits as the schedule's value as a float.
+    inputs = make_inputs("bernoulli", 3, (6,), 1, 4)
+    schedule = Cyclical(total_steps=120, n_cycles=3, ratio=0.5)
+    for step in (0, 7, 33, 119, 500):
+        want = run(elbo_loss, inputs, beta=float(schedule(step)), likelihood="bernoulli")
+        for at in (step, torch.tensor(step)):
+            got = run(elbo_loss, inputs, beta=schedule, step=at, likelihood="bernoulli")
+            for a, b in zip((*got[0], *got[1]), (*want[0], *want[1])):
+                assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        elbo_loss(*inputs, schedule, step=torch.tensor(-1), likelihood="bernoulli")
 
 
 def test_no_grad_attaches_nothing_to_inputs_that_require_grad():

@@ -127,8 +127,7 @@ def elbo_loss(
     )
     _validate.check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
     if (
-        step is None
-        and capacity is None
+        capacity is None
         and prior_mu is None
         and prior_logvar is None
         and free_bits_group is None
@@ -139,7 +138,7 @@ def elbo_loss(
         and _ops.native_available(None)
         and not _reference_only()
     ):
-        result = _common_cpu_call(options, recon_input, target, mu, logvar, beta)
+        result = _common_cpu_call(options, recon_input, target, mu, logvar, beta, step)
         if result is not None:
             return result
     has_prior = prior_mu is not None or prior_logvar is not None
@@ -199,9 +198,7 @@ def elbo_loss(
     step_tensor: Optional[torch.Tensor] = None
     if isinstance(step, torch.Tensor):
         if eager_cpu and step.is_cpu:
-            step = int(step)
-            if step < 0:
-                raise ValueError(f"step must be >= 0, got {step}")
+            step = _cpu_step(step)
         else:
             step_tensor = step.detach().to(device=recon_input.device, dtype=torch.int64).reshape(())
     schedule = _ops.NO_SCHEDULE
@@ -301,6 +298,15 @@ def elbo_loss(
 _UNTRACKED = (False,) * 7
 
 
+def _cpu_step(step: torch.Tensor) -> int:
+    """A CPU step tensor's value, read eagerly (check_tensor_args has checked
+    its shape and dtype)."""
+    value = int(step)
+    if value < 0:
+        raise ValueError(f"step must be >= 0, got {value}")
+    return value
+
+
 def _common_cpu_call(
     options: _ops.ElboOptions,
     recon_input: torch.Tensor,
@@ -308,12 +314,14 @@ def _common_cpu_call(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     beta: Any,
+    step: Any,
 ) -> Optional[ELBOOutput]:
     """elbo_loss's common call, eager on the CPU with the native kernel: a
-    float or CPU tensor beta that does not require grad, and no schedule,
-    capacity, learned prior, process group or inplace (elbo_loss has checked
-    the arguments and these conditions). None for a beta of another kind,
-    which the general path takes.
+    float or CPU tensor beta that does not require grad, or a schedule at an
+    int or CPU tensor step (klanneal.nn.ELBOLoss's call), and no capacity,
+    learned prior, process group or inplace (elbo_loss has checked the
+    arguments and these conditions). None for a beta of another kind, which
+    the general path takes.
 
     The same kernel and autograd as the general path (_ops.eager_elbo), with
     its argument handling cut to what such a call needs: small batches pay
@@ -325,6 +333,15 @@ def _common_cpu_call(
         beta_value = beta.item()
         if options.validate and not (beta_value >= 0 and math.isfinite(beta_value)):
             _validate.check_beta_value(beta_value, "a beta tensor")
+    elif step is not None and _validate.is_schedule(beta):
+        # Evaluated here, as the general path does eager on the CPU (check_tensor_args
+        # has checked the step's type and an int step's sign).
+        if isinstance(step, torch.Tensor):
+            if not step.is_cpu:
+                return None
+            step = _cpu_step(step)
+        step_int = _validate.as_step(step)
+        beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
     else:
         return None
     if torch.is_grad_enabled():
