@@ -802,12 +802,11 @@ def _backward_common(
     return out
 
 
-def _save_context(ctx: Any, i: OpInputs, args: Optional[OpArgs] = None) -> None:
+def _save_context(ctx: Any, i: OpInputs) -> None:
     # Without this autograd would materialise a zero tensor for the unused
     # gradient of every other output, a logits-sized one for grad_recon.
     ctx.set_materialize_grads(False)
-    if args is None:
-        args = ElboOptions.unpack(i.floats, i.ints)
+    args = ElboOptions.unpack(i.floats, i.ints)
     ctx.reduction = args.options.reduction
     ctx.scaled_in_place = False
     ctx.recon_dtype, ctx.latent_dtype = i.recon_input.dtype, i.mu.dtype

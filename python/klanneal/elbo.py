@@ -202,25 +202,17 @@ def elbo_loss(
         else:
             step_tensor = step.detach().to(device=recon_input.device, dtype=torch.int64).reshape(())
     schedule = _ops.NO_SCHEDULE
+    number = _beta_number(beta, step, validate, eager_cpu)
     beta_value = 0.0
-    if type(beta) is float:
-        beta_value = beta
+    if number is not None:
+        beta_value = number
     elif isinstance(beta, torch.Tensor):
-        if eager_cpu and beta.is_cpu and not beta.requires_grad:
-            beta_value = beta.item()  # float(beta) is this through Tensor.__float__
-            if validate and not (beta_value >= 0 and math.isfinite(beta_value)):
-                _validate.check_beta_value(beta_value, "a beta tensor")
-        else:
-            # Not detached: a beta that requires grad gets d loss / d beta through the op.
-            beta_tensor = beta.to(device=recon_input.device, dtype=torch.float64).reshape(())
+        # Not detached: a beta that requires grad gets d loss / d beta through the op.
+        beta_tensor = beta.to(device=recon_input.device, dtype=torch.float64).reshape(())
     elif _validate.is_schedule(beta):
-        if step_tensor is not None:
-            # Evaluated inside the op from the step tensor: no recompiles as it changes.
-            _validate.check_schedule_range(beta)
-            schedule = beta._params_tuple
-        else:
-            step_int = _validate.as_step(step)
-            beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
+        # Evaluated inside the op from the step tensor: no recompiles as it changes.
+        _validate.check_schedule_range(beta)
+        schedule = beta._params_tuple
     else:
         beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_tensor_args)
     capacity_params: Optional[tuple[float, ...]] = None
@@ -307,6 +299,27 @@ def _cpu_step(step: torch.Tensor) -> int:
     return value
 
 
+def _beta_number(beta: Any, step: Any, validate: bool, eager_cpu: bool) -> Optional[float]:
+    """beta as the number the kernel gets, where it is one: a float; eager on
+    the CPU, a CPU tensor that does not require grad (read and checked); a
+    schedule at an int step (evaluated and checked; a CPU step tensor has
+    been read by the caller). None otherwise: a tensor that goes to the op
+    as a tensor, a schedule at a step tensor, another real number."""
+    if type(beta) is float:
+        return beta
+    if isinstance(beta, torch.Tensor):
+        if not (eager_cpu and beta.is_cpu and not beta.requires_grad):
+            return None
+        value = beta.item()  # float(beta) is this through Tensor.__float__
+        if validate and not (value >= 0 and math.isfinite(value)):
+            _validate.check_beta_value(value, "a beta tensor")
+        return value
+    if _validate.is_schedule(beta) and not isinstance(step, torch.Tensor):
+        step_int = _validate.as_step(step)
+        return _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
+    return None
+
+
 def _common_cpu_call(
     options: _ops.ElboOptions,
     recon_input: torch.Tensor,
@@ -327,22 +340,12 @@ def _common_cpu_call(
     its argument handling cut to what such a call needs: small batches pay
     per call for every step of it.
     """
-    if type(beta) is float:
-        beta_value = beta
-    elif type(beta) is torch.Tensor and beta.is_cpu and not beta.requires_grad:
-        beta_value = beta.item()
-        if options.validate and not (beta_value >= 0 and math.isfinite(beta_value)):
-            _validate.check_beta_value(beta_value, "a beta tensor")
-    elif step is not None and _validate.is_schedule(beta):
-        # Evaluated here, as the general path does eager on the CPU (check_tensor_args
-        # has checked the step's type and an int step's sign).
-        if isinstance(step, torch.Tensor):
-            if not step.is_cpu:
-                return None
-            step = _cpu_step(step)
-        step_int = _validate.as_step(step)
-        beta_value = _validate.check_scheduled_beta(float(beta(step_int)), beta, step_int)
-    else:
+    if isinstance(step, torch.Tensor):
+        if not step.is_cpu:
+            return None
+        step = _cpu_step(step)
+    beta_value = _beta_number(beta, step, options.validate, True)
+    if beta_value is None:
         return None
     if torch.is_grad_enabled():
         requires = (
