@@ -360,6 +360,24 @@ def test_torch_func_grad_takes_the_reference_path():
     torch.testing.assert_close(torch.func.grad(loss)(weight), leaf.grad)
 
 
+def test_a_later_backward_leaves_the_gradients_already_handed_out_alone():
+    # Regression: a unit backward hands out the saved gradients as they are
+    # (torch.autograd.grad's result); a second backward through the retained
+    # graph scaled them in place, changing the tensors the caller held.
+    hidden, weight, bias, target, mu, logvar = make_inputs(2, (3,), 8, 11)
+    weight.requires_grad_()
+    hidden.requires_grad_()
+    loss = linear_elbo_loss(hidden, weight, target, mu, logvar, bias=bias).loss
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(3.0 * loss, (hidden, weight), retain_graph=True)
+    third = torch.autograd.grad(loss, (hidden, weight))
+    for g, k, s, t in zip(first, kept, second, third):
+        assert torch.equal(g, k)
+        torch.testing.assert_close(s, 3.0 * k)
+        assert torch.equal(t, k)
+
+
 def test_second_and_double_backward_raise():
     hidden, weight, bias, target, mu, logvar = make_inputs(2, (3,), 8, 11)
     weight.requires_grad_()

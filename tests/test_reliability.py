@@ -451,3 +451,36 @@ def test_second_backward_after_a_target_only_gradient_raises_clearly():
     torch.testing.assert_close(target.grad, ref_target.grad)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_a_later_backward_leaves_the_gradients_already_handed_out_alone(likelihood, reduction):
+    # Regression: a unit backward hands out the saved gradients as they are
+    # (torch.autograd.grad's result, a hook's argument); a second backward
+    # through the retained graph scaled them in place, so the tensor the
+    # caller already held silently became the second gradient.
+    x, target, mu, logvar = make_inputs(likelihood, 3, (4,), 9, 5)
+    x.requires_grad_()
+    mu.requires_grad_()
+    out = elbo_loss(x, target, mu, logvar, 0.5, likelihood=likelihood, reduction=reduction)
+    loss = out.loss.sum()
+    first = torch.autograd.grad(loss, (x, mu), retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(3.0 * loss, (x, mu), retain_graph=True)
+    third = torch.autograd.grad(loss, (x, mu))
+    for g, k, s, t in zip(first, kept, second, third):
+        assert torch.equal(g, k)
+        torch.testing.assert_close(s, 3.0 * k)
+        assert torch.equal(t, k)
+    # The same through a hook that keeps the gradient it is given.
+    seen: list[torch.Tensor] = []
+    x2 = x.detach().clone().requires_grad_()
+    y = x2 * 1.0
+    y.register_hook(seen.append)
+    loss = elbo_loss(y, target, mu, logvar, 0.5, likelihood=likelihood, reduction=reduction)
+    loss.loss.sum().backward(retain_graph=True)
+    kept_hook = seen[0].clone()
+    (0.5 * loss.loss.sum()).backward()
+    assert torch.equal(seen[0], kept_hook)
+    torch.testing.assert_close(seen[1], 0.5 * kept_hook)

@@ -751,8 +751,14 @@ def _backward_common(
         raise RuntimeError(_DOUBLE_BACKWARD)
     saved = ctx.saved_tensors
     skip = eager and _is_one(grad_loss)
+    # Saved gradients handed out as they are (an earlier backward's grad_loss
+    # was exactly 1) may be held by the caller (torch.autograd.grad's result,
+    # a hook's argument): a later backward through the retained graph scales
+    # them out of place instead of overwriting what the caller holds.
+    in_place = eager and not getattr(ctx, "handed_out", False)
     grads: list[Optional[torch.Tensor]]
     if skip:
+        ctx.handed_out = True
         grads = [g if asked else None for g, asked in zip(saved[:5], state.asked)]
     else:
         grads = []
@@ -762,18 +768,18 @@ def _backward_common(
             elif state.reduction == "none":
                 # grad_loss is [B]: it scales each example's slice.
                 factor = grad_loss.reshape(-1, 1)
-                if eager:
+                if in_place:
                     grad.view(factor.shape[0], -1).mul_(factor)
                     grads.append(grad)
                 else:
                     grads.append(
                         (grad.view(factor.shape[0], -1) * factor).to(grad.dtype).view(grad.shape)
                     )
-            elif eager:
+            elif in_place:
                 grads.append(grad.mul_(grad_loss))
             else:
                 grads.append((grad * grad_loss).to(grad.dtype))
-        if eager:
+        if in_place:
             state.scaled_in_place = True
     # fp16/bf16 inputs: the gradients were kept in fp32 up to here.
     if state.recon_dtype not in FULL_PRECISION and grads[0] is not None:
@@ -785,7 +791,7 @@ def _backward_common(
     if state.grad_target and grads[0] is not None:
         if state.grad_recon_input:
             grad_target = -grads[0]
-        elif eager:
+        elif in_place:
             # Negated in place (no second logits-sized buffer): if that is the
             # saved gradient, it cannot serve another backward.
             if grads[0] is saved[0]:
@@ -991,7 +997,9 @@ class ElboFunction(torch.autograd.Function):
             and _is_one(grad_loss)
         ):
             # The common case (loss.backward() on a scalar loss): the
-            # gradients of the forward pass, as they are.
+            # gradients of the forward pass, as they are (so a later backward
+            # through a retained graph must not scale them in place).
+            ctx.handed_out = True
             saved = ctx.saved_tensors
             return (None, *[saved[k] for k in index])
         ctx.plan = state = plan.scaled()

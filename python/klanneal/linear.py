@@ -520,15 +520,20 @@ def _backward_common(ctx: Any, grad_recon: Optional[torch.Tensor]) -> list[Optio
     else:
         saved = ctx.saved_tensors
         skip = eager and _ops._is_one(grad_recon)
+        # As in _ops._backward_common: gradients handed out as they are may be
+        # held by the caller, so a later backward scales them out of place.
+        in_place = eager and not getattr(ctx, "handed_out", False)
+        if skip:
+            ctx.handed_out = True
         grads = []
         for grad in saved:
             if grad.numel() == 0 or skip:
                 grads.append(grad)
-            elif eager:
+            elif in_place:
                 grads.append(grad.mul_(grad_recon))
             else:
                 grads.append((grad * grad_recon).to(grad.dtype))
-        if eager and not skip:
+        if in_place and not skip:
             ctx.scaled_in_place = True
     result: list[Optional[torch.Tensor]] = []
     for grad, need, dtype in zip(grads, opts.need_grads, ctx.dtypes):
