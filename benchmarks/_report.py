@@ -454,7 +454,10 @@ def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
         "Rows from benchmarks/bench_steps.py: a tiny B=2 call against an autograd.Function "
         "that does nothing (`noop`), the same returning three precomputed gradients "
         "(`noop-grads`: autograd accumulates them into the inputs' .grad, which any op "
-        "that returns gradients pays) and the hand-written loss, and whole training steps "
+        "that returns gradients pays), `kernel-floor` (the eight outputs allocated, the "
+        "fused kernel called and the loss attached, with no argument handling: the least "
+        "any Python-attached op over the torch-free kernel costs) and the hand-written "
+        "loss, and whole training steps "
         "(model forward, loss, backward, Adam) with the hand-written loss or klanneal's.",
         "",
         "| case | provider | median ms | p20-p80 ms | repeats | hand-written / provider |",
@@ -478,6 +481,13 @@ def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
                     f" Returning three gradients at all (noop-grads - noop): "
                     f"{1e3 * (grads - floor):.1f} us; klanneal - noop-grads: "
                     f"{1e3 * (ours - grads):.1f} us."
+                )
+            kernel = by.get((mode, "kernel-floor"))
+            if kernel is not None:
+                lines[-1] += (
+                    f" The floor under the torch-free design (kernel-floor - noop): "
+                    f"{1e3 * (kernel - floor):.1f} us; klanneal's argument handling "
+                    f"(klanneal - kernel-floor): {1e3 * (ours - kernel):.1f} us."
                 )
     return lines + [""]
 

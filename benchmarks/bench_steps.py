@@ -8,8 +8,12 @@ in one process, medians over the repeats):
               does nothing (the floor of any autograd-attached op),
               ``noop-grads``, the same returning three precomputed gradients
               (the floor of one that returns them: autograd accumulates them
-              into the inputs' .grad), and the hand-written loss. klanneal -
-              noop is the op's own per-call cost.
+              into the inputs' .grad), ``kernel-floor``, what any
+              Python-attached op over this torch-free kernel cannot avoid
+              (allocate the eight outputs, call the kernel, attach the loss
+              returning its gradients; no argument handling at all), and the
+              hand-written loss. klanneal - noop is the op's own per-call cost;
+              kernel-floor - noop its lower bound.
   mnist-step  a complete MNIST-style training step: MLP encoder 784-400-2x16,
               decoder 16-400-784, B=128, Adam; the loss either hand-written
               (``F.binary_cross_entropy_with_logits(..., reduction="sum") / B
@@ -75,6 +79,62 @@ class _Noop(torch.autograd.Function):
         return None, None, None
 
 
+class _Attach(torch.autograd.Function):
+    """kernel-floor's attachment: the loss computed outside, its gradients saved."""
+
+    @staticmethod
+    def forward(ctx, state, *tracked):
+        ctx.save_for_backward(*state[1])
+        return state[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *ctx.saved_tensors)
+
+
+def _kernel_floor(
+    x: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+) -> Callable[[], None]:
+    """kernel-floor: one fused bernoulli call (batchmean, beta BETA) with none of
+    elbo_loss's argument handling: the packed options are built once here, in
+    the layout klanneal._C exports; each call allocates the outputs, calls the
+    CPU kernel and attaches the loss (checked against elbo_loss below)."""
+    from klanneal import _C, _ops
+
+    layout = _C.elbo_layout()
+    options = _ops.elbo_options("bernoulli", "batchmean", 0.0, "batch", -100, 1.0, True)
+    floats, ints = options.packed(BETA, _ops.NO_SCHEDULE, None, (True, True, True, False, False))
+    fp32 = layout["dtype"].index("float32")
+    size = {
+        "batch": x.shape[0], "n_rows": x.shape[0], "row_len": x.shape[1],
+        "latent_dim": mu.shape[1], "recon_dtype": fp32, "latent_dtype": fp32,
+        "n_threads": torch.get_num_threads(), "out_dtype": fp32,
+    }  # fmt: skip
+    sizes = [size[name] for name in layout["sizes"]]
+    slot = {name: k for k, name in enumerate(layout["ptrs"])}
+    order = [slot[name] for name in ("recon_input", "target", "mu", "logvar")]
+    outputs = [slot[name] for name in ("loss", "recon", "kl", "kl_per_dim", "beta_out")]
+    grads = [slot[name] for name in ("grad_recon", "grad_mu", "grad_logvar")]
+    apply = _Attach.apply
+    empty, empty_like = torch.empty, torch.empty_like
+    latent_dim = mu.shape[1]
+
+    def call() -> torch.Tensor:
+        out = (empty(size=()), empty(size=()), empty(size=()), empty(latent_dim), empty(size=()))
+        g = (empty_like(x), empty_like(mu), empty_like(logvar))
+        ptrs = [0] * len(slot)
+        for k, t in zip(order, (x, target, mu, logvar)):
+            ptrs[k] = t.data_ptr()
+        for k, t in zip(outputs + grads, out + g):
+            ptrs[k] = t.data_ptr()
+        _C.elbo_forward_cpu(sizes, ptrs, floats, ints)
+        return apply((out[0], g), x, mu, logvar)
+
+    expected = klanneal.elbo_loss(x, target, mu, logvar, BETA, likelihood="bernoulli").loss
+    torch.testing.assert_close(call().detach(), expected.detach(), rtol=0, atol=0)
+    return lambda: call().backward()
+
+
 class _NoopGrads(torch.autograd.Function):
     """_Noop returning the precomputed gradients ``grads`` (set by overhead_case)."""
 
@@ -124,6 +184,7 @@ def overhead_case(repeats: int, warmup: int) -> list[dict[str, Any]]:
         _harness.Timed("klanneal", many(fused)),
         _harness.Timed("noop", many(noop)),
         _harness.Timed("noop-grads", many(noop_grads)),
+        _harness.Timed("kernel-floor", many(_kernel_floor(x, target, mu, logvar))),
         _harness.Timed("hand-written", many(hand)),
     ]
     times = _harness.time_round_robin(entries, torch.device("cpu"), repeats, warmup)

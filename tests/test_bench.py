@@ -63,6 +63,7 @@ def test_quick_run_times_every_case_and_provider(quick_run):
         "klanneal",
         "noop",
         "noop-grads",
+        "kernel-floor",
         "hand-written",
     }
     assert {p for m, p in steps if m.startswith("MNIST")} == {"klanneal", "hand-written"}
