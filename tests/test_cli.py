@@ -55,6 +55,10 @@ def test_missing_matplotlib_gives_a_clear_message(tmp_path, monkeypatch, capsys)
     "argv,fragment",
     [
         (["schedule", "--ratio", "1.5"], "ratio must be in (0, 1]"),
+        # inf / 1e308 crashed computing the default warm-up (OverflowError).
+        (["schedule", "--ratio", "inf"], "--ratio must be in (0, 1], got inf"),
+        (["schedule", "--ratio", "1e308"], "--ratio must be in (0, 1]"),
+        (["schedule", "--ratio", "nan"], "--ratio must be in (0, 1], got nan"),
         (["schedule", "--steps", "0"], "--steps must be >= 1"),
         (["schedule", "--shape", "cyclical", "--n-cycles", "0"], "n_cycles must be >= 1"),
         (["schedule", "--ramp", "exp"], "invalid choice: 'exp'"),

@@ -166,6 +166,20 @@ CASES = {
         TypeError,
         "step must be an int",
     ),
+    # Both were accepted: a complex step as its real part, a uint64 one
+    # from 2**63 on wrapped to a negative int64 step.
+    "complex step tensor": (
+        _cat(),
+        {"beta": LinearWarmup(), "step": torch.tensor(5 + 0j)},
+        TypeError,
+        "dtype torch.complex64",
+    ),
+    "uint64 step tensor": (
+        _cat(),
+        {"beta": LinearWarmup(), "step": torch.tensor(2**63, dtype=torch.uint64)},
+        TypeError,
+        "not bool or uint64",
+    ),
     "unknown likelihood": (
         _cat(),
         {"likelihood": "poisson"},

@@ -199,3 +199,16 @@ def test_bad_targets_raise():
         _trainer(1, callbacks=[KLAnnealing("encoder")]).fit(model, _data())
     with pytest.raises(RuntimeError, match="looked up on the LightningModule at fit start"):
         KLAnnealing("criterion").target()
+
+
+@pytest.mark.parametrize("target", ["criterion", "scheduler"])
+def test_a_callback_reused_by_a_new_trainer_steps_every_optimizer_step(target):
+    # Regression: the second Trainer counted from the first one's last
+    # global_step, so its first optimizer step did not advance the target.
+    model, callback = TinyVAE(target, SCHEDULE), KLAnnealing(target)
+    _trainer(5, callbacks=[callback]).fit(model, _data())
+    _trainer(5, callbacks=[callback]).fit(model, _data())
+    beta_target = model.criterion if target == "criterion" else model.scheduler
+    assert callback.state_dict()["step"] == 10
+    assert model.betas_used == [SCHEDULE(k) for k in range(10)]
+    assert beta_target.beta == SCHEDULE(10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from elbo_cases import make_inputs, tolerances
@@ -433,6 +434,33 @@ def test_set_step():
         criterion.set_step(-1)
     with pytest.raises(TypeError, match="step must be an int"):
         criterion.set_step(1.5)
+    # A 0-d integer tensor is a step too; steps beyond the int64 counter
+    # raise by name (they raised torch's conversion errors).
+    criterion.set_step(torch.tensor(3))
+    assert int(criterion.current_step) == 3
+    with pytest.raises(TypeError, match="0-d integer tensor"):
+        criterion.set_step(torch.tensor([3]))
+    for big in (2**63, 2**70):
+        with pytest.raises(ValueError, match="step must be >= 0 and < 2\\*\\*63"):
+            criterion.set_step(big)
+    assert int(criterion.current_step) == 3
+
+
+def test_a_schedule_that_goes_negative_is_refused_at_construction():
+    # Regression: accepted, then training failed at the first negative step.
+    with pytest.raises(ValueError, match="schedule: Monotonic"):
+        ELBOLoss(schedule=Monotonic(10, start=1.0, stop=-0.5))
+
+
+def test_numpy_scalars_are_stored_as_floats(tmp_path):
+    # Regression: a numpy capacity went into the state_dict as it was, which
+    # torch.load (weights_only=True, its default) refuses.
+    criterion = ELBOLoss(schedule=np.float32(0.5), capacity=np.float64(5.0))
+    assert type(criterion.schedule) is float and type(criterion.capacity) is float
+    path = tmp_path / "criterion.pt"
+    torch.save(criterion.state_dict(), path)
+    loaded = ELBOLoss(schedule=0.5, capacity=5.0)
+    loaded.load_state_dict(torch.load(path, weights_only=True))
 
 
 def test_state_dict_records_the_schedules():

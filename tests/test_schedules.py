@@ -542,6 +542,12 @@ _SCHEDULE_ERRORS = [
     (lambda: Constant(True), TypeError, "beta must be a real number"),
     (lambda: Cyclical(10)(-1), ValueError, "step must be >= 0"),
     (lambda: Cyclical(10)(1.0), TypeError, "step must be an integer"),
+    # A bool tensor was taken as step 1, a 1-element 1-d tensor as its element.
+    (lambda: Cyclical(10)(torch.tensor(True)), TypeError, "0-d integer tensor"),
+    (lambda: Cyclical(10)(torch.tensor([5])), TypeError, "0-d integer tensor, got a tensor"),
+    (lambda: Cyclical(10)(torch.tensor(5.0)), TypeError, "dtype torch.float32"),
+    (lambda: Cyclical(10)(torch.tensor(-1)), ValueError, "step must be >= 0"),
+    (lambda: Cyclical(10)(torch.empty((), dtype=torch.int64, device="meta")), ValueError, "meta"),
     (lambda: Cyclical(10).values(-1), ValueError, "n must be >= 0"),
     (lambda: Cyclical(10).values([3, -2]), ValueError, "steps must be >= 0, got -2 at index 1"),
     (lambda: Cyclical(10).values([0.5]), TypeError, "steps must be integers"),
@@ -726,3 +732,15 @@ def test_values_on_cuda_match_the_cpu(shape):
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-15, atol=1e-15)
     with pytest.raises(ValueError, match="steps must be >= 0"):
         schedule.values(torch.tensor([1, -1], device="cuda"))
+
+
+def test_uint64_steps_beyond_int64_clamp_as_numpy_ones_do():
+    # Regression: a torch.uint64 step tensor went through int64, so 2**63
+    # came out as a negative step ("steps must be >= 0") or failed to convert.
+    schedule = Cyclical(10)
+    for big in (2**63, 2**64 - 1):
+        want = schedule.values(np.array([big, 3], dtype=np.uint64))
+        got = schedule.values(torch.tensor([big, 3], dtype=torch.uint64))
+        np.testing.assert_array_equal(got.numpy(), want)
+        assert schedule(torch.tensor(big, dtype=torch.uint64)) == schedule(2**63 - 1)
+    assert schedule(torch.tensor(4, dtype=torch.int32)) == schedule(4)

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,6 +134,10 @@ def _schedules_from_args(args: argparse.Namespace) -> list[tuple[str, schedules.
     _check_applicable(args, args.shape or ["cyclical"])
     warmup = args.warmup
     if warmup is None:
+        # The default warm-up is computed from --ratio before any schedule
+        # checks it: a ratio round() cannot take must fail here, by name.
+        if not (math.isfinite(args.ratio) and 0 < args.ratio <= 1):
+            raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
         warmup = max(1, round(args.steps / max(args.n_cycles, 1) * args.ratio))
     built: list[tuple[str, schedules.Schedule]] = []
     for shape in args.shape or ["cyclical"]:

@@ -32,6 +32,11 @@ def is_schedule(beta: Any) -> TypeGuard[Schedule]:
     return isinstance(beta, Schedule)
 
 
+def is_integer(dtype: torch.dtype) -> bool:
+    """An integer dtype (not bool, floating point or complex)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def as_step(step: Any) -> int:
     """A Python or numpy integer step as an int (bools and floats are rejected)."""
     if type(step) is int:
@@ -56,7 +61,7 @@ def check_scheduled_beta(value: float, schedule: Any, step: int) -> float:
     return value
 
 
-def check_schedule_range(schedule: Schedule) -> None:
+def check_schedule_range(schedule: Schedule, name: str = "beta") -> None:
     """Every value of `schedule` lies between its start and stop: both must be >= 0.
 
     Run before the schedule is evaluated inside the op (a step tensor), where
@@ -65,7 +70,7 @@ def check_schedule_range(schedule: Schedule) -> None:
     start, stop = schedule.to_params()[2:4]
     if not (math.isfinite(start) and math.isfinite(stop) and min(start, stop) >= 0):
         raise ValueError(
-            f"beta: {schedule!r} takes values in [{min(start, stop)}, {max(start, stop)}]; "
+            f"{name}: {schedule!r} takes values in [{min(start, stop)}, {max(start, stop)}]; "
             "a KL weight must be >= 0 (check its start and stop)"
         )
 
@@ -233,10 +238,12 @@ def check_tensor_args(
             what = "beta" if is_schedule(beta) else "capacity"
             raise ValueError(f"step is required when {what} is a schedule")
         if isinstance(step, torch.Tensor):
-            if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
+            dtype = step.dtype
+            if step.numel() != 1 or not is_integer(dtype) or dtype == torch.uint64:
                 raise TypeError(
-                    "step must be an int or a 0-d integer tensor, got a tensor of "
-                    f"shape {tuple(step.shape)} and dtype {step.dtype}"
+                    "step must be an int or a 0-d integer tensor (not bool or uint64: the "
+                    f"op's step is int64), got a tensor of shape {tuple(step.shape)} and "
+                    f"dtype {dtype}"
                 )
             if not step.is_cpu and step.device != mu.device:
                 raise ValueError(f"step is on {step.device} but the inputs are on {mu.device}")

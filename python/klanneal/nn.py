@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Optional, Union
 
@@ -81,17 +82,23 @@ class ELBOLoss(nn.Module):
         )
         _validate.check_not_capacity(schedule, "schedule")
         _validate.check_capacity(capacity)
-        if not _validate.is_schedule(schedule):
-            if isinstance(schedule, bool) or not isinstance(schedule, (int, float)):
+        if capacity is not None and not _validate.is_schedule(capacity):
+            # A plain float in the state_dict (torch.load's weights_only
+            # refuses numpy scalars).
+            capacity = float(capacity)  # type: ignore[arg-type]  # a real number (checked)
+        if _validate.is_schedule(schedule):
+            # Here rather than at the step where it first goes negative.
+            _validate.check_schedule_range(schedule, "schedule")
+        else:
+            if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
                 raise TypeError(
                     "schedule must be a klanneal.schedules object or a float, got "
                     f"{type(schedule).__name__}"
                 )
-            if not (math.isfinite(schedule) and schedule >= 0):
-                raise ValueError(
-                    f"schedule: a constant beta must be finite and >= 0, got {schedule}"
-                )
-            schedule = float(schedule)
+            value = float(schedule)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"schedule: a constant beta must be finite and >= 0, got {value}")
+            schedule = value
         self.schedule = schedule
         self.capacity = capacity
         self.free_bits_group = free_bits_group
@@ -173,11 +180,19 @@ class ELBOLoss(nn.Module):
         self._calls_since_step = 0
 
     @torch.no_grad()
-    def set_step(self, step: int) -> None:
-        """Moves the schedule to `step` (an int >= 0), e.g. when resuming without a state_dict."""
+    def set_step(self, step: Union[int, torch.Tensor]) -> None:
+        """Moves the schedule to `step` (an int, or a 0-d integer tensor, in
+        [0, 2**63)), e.g. when resuming without a state_dict."""
+        if isinstance(step, torch.Tensor):
+            if step.dim() != 0 or not _validate.is_integer(step.dtype):
+                raise TypeError(
+                    "step must be an int or a 0-d integer tensor, got a tensor of shape "
+                    f"{tuple(step.shape)} and dtype {step.dtype}"
+                )
+            step = int(step.item())
         value = _validate.as_step(step)
-        if value < 0:
-            raise ValueError(f"step must be >= 0, got {value}")
+        if not 0 <= value < 2**63:
+            raise ValueError(f"step must be >= 0 and < 2**63 (the int64 step counter), got {value}")
         self.current_step.fill_(value)
         self._calls_since_step = 0
 

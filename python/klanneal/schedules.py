@@ -434,8 +434,12 @@ def schedule_values_ref(params: Sequence[float], steps: npt.ArrayLike) -> FloatA
 
 
 def _as_step(step: Any) -> int:
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an integer, got {step!r}")
+    if type(step) is not int:
+        torch_module = sys.modules.get("torch")
+        if torch_module is not None and isinstance(step, torch_module.Tensor):
+            step = _tensor_step(step, torch_module)
+        elif isinstance(step, bool):
+            raise TypeError(f"step must be an integer, got {step!r}")
     try:
         result = operator.index(step)
     except TypeError:
@@ -443,6 +447,21 @@ def _as_step(step: Any) -> int:
     if result < 0:
         raise ValueError(f"step must be >= 0, got {result}")
     return min(result, _MAX_STEP)
+
+
+def _tensor_step(step: torch.Tensor, torch_module: Any) -> int:
+    """A 0-d integer tensor step as an int (operator.index would also take a
+    bool tensor as 1, a 1-element tensor of any shape, and fail on a uint64
+    one above 2**63 - 1)."""
+    dtype = step.dtype
+    if step.dim() != 0 or dtype.is_floating_point or dtype.is_complex or dtype == torch_module.bool:
+        raise TypeError(
+            "step must be an integer or a 0-d integer tensor, got a tensor of shape "
+            f"{tuple(step.shape)} and dtype {dtype}"
+        )
+    if step.is_meta:
+        raise ValueError("step: a meta tensor has no value to evaluate the schedule at")
+    return int(step.item())
 
 
 class Schedule:
@@ -560,10 +579,12 @@ class Schedule:
         if steps.dtype.is_floating_point or steps.dtype.is_complex or steps.dtype == torch.bool:
             raise TypeError(f"steps must be an integer tensor, got dtype {steps.dtype}")
         if steps.device.type == "cpu":
-            steps_np = steps.detach().to(torch.int64).numpy()
+            # uint64 as it is: _values_array clamps it (int64 would wrap).
+            steps = steps.detach()
+            steps_np = (steps if steps.dtype == torch.uint64 else steps.to(torch.int64)).numpy()
             return torch.from_numpy(self._values_array(steps_np))
         native = _loaded_native()
-        if steps.device.type != "cuda" or native is None:
+        if steps.device.type != "cuda" or native is None or steps.dtype == torch.uint64:
             return self._values_tensor(steps.cpu()).to(steps.device)
         if not hasattr(native, "schedule_values_cuda"):
             raise RuntimeError(
@@ -697,9 +718,13 @@ class Cyclical(Schedule):
     starts exactly at ``start`` and ends exactly at ``stop``), then holds
     ``stop``. From ``total_steps`` on the value is ``stop``. The position in
     the period is computed exactly, so a period of a whole number of steps
-    repeats bit for bit. The linear shape equals the paper's
-    ``frange_cycle_linear`` up to its float accumulation; ``zero_ratio=0.25,
-    ratio=0.25`` is Optimus' schedule.
+    repeats bit for bit. With such a period the linear shape equals the
+    paper's ``frange_cycle_linear`` up to its float accumulation; with a
+    fractional one (``total_steps=10, n_cycles=4``) the two differ: a period
+    here starts at its exact position ``c * total_steps / n_cycles``, while
+    ``frange_cycle_linear`` restarts each cycle at ``int(c * period)`` and
+    can skip the hold (use :func:`frange_cycle_linear` itself for the
+    paper's array). ``zero_ratio=0.25, ratio=0.25`` is Optimus' schedule.
 
     Args:
         total_steps: Length of the cyclical part, an integer >= 1.

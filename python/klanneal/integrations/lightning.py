@@ -119,6 +119,10 @@ class KLAnnealing(Callback):
         # trainer.global_step when the target was last advanced; None until
         # the first fit starts (or a checkpoint is loaded).
         self._global_step: Optional[int] = None
+        # A checkpoint was loaded since the last fit started: a fit without
+        # one counts from its Trainer's own global_step (another Trainer's,
+        # when the callback is reused, starts at 0).
+        self._loaded = False
         # A checkpoint's state, loaded before a target named by attribute was
         # resolved (Lightning loads callback states before on_fit_start).
         self._pending_state: Optional[dict[str, Any]] = None
@@ -164,8 +168,11 @@ class KLAnnealing(Callback):
         if self._pending_state is not None:
             self._restore(target, self._pending_state)
             self._pending_state = None
-        if self._global_step is None:
+        if self._global_step is None or not self._loaded:
+            # Lightning restores trainer.global_step after on_fit_start: a
+            # loaded checkpoint's global_step stands.
             self._global_step = trainer.global_step
+        self._loaded = False
 
     def on_train_batch_end(
         self,
@@ -248,6 +255,7 @@ class KLAnnealing(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (for a target named by attribute, at fit start)."""
         self._global_step = state_dict.get("global_step")
+        self._loaded = True
         if self._target is None:
             self._pending_state = dict(state_dict)
         else:
