@@ -284,6 +284,24 @@ def test_reset_and_determinism():
         (lambda: PosteriorStats(mi_points=0), ValueError, "mi_points must be >= 1"),
         (lambda: PosteriorStats(collapse_threshold=math.nan), ValueError, "collapse_threshold"),
         (lambda: PosteriorStats(seed=-1), ValueError, "seed must be >= 0"),
+        # Accepted, then compute() failed with torch's overflow error.
+        (lambda: PosteriorStats(seed=2**64), ValueError, "seed must be <= 18446744073709551615"),
+        # A NaN dimension counted as neither active nor collapsed.
+        (
+            lambda: active_units(torch.tensor([[0.0, float("nan")], [1.0, 2.0]])),
+            ValueError,
+            "mu has NaN or infinite values",
+        ),
+        (
+            lambda: PosteriorStats().update(torch.zeros(4, 2), torch.full((4, 2), float("inf"))),
+            ValueError,
+            "logvar has NaN or infinite values",
+        ),
+        (
+            lambda: mutual_information(torch.full((3, 2), float("nan")), torch.zeros(3, 2)),
+            ValueError,
+            "mu has NaN or infinite values",
+        ),
         (lambda: PosteriorStats().compute(), ValueError, "no data"),
         (lambda: PosteriorStats().subsample(), ValueError, "no data"),
         (

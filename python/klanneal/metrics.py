@@ -65,6 +65,11 @@ def _check_posterior(mu: Any, logvar: Any, *, allow_empty: bool = False) -> None
         raise ValueError(f"mu is on {mu.device} but logvar is on {logvar.device}")
     if mu.shape[0] == 0 and not allow_empty:
         raise ValueError("mu is empty (N = 0): the metrics need at least one data point")
+    for name, value in (("mu", mu), ("logvar", logvar)):
+        # A NaN would drop out of the counts (NaN > threshold is False) and
+        # leave an active-unit or collapse count that looks valid.
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise ValueError(f"{name} has NaN or infinite values (a diverged encoder?)")
 
 
 def _check_threshold(name: str, value: Any) -> float:
@@ -76,11 +81,13 @@ def _check_threshold(name: str, value: Any) -> float:
     return result
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
+def _check_count(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -239,7 +246,7 @@ class PosteriorStats:
         self.collapse_threshold = _check_threshold("collapse_threshold", collapse_threshold)
         self.mi_points = _check_count("mi_points", mi_points, 1)
         self.samples_per_point = _check_count("samples_per_point", samples_per_point, 1)
-        self.seed = _check_count("seed", seed, 0)
+        self.seed = _check_count("seed", seed, 0, 2**64 - 1)  # torch.Generator's range
         self.reset()
 
     def reset(self) -> None:
