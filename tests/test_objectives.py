@@ -352,6 +352,76 @@ def test_compile_with_prior_and_capacity_schedule_no_recompiles():
     assert counts["frames"] == 1
 
 
+@pytest.mark.parametrize("beta", [4.0, 2])
+def test_a_number_beta_with_a_capacity_schedule_under_compile(beta):
+    # Regression: a float or int beta with a capacity schedule at a step
+    # tensor (ELBOLoss(4.0, capacity=Capacity(...)) under torch.compile, or
+    # on CUDA) weighted the KL by 0: the kernel took beta from the schedule
+    # slots at that step, left at NO_SCHEDULE's constant 0.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    inputs = make_inputs("categorical")
+    capacity = Capacity(5.0, 50)
+
+    def loss(x, t, mu, lv, step):
+        return klanneal.elbo_loss(x, t, mu, lv, beta, step=step, capacity=capacity).loss
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for step in (0, 20, 60):
+        want = elbo_loss_ref(*inputs, float(beta), capacity=float(capacity(step))).loss
+        torch.testing.assert_close(compiled(*inputs, torch.tensor(step)), want)
+    criterion = ELBOLoss(schedule=beta, capacity=capacity)
+    criterion.set_step(20)
+    got = torch.compile(lambda *a: criterion(*a).loss, backend="aot_eager", fullgraph=True)(*inputs)
+    want = elbo_loss_ref(*inputs, float(beta), capacity=float(capacity(20))).loss
+    torch.testing.assert_close(got, want)
+
+
+def test_python_numbers_that_change_between_calls_under_compile_fullgraph():
+    # Regression: torch.compile makes a Python number that changes between
+    # calls symbolic (automatic dynamic; every number with dynamic=True),
+    # and the argument checks (math.isfinite, float()) could not trace one:
+    # fullgraph=True failed on the second beta / free_bits / gaussian_var /
+    # capacity, and dynamic=True on the first call of ELBOLoss.
+    import torch._dynamo
+
+    x, target, mu, logvar = make_inputs("gaussian")
+    cases = {
+        "beta": lambda v: {"beta": v},
+        "free_bits": lambda v: {"beta": 1.0, "free_bits": v, "free_bits_mode": "sample"},
+        "gaussian_var": lambda v: {"beta": 1.0, "gaussian_var": v},
+        "capacity": lambda v: {"beta": 1.0, "capacity": v},
+    }
+    for name, kwargs in cases.items():
+        torch._dynamo.reset()
+
+        def loss(x, t, mu, lv, v, kwargs=kwargs):
+            return klanneal.elbo_loss(x, t, mu, lv, likelihood="gaussian", **kwargs(v)).loss
+
+        # backend="eager": what failed was Dynamo's tracing of the Python side.
+        compiled = torch.compile(loss, backend="eager", fullgraph=True)
+        for v in (0.5, 0.75, 2.0):
+            want = elbo_loss_ref(x, target, mu, logvar, likelihood="gaussian", **kwargs(v))
+            torch.testing.assert_close(compiled(x, target, mu, logvar, v), want.loss, msg=name)
+        # Still checked once symbolic (a guard on the range): torch reports
+        # the ValueError as an "Observed exception" that names it.
+        with pytest.raises(Exception, match="must be finite and"):
+            compiled(x, target, mu, logvar, -1.0)
+    for criterion in (
+        ELBOLoss(Cyclical(100), likelihood="gaussian", gaussian_var=0.5, free_bits=0.1),
+        ELBOLoss(4.0, capacity=Capacity(5.0, 50), likelihood="gaussian"),
+    ):
+        torch._dynamo.reset()
+        criterion.set_step(30)
+        compiled = torch.compile(
+            lambda *a, c=criterion: c(*a).loss, backend="aot_eager", fullgraph=True, dynamic=True
+        )
+        torch.testing.assert_close(
+            compiled(x, target, mu, logvar), criterion(x, target, mu, logvar).loss
+        )
+
+
 def test_int_step_under_compile_does_not_recompile_per_step():
     import torch._dynamo
 

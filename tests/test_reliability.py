@@ -484,3 +484,20 @@ def test_a_later_backward_leaves_the_gradients_already_handed_out_alone(likeliho
     (0.5 * loss.loss.sum()).backward()
     assert torch.equal(seen[0], kept_hook)
     torch.testing.assert_close(seen[1], 0.5 * kept_hook)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_narrow_class_ids_on_the_reference_paths(dtype):
+    # Regression: the fused op takes int32/int16/int8 class ids, but the
+    # reference (the fallback of torch.func transforms, forward AD and
+    # KLANNEAL_DISABLE_NATIVE=1) passed them to F.cross_entropy, which refused them.
+    x, target, mu, logvar = make_inputs("categorical", 2, (3,), 5, 4)
+    target = target.clamp(min=0)  # no ignore_index=-100: uint8 cannot hold it
+    narrow = target.to(dtype)
+    want = elbo_loss(x, target, mu, logvar, 0.5).loss
+    torch.testing.assert_close(elbo_loss(x, narrow, mu, logvar, 0.5).loss, want)
+    torch.testing.assert_close(elbo_loss_ref(x, narrow, mu, logvar, 0.5).loss, want)
+    grad = torch.func.grad(lambda x_: elbo_loss(x_, narrow, mu, logvar, 0.5).loss)(x)
+    leaf = x.clone().requires_grad_()
+    elbo_loss(leaf, target, mu, logvar, 0.5).loss.backward()
+    torch.testing.assert_close(grad, leaf.grad)

@@ -97,7 +97,8 @@ NO_SCHEDULE: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0)
 
 def constant_schedule(value: float) -> tuple[float, ...]:
     """ScheduleParams of a schedule that is `value` at every step."""
-    return (0.0, 0.0, float(value), float(value), 1.0, 1.0, 1.0, 0.0)
+    value = _validate.as_float(value)
+    return (0.0, 0.0, value, value, 1.0, 1.0, 1.0, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ class ElboOptions:
                 self._templates[key] = template
         floats = template[0].copy()
         floats[_BETA_SLOT] = beta_value
-        if schedule is not NO_SCHEDULE:
+        if schedule != NO_SCHEDULE:  # (not `is not`: torch.compile cannot trace it on tuples)
             floats[_SCHEDULE_SLOT : _SCHEDULE_SLOT + _N_SCHEDULE] = schedule
         if capacity is not None:
             floats[_CAPACITY_SLOT : _CAPACITY_SLOT + _N_SCHEDULE] = capacity
@@ -221,9 +222,10 @@ def _make_options(
     _validate.check_options(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var
     )
+    as_float = _validate.as_float  # free_bits, gaussian_var: symbolic under torch.compile
     return ElboOptions(
-        likelihood, reduction, float(free_bits), free_bits_mode, int(ignore_index),
-        float(gaussian_var), bool(validate),
+        likelihood, reduction, as_float(free_bits), free_bits_mode, int(ignore_index),
+        as_float(gaussian_var), bool(validate),
     )  # fmt: skip
 
 

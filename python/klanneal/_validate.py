@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NoReturn, Optional, Union
+from typing import Any, NoReturn, Optional, Union, cast
 
 import torch
 from typing_extensions import TypeGuard
@@ -68,7 +68,8 @@ def check_schedule_range(schedule: Schedule, name: str = "beta") -> None:
     a negative beta could only be caught after the fact.
     """
     start, stop = schedule.to_params()[2:4]
-    if not (math.isfinite(start) and math.isfinite(stop) and min(start, stop) >= 0):
+    # Comparisons, not math.isfinite: symbolic under torch.compile(dynamic=True).
+    if not (0 <= start < math.inf and 0 <= stop < math.inf):
         raise ValueError(
             f"{name}: {schedule!r} takes values in [{min(start, stop)}, {max(start, stop)}]; "
             "a KL weight must be >= 0 (check its start and stop)"
@@ -81,9 +82,31 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {options}; got {value!r}")
 
 
+def as_float(value: Any) -> float:
+    """float(value) for a real number, also while torch.compile traces: there
+    automatic dynamic makes a Python number that changes between calls
+    symbolic, which float() cannot trace and torch.sym_float can."""
+    if type(value) is float:
+        return value
+    if torch.compiler.is_compiling():
+        return torch.sym_float(value)  # type: ignore[no-untyped-call,no-any-return]
+    return float(value)
+
+
 def _check_real(name: str, value: Any, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = cast(Any, value)  # a float, int or numpy number (or symbolic, traced)
+    if torch.compiler.is_compiling():
+        # Comparisons only: a symbolic number (as_float) gets a guard on
+        # each; math.isfinite cannot trace one.
+        ok = (value > 0 if positive else value >= 0) and value < math.inf
+        if not ok:
+            # Without the value: Dynamo cannot format a symbolic one (and
+            # reports the raise as an "Observed exception" naming this one).
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"{name} must be finite and {bound}")
+        return as_float(value)
     number = float(value)
     ok = math.isfinite(number) and (number > 0 if positive else number >= 0)
     if not ok:
@@ -225,7 +248,7 @@ def check_tensor_args(
         # The common calls: a float or a 0-d tensor beta, no schedule. The
         # general checks below raise the same errors for these, later.
         if type(beta) is float:
-            if not (beta >= 0 and math.isfinite(beta)):
+            if not (0 <= beta < math.inf):  # comparisons: symbolic under torch.compile
                 _check_real("beta", beta, positive=False)
             return
         if type(beta) is Tensor:

@@ -161,6 +161,11 @@ def elbo_loss(
         # evaluated by the op, so that a new step is not a new constant (a
         # recompile per step).
         step = torch.tensor(step, dtype=torch.int64)
+    if compiling and type(beta) in (float, int):
+        # A Python number beta likewise (beta = float(schedule(step)) in a
+        # compiled step): a float64 tensor, so that a new value is an input,
+        # not a recompile (check_tensor_args' comparisons guard its range).
+        beta = torch.tensor(beta, dtype=torch.float64)
     batch_free_bits = options.free_bits > 0 and free_bits_mode == "batch"
     on_cpu = recon_input.is_cpu  # cheaper than .device, which builds a torch.device
     if not _ops.native_available(None if on_cpu else recon_input.device) or _reference_only():
@@ -214,11 +219,16 @@ def elbo_loss(
         _validate.check_schedule_range(beta)
         schedule = beta._params_tuple
     else:
-        beta_value = float(beta)  # type: ignore[arg-type]  # a real number (check_tensor_args)
+        beta_value = _validate.as_float(beta)  # a real number (check_tensor_args)
+    if step_tensor is not None and beta_tensor is None and not _validate.is_schedule(beta):
+        # A step tensor (for a capacity schedule) makes the kernel take beta
+        # from the schedule at that step (resolve_beta): a constant one at
+        # this value, not NO_SCHEDULE's 0.
+        schedule = _ops.constant_schedule(beta_value)
     capacity_params: Optional[tuple[float, ...]] = None
     if capacity is not None:
         if not _validate.is_schedule(capacity):
-            capacity_params = _ops.constant_schedule(float(capacity))  # type: ignore[arg-type]
+            capacity_params = _ops.constant_schedule(capacity)  # type: ignore[arg-type]
         elif step_tensor is not None:
             capacity_params = capacity._params_tuple
         else:

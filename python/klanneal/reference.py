@@ -50,9 +50,11 @@ def _recon_per_example(
     batch = recon_input.shape[0]
     if likelihood == "categorical":
         vocab = recon_input.shape[-1]
+        # int32/int16/int8 class ids, which the fused op takes: cross_entropy
+        # takes only int64 (and uint8).
         nll = F.cross_entropy(
             recon_input.reshape(-1, vocab),
-            target.reshape(-1),
+            target.reshape(-1).to(torch.int64),
             reduction="none",
             ignore_index=ignore_index,
         )
