@@ -212,3 +212,10 @@ def test_a_callback_reused_by_a_new_trainer_steps_every_optimizer_step(target):
     assert callback.state_dict()["step"] == 10
     assert model.betas_used == [SCHEDULE(k) for k in range(10)]
     assert beta_target.beta == SCHEDULE(10)
+
+
+def test_a_checkpoint_of_another_kind_of_target_raises_clearly():
+    # Was a KeyError on state["scheduler"].
+    state = {"global_step": 5, "step": 5}  # what an ELBOLoss target saves
+    with pytest.raises(ValueError, match="saved with an ELBOLoss target"):
+        KLAnnealing(BetaScheduler(SCHEDULE)).load_state_dict(state)

@@ -575,6 +575,7 @@ _SCHEDULE_ERRORS = [
         ValueError,
         "state_dict is missing 'last_step'",
     ),
+    (lambda: BetaScheduler(Constant(1.0)).load_state_dict(None), ValueError, "must be a dict"),
     # The C++ checks behind the Python ones.
     (lambda: klanneal._C.schedule_value([2.0] * 7, 0), ValueError, "expected 8 floats"),
     (lambda: klanneal._C.schedule_value([9, 0, 0, 1, 1, 1, 1, 0], 0), ValueError, "kind must be"),

@@ -895,6 +895,11 @@ class BetaScheduler:
         Raises:
             ValueError: A key is missing or a value is invalid.
         """
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"state_dict must be a dict (from BetaScheduler.state_dict), got "
+                f"{type(state_dict).__name__}"
+            )
         for key in ("schedule", "last_step"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing {key!r}")

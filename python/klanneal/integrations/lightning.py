@@ -265,6 +265,12 @@ class KLAnnealing(Callback):
         if "step" not in state:
             return
         if isinstance(target, BetaScheduler):
+            if "scheduler" not in state:
+                raise ValueError(
+                    "KLAnnealing: the checkpoint's callback state was saved with an ELBOLoss "
+                    "target (no 'scheduler' entry) and cannot restore a BetaScheduler; use "
+                    "the same kind of target as when it was saved"
+                )
             target.load_state_dict(state["scheduler"])
         else:
             with torch.no_grad():
