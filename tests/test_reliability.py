@@ -501,3 +501,20 @@ def test_narrow_class_ids_on_the_reference_paths(dtype):
     leaf = x.clone().requires_grad_()
     elbo_loss(leaf, target, mu, logvar, 0.5).loss.backward()
     torch.testing.assert_close(grad, leaf.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_reference_computes_half_inputs_in_float32_as_the_kernels_do(dtype):
+    # Regression: the reference (the fallback of torch.func, forward AD and
+    # builds without the extension) summed fp16 rows in fp16: inf where the
+    # fused op, accumulating in fp32, is finite.
+    gen = torch.Generator().manual_seed(0)
+    x = (2e3 * torch.randn(2, 784, generator=gen)).to(dtype).requires_grad_()
+    target = torch.rand(2, 784, generator=gen).to(dtype)
+    mu, logvar = _latents(2, dtype=dtype)
+    fused = elbo_loss(x, target, mu, logvar, 0.5, likelihood="bernoulli")
+    ref = elbo_loss_ref(x, target, mu, logvar, 0.5, likelihood="bernoulli")
+    assert torch.isfinite(ref.loss) and ref.loss.dtype == torch.float32
+    torch.testing.assert_close(ref.loss, fused.loss, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(ref.loss, x)
+    assert grad.dtype == dtype

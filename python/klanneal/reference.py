@@ -180,6 +180,14 @@ def elbo_loss_ref(
     )  # fmt: skip
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _widen(t: Any) -> Any:
+    """A float16/bfloat16 tensor as float32 (anything else as it is)."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t
+
+
 def reference_loss(
     recon_input: torch.Tensor,
     target: torch.Tensor,
@@ -207,6 +215,13 @@ def reference_loss(
     dtype = torch.promote_types(recon_input.dtype, mu.dtype)
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
+    # Half-precision inputs are computed in float32, as the kernels do (an
+    # fp16 sum over a row overflows at 65504); gradients flow back through
+    # the casts in the inputs' dtypes.
+    recon_input, mu, logvar = _widen(recon_input), _widen(mu), _widen(logvar)
+    prior_mu, prior_logvar = _widen(prior_mu), _widen(prior_logvar)
+    if target.dtype in _HALF:
+        target = target.float()
     beta = _beta_value(beta, step)
 
     recon_b = _recon_per_example(recon_input, target, likelihood, ignore_index, gaussian_var)
