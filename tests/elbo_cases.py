@@ -128,3 +128,17 @@ def packed_call(params: dict) -> tuple[list, list, list, list]:
     if missing:
         raise KeyError(f"packed_call: missing {missing}")
     return tuple([flat[n] for n in LAYOUT[kind]] for kind in ("sizes", "ptrs", "floats", "ints"))
+
+
+def check_retained_backwards(loss: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Three backwards through a retained graph (upstream 1, 3, 1): the first
+    one's results, which may be the op's saved gradients themselves, are
+    left alone by the later ones, which get the right values."""
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(3.0 * loss, inputs, retain_graph=True)
+    third = torch.autograd.grad(loss, inputs)
+    for g, k, s, t in zip(first, kept, second, third):
+        assert torch.equal(g, k)
+        torch.testing.assert_close(s, 3.0 * k)
+        assert torch.equal(t, k)
