@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# A plain `pip install torch` pulls a multi-GB CUDA build; pin the CPU wheel.
+# A plain `pip install torch` pulls a multi-GB CUDA build. On this project's
+# machines and CI this pin resolves to the CPU wheel of the local wheel cache;
+# from plain PyPI install torch==2.13.0+cpu into $(VENV) first (README).
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,bench,dev,demo
 PYTEST_ARGS ?=

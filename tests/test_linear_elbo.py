@@ -361,6 +361,23 @@ def test_torch_func_grad_takes_the_reference_path():
     torch.testing.assert_close(torch.func.grad(loss)(weight), leaf.grad)
 
 
+def test_vmap_over_the_targets_with_the_value_checks():
+    # Regression: failed with validate=True (a branch on a batched tensor).
+    hidden, weight, bias, target, mu, logvar = make_inputs(3, (4,), 8, 11)
+    target = target.clamp(min=0)
+
+    def one(h, t, m, lv):
+        return linear_elbo_loss(h[None], weight, t[None], m[None], lv[None], bias=bias).loss
+
+    got = torch.func.vmap(one)(hidden, target, mu, logvar)
+    want = torch.stack([one(*a) for a in zip(hidden, target, mu, logvar)])
+    torch.testing.assert_close(got, want)
+    bad = target.clone()
+    bad[1, 0] = 11
+    with pytest.raises(ValueError, match="found 11"):
+        torch.func.vmap(one)(hidden, bad, mu, logvar)
+
+
 def test_a_later_backward_leaves_the_gradients_already_handed_out_alone():
     # Regression: a unit backward hands out the saved gradients as they are
     # (torch.autograd.grad's result); a second backward through the retained

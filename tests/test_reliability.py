@@ -320,6 +320,37 @@ def test_torch_func_grad_and_vmap_work(likelihood):
     torch.testing.assert_close(per[1], torch.func.grad(ref)(2 * x, mu))
 
 
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_vmap_over_the_targets_with_the_value_checks(likelihood):
+    # Regression: vmapping over the data, targets included (per-example
+    # losses and gradients), failed with validate=True: the value checks
+    # branched on a batched tensor ("data-dependent control flow"). They
+    # now read every example's values under vmap's wrapper.
+    x, target, mu, logvar = make_inputs(likelihood, 3, (4,), 5)
+    target = target.clamp(min=0)
+
+    def one(x_, t_, mu_, lv_):
+        return elbo_loss(x_[None], t_[None], mu_[None], lv_[None], likelihood=likelihood).loss
+
+    got = torch.func.vmap(one)(x, target, mu, logvar)
+    want = torch.stack([one(*a) for a in zip(x, target, mu, logvar)])
+    torch.testing.assert_close(got, want)
+    grads = torch.func.vmap(torch.func.grad(one))(x, target, mu, logvar)
+    torch.testing.assert_close(grads[1], torch.func.grad(one)(x[1], target[1], mu[1], logvar[1]))
+    bad = target.clone()
+    bad[2, 1] = 9 if likelihood == "categorical" else 1.5
+    with pytest.raises(ValueError, match="found 9|found 1.5"):
+        torch.func.vmap(one)(x, bad, mu, logvar)
+    # A vmapped beta tensor: each example's value checked.
+    betas = torch.tensor([0.5, -1.0, 1.0])
+    with pytest.raises(ValueError, match="beta must be finite and >= 0, got -1.0"):
+        torch.func.vmap(
+            lambda x_, t_, b: (
+                elbo_loss(x_[None], t_[None], mu[:1], logvar[:1], b, likelihood=likelihood).loss
+            )
+        )(x, target, betas)
+
+
 def test_an_empty_middle_dimension_gives_the_kl_only_loss():
     mu, logvar = _latents(3)
     cases = [

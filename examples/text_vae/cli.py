@@ -127,9 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=10, help="toy: words per sequence")
     g.add_argument("--n-words", type=int, default=100, help="toy: vocabulary (without specials)")
     g = p.add_argument_group("model and optimiser")
-    g.add_argument("--embed-dim", type=int, default=None, help="default: 32 toy, 128 corpus")
-    g.add_argument("--hidden-dim", type=int, default=None, help="default: 64 toy, 256 corpus")
-    g.add_argument("--latent-dim", type=int, default=None, help="default: 2 toy, 32 corpus")
+    g.add_argument(
+        "--embed-dim", type=int, default=None, help="default: 32 toy, 128 corpus, 256 fu2019"
+    )
+    g.add_argument(
+        "--hidden-dim", type=int, default=None, help="default: 64 toy, 128 corpus, 256 fu2019"
+    )
+    g.add_argument(
+        "--latent-dim", type=int, default=None, help="default: 2 toy, 32 corpus and fu2019"
+    )
     g.add_argument(
         "--dropout",
         type=float,

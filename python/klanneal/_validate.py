@@ -386,6 +386,15 @@ def check_values(
     caller: the CPU kernel checks them in its own pass over the data and the
     caller reports a bad one with `raise_invalid_target`.
     """
+    if torch._C._are_functorch_transforms_active():
+        # Under torch.func.vmap a branch on a batched tensor's values fails:
+        # the checks read the values under the transforms' wrappers (every
+        # example of vmap's batch). V comes from recon_input's logical shape.
+        target, beta, step = (
+            unwrap_functorch(target),
+            unwrap_functorch(beta),
+            unwrap_functorch(step),
+        )
     if check_target and likelihood == "categorical":
         vocab = recon_input.shape[-1]
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
@@ -396,11 +405,22 @@ def check_values(
         if bool(bad.any()):
             raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
     if beta is not None:
-        value = float(beta.detach())  # a learnable beta: read without a requires-grad warning
+        # detach: a learnable beta, read without a requires-grad warning;
+        # min: several values under vmap (NaN first: min propagates it).
+        value = float(beta.detach().min())
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"beta must be finite and >= 0, got {value}")
-    if step is not None and int(step) < 0:
-        raise ValueError(f"step must be >= 0, got {int(step)}")
+    if step is not None and int(step.min()) < 0:
+        raise ValueError(f"step must be >= 0, got {int(step.min())}")
+
+
+def unwrap_functorch(t: Any) -> Any:
+    """The tensor under t's torch.func wrappers (vmap's batched tensor holds
+    every example's values), or t itself when it has none."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    while isinstance(t, torch.Tensor) and wrapped(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def raise_invalid_target(

@@ -204,6 +204,7 @@ def _categorical_rows(
 
 def _check_class_ids(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Raises the ValueError of elbo_loss for a class id outside [0, V) (reads target)."""
+    target = _validate.unwrap_functorch(target)  # under torch.func.vmap: every example's
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
         _raise_bad_class(target[bad].reshape(-1)[0], vocab, ignore_index)
