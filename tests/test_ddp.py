@@ -208,3 +208,34 @@ def test_each_rank_row_gradient_over_world_is_the_single_process_one(tmp_path):
         losses.append(got["loss"])
     # The ranks' batchmean losses average to the global one.
     torch.testing.assert_close(sum(losses) / WORLD, single.loss.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_process_group_equals_no_group_with_half_latents(tmp_path, dtype):
+    # Regression: with fp16/bf16 latents the group's batch mean was computed
+    # in that dtype (every step of KL_bd rounded), so one process with the
+    # group differed from no group: another loss, and a free-bits mask that
+    # let a dimension just below lambda through.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        mu = (0.7 * torch.randn(64, 16, generator=gen)).to(dtype)
+        logvar = (0.5 * torch.randn(64, 16, generator=gen)).to(dtype)
+        x = torch.randn(64, 3, 7, generator=gen).to(dtype)
+        target = torch.randint(0, 7, (64, 3), generator=gen)
+        plain = klanneal.elbo_loss(x, target, mu, logvar, reduction="sum")
+        free_bits = float(plain.kl_per_dim[0].double()) * (1 + 3e-4)  # just above dim 0's mean
+        grads = []
+        for group in (None, "world"):
+            leaf = mu.clone().requires_grad_()
+            out = klanneal.elbo_loss(
+                x, target, leaf, logvar, free_bits=free_bits, reduction="sum",
+                free_bits_group=group,
+            )  # fmt: skip
+            out.loss.backward()
+            grads.append((out.loss, leaf.grad))
+        assert torch.equal(grads[0][0], grads[1][0])
+        assert torch.equal(grads[0][1], grads[1][1])
+        assert not grads[1][1][:, 0].any()  # dimension 0 is below lambda: no KL gradient
+    finally:
+        dist.destroy_process_group()

@@ -260,12 +260,13 @@ def elbo_loss(
         target = target.to(torch.int64)
     global_mean = None
     if group is not None and batch_free_bits:
-        from klanneal.reference import global_kl_per_dim, kl_per_element
+        from klanneal.reference import global_kl_per_dim, kl_per_element, widen
 
         with torch.no_grad():
-            global_mean = global_kl_per_dim(
-                kl_per_element(mu, logvar, prior_mu, prior_logvar), group
-            ).contiguous()
+            # KL_bd in the kernels' arithmetic type (float32 for fp16/bf16
+            # latents, which rounded every step of it), summed in float64.
+            kl_bd = kl_per_element(widen(mu), widen(logvar), widen(prior_mu), widen(prior_logvar))
+            global_mean = global_kl_per_dim(kl_bd, group).contiguous()
     recon_input, target = recon_input.contiguous(), target.contiguous()
     mu, logvar = mu.contiguous(), logvar.contiguous()
     if has_prior:

@@ -183,7 +183,7 @@ def elbo_loss_ref(
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _widen(t: Any) -> Any:
+def widen(t: Any) -> Any:
     """A float16/bfloat16 tensor as float32 (anything else as it is)."""
     return t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t
 
@@ -218,8 +218,8 @@ def reference_loss(
     # Half-precision inputs are computed in float32, as the kernels do (an
     # fp16 sum over a row overflows at 65504); gradients flow back through
     # the casts in the inputs' dtypes.
-    recon_input, mu, logvar = _widen(recon_input), _widen(mu), _widen(logvar)
-    prior_mu, prior_logvar = _widen(prior_mu), _widen(prior_logvar)
+    recon_input, mu, logvar = widen(recon_input), widen(mu), widen(logvar)
+    prior_mu, prior_logvar = widen(prior_mu), widen(prior_logvar)
     if target.dtype in _HALF:
         target = target.float()
     beta = _beta_value(beta, step)
