@@ -1,11 +1,13 @@
 // The threads behind parallel_for (parallel_cpu.h): the process's GNU
 // OpenMP team when one is loaded (torch's own intra-op threads), else a
 // persistent worker pool of our own.
+#include <cctype>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "klanneal/parallel_cpu.h"
@@ -134,6 +136,21 @@ namespace {
 // returns when all have finished.
 using GompParallel = void (*)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
 
+#if defined(__linux__)
+// A switch's value as python/klanneal/_env.py reads it: "", 0, false, no or
+// off (any case, surrounding spaces ignored) switch it off.
+bool switched_off(const char *value) {
+  std::string v(value);
+  const auto first = v.find_first_not_of(" \t\n\r");
+  if (first == std::string::npos)
+    return true;
+  v = v.substr(first, v.find_last_not_of(" \t\n\r") - first + 1);
+  for (char &c : v)
+    c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return v == "0" || v == "false" || v == "no" || v == "off";
+}
+#endif
+
 // torch's Linux wheels run their intra-op work on a bundled libgomp, whose
 // idle threads spin for milliseconds after every parallel torch op. A pool
 // of our own then shares the cores with those spinning threads (on 2 cores
@@ -141,13 +158,14 @@ using GompParallel = void (*)(void (*fn)(void *), void *data, unsigned num_threa
 // 6.3 ms with OMP_WAIT_POLICY=PASSIVE); the spinning threads themselves
 // pick up a parallel region at once. So when the process already has
 // libgomp loaded (found by its soname, never loaded here: the core links no
-// OpenMP and no torch), parallel_for runs on that team. KLANNEAL_OPENMP=0,
-// read at the first parallel call, keeps the pool of our own.
+// OpenMP and no torch), parallel_for runs on that team. KLANNEAL_OPENMP=0
+// (or off, false, no), read at the first parallel call, keeps the pool of
+// our own.
 GompParallel loaded_gomp_parallel() {
 #if defined(__linux__)
   static const GompParallel fn = []() -> GompParallel {
     const char *flag = std::getenv("KLANNEAL_OPENMP");
-    if (flag != nullptr && (std::strcmp(flag, "0") == 0 || std::strcmp(flag, "") == 0))
+    if (flag != nullptr && switched_off(flag))
       return nullptr;
     void *handle = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (handle == nullptr)

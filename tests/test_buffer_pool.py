@@ -230,7 +230,9 @@ def test_cpu_kernels_run_on_torchs_openmp_team_unless_told_not_to():
         "klanneal.elbo_loss(x, t, mu, mu).loss.backward()\n"
         "print(klanneal._C.cpu_threads_backend())\n"
     )
-    for flag, want in ((None, "openmp"), ("0", "pool")):
+    # "off", "false", " No " switch it off as "0" does (they used to leave it on).
+    cases = ((None, "openmp"), ("0", "pool"), ("off", "pool"), (" No ", "pool"), ("1", "openmp"))
+    for flag, want in cases:
         env = {k: v for k, v in os.environ.items() if k != "KLANNEAL_OPENMP"}
         if flag is not None:
             env["KLANNEAL_OPENMP"] = flag
@@ -239,3 +241,19 @@ def test_cpu_kernels_run_on_torchs_openmp_team_unless_told_not_to():
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == want
+
+
+@pytest.mark.parametrize(
+    "value,on", [("0", False), ("", False), ("false", False), (" OFF ", False), ("no", False),
+                 ("1", True), ("yes", True), ("true", True), ("2", True)],
+)  # fmt: skip
+def test_the_environment_switches_read_false_spellings_as_off(monkeypatch, value, on):
+    # Regression: any value but "" and "0" switched a flag on, so
+    # KLANNEAL_DISABLE_NATIVE=false disabled the native kernel and
+    # KLANNEAL_GRAD_POOL=off left the pool on.
+    from klanneal import _env
+
+    monkeypatch.setenv("KLANNEAL_DISABLE_NATIVE", value)
+    monkeypatch.setenv("KLANNEAL_GRAD_POOL", value)
+    assert _env.native_disabled() is on
+    assert _ops._pool_enabled() is on

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from klanneal import _validate
-from klanneal._env import env_flag, native_disabled
+from klanneal._env import env_switch, native_disabled
 
 try:
     from klanneal import _C
@@ -331,7 +331,7 @@ _FROM_CAPSULE = getattr(torch._C, "_from_dlpack", None) or torch.utils.dlpack.fr
 
 
 def _pool_enabled() -> bool:
-    return _C is not None and env_flag("KLANNEAL_GRAD_POOL", "1") not in ("0", "")
+    return _C is not None and env_switch("KLANNEAL_GRAD_POOL", True)
 
 
 def _grad_recon_buffer(
