@@ -574,6 +574,17 @@ for likelihood in ("categorical", "bernoulli", "gaussian", "mse"):
                                             for t in low], **kwargs)
         for a, b in zip(got[1], want[1]):
             torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-3)
+# A +inf logit: a NaN loss and a NaN gradient row at every level, as the
+# reference (the scalar kernel's online log-sum-exp gave an inf loss).
+for dtype in (torch.float32, torch.float64):
+    x = torch.randn(1, 2, 41, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        x[0, 0, 5] = float("inf")
+    out = klanneal.elbo_loss(x, torch.tensor([[3, 1]]), torch.zeros(1, 2, dtype=dtype),
+                             torch.zeros(1, 2, dtype=dtype), reduction="none")
+    out.loss.sum().backward()
+    assert torch.isnan(out.loss[0]) and torch.isnan(x.grad[0, 0]).all(), (dtype, out.loss)
+    assert torch.isfinite(x.grad[0, 1]).all()
 print("ok")
 """
 

@@ -389,6 +389,22 @@ def test_nan_logit_and_minus_inf_logits_behave_as_the_reference(emulated):
     )
 
 
+@pytest.mark.parametrize("vocab", [40, 1500])  # the warp and the block row kernels
+@pytest.mark.parametrize("on_target", [False, True])
+def test_a_plus_inf_logit_gives_nan_as_the_reference(emulated, vocab, on_target):
+    # Regression: the online log-sum-exp kept s = 1 after a +inf logit, so
+    # the row's loss was +inf and its gradient finite but one element,
+    # where the CPU kernel and the reference give NaN throughout.
+    inputs = make_inputs("categorical", (1, 2, vocab), 2)
+    inputs["recon_input"][0, 0, 5] = float("inf")
+    inputs["target"][0, 0] = 5 if on_target else 3
+    got = run_emulated(emulated, inputs, 1.0, reduction="none")
+    want = reference(inputs, 1.0, reduction="none")
+    assert torch.isnan(want["loss"][0]) and torch.isnan(got["loss"][0])
+    assert torch.isnan(want["grad_recon"][0, 0]).all()
+    assert torch.isnan(got["grad_recon"][0, 0]).all()
+
+
 def test_without_gradients_only_the_values_are_written(emulated):
     inputs = make_inputs("categorical", (2, 3, 300), 3)
     got = run_emulated(emulated, inputs, 0.4, grads=False, free_bits=0.2)

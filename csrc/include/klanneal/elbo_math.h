@@ -63,7 +63,11 @@ template <typename T> KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<
 // rounds to one ulp of |m|, so with logits around 1e4 it would cost the
 // loss (a few nats) most of its digits. x - m is exact for the elements that
 // matter (Sterbenz), and log(s) lies in [0, log V].
-template <typename T> KLANNEAL_HD T lse_log_sum(LseState<T> st) { return log(st.s); }
+// A +inf logit (m == +inf) gives NaN, as the reference's inf - inf does (the
+// online update would leave s = 1: an inf loss and a mostly finite gradient).
+template <typename T> KLANNEAL_HD T lse_log_sum(LseState<T> st) {
+  return st.m == T(INFINITY) ? T(NAN) : log(st.s);
+}
 
 // Loss of one row: logsumexp(x) - x[target] = log(s) - (x[target] - m).
 template <typename T> KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) {
