@@ -1,6 +1,6 @@
 """Cyclical vs monotonic KL annealing: a table of beta values and a plot.
 
-    python examples/plot_schedules.py [--steps 40000] [--out demo_output/schedules.png]
+    python examples/plot_schedules.py [--steps 40000] [--out demo_output/schedule_shapes.png]
 
 The cyclical schedule (Fu et al., NAACL 2019) repeats the warm-up of the
 monotonic one: beta ramps from 0 to 1 over the first half of each of 4
@@ -22,8 +22,11 @@ from klanneal.schedules import Cyclical, Monotonic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40_000, help="training steps")
-    parser.add_argument("--out", default=os.path.join("demo_output", "schedules.png"))
+    # Not demo_output/schedules.png: `make demo` writes that one (its summary links it).
+    parser.add_argument("--out", default=os.path.join("demo_output", "schedule_shapes.png"))
     args = parser.parse_args(argv)
+    if args.steps < 8:  # 4 cycles, and a monotonic warm-up of steps // 8 >= 1
+        parser.error(f"--steps must be >= 8, got {args.steps}")
 
     cyclical = Cyclical(total_steps=args.steps, n_cycles=4, ratio=0.5)
     # The same ramp length as one cyclical ramp, then beta = 1 for good.

@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="RUN_DIR or RUN_DIR=NAME:LABEL")
     args = parser.parse_args(argv)
     rows = [row for spec in args.runs for row in _load(spec)]
+    labels = [label for label, _, _, _ in rows]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        # summary.json is keyed by label: a repeated one would keep only its last run.
+        parser.error(
+            f"the rows {repeated} come from more than one run: label them, "
+            "e.g. RUN_DIR=cyclical:cyclical-seed1"
+        )
     if args.git_sha:
         for _, entry, _, _ in rows:
             entry["git_sha"] = args.git_sha
@@ -85,10 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     results = [r for _, _, r, _ in rows]
     e0 = rows[0][1]
-    title = (
-        f"PTB, recipe {merged['recipe']}: {e0['epochs']:g} epochs = {e0['steps']} steps, "
-        f"seed {e0['seed']}"
-    )
+    length = f"{e0['steps']} steps"
+    if e0["epochs"] is not None:  # None: trained with --steps
+        length = f"{e0['epochs']:g} epochs = {length}"
+    title = f"PTB, recipe {merged['recipe']}: {length}, seed {e0['seed']}"
     text_vae.plot_valid_curves(results, args.out / "valid_curves.png", title, "valid")
     print("\n".join(lines))
     print(f"wrote {args.out}/summary.json, summary.md, valid_curves.png", file=sys.stderr)

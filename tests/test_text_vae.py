@@ -123,6 +123,11 @@ def test_batches_pad_and_ignore_padding():
         (["--warmup-fraction", "0"], "--warmup-fraction"),
         (["--clip", "-1"], "--clip must be >= 0"),
         (["--word-dropout", "1.5"], "--word-dropout"),
+        # These crashed in training (a negative beta) or in evaluation (inf).
+        (["--beta", "-1"], "--beta must be finite and >= 0"),
+        (["--beta-stop", "-1"], "--beta-stop must be finite and >= 0"),
+        (["--lr", "inf"], "--lr must be finite and > 0"),
+        (["--init-range", "inf"], "--init-range must be finite and > 0"),
     ],
 )
 def test_bad_flags_are_rejected_with_a_message(flags, fragment, capsys):
@@ -282,3 +287,61 @@ def test_fused_head_trains_to_the_same_numbers():
     for key in ("recon", "kl", "elbo", "beta"):
         assert fused.curves[key] == pytest.approx(plain.curves[key], rel=1e-4, abs=1e-6), key
     assert fused.final.elbo == pytest.approx(plain.final.elbo, rel=1e-4)
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_an_explicit_steps_overrides_the_recipes_epochs():
+    # Regression: the fu2019 recipe's 40 epochs silently overrode --steps.
+    args = text_vae.parse_args(["--data", str(PTB), "--recipe", "fu2019", "--steps", "4"])
+    assert (args.steps, args.epochs) == (4, None)
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_a_schedule_flag_that_does_not_fit_the_epochs_is_a_usage_error(tmp_path, capsys):
+    # Regression: with --epochs the schedule flags were checked only after the
+    # data had loaded, and a bad one was a traceback.
+    with pytest.raises(SystemExit) as info:
+        text_vae.parse_args(["--data", str(PTB), "--epochs", "1", "--ratio", "2"])
+    assert info.value.code == 2 and "ratio must be in (0, 1]" in capsys.readouterr().err
+    flags = ["--data", str(PTB), "--epochs", "0.5", "--max-sentences", "64", "--quiet"]
+    with pytest.raises(SystemExit) as info:  # 4 cycles in 1 step
+        text_vae.main([*flags, "--out", str(tmp_path)])
+    assert info.value.code == 2 and "n_cycles must be <= 1" in capsys.readouterr().err
+
+
+def test_a_corpus_file_that_is_not_utf8_names_itself(tmp_path):
+    # Regression: an unhandled UnicodeDecodeError that named no file.
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("a b c\nd e\n")
+    (tmp_path / "test.txt").write_bytes(b"caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match="test.txt: not UTF-8 text \\(a byte 0xe9\\)"):
+        text_vae.main(["--data", str(tmp_path), "--quiet", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.skipif(not PTB.is_dir(), reason=f"Penn Treebank slice not found at {PTB}")
+def test_ptb_report_of_step_counted_runs_and_repeated_labels(tmp_path):
+    # Regression: a run trained with --steps (no epochs) crashed the report,
+    # and two runs of one schedule kept only the last row in summary.json.
+    flags = ["--data", str(PTB), "--max-sentences", "32", "--max-eval-sentences", "16",
+             "--steps", "2", "--schedules", "cyclical", "--n-cycles", "1", "--embed-dim", "8",
+             "--hidden-dim", "8", "--latent-dim", "2", "--quiet"]  # fmt: skip
+    for seed in (0, 1):
+        text_vae.main([*flags, "--seed", str(seed), "--out", str(tmp_path / f"run{seed}")])
+    script = str(REPO / "examples" / "ptb_report.py")
+    run0, run1 = str(tmp_path / "run0"), str(tmp_path / "run1")
+
+    def report(out: str, *runs: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, script, "--out", str(tmp_path / out), *runs],
+            capture_output=True, text=True, cwd=REPO / "examples", timeout=300,
+        )  # fmt: skip
+
+    done = report("r", run0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "r" / "valid_curves.png").exists()
+    same = report("r2", run0, run1)
+    assert same.returncode == 2 and "come from more than one run" in same.stderr
+    labelled = report("r3", run0, f"{run1}=cyclical:cyclical-seed1")
+    assert labelled.returncode == 0, labelled.stderr[-2000:]
+    rows = json.loads((tmp_path / "r3" / "summary.json").read_text())["schedules"]
+    assert set(rows) == {"cyclical", "cyclical-seed1"}

@@ -295,6 +295,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.data is None:
             parser.error("--recipe fu2019 trains on a corpus: pass --data DIR")
         for key, value in FU2019.items():
+            if key == "epochs" and args.steps is not None:
+                continue  # an explicit --steps overrides the recipe's 40 epochs
             if getattr(args, key) is None:
                 setattr(args, key, value)
     defaults = TOY_DEFAULTS if args.data is None else CORPUS_DEFAULTS
@@ -346,8 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--checkpoint-every must be > 0 seconds, got {args.checkpoint_every}")
     if args.enc_dropout is not None and not 0.0 <= args.enc_dropout < 1.0:
         parser.error(f"--enc-dropout must be in [0, 1), got {args.enc_dropout}")
-    if args.init_range is not None and not args.init_range > 0:
-        parser.error(f"--init-range must be > 0, got {args.init_range}")
+    if args.init_range is not None and not 0 < args.init_range < math.inf:
+        parser.error(f"--init-range must be finite and > 0, got {args.init_range}")
     if not 0.0 <= args.lr_min_factor <= 1.0:
         parser.error(f"--lr-min-factor must be in [0, 1], got {args.lr_min_factor}")
     if args.lr_schedule == "cyclical-cosine" and args.schedules != ["cyclical"]:
@@ -364,21 +366,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0.0 <= args.word_dropout <= 1.0:
         parser.error(f"--word-dropout must be in [0, 1], got {args.word_dropout}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr must be finite and > 0, got {args.lr}")
+    for key in ("beta", "beta_start", "beta_stop"):
+        # A KL weight: klanneal would refuse it only at the loss call, after
+        # the data had loaded (in every worker with --jobs).
+        value = getattr(args, key)
+        if value is not None and not 0 <= value < math.inf:
+            parser.error(f"--{key.replace('_', '-')} must be finite and >= 0, got {value}")
     if not 0.0 < args.warmup_fraction <= 1.0:
         parser.error(f"--warmup-fraction must be in (0, 1], got {args.warmup_fraction}")
-    if args.epochs is not None:
-        # The exact count needs the data (steps per epoch); a placeholder
-        # validates the schedule flags now, load_data sets the real one.
-        args.steps = None
     # klanneal.schedules validates the rest (ratio, zero-ratio, shape, ...).
-    for name in args.schedules if args.steps is not None else ():
+    # With --epochs the exact count needs the data (steps per epoch): a
+    # placeholder checks the flags that do not depend on it now, load_data
+    # sets the real count and checks again.
+    steps = 10**9 if args.epochs is not None else args.steps
+    for name in args.schedules:
         try:
-            make_schedule(name, args.steps, args)
+            make_schedule(name, steps, args)
         except ValueError as err:
             parser.error(f"{name} schedule: {err}")
+    if args.epochs is not None:
+        args.steps = None
     return args
+
+
+def _usage_error(message: str) -> None:
+    """Exits as argparse's parser.error does (status 2, the message on stderr)."""
+    import sys
+
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def load_data(args: argparse.Namespace):
@@ -407,7 +425,13 @@ def load_data(args: argparse.Namespace):
         per_epoch = len(train) // min(args.batch_size, len(train))
         args.steps = max(1, round(args.epochs * per_epoch))
         for name in args.schedules:
-            make_schedule(name, args.steps, args)  # raises ValueError on a bad flag
+            try:
+                make_schedule(name, args.steps, args)
+            except ValueError as err:  # a flag that does not fit this many steps
+                _usage_error(
+                    f"{name} schedule: {err} (--epochs {args.epochs:g} is {args.steps} steps "
+                    "on this data)"
+                )
     encode = vocab.encode
     return (
         [encode(s) for s in train],

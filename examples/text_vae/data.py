@@ -142,13 +142,19 @@ def read_corpus(
     """
     sentences = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            tokens = line.split()
-            if not tokens or (drop_longer is not None and len(tokens) > drop_longer):
-                continue
-            sentences.append(tokens[:max_len] if max_len else tokens)
-            if max_sentences is not None and len(sentences) >= max_sentences:
-                break
+        try:
+            for line in f:
+                tokens = line.split()
+                if not tokens or (drop_longer is not None and len(tokens) > drop_longer):
+                    continue
+                sentences.append(tokens[:max_len] if max_len else tokens)
+                if max_sentences is not None and len(sentences) >= max_sentences:
+                    break
+        except UnicodeDecodeError as err:
+            bad = err.object[err.start : err.start + 1].hex()
+            raise ValueError(
+                f"{path}: not UTF-8 text (a byte 0x{bad}); re-encode the file as UTF-8"
+            ) from None
     if not sentences:
         raise ValueError(f"{path} holds no sentences")
     return sentences
