@@ -95,3 +95,17 @@ def test_min_factor_is_checked(bad):
         CyclicalCosineLR(_optimizer(), Cyclical(10), min_factor=bad)
     with pytest.raises(TypeError, match="min_factor"):
         CyclicalCosineLR(_optimizer(), Cyclical(10), min_factor="0.1")
+
+
+def test_last_epoch_and_state_dict_are_checked():
+    # Both were accepted: a fractional, bool or < -1 last_epoch ran with a
+    # plausible rate; load_state_dict(None) was a bare TypeError and another
+    # scheduler's state (no 'schedule') was copied in without a check.
+    for bad, error in ((2.5, TypeError), (True, TypeError), (-5, ValueError)):
+        with pytest.raises(error, match="last_epoch"):
+            CyclicalCosineLR(_optimizer(), Cyclical(10), last_epoch=bad)
+    scheduler = CyclicalCosineLR(_optimizer(), Cyclical(10))
+    other = torch.optim.lr_scheduler.StepLR(_optimizer(), step_size=3)
+    for state in (None, other.state_dict()):
+        with pytest.raises(ValueError, match="state_dict must be a dict from CyclicalCosineLR"):
+            scheduler.load_state_dict(state)

@@ -7,6 +7,7 @@ Exposed as ``klanneal.schedules.CyclicalCosineLR`` (imported lazily there, so
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ class CyclicalCosineLR(LRScheduler):
     Raises:
         TypeError: ``schedule`` is not a Schedule, or a schedule without
             cycles (Constant, Monotonic, Capacity).
-        ValueError: ``min_factor`` outside [0, 1].
+        ValueError: ``min_factor`` outside [0, 1], or ``last_epoch`` < -1.
     """
 
     def __init__(
@@ -74,9 +75,15 @@ class CyclicalCosineLR(LRScheduler):
         min_factor = float(min_factor)
         if not 0.0 <= min_factor <= 1.0:
             raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
+        given: Any = last_epoch  # checked at run time: a caller may pass anything
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"last_epoch must be an int, got {type(given).__name__}")
+        start = int(given)
+        if start < -1:
+            raise ValueError(f"last_epoch must be >= -1 (-1: a fresh start), got {start}")
         self.schedule = schedule
         self.min_factor = min_factor
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, start)
 
     def position(self, step: int) -> float:
         """tau in [0, 1): where ``step`` lies in its cycle (1.0 from ``total_steps`` on)."""
@@ -111,11 +118,18 @@ class CyclicalCosineLR(LRScheduler):
         """Restore a :meth:`state_dict`; the next :meth:`step` continues exactly.
 
         Raises:
-            ValueError: the saved schedule differs from this scheduler's.
+            ValueError: ``state_dict`` is not a dict from :meth:`state_dict`, or
+                the saved schedule differs from this scheduler's.
         """
+        if not isinstance(state_dict, dict) or "schedule" not in state_dict:
+            raise ValueError(
+                "state_dict must be a dict from CyclicalCosineLR.state_dict (with its "
+                f"'schedule'), got {type(state_dict).__name__}"
+                + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, dict) else "")
+            )
         state = dict(state_dict)
-        saved = state.pop("schedule", None)
-        if saved is not None and saved != self.schedule.state_dict():
+        saved = state.pop("schedule")
+        if saved != self.schedule.state_dict():
             raise ValueError(
                 f"state_dict was saved with schedule {saved!r}, "
                 f"this scheduler follows {self.schedule.state_dict()!r}"
