@@ -103,7 +103,7 @@ def _kernel_floor(
 
     layout = _C.elbo_layout()
     options = _ops.elbo_options("bernoulli", "batchmean", 0.0, "batch", -100, 1.0, True)
-    floats, ints = options.packed(BETA, _ops.NO_SCHEDULE, None, (True, True, True, False, False))
+    floats, ints = options.packed(BETA, None, None, (True, True, True, False, False))
     fp32 = layout["dtype"].index("float32")
     size = {
         "batch": x.shape[0], "n_rows": x.shape[0], "row_len": x.shape[1],

@@ -125,11 +125,12 @@ class ElboOptions:
     def packed(
         self,
         beta_value: float,
-        schedule: tuple[float, ...],
+        schedule: Optional[tuple[float, ...]],
         capacity: Optional[tuple[float, ...]],
         need: tuple[bool, bool, bool, bool, bool],
     ) -> tuple[list[float], list[int]]:
-        """``pack`` for one call (need: need_grad_recon ... need_grad_prior_logvar),
+        """``pack`` for one call (need: need_grad_recon ... need_grad_prior_logvar;
+        schedule None: NO_SCHEDULE, the template's),
         from a template kept per `need` and capacity-or-not: the per-call cost
         of an elbo_loss call is a list copy and three slot writes."""
         key = (need, capacity is None)
@@ -144,7 +145,7 @@ class ElboOptions:
                 self._templates[key] = template
         floats = template[0].copy()
         floats[_BETA_SLOT] = beta_value
-        if schedule != NO_SCHEDULE:  # (not `is not`: torch.compile cannot trace it on tuples)
+        if schedule is not None:
             floats[_SCHEDULE_SLOT : _SCHEDULE_SLOT + _N_SCHEDULE] = schedule
         if capacity is not None:
             floats[_CAPACITY_SLOT : _CAPACITY_SLOT + _N_SCHEDULE] = capacity

@@ -97,22 +97,16 @@ def _check_real(name: str, value: Any, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = cast(Any, value)  # a float, int or numpy number (or symbolic, traced)
-    if torch.compiler.is_compiling():
-        # Comparisons only: a symbolic number (as_float) gets a guard on
-        # each; math.isfinite cannot trace one.
-        ok = (value > 0 if positive else value >= 0) and value < math.inf
-        if not ok:
+    # Comparisons, not math.isfinite: under torch.compile the number may be
+    # symbolic (as_float), which comparisons guard on (NaN fails both).
+    if not ((value > 0 if positive else value >= 0) and value < math.inf):
+        bound = "> 0" if positive else ">= 0"
+        if torch.compiler.is_compiling():
             # Without the value: Dynamo cannot format a symbolic one (and
             # reports the raise as an "Observed exception" naming this one).
-            bound = "> 0" if positive else ">= 0"
             raise ValueError(f"{name} must be finite and {bound}")
-        return as_float(value)
-    number = float(value)
-    ok = math.isfinite(number) and (number > 0 if positive else number >= 0)
-    if not ok:
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {number}")
-    return number
+        raise ValueError(f"{name} must be finite and {bound}, got {float(value)}")
+    return as_float(value)
 
 
 def check_options(
@@ -406,12 +400,15 @@ def check_values(
             raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
     if beta is not None:
         # detach: a learnable beta, read without a requires-grad warning;
-        # min: several values under vmap (NaN first: min propagates it).
-        value = float(beta.detach().min())
+        # min: several values under vmap only (NaN first: min propagates it).
+        values = beta.detach()
+        value = float(values if values.numel() == 1 else values.min())
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"beta must be finite and >= 0, got {value}")
-    if step is not None and int(step.min()) < 0:
-        raise ValueError(f"step must be >= 0, got {int(step.min())}")
+    if step is not None:
+        first = int(step if step.numel() == 1 else step.min())
+        if first < 0:
+            raise ValueError(f"step must be >= 0, got {first}")
 
 
 def unwrap_functorch(t: Any) -> Any:

@@ -206,7 +206,8 @@ def elbo_loss(
             step = _cpu_step(step)
         else:
             step_tensor = step.detach().to(device=recon_input.device, dtype=torch.int64).reshape(())
-    schedule = _ops.NO_SCHEDULE
+    # The beta schedule slots; None leaves the packed template's NO_SCHEDULE.
+    schedule: Optional[tuple[float, ...]] = None
     number = _beta_number(beta, step, validate, eager_cpu)
     beta_value = 0.0
     if number is not None:
@@ -220,7 +221,7 @@ def elbo_loss(
         schedule = beta._params_tuple
     else:
         beta_value = _validate.as_float(beta)  # a real number (check_tensor_args)
-    if step_tensor is not None and beta_tensor is None and not _validate.is_schedule(beta):
+    if step_tensor is not None and schedule is None and beta_tensor is None:
         # A step tensor (for a capacity schedule) makes the kernel take beta
         # from the schedule at that step (resolve_beta): a constant one at
         # this value, not NO_SCHEDULE's 0.
@@ -366,7 +367,7 @@ def _common_cpu_call(
     else:
         requires = _UNTRACKED
     plan = _ops.eager_plan(requires, recon_input.dtype, mu.dtype, options.reduction)
-    floats, ints = options.packed(beta_value, _ops.NO_SCHEDULE, None, plan.asked)
+    floats, ints = options.packed(beta_value, None, None, plan.asked)
     if options.likelihood == "categorical" and target.dtype != torch.int64:
         target = target.to(torch.int64)
     inputs = (

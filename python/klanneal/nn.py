@@ -14,7 +14,7 @@ from klanneal import _validate
 from klanneal.elbo import elbo_loss
 from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
-from klanneal.schedules import Schedule
+from klanneal.schedules import Schedule, _tensor_step
 
 __all__ = ["ELBOLoss", "LinearELBOLoss"]
 
@@ -184,12 +184,7 @@ class ELBOLoss(nn.Module):
         """Moves the schedule to `step` (an int, or a 0-d integer tensor, in
         [0, 2**63)), e.g. when resuming without a state_dict."""
         if isinstance(step, torch.Tensor):
-            if step.dim() != 0 or not _validate.is_integer(step.dtype):
-                raise TypeError(
-                    "step must be an int or a 0-d integer tensor, got a tensor of shape "
-                    f"{tuple(step.shape)} and dtype {step.dtype}"
-                )
-            step = int(step.item())
+            step = _tensor_step(step, torch)  # a 0-d integer tensor, checked
         value = _validate.as_step(step)
         if not 0 <= value < 2**63:
             raise ValueError(f"step must be >= 0 and < 2**63 (the int64 step counter), got {value}")

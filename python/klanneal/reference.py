@@ -219,9 +219,7 @@ def reference_loss(
     # fp16 sum over a row overflows at 65504); gradients flow back through
     # the casts in the inputs' dtypes.
     recon_input, mu, logvar = widen(recon_input), widen(mu), widen(logvar)
-    prior_mu, prior_logvar = widen(prior_mu), widen(prior_logvar)
-    if target.dtype in _HALF:
-        target = target.float()
+    prior_mu, prior_logvar, target = widen(prior_mu), widen(prior_logvar), widen(target)
     beta = _beta_value(beta, step)
 
     recon_b = _recon_per_example(recon_input, target, likelihood, ignore_index, gaussian_var)
