@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import klanneal.recipes
+
 pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib (bench extra)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -186,9 +188,13 @@ def test_recipe_fu2019_sets_the_papers_recipe_and_runs(tmp_path):
     assert (args.embed_dim, args.hidden_dim, args.latent_dim) == (256, 256, 32)
     assert (args.dropout, args.enc_dropout, args.init_range) == (0.5, 0.0, 0.1)
     assert (args.lr, args.clip, args.batch_size, args.drop_longer) == (1e-3, 5.0, 32, 200)
-    assert (args.beta_start, args.warmup_fraction, args.n_cycles, args.ratio) == (
-        0.1, 0.25, 4, 0.5
-    )  # fmt: skip
+    # The schedules are klanneal.recipes.fu2019's: the flags that would change
+    # them are refused.
+    with pytest.raises(SystemExit):
+        text_vae.parse_args(["--data", str(PTB), "--recipe", "fu2019", "--ratio", "0.3"])
+    with pytest.raises(SystemExit):
+        text_vae.parse_args(["--data", str(PTB), "--recipe", "fu2019", "--lr-schedule",
+                             "cyclical-cosine", "--schedules", "cyclical"])  # fmt: skip
     assert (args.epochs, args.train_split, args.eval_split, args.valid_split) == (
         40.0, "train", "test", "valid"
     )  # fmt: skip
@@ -208,16 +214,22 @@ def test_recipe_fu2019_sets_the_papers_recipe_and_runs(tmp_path):
         assert entry["nelbo"] == pytest.approx(entry["rec"] + entry["kl"])
     curves = json.loads((tmp_path / "curves.json").read_text())
     mono, cyc = curves["monotonic"], curves["cyclical"]
-    # Monotonic: beta from 0.1 over the first quarter, constant learning rate.
-    assert mono["beta"][0] == pytest.approx(0.1) and mono["beta"][-1] == 1.0
+    # Monotonic: beta from 0.1 by 0.9 over 22.5% of the run (4.05 steps),
+    # incremented before use; constant learning rate.
+    expected = klanneal.recipes.fu2019(18, 1, "monotonic").beta.values(18).tolist()
+    assert mono["beta"] == pytest.approx(expected, rel=1e-7)  # out.beta: the inputs' float32
+    assert mono["beta"][0] == pytest.approx(0.1 + 0.9 / 4.05) and mono["beta"][-1] == 1.0
     assert set(mono["lr"]) == {1e-3}
     # Cyclical: 4 cycles of 4.5 steps; the learning rate restarts (jumps up)
-    # exactly where beta restarts (drops).
+    # exactly where beta restarts (drops), and is one of the authors' ten
+    # per-epoch levels 0.5 * (1 + cos(pi k / 10)).
     b, lr = cyc["beta"], cyc["lr"]
     restarts = [i for i in range(1, 18) if b[i] < b[i - 1]]
     assert restarts == [5, 9, 14]
     assert [i for i in range(1, 18) if lr[i] > lr[i - 1]] == restarts
-    assert b[0] == pytest.approx(0.1) and lr[0] == 1e-3 and lr[9] == 1e-3
+    assert b[0] == pytest.approx(0.1 + 0.9 / (0.45 * 4.5)) and lr[0] == 1e-3 and lr[9] == 1e-3
+    levels = {1e-3 * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(10)}
+    assert all(min(abs(v - level) for level in levels) < 1e-18 for v in lr)
     assert min(lr) < 2e-4
     # Validation learning curves: 2 points, the last at the end of training.
     assert mono["valid"]["step"] == [9, 18]

@@ -165,10 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lr-schedule",
         default="auto",
-        choices=("auto", "constant", "cyclical-cosine"),
-        help="cyclical-cosine: restart a cosine decay at every beta cycle "
-        "(klanneal.schedules.CyclicalCosineLR); auto: that for the cyclical schedule "
-        "under --recipe fu2019, constant otherwise",
+        choices=("auto", "constant", "fu2019", "cyclical-cosine"),
+        help="fu2019: the authors' rate, lr * 0.5 * (1 + cos(pi k / 10)) over the k-th tenth "
+        "of each cycle (klanneal.recipes); cyclical-cosine: our per-step cosine restarted at "
+        "every beta cycle (klanneal.schedules.CyclicalCosineLR); auto: fu2019 for the "
+        "cyclical schedule under --recipe fu2019, constant otherwise",
     )
     g.add_argument(
         "--lr-min-factor",
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta-start",
         type=float,
         default=None,
-        help="value at a ramp's start (default 0; fu2019: 0.1)",
+        help="value at a ramp's start (default 0; --recipe fu2019 fixes its own, 0.1)",
     )
     g.add_argument("--beta-stop", type=float, default=1.0, help="value at a ramp's end")
     g.add_argument(
@@ -278,9 +279,19 @@ FU2019 = {
     "bucket": 10**9,  # the whole epoch sorted by length, then its batches shuffled
     "drop_longer": 200,
     "max_vocab": 0,  # PTB's 10k words are already the vocabulary
-    "beta_start": 0.1,
     "epochs": 40.0,
 }
+# The schedule flags that klanneal.recipes.fu2019 fixes for the monotonic and
+# cyclical runs (name, the parser's default).
+FU2019_FIXED = (
+    ("beta_start", None),
+    ("beta_stop", 1.0),
+    ("warmup_fraction", 0.25),
+    ("n_cycles", 4),
+    ("ratio", 0.5),
+    ("zero_ratio", 0.0),
+    ("shape", "linear"),
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -299,6 +310,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 continue  # an explicit --steps overrides the recipe's 40 epochs
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        for key, default in FU2019_FIXED:
+            if getattr(args, key) != default and set(args.schedules) - {"constant"}:
+                parser.error(
+                    f"--{key.replace('_', '-')}: the monotonic and cyclical schedules of "
+                    "--recipe fu2019 are the authors' (klanneal.recipes.fu2019); drop the flag "
+                    "or --recipe"
+                )
+        if args.lr_schedule == "cyclical-cosine":
+            parser.error(
+                "--lr-schedule cyclical-cosine follows a klanneal.schedules.Cyclical; under "
+                "--recipe fu2019 use fu2019 (the authors' rate) or constant"
+            )
+    elif args.lr_schedule == "fu2019":
+        parser.error("--lr-schedule fu2019 needs --recipe fu2019")
     defaults = TOY_DEFAULTS if args.data is None else CORPUS_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -382,6 +407,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # sets the real count and checks again.
     steps = 10**9 if args.epochs is not None else args.steps
     for name in args.schedules:
+        if args.recipe == "fu2019" and name != "constant" and args.epochs is not None:
+            continue  # a table of the run's length: built once the data gives it
         try:
             make_schedule(name, steps, args)
         except ValueError as err:

@@ -15,7 +15,7 @@ import torch
 import klanneal.schedules
 
 from .data import PAPER_TOY, SCHEDULE_NAMES
-from .train import RunResult, make_schedule
+from .train import RunResult, lr_kind, make_schedule
 
 # --------------------------------------------------------------------------- reporting
 
@@ -179,7 +179,7 @@ def summarise(results: Sequence[RunResult], args: argparse.Namespace, toy: bool)
             "steps": args.steps,
             "seconds": r.seconds,
             "seed": args.seed,
-            "lr_schedule": _lr_kind(r.name, args),
+            "lr_schedule": lr_kind(r.name, args),
         }
         if toy:
             schedules[r.name]["paper"] = PAPER_TOY[r.name]
@@ -209,10 +209,6 @@ def _schedule_name(label: str) -> str:
     return label.split(",")[0]
 
 
-def _lr_kind(name: str, args: argparse.Namespace) -> str:
-    if args.lr_schedule != "auto":
-        return args.lr_schedule
-    return "cyclical-cosine" if args.recipe == "fu2019" and name == "cyclical" else "constant"
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import klanneal
 import klanneal.metrics
+import klanneal.recipes
 import klanneal.schedules
 
 from .data import (
@@ -40,6 +41,10 @@ def make_schedule(name: str, steps: int, args: argparse.Namespace):
     """
     if name == "constant":
         return klanneal.schedules.Constant(args.beta)
+    if args.recipe == "fu2019":
+        # The authors' beta sequence (klanneal.recipes): from 0.1, incremented
+        # before use, over 45% of each of 4 cycles or 22.5% of the run.
+        return fu2019_recipe(name, steps).beta
     if name == "monotonic":
         return klanneal.schedules.Monotonic(
             warmup_steps=max(1, round(args.warmup_fraction * steps)),
@@ -179,18 +184,34 @@ class RunResult:
     valid_curves: dict[str, list[float]] = field(default_factory=dict)
 
 
+def fu2019_recipe(name: str, steps: int):
+    """``klanneal.recipes.fu2019`` for a run of ``steps`` steps: the recipe's
+    shape depends only on the run's length, so one "epoch" of ``steps``."""
+    return klanneal.recipes.fu2019(steps, epochs=1, schedule=name)
+
+
+def lr_kind(name: str, args: argparse.Namespace) -> str:
+    """The learning-rate schedule of run ``name``: ``--lr-schedule``, where
+    ``auto`` is the recipe's (fu2019: the authors' per-epoch cosine levels for
+    the cyclical run) and constant otherwise."""
+    if args.lr_schedule != "auto":
+        return args.lr_schedule
+    return "fu2019" if args.recipe == "fu2019" and name == "cyclical" else "constant"
+
+
 def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, schedule, args):
     """The learning-rate scheduler of run ``name`` (None: a constant learning rate).
 
-    ``--lr-schedule cyclical-cosine`` restarts a cosine decay at every beta
-    cycle (``klanneal.schedules.CyclicalCosineLR``, the paper's recipe);
-    ``auto`` does so for the cyclical schedule under ``--recipe fu2019``.
+    ``fu2019``: the authors' rate (``klanneal.recipes.fu2019(...).lr_scheduler``:
+    ``lr * 0.5 * (1 + cos(pi k / 10))`` over the k-th tenth of each cycle);
+    ``cyclical-cosine``: our per-step cosine restarted at every beta cycle
+    (``klanneal.schedules.CyclicalCosineLR``, not the authors').
     """
-    kind = args.lr_schedule
-    if kind == "auto":
-        kind = "cyclical-cosine" if args.recipe == "fu2019" and name == "cyclical" else "constant"
+    kind = lr_kind(name, args)
     if kind == "constant":
         return None
+    if kind == "fu2019":
+        return fu2019_recipe(name, args.steps).lr_scheduler(optimizer)
     if not isinstance(schedule, klanneal.schedules.Cyclical):
         raise ValueError(f"--lr-schedule {kind} needs the cyclical schedule's cycles, not {name}")
     return klanneal.schedules.CyclicalCosineLR(optimizer, schedule, min_factor=args.lr_min_factor)

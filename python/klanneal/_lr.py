@@ -1,7 +1,8 @@
-"""A learning-rate scheduler whose restarts follow a cyclical beta schedule.
+"""Learning-rate schedulers that follow a beta schedule's cycles.
 
-Exposed as ``klanneal.schedules.CyclicalCosineLR`` (imported lazily there, so
-``klanneal.schedules`` itself does not import torch).
+``CyclicalCosineLR`` (exposed as ``klanneal.schedules.CyclicalCosineLR``,
+imported lazily there, so ``klanneal.schedules`` itself does not import
+torch) and ``Fu2019LR`` (``klanneal.recipes.fu2019(...).lr_scheduler``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from klanneal.schedules import Cyclical, Schedule
 
-__all__ = ["CyclicalCosineLR"]
+__all__ = ["CyclicalCosineLR", "Fu2019LR"]
 
 
 class CyclicalCosineLR(LRScheduler):
     """Cosine learning-rate restarts aligned with the cycles of a beta schedule.
 
-    The recipe of Fu et al. (NAACL 2019)'s language-model experiments: the
+    A per-step cosine (our own scheduler, not the authors': their released
+    code sets the rate once per epoch, ten levels per cycle, never 0; that is
+    ``klanneal.recipes.fu2019(...).lr_scheduler``): the
     learning rate restarts at the start of every beta cycle and decays over
     the cycle as ``lr = base_lr * (min_factor + (1 - min_factor) * 0.5 *
     (1 + cos(pi * tau)))``, with ``tau`` in [0, 1) the position inside the
@@ -135,3 +138,58 @@ class CyclicalCosineLR(LRScheduler):
                 f"this scheduler follows {self.schedule.state_dict()!r}"
             )
         self.__dict__.update(state)
+
+
+class Fu2019LR(LRScheduler):
+    """The learning rate of Fu et al. (2019)'s released language-model scripts,
+    per training step: built by ``klanneal.recipes.fu2019(...).lr_scheduler``.
+
+    Cyclical: ``base_lr * 0.5 * (1 + cos(pi * k / 10))`` for the ``k``-th tenth
+    of a cycle (the authors' ``k``-th epoch of a 10-epoch cycle), with the
+    authors' expression, so the rates are the same floats; monotonic: the base
+    rate. Step it once per training step, after ``optimizer.step()``.
+
+    Args:
+        optimizer: The wrapped optimizer; each group's ``lr`` is its base rate.
+        total_steps: The run's length in steps (>= 4).
+        schedule: "cyclical" or "monotonic".
+        last_epoch: The step already taken (-1 for a fresh start).
+
+    Raises:
+        TypeError, ValueError: An argument of the wrong type or out of range.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        schedule: str = "cyclical",
+        last_epoch: int = -1,
+    ) -> None:
+        from klanneal.recipes import SCHEDULES
+
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral):
+            raise TypeError(f"total_steps must be an int, got {type(total_steps).__name__}")
+        if total_steps < 4:
+            raise ValueError(f"total_steps must be >= 4 (one per cycle), got {total_steps}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        given: Any = last_epoch
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
+            raise TypeError(f"last_epoch must be an int, got {type(given).__name__}")
+        if given < -1:
+            raise ValueError(f"last_epoch must be >= -1 (-1: a fresh start), got {given}")
+        self.total_steps = int(total_steps)
+        self.schedule = schedule
+        super().__init__(optimizer, int(given))
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        from klanneal.recipes import fu2019_lr
+
+        if self.schedule == "monotonic":
+            return list(self.base_lrs)
+        step = max(0, self.last_epoch)
+        return [fu2019_lr(base, step, self.total_steps) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float | torch.Tensor]:
+        return self.get_lr()

@@ -67,7 +67,9 @@ def check_schedule_range(schedule: Schedule, name: str = "beta") -> None:
     Run before the schedule is evaluated inside the op (a step tensor), where
     a negative beta could only be caught after the fact.
     """
-    start, stop = schedule.to_params()[2:4]
+    from klanneal._host_schedules import schedule_bounds
+
+    start, stop = schedule_bounds(schedule)
     # Comparisons, not math.isfinite: symbolic under torch.compile(dynamic=True).
     if not (0 <= start < math.inf and 0 <= stop < math.inf):
         raise ValueError(
@@ -306,6 +308,11 @@ def check_capacity(capacity: Any) -> None:
     if capacity is None:
         return
     if is_schedule(capacity):
+        if not capacity._native:
+            raise TypeError(
+                f"capacity: {capacity!r} is evaluated in Python; a capacity must be a "
+                "closed-form schedule (klanneal.schedules.Capacity) or a float"
+            )
         start, stop = capacity.to_params()[2:4]
         if min(start, stop) < 0:
             raise ValueError(f"capacity: {capacity!r} takes negative values; C must be >= 0")

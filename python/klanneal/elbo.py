@@ -9,6 +9,7 @@ import torch
 
 from klanneal import _ops, _validate
 from klanneal.reference import ELBOOutput, elbo_loss_ref
+from klanneal._host_schedules import HostSchedule, resolve_host_beta
 from klanneal.schedules import Schedule
 
 __all__ = ["ELBOOutput", "elbo_loss"]
@@ -122,6 +123,13 @@ def elbo_loss(
             option, a schedule without `step`, or inplace=True on a leaf that
             requires grad.
     """
+    if isinstance(beta, HostSchedule):
+        # A table, an offset or another schedule evaluated in Python: its
+        # value at the step (a float, or a 0-d tensor at a step tensor) is
+        # the beta the op sees; the step stays only for a capacity schedule.
+        beta = resolve_host_beta(beta, step, mu.device)
+        if not _validate.is_schedule(capacity):
+            step = None
     options = _ops.elbo_options(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )

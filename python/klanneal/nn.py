@@ -202,6 +202,8 @@ class ELBOLoss(nn.Module):
         def describe(s: Any) -> Any:
             if s is None or not _validate.is_schedule(s):
                 return s
+            if not s._native:
+                return s.state_dict()
             return {"type": type(s).__name__, "params": [float(v) for v in s.to_params()]}
 
         return {"schedule": describe(self.schedule), "capacity": describe(self.capacity)}

@@ -46,7 +46,11 @@ __all__ = [
     "Constant",
     "Cyclical",
     "CyclicalCosineLR",  # noqa: F822 - defined lazily by __getattr__
+    "FromArray",
+    "LinearWarmup",
+    "Logistic",
     "Monotonic",
+    "Offset",
     "Schedule",
     "frange_cycle_cosine",
     "frange_cycle_linear",
@@ -148,6 +152,16 @@ def _check_ramp_length(n_iter: int, n_cycle: int, name: str, ratio: float) -> No
 
 
 def _frange_args(n_iter: Any, start: Any, stop: Any, n_cycle: Any) -> tuple[int, float, float, int]:
+    # The published functions raise TypeError for a float length or cycle
+    # count (np.ones(40000.0), range(4.0)); so do these, rather than read
+    # frange_cycle_linear(0.0, 1.0, 40000, ...) (the notebook's argument
+    # order, often copied) as a schedule of length 0.
+    for name, value in (("n_iter", n_iter), ("n_cycle", n_cycle)):
+        if isinstance(value, (float, np.floating)):
+            raise TypeError(
+                f"{name} must be an integer, got float {value!r} (the arguments are "
+                "(n_iter, start, stop, n_cycle, ratio), as in the published code)"
+            )
     return (
         _as_int("n_iter", n_iter, 0),
         _as_float("start", start),
@@ -481,6 +495,8 @@ class Schedule:
 
     _fields: tuple[str, ...] = ()
     _kind: int = -1
+    # Evaluated by the C++ schedule_value (False: klanneal._host_schedules).
+    _native = True
 
     def __init__(self) -> None:
         raise TypeError("Schedule is abstract: use Constant, Monotonic, Cyclical or Capacity")
@@ -602,6 +618,12 @@ class Schedule:
             )
         return out
 
+    def offset(self, steps: int = 1) -> Schedule:
+        """This schedule evaluated at ``step + steps``
+        (:class:`~klanneal.schedules.Offset`): for code that updates beta
+        before using it, where the batch at step ``s`` sees the value of ``s + 1``."""
+        return Offset(self, steps)
+
     def _kwargs(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._fields}
 
@@ -635,7 +657,20 @@ class Schedule:
             ValueError: Unknown schedule type or invalid state.
         """
         kind = state_dict.get("type") if isinstance(state_dict, dict) else None
-        classes = {cls.__name__: cls for cls in (Constant, Monotonic, Cyclical, Capacity)}
+        classes = {
+            cls.__name__: cls
+            for cls in (Constant, Monotonic, Cyclical, Capacity, Logistic, LinearWarmup)
+        }
+        if kind == "Offset":
+            inner = Schedule.from_state_dict(state_dict.get("schedule"))  # type: ignore[arg-type]
+            result = Offset(inner, 0)
+            result.load_state_dict(state_dict)
+            return result
+        if kind == "FromArray":
+            raise ValueError(
+                "a FromArray state_dict holds only the table's identity (length, digest), not "
+                "its values: construct FromArray(values) and load the state into it"
+            )
         if kind not in classes:
             raise ValueError(f"state_dict 'type' must be one of {sorted(classes)}, got {kind!r}")
         schedule = classes[kind].__new__(classes[kind])
@@ -942,3 +977,14 @@ def __getattr__(name: str) -> Any:
 
         return CyclicalCosineLR
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Schedules evaluated in Python/PyTorch (tables, offsets, Sentence-VAE's
+# forms): defined in their own module, which needs Schedule above.
+from klanneal._host_schedules import (  # noqa: E402
+    FromArray,
+    HostSchedule,
+    LinearWarmup,
+    Logistic,
+    Offset,
+)

@@ -1,0 +1,166 @@
+"""Training recipes of published experiments, as library objects.
+
+``fu2019``: the language-model experiment of Fu et al. (NAACL 2019), as the
+authors' released scripts run it (haofuml/cyclical_annealing,
+``language_model/train_text_cyc_ptb.py`` and ``train_text_bl_ptb.py``).
+What those scripts do, per training batch (``N`` batches per epoch, 40 epochs):
+
+* cyclical: every 10 epochs (a cycle; 4 in all) beta is reset to 0.1; before
+  each batch ``beta = min(1, beta + 1 / (5 N))``, so the batch at position
+  ``j`` (0-based) of its cycle sees ``min(1, 0.1 + (j + 1) / (5 N))``: the
+  ramp reaches 1 after 4.5 of the 10 epochs (45% of a cycle) and holds 1 to
+  the cycle's end. The learning rate is set once per epoch, for the ``k``-th
+  epoch of a cycle (k = 0..9) ``lr * 0.5 * (1 + cos(pi * k / 10))``: ten
+  levels per cycle, the lowest ``0.0245 lr``, never 0.
+* monotonic: beta starts at 0.1 and before each batch ``beta = min(1, beta +
+  1 / (10 N))``: 1 after 9 of the 40 epochs (22.5% of the run); the learning
+  rate is constant.
+
+At 40 epochs the schedules below equal a transcription of those loops on
+every step (beta within 1e-12, the learning rate bit for bit; the loops'
+running sums and our closed form differ by their rounding). At another budget
+they keep the same shape in units of cycles, which is **our generalisation**:
+M = 4 cycles of ``total_steps / 4`` steps, in each beta from 0.1 up by 0.9
+over 45% of the cycle, increment before use; the monotonic ramp reaching 1
+at 22.5% of the run; the learning rate constant over each tenth of a cycle
+(a tenth of a cycle is the authors' epoch). Step boundaries are rounded to
+whole steps as ``floor(step * M / total_steps)`` (cycle) and
+``floor(10 * j * M / total_steps)`` (tenth) do.
+
+Past ``total_steps`` beta and the learning rate hold their last values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from klanneal.schedules import FromArray, _as_int
+
+__all__ = ["Fu2019", "fu2019"]
+
+FloatArray = npt.NDArray[np.float64]
+
+#: The constants of the authors' scripts.
+N_CYCLES = 4  # num_epochs 40 / cycle 10
+CYCLE_EPOCHS = 10  # --cycle: the learning rate's levels per cycle
+BETA_START = 0.1  # args.beta at a cycle's (or the run's) start
+CYCLICAL_RAMP = 0.45  # (1 - 0.1) / (1 / warmup 5 epochs) = 4.5 of 10 epochs
+MONOTONIC_RAMP = 0.225  # (1 - 0.1) / (1 / warmup 10 epochs) = 9 of 40 epochs
+SCHEDULES = ("cyclical", "monotonic")
+
+
+def _cycle_start(cycle: npt.NDArray[np.int64], total: int) -> npt.NDArray[np.int64]:
+    """The first step of each cycle: ceil(cycle * total / M), in integers."""
+    result: npt.NDArray[np.int64] = -((-cycle * total) // N_CYCLES)
+    return result
+
+
+def fu2019_betas(total_steps: int, schedule: str) -> FloatArray:
+    """Beta at steps ``0 .. total_steps - 1`` (see the module docstring)."""
+    steps = np.arange(total_steps, dtype=np.int64)
+    if schedule == "monotonic":
+        ramp = MONOTONIC_RAMP * total_steps
+        betas: FloatArray = np.minimum(1.0, BETA_START + (1.0 - BETA_START) * (steps + 1) / ramp)
+        return betas
+    cycle = (steps * N_CYCLES) // total_steps
+    position = steps - _cycle_start(cycle, total_steps)
+    ramp = CYCLICAL_RAMP * total_steps / N_CYCLES
+    betas = np.minimum(1.0, BETA_START + (1.0 - BETA_START) * (position + 1) / ramp)
+    return betas
+
+
+def fu2019_lr_level(step: int, total_steps: int) -> int:
+    """The tenth of its cycle that ``step`` falls in (the authors' epoch within a cycle)."""
+    step = min(step, total_steps - 1)
+    cycle = (step * N_CYCLES) // total_steps
+    position = step - int(_cycle_start(np.int64(cycle), total_steps))
+    return (CYCLE_EPOCHS * position * N_CYCLES) // total_steps
+
+
+def fu2019_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """The cyclical run's learning rate at ``step``, with the authors' expression."""
+    tmp = float(fu2019_lr_level(step, total_steps)) / CYCLE_EPOCHS
+    return float(base_lr * 0.5 * (1 + np.cos(tmp * np.pi)))
+
+
+@dataclass(frozen=True)
+class Fu2019:
+    """The fu2019 recipe for one run: ``beta`` (a schedule of the 0-based
+    training step) and :meth:`lr_scheduler`. Built by :func:`fu2019`.
+
+    Attributes:
+        steps_per_epoch: batches per epoch (the authors' ``len(train_data)``).
+        epochs: the budget in epochs (the paper: 40).
+        schedule: "cyclical" or "monotonic".
+        total_steps: ``round(epochs * steps_per_epoch)``.
+        beta: a :class:`klanneal.schedules.FromArray` of the run's betas, to
+            pass as ``ELBOLoss(beta)``, ``elbo_loss(..., beta, step=step)`` or
+            to the Lightning callback's loss.
+    """
+
+    steps_per_epoch: int
+    epochs: float
+    schedule: str
+    total_steps: int
+    beta: FromArray
+
+    @property
+    def n_cycles(self) -> int:
+        """4 for the cyclical schedule, 1 for the monotonic one."""
+        return N_CYCLES if self.schedule == "cyclical" else 1
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` as a fraction of the base (1 for monotonic)."""
+        if self.schedule == "monotonic":
+            return 1.0
+        return fu2019_lr(1.0, _as_int("step", step, 0, 2**62), self.total_steps)
+
+    def lr_scheduler(self, optimizer: Any, last_epoch: int = -1) -> Any:
+        """A torch LR scheduler for ``optimizer``, stepped once per training step
+        (after ``optimizer.step()``), as torch's schedulers are. Cyclical: the
+        authors' per-epoch cosine levels (each param group from its own
+        ``initial_lr``); monotonic: a constant learning rate."""
+        from klanneal._lr import Fu2019LR
+
+        return Fu2019LR(optimizer, self.total_steps, self.schedule, last_epoch=last_epoch)
+
+
+def fu2019(steps_per_epoch: int, epochs: float = 40, schedule: str = "cyclical") -> Fu2019:
+    """The paper's language-model recipe (Fu et al. 2019) for a data set of
+    ``steps_per_epoch`` batches per epoch.
+
+    Args:
+        steps_per_epoch: integer >= 1.
+        epochs: the budget, > 0 (the paper's 40; fractional budgets allowed,
+            as long as the run has at least 4 steps; below 40 steps some of the
+            ten learning-rate levels of a cycle get no step).
+        schedule: "cyclical" (train_text_cyc_ptb.py) or "monotonic"
+            (train_text_bl_ptb.py).
+
+    Returns:
+        A :class:`Fu2019` with ``.beta`` and ``.lr_scheduler(optimizer)``.
+
+    Raises:
+        TypeError: A non-integer ``steps_per_epoch`` or a non-number ``epochs``.
+        ValueError: Out of range, an unknown schedule, or fewer than 4 steps.
+    """
+    steps_per_epoch = _as_int("steps_per_epoch", steps_per_epoch, 1, 2**40)
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float, np.integer, np.floating)):
+        raise TypeError(f"epochs must be a number, got {type(epochs).__name__}")
+    if not 0 < float(epochs) < float("inf"):
+        raise ValueError(f"epochs must be finite and > 0, got {epochs!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    total = round(float(epochs) * steps_per_epoch)
+    if total < N_CYCLES:
+        raise ValueError(
+            f"fu2019 needs at least {N_CYCLES} steps (one per cycle), got {epochs} epochs x "
+            f"{steps_per_epoch} = {total}"
+        )
+    return Fu2019(
+        steps_per_epoch, float(epochs), schedule, total, FromArray(fu2019_betas(total, schedule))
+    )
