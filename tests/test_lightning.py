@@ -219,3 +219,15 @@ def test_a_checkpoint_of_another_kind_of_target_raises_clearly():
     state = {"global_step": 5, "step": 5}  # what an ELBOLoss target saves
     with pytest.raises(ValueError, match="saved with an ELBOLoss target"):
         KLAnnealing(BetaScheduler(SCHEDULE)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("target", ["criterion", "scheduler"])
+def test_an_array_schedule_steps_like_any_other(target):
+    # The authors' beta sequence as an array (FromArray), offset by one step
+    # (incremented before use), stepped by the callback.
+    values = klanneal.schedules.frange_cycle_linear(12, 0.1, 1.0, 2, 0.45)
+    schedule = klanneal.schedules.FromArray(values).offset(1)
+    model, logger = TinyVAE(target, schedule), RecordingLogger()
+    _trainer(6, logger, callbacks=[KLAnnealing(target)]).fit(model, _data(n=24))
+    assert model.betas_used == pytest.approx(values[1:7].tolist(), rel=1e-7)
+    assert KLAnnealing(values.tolist()).target().schedule == klanneal.schedules.FromArray(values)

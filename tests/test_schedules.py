@@ -495,7 +495,7 @@ def test_beta_scheduler_resumes_exactly(via_torch_save):
 
 _FRANGE_ERRORS = [
     (lambda: frange_cycle_linear(-1), ValueError, "n_iter must be >= 0"),
-    (lambda: frange_cycle_linear(10.5), ValueError, "n_iter must be a whole number"),
+    (lambda: frange_cycle_linear(10.5), TypeError, "n_iter must be an integer, got float"),
     (lambda: frange_cycle_linear("10"), TypeError, "n_iter must be an integer"),
     (lambda: frange_cycle_linear(2**60), ValueError, "n_iter must be <= 2**53"),
     (lambda: frange_cycle_linear(10, n_cycle=0), ValueError, "n_cycle must be >= 1"),

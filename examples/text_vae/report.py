@@ -209,8 +209,6 @@ def _schedule_name(label: str) -> str:
     return label.split(",")[0]
 
 
-
-
 def format_table(summary: dict[str, Any]) -> str:
     """The result table as markdown (the paper's toy values beside ours in toy mode)."""
     toy = summary["mode"] == "toy"

@@ -167,7 +167,7 @@ class FromArray(HostSchedule):
         if bad.any():
             index = int(np.argmax(bad))
             raise ValueError(
-                f"values[{index}] = {table[index]!r}: a KL weight must be finite and >= 0"
+                f"values[{index}] = {float(table[index])!r}: a KL weight must be finite and >= 0"
             )
         table.flags.writeable = False
         self._table = table
@@ -311,6 +311,9 @@ class Logistic(HostSchedule):
     _fields = ("k", "x0")
 
     def __init__(self, k: float = 0.0025, x0: float = 2500) -> None:
+        self._configure(k, x0)
+
+    def _configure(self, k: float, x0: float) -> None:
         self.k = _positive("k", k)
         self.x0 = _nonnegative("x0", x0)
 
@@ -344,6 +347,9 @@ class LinearWarmup(HostSchedule):
     _fields = ("x0",)
 
     def __init__(self, x0: float = 2500) -> None:
+        self._configure(x0)
+
+    def _configure(self, x0: float) -> None:
         self.x0 = _positive("x0", x0)
 
     def _value(self, step: int) -> float:
@@ -382,6 +388,22 @@ def schedule_bounds(schedule: Schedule) -> tuple[float, float]:
         return schedule.bounds()
     start, stop = schedule.to_params()[2:4]
     return min(start, stop), max(start, stop)
+
+
+def is_value_table(value: Any) -> bool:
+    """A list, tuple, 1-D numpy array or 1-D tensor: a table of beta per step."""
+    if isinstance(value, (list, tuple)):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor) and value.dim() == 1
+
+
+def as_schedule(value: Any) -> Any:
+    """``FromArray(value)`` for a table of values (see :func:`is_value_table`),
+    anything else unchanged (checked by the caller)."""
+    return FromArray(value) if is_value_table(value) else value
 
 
 def resolve_host_beta(beta: HostSchedule, step: Any, device: Any) -> Any:

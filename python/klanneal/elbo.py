@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from klanneal import _ops, _validate
+from klanneal._host_schedules import FromArray, HostSchedule, resolve_host_beta
 from klanneal.reference import ELBOOutput, elbo_loss_ref
-from klanneal._host_schedules import HostSchedule, resolve_host_beta
 from klanneal.schedules import Schedule
 
 __all__ = ["ELBOOutput", "elbo_loss"]
@@ -72,7 +73,10 @@ def elbo_loss(
         beta: KL weight: a float, a 0-d tensor (no torch.compile recompiles as
             its value changes; one that requires grad, a learnable beta as in
             GECO, gets d loss / d beta, the KL term) or a klanneal.schedules
-            object evaluated at `step` (not a Capacity: pass that as `capacity`).
+            object evaluated at `step` (not a Capacity: pass that as `capacity`),
+            or a list / 1-D numpy array of beta per step (read as
+            ``klanneal.schedules.FromArray``, rebuilt on every call: build
+            that once instead).
         step: int or 0-d integer tensor; required with a schedule (beta or
             capacity), not allowed otherwise.
         likelihood: "categorical", "bernoulli", "gaussian" or "mse".
@@ -123,6 +127,8 @@ def elbo_loss(
             option, a schedule without `step`, or inplace=True on a leaf that
             requires grad.
     """
+    if type(beta) in (list, tuple) or (isinstance(beta, np.ndarray) and beta.ndim == 1):
+        beta = FromArray(beta)  # a table of values per step (build it once: FromArray)
     if isinstance(beta, HostSchedule):
         # A table, an offset or another schedule evaluated in Python: its
         # value at the step (a float, or a 0-d tensor at a step tensor) is

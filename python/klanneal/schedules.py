@@ -890,7 +890,8 @@ class BetaScheduler:
     and the step, so a resumed run continues the sequence exactly.
 
     Args:
-        schedule: A :class:`Schedule`.
+        schedule: A :class:`Schedule`, or a sequence / 1-D array of values
+            (a :class:`FromArray`).
         last_step: Step already taken (-1 for a fresh start, like torch's
             ``last_epoch``); construction moves to ``last_step + 1``.
 
@@ -900,6 +901,9 @@ class BetaScheduler:
     """
 
     def __init__(self, schedule: Schedule, last_step: int = -1) -> None:
+        from klanneal._host_schedules import as_schedule
+
+        schedule = as_schedule(schedule)  # a list or array of values: FromArray
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a klanneal Schedule, got {type(schedule).__name__}")
         self.schedule = schedule
@@ -981,9 +985,8 @@ def __getattr__(name: str) -> Any:
 
 # Schedules evaluated in Python/PyTorch (tables, offsets, Sentence-VAE's
 # forms): defined in their own module, which needs Schedule above.
-from klanneal._host_schedules import (  # noqa: E402
+from klanneal._host_schedules import (  # noqa: E402, F401 - re-exported
     FromArray,
-    HostSchedule,
     LinearWarmup,
     Logistic,
     Offset,

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
+from klanneal._host_schedules import is_value_table
 from klanneal.metrics import PosteriorStats, PosteriorSummary
 from klanneal.nn import ELBOLoss
 from klanneal.reference import ELBOOutput
@@ -81,7 +82,8 @@ class KLAnnealing(Callback):
     ``trainer.fit(..., ckpt_path=...)`` continues the beta sequence exactly.
 
     Args:
-        target: What to step (see above).
+        target: What to step (see above); a list or 1-D array of beta per
+            step is stepped as ``BetaScheduler(FromArray(values))``.
         prefix: Prepended to every logged name.
         log_kl_per_dim: Also log the validation KL of every latent dimension.
         stats: Configures the validation statistics (threshold, mi_points,
@@ -103,6 +105,8 @@ class KLAnnealing(Callback):
         stats: Optional[PosteriorStats] = None,
     ) -> None:
         super().__init__()
+        if is_value_table(target):  # beta per step: stepped as a BetaScheduler
+            target = BetaScheduler(target)  # type: ignore[arg-type]
         if not isinstance(target, (ELBOLoss, BetaScheduler, str)):
             raise TypeError(
                 "target must be a klanneal.nn.ELBOLoss, a klanneal.schedules.BetaScheduler or "
