@@ -109,3 +109,65 @@ def test_last_epoch_and_state_dict_are_checked():
     for state in (None, other.state_dict()):
         with pytest.raises(ValueError, match="state_dict must be a dict from CyclicalCosineLR"):
             scheduler.load_state_dict(state)
+
+
+def _saved_state(n_groups: int = 1) -> dict:
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(n_groups)]
+    scheduler = CyclicalCosineLR(torch.optim.SGD(groups, lr=0.1), Cyclical(10))
+    scheduler.optimizer.step()
+    scheduler.step()
+    return scheduler.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "fragment"),
+    [
+        ({"min_factor": 5.0}, ValueError, r"'min_factor'\] must be in \[0, 1\], got 5.0"),
+        ({"min_factor": "0.1"}, TypeError, r"state_dict\['min_factor'\] must be a float"),
+        ({"last_epoch": 2.5}, TypeError, r"state_dict\['last_epoch'\] must be an int, got float"),
+        ({"last_epoch": "abc"}, TypeError, r"state_dict\['last_epoch'\] must be an int, got str"),
+        ({"last_epoch": True}, TypeError, r"state_dict\['last_epoch'\] must be an int"),
+        ({"last_epoch": -2}, ValueError, r"state_dict\['last_epoch'\] must be >= -1"),
+        ({"base_lrs": []}, ValueError, r"state_dict\['base_lrs'\] must be a list of 1 learning"),
+        ({"base_lrs": 0.1}, ValueError, r"state_dict\['base_lrs'\] must be a list of 1 learning"),
+        ({"base_lrs": ["0.1"]}, TypeError, r"state_dict\['base_lrs'\] must hold numbers"),
+        ({"base_lrs": [float("nan")]}, ValueError, r"finite learning rates >= 0, got nan"),
+        ({"base_lrs": [-1.0]}, ValueError, r"finite learning rates >= 0, got -1.0"),
+        ({"_last_lr": [0.1, 0.1]}, ValueError, r"state_dict\['_last_lr'\] must be a list of 1"),
+        ({"_step_count": -1}, ValueError, r"state_dict\['_step_count'\] must be >= 0"),
+        ({"_is_initial": 1}, TypeError, r"state_dict\['_is_initial'\] must be a bool, got int"),
+        ({"optimizer": None}, ValueError, r"unknown keys \['optimizer'\]"),
+        ({"schedule_": 1}, ValueError, r"unknown keys \['schedule_'\]"),
+    ],
+)
+def test_load_state_dict_checks_every_field(change, error, fragment):
+    # Regression: every field but 'schedule' was copied in unchecked
+    # (self.__dict__.update): min_factor=5.0 gave a learning rate above the
+    # peak, last_epoch=2.5 ran, last_epoch="abc" and base_lrs=[] failed later
+    # with unrelated errors, and "optimizer": None replaced the optimizer.
+    scheduler = CyclicalCosineLR(_optimizer(), Cyclical(10))
+    before = dict(scheduler.__dict__)
+    with pytest.raises(error, match=fragment):
+        scheduler.load_state_dict({**_saved_state(), **change})
+    assert scheduler.__dict__ == before  # nothing was set
+
+
+def test_load_state_dict_needs_the_scheduler_fields():
+    state = _saved_state()
+    del state["base_lrs"]
+    with pytest.raises(ValueError, match=r"missing keys \['base_lrs'\]"):
+        CyclicalCosineLR(_optimizer(), Cyclical(10)).load_state_dict(state)
+
+
+def test_load_state_dict_accepts_its_own_states():
+    # Several parameter groups, tensor learning rates, numpy scalars.
+    import numpy as np
+
+    state = _saved_state(n_groups=2)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(2)]
+    scheduler = CyclicalCosineLR(torch.optim.SGD(groups, lr=0.1), Cyclical(10))
+    scheduler.load_state_dict({**state, "min_factor": np.float64(0.5), "last_epoch": np.int64(3)})
+    assert scheduler.last_epoch == 3 and type(scheduler.last_epoch) is int
+    assert scheduler.min_factor == 0.5 and type(scheduler.min_factor) is float
+    scheduler.load_state_dict({**state, "base_lrs": [torch.tensor(0.1), 0.2]})
+    assert scheduler.get_lr()[1] == pytest.approx(0.2 * scheduler.factor(1))

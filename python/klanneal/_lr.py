@@ -73,20 +73,9 @@ class CyclicalCosineLR(LRScheduler):
                 f"schedule must have cycles (a klanneal.schedules.Cyclical); "
                 f"{type(schedule).__name__} has none, so there is nothing to restart at"
             )
-        if isinstance(min_factor, bool) or not isinstance(min_factor, (int, float)):
-            raise TypeError(f"min_factor must be a float, got {type(min_factor).__name__}")
-        min_factor = float(min_factor)
-        if not 0.0 <= min_factor <= 1.0:
-            raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
-        given: Any = last_epoch  # checked at run time: a caller may pass anything
-        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
-            raise TypeError(f"last_epoch must be an int, got {type(given).__name__}")
-        start = int(given)
-        if start < -1:
-            raise ValueError(f"last_epoch must be >= -1 (-1: a fresh start), got {start}")
         self.schedule = schedule
-        self.min_factor = min_factor
-        super().__init__(optimizer, start)
+        self.min_factor = _checked_min_factor(min_factor, "min_factor")
+        super().__init__(optimizer, _checked_last_epoch(last_epoch, "last_epoch"))
 
     def position(self, step: int) -> float:
         """tau in [0, 1): where ``step`` lies in its cycle (1.0 from ``total_steps`` on)."""
@@ -120,9 +109,16 @@ class CyclicalCosineLR(LRScheduler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the next :meth:`step` continues exactly.
 
+        Every field is checked as the constructor checks its argument, before
+        any is set: a state that would give another learning rate (a
+        ``min_factor`` above 1, a fractional ``last_epoch``, ``base_lrs`` for
+        another number of parameter groups) or replace the optimizer is refused.
+
         Raises:
-            ValueError: ``state_dict`` is not a dict from :meth:`state_dict`, or
-                the saved schedule differs from this scheduler's.
+            ValueError: ``state_dict`` is not a dict from :meth:`state_dict`
+                (a key missing or unknown), the saved schedule differs from
+                this scheduler's, or a value is out of range.
+            TypeError: A value of the wrong type.
         """
         if not isinstance(state_dict, dict) or "schedule" not in state_dict:
             raise ValueError(
@@ -137,7 +133,71 @@ class CyclicalCosineLR(LRScheduler):
                 f"state_dict was saved with schedule {saved!r}, "
                 f"this scheduler follows {self.schedule.state_dict()!r}"
             )
+        mine = self.state_dict()
+        missing = sorted({"min_factor", "base_lrs", "last_epoch"} - set(state))
+        unknown = sorted(set(state) - set(mine), key=str)
+        if missing or unknown:
+            raise ValueError(
+                f"state_dict must be a dict from CyclicalCosineLR.state_dict: missing keys "
+                f"{missing}, unknown keys {unknown}"
+            )
+        n_groups = len(self.optimizer.param_groups)
+        for key, value in state.items():
+            name = f"state_dict[{key!r}]"
+            if key == "min_factor":
+                state[key] = _checked_min_factor(value, name)
+            elif key == "last_epoch":
+                state[key] = _checked_last_epoch(value, name)
+            elif key in ("base_lrs", "_last_lr"):
+                state[key] = _checked_lrs(value, n_groups, name)
+            elif key == "_step_count":
+                state[key] = _checked_int(value, 0, name)
+            elif type(value) is not type(mine[key]):  # torch's other bookkeeping (bools)
+                raise TypeError(
+                    f"{name} must be a {type(mine[key]).__name__}, got {type(value).__name__}"
+                )
         self.__dict__.update(state)
+
+
+def _checked_min_factor(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _checked_int(value: Any, low: int, name: str, note: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}{note}, got {value}")
+    return int(value)
+
+
+def _checked_last_epoch(value: Any, name: str) -> int:
+    return _checked_int(value, -1, name, " (-1: a fresh start)")
+
+
+def _checked_lrs(value: Any, n_groups: int, name: str) -> list[Any]:
+    """One finite learning rate >= 0 (a number or a 0-d tensor) per parameter group."""
+    if not isinstance(value, (list, tuple)) or len(value) != n_groups:
+        got = f"{len(value)} values" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(
+            f"{name} must be a list of {n_groups} learning rates (one per parameter group of "
+            f"the optimizer), got {got}"
+        )
+    for lr in value:
+        if isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype.is_floating_point:
+            number = float(lr)
+        elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+            number = float(lr)
+        else:
+            raise TypeError(f"{name} must hold numbers, got {type(lr).__name__}")
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"{name} must hold finite learning rates >= 0, got {number}")
+    return list(value)
 
 
 class Fu2019LR(LRScheduler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from typing import Any, Optional, Union
 
@@ -39,9 +40,12 @@ class ELBOLoss(nn.Module):
 
         criterion = ELBOLoss(schedule=4.0, capacity=Capacity(c_max=25, warmup_steps=10_000))
 
-    The state_dict records the schedules' parameters next to the step:
-    loading it into an ELBOLoss with different schedules raises (strict) or
-    warns (``strict=False``). ``forward`` warns once if it runs 1000 times
+    The state_dict records the schedules' ``state_dict()`` next to the step:
+    loading it into an ELBOLoss with different schedules raises (strict),
+    naming the fields that differ, or warns and keeps this loss's schedules
+    (``strict=False``). A model that gains an ELBOLoss submodule gains its
+    ``current_step`` and ``_extra_state`` keys (docs/elbo.md shows how to
+    load older checkpoints). ``forward`` warns once if it runs 1000 times
     in training mode without a ``step()``: the schedule would be frozen.
 
     Args:
@@ -202,18 +206,16 @@ class ELBOLoss(nn.Module):
         def describe(s: Any) -> Any:
             if s is None or not _validate.is_schedule(s):
                 return s
-            if not s._native:
-                return s.state_dict()
-            return {"type": type(s).__name__, "params": [float(v) for v in s.to_params()]}
+            return s.state_dict()  # field names: a mismatch can name what differs
 
         return {"schedule": describe(self.schedule), "capacity": describe(self.capacity)}
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The schedules' parameters, saved in the state_dict next to ``current_step``."""
+        """The schedules' ``state_dict()``s, saved in the state_dict next to ``current_step``."""
         return self._schedules_state()
 
     def set_extra_state(self, state: Any) -> None:
-        """Checked in ``_load_from_state_dict`` (which knows ``strict``)."""
+        """Checked in ``_load_from_state_dict`` (which reports a mismatch)."""
 
     def _load_from_state_dict(
         self,
@@ -226,28 +228,45 @@ class ELBOLoss(nn.Module):
         error_msgs: list[str],
     ) -> None:
         saved = state_dict.get(prefix + "_extra_state")
-        mine = self._schedules_state()
-        if saved is not None and saved != mine:
-            # Reported by _report_schedule_mismatch, a post-hook: torch tells
-            # a module's loader nothing about `strict`, but the keys a
-            # post-hook adds fail a strict load only.
-            self._schedule_mismatch = (
-                f"{prefix}_extra_state: ELBOLoss state saved with different schedules "
-                f"({saved}; this module has {mine}): its current_step would index another "
-                "schedule"
-            )
+        if saved is not None:
+            differences = _schedule_differences(saved, self._schedules_state())
+            if differences:
+                message = (
+                    f"{prefix[:-1] or 'ELBOLoss'}: the checkpoint was saved with different "
+                    f"schedules ({'; '.join(differences)})"
+                )
+                # torch passes strict=True to every module's loader and applies
+                # the caller's `strict` to the key lists only afterwards: the
+                # caller's value is read from its load_state_dict frame.
+                caller_strict, stacklevel = _load_state_dict_call()
+                if caller_strict:
+                    error_msgs.append(
+                        f"{message}: its current_step would index another schedule. Load with "
+                        "strict=False to keep this loss's schedules and load only the step, or "
+                        "construct the ELBOLoss with the checkpoint's schedules to resume them"
+                    )
+                else:
+                    warnings.warn(
+                        f"{message}: loaded its current_step and kept this loss's schedules "
+                        "(construct the ELBOLoss with the checkpoint's to resume them)",
+                        stacklevel=stacklevel,
+                    )
+                if caller_strict is None:
+                    # Another loader (no nn.Module.load_state_dict on the
+                    # stack): the post-hook lists the key as unexpected,
+                    # which fails a strict load only.
+                    self._schedule_mismatch = prefix + "_extra_state"
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     @staticmethod
     def _report_schedule_mismatch(module: nn.Module, incompatible: Any) -> None:
-        message = getattr(module, "_schedule_mismatch", None)
-        if message is None:
+        key = getattr(module, "_schedule_mismatch", None)
+        if key is None:
             return
         module._schedule_mismatch = None  # type: ignore[assignment]
-        warnings.warn(message + " (an error with strict=True)", stacklevel=3)
-        incompatible.unexpected_keys.append(message)
+        incompatible.unexpected_keys.append(key)
 
     def extra_repr(self) -> str:
         return (
@@ -369,3 +388,93 @@ class LinearELBOLoss(ELBOLoss):
             f"reduction={self.reduction!r}, free_bits={self.free_bits}, "
             f"free_bits_mode={self.free_bits_mode!r}, chunk_size={self.chunk_size}"
         )
+
+
+# The saved form of a closed-form schedule before its state_dict() was saved:
+# {"type": name, "params": to_params()}. Which of the 8 slots holds each field
+# (schedules.py's layout), so that such a checkpoint is compared field by field.
+_PARAMS_SLOTS = {
+    "Constant": {"beta": 2},
+    "Monotonic": {"warmup_steps": 4, "start": 2, "stop": 3},
+    "Cyclical": {
+        "total_steps": 4,
+        "n_cycles": 5,
+        "ratio": 6,
+        "start": 2,
+        "stop": 3,
+        "shape": 1,
+        "zero_ratio": 7,
+    },
+    "Capacity": {"c_max": 3, "warmup_steps": 4},
+}
+_INTEGER_FIELDS = ("warmup_steps", "total_steps", "n_cycles")
+_ABSENT = object()
+
+
+def _from_params(saved: Any) -> Any:
+    """A schedule saved as {"type", "params"} as its state_dict(); anything else as it is."""
+    if not (isinstance(saved, dict) and set(saved) == {"type", "params"}):
+        return saved
+    slots, params = _PARAMS_SLOTS.get(saved["type"]), saved["params"]
+    if slots is None or not isinstance(params, (list, tuple)) or len(params) != 8:
+        return saved
+    from klanneal.schedules import SHAPES
+
+    state: dict[str, Any] = {"type": saved["type"]}
+    for name, slot in slots.items():
+        value = params[slot]
+        if name == "shape":
+            value = SHAPES[int(value)] if int(value) in range(len(SHAPES)) else value
+        elif name in _INTEGER_FIELDS and float(value).is_integer():
+            value = int(value)
+        state[name] = value
+    return state
+
+
+def _schedule_differences(saved: Any, mine: dict[str, Any]) -> list[str]:
+    """What differs between a saved ELBOLoss extra state and this loss's, one
+    "path: checkpoint X, this loss Y" per field (empty when they agree)."""
+    if not isinstance(saved, dict):
+        return [f"the checkpoint's entry is {saved!r}, not an ELBOLoss's"]
+    saved = {key: _from_params(value) for key, value in saved.items()}
+    return _differences("", saved, mine)
+
+
+def _differences(path: str, saved: Any, mine: Any) -> list[str]:
+    if saved == mine:
+        return []
+    if (
+        isinstance(saved, dict)
+        and isinstance(mine, dict)
+        and saved.get("type", _ABSENT) == mine.get("type", _ABSENT)
+    ):
+        found = []
+        for key in [*mine, *(k for k in saved if k not in mine)]:
+            if key != "type":
+                name = f"{path}.{key}" if path else str(key)
+                found += _differences(name, saved.get(key, _ABSENT), mine.get(key, _ABSENT))
+        return found
+    return [f"{path}: checkpoint {_show(saved)}, this loss {_show(mine)}"]
+
+
+def _show(value: Any) -> str:
+    """A saved schedule as its constructor call, Cyclical(total_steps=1000, ...)."""
+    if value is _ABSENT:
+        return "(absent)"
+    if isinstance(value, dict) and "type" in value:
+        fields = ", ".join(f"{k}={_show(v)}" for k, v in value.items() if k != "type")
+        return f"{value['type']}({fields})"
+    return repr(value)
+
+
+def _load_state_dict_call() -> tuple[Optional[bool], int]:
+    """The ``strict`` of the ``nn.Module.load_state_dict`` call that runs the
+    caller (None if another loader runs it), and the ``stacklevel`` that
+    points a warning from the caller at that call's caller."""
+    frame = sys._getframe(1)
+    depth = 1
+    while frame is not None:
+        if frame.f_code is nn.Module.load_state_dict.__code__:
+            return bool(frame.f_locals.get("strict", True)), depth + 1
+        frame, depth = frame.f_back, depth + 1  # type: ignore[assignment]
+    return None, 2
