@@ -637,10 +637,16 @@ def test_inplace_on_a_view_of_the_decoder_output():
 def test_inplace_overwrite_is_detected_by_a_node_that_saved_the_logits():
     x, target, mu, logvar = make_inputs("categorical", 2, (3,), 9, 4)
     base = x.clone().requires_grad_()
-    logits = base.exp()  # exp saves its output for backward
+    # exp saves its output for backward: refused at the call (was torch's
+    # "modified by an inplace operation" at backward; tests/test_elbo_errors.py).
+    with pytest.raises(ValueError, match=r"the output of Exp \(ExpBackward0\)"):
+        elbo_loss(base.exp(), target, mu, logvar, inplace=True)
+    # A later op that saved the logits: autograd still detects it at backward.
+    logits = base * 2.0
+    saved_by_a_later_op = logits * logits
     out = elbo_loss(logits, target, mu, logvar, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.loss.backward()
+        (out.loss + saved_by_a_later_op.sum()).backward()
 
 
 # Dynamo itself instantiates the autograd.Function while tracing it and warns

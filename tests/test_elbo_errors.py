@@ -308,3 +308,78 @@ def test_invalid_target_without_validation_is_not_reported():
     target.view(-1)[5] = 1.5
     out = elbo_loss(x, target, mu, logvar, likelihood="bernoulli", validate=False)
     assert torch.isfinite(out.loss)
+
+
+# ---- decoders that end in log_softmax (docs/elbo.md) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("layer", "op"),
+    [
+        (lambda h: torch.log_softmax(h, -1), "LogSoftmax"),
+        (lambda h: torch.softmax(h, -1), "Softmax"),
+        (torch.exp, "Exp"),
+        (torch.sigmoid, "Sigmoid"),
+        (torch.tanh, "Tanh"),
+        (lambda h: torch.log_softmax(h, -1).view(-1, 5).view(2, 3, 5), "LogSoftmax"),  # a view
+    ],
+)
+def test_inplace_on_an_output_its_op_saved(layer, op):
+    # Regression: accepted, then backward failed with torch's generic "one of
+    # the variables needed for gradient computation has been modified by an
+    # inplace operation".
+    logits, target, mu, logvar = _cat()
+    h = logits.float().requires_grad_()
+    x = layer(h)
+    message = f"inplace=True would overwrite recon_input, the output of {op} ({op}Backward0)"
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        elbo_loss(x, target, mu.float(), logvar.float(), inplace=True)
+    assert "inplace=False" in str(info.value) and "drop that layer" in str(info.value)
+    torch.testing.assert_close(x, layer(h))  # not overwritten
+
+
+def test_inplace_after_an_op_that_did_not_save_its_output_still_works():
+    # A non-contiguous log_softmax output is copied before it is overwritten;
+    # a linear layer's output was not saved; a half output is never overwritten.
+    logits, target, mu, logvar = _cat()
+    h = logits.float().requires_grad_()
+    mu, logvar = mu.float(), logvar.float()
+    for x in (
+        torch.log_softmax(h.transpose(0, 1), -1).transpose(0, 1),
+        h * 2.0,
+        torch.log_softmax(h.bfloat16(), -1),
+    ):
+        elbo_loss(x, target, mu, logvar, inplace=True).loss.backward()
+    with torch.no_grad():
+        elbo_loss(torch.log_softmax(h, -1), target, mu, logvar, inplace=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_probabilities_give_the_loss_and_gradients_of_the_logits(dtype):
+    # The authors' and Sentence-VAE's decoders end in log_softmax.
+    logits, target, mu, logvar = make_inputs("categorical", 3, (7,), 41, 4, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    results = []
+    for layer in (lambda h: h, lambda h: torch.log_softmax(h, -1)):
+        h, m, lv = (t.clone().requires_grad_() for t in (logits, mu, logvar))
+        out = elbo_loss(layer(h), target, m, lv, 0.5)
+        (2.5 * out.loss).backward()
+        results.append((out.loss.detach(), out.recon, h.grad, m.grad, lv.grad))
+    for fused, from_log_probs in zip(*results):
+        torch.testing.assert_close(from_log_probs, fused, **tol)
+
+
+def test_out_beta_is_the_schedule_rounded_to_the_result_dtype():
+    # docs/elbo.md, "Beta and schedules": float32 for fp32 inputs, exact for fp64.
+    from klanneal.schedules import Cyclical
+
+    schedule = Cyclical(1000, 4, shape="cosine")
+    for dtype in (torch.float32, torch.float64):
+        inputs = make_inputs("categorical", 2, (3,), 5, 4, dtype=dtype)
+        for step in (1, 77, 333):
+            out = elbo_loss(*inputs, schedule, step=step)
+            assert out.beta.dtype == dtype
+            assert out.beta.item() == torch.tensor(schedule(step), dtype=dtype).item()
+    assert out.beta.item() == schedule(333)  # fp64
+    out = elbo_loss(*make_inputs("categorical", 2, (3,), 5, 4), schedule, step=333)
+    assert out.beta.item() != schedule(333)  # fp32: rounded

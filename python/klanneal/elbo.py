@@ -101,7 +101,9 @@ def elbo_loss(
             buffer (saves a logits-sized allocation; fp32/fp64 only, a no-op
             for fp16/bf16, whose gradients are kept in fp32). recon_input is
             overwritten whenever a gradient for it is computed; it must not be
-            a leaf that requires grad or a view of one, nor be needed afterwards.
+            a leaf that requires grad or a view of one, nor the output of an op
+            that saved it for its own backward (log_softmax, softmax, exp,
+            sigmoid, tanh) or a view of one, nor be needed afterwards.
         validate: check class ids / bernoulli targets / tensor beta and step
             values (a device sync on GPU). With validate=False the kernel
             still never reads out of bounds: a row with a bad class id gets a
@@ -111,7 +113,10 @@ def elbo_loss(
         ELBOOutput(loss, recon, kl, kl_per_dim, beta): loss is differentiable
         w.r.t. recon_input, mu and logvar (0-d, or [B] for "none"); recon and
         kl are the two terms under the same reduction (kl before free bits),
-        kl_per_dim the [D] batch-mean KL, beta the weight used; all in the
+        kl_per_dim the [D] batch-mean KL, beta the weight used (the float64
+        beta, e.g. ``schedule(step)``, rounded to the results' dtype like
+        them: for fp32 inputs it equals ``float32(schedule(step))``, not
+        ``schedule(step)``); all in the
         dtype promote_types(recon_input.dtype, mu.dtype), float32 at least
         (fp16/bf16 inputs give float32 results, accumulated in fp32, as
         autocast does for losses). Gradients have the dtype of their input;
@@ -125,7 +130,7 @@ def elbo_loss(
             dimension, an out-of-range value (class id, bernoulli target,
             negative or non-finite beta / free_bits / gaussian_var), an unknown
             option, a schedule without `step`, or inplace=True on a leaf that
-            requires grad.
+            requires grad or on an output that its op saved for its backward.
     """
     if type(beta) in (list, tuple) or (isinstance(beta, np.ndarray) and beta.ndim == 1):
         beta = FromArray(beta)  # a table of values per step (build it once: FromArray)
@@ -290,6 +295,8 @@ def elbo_loss(
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
     write_inplace = inplace and need[0] and recon_input.dtype in _ops.FULL_PRECISION
+    if write_inplace and not compiling:
+        _check_output_not_saved(recon_input)
     if compiling or write_inplace:
         args: tuple[Any, ...] = (
             recon_input, target, mu, logvar, beta_tensor, step_tensor, floats, ints,
@@ -404,6 +411,30 @@ def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
             return True
         t = t._base
     return False
+
+
+def _check_output_not_saved(recon_input: torch.Tensor) -> None:
+    """Refuses to overwrite an output its producing op saved for its own
+    backward (log_softmax, softmax, exp, sigmoid, tanh: their gradient is a
+    function of their result), or a view of one: autograd would fail later
+    with its generic "modified by an inplace operation". Such a node has a
+    ``_saved_result`` attribute on its class (read there: the instance's
+    would unpack the saved tensor).
+    """
+    t: Optional[torch.Tensor] = recon_input
+    while t is not None:
+        node = t.grad_fn
+        if node is not None and hasattr(type(node), "_saved_result"):
+            name = type(node).__name__
+            op = name[: -len("Backward0")] if name.endswith("Backward0") else name
+            raise ValueError(
+                f"inplace=True would overwrite recon_input, the output of {op} ({name}), which "
+                "that op saved for its own backward, so the backward would fail. Use "
+                "inplace=False; or, for a categorical decoder that ends in log_softmax, drop "
+                "that layer and pass the logits (the same loss and gradients, and the faster "
+                "path)"
+            )
+        t = t._base
 
 
 def _reference_only() -> bool:
