@@ -162,10 +162,10 @@ class CyclicalCosineLR(LRScheduler):
 def _checked_min_factor(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
+    factor = float(value)
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {factor}")
+    return factor
 
 
 def _checked_int(value: Any, low: int, name: str, note: str = "") -> int:
@@ -189,12 +189,11 @@ def _checked_lrs(value: Any, n_groups: int, name: str) -> list[Any]:
             f"the optimizer), got {got}"
         )
     for lr in value:
-        if isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype.is_floating_point:
-            number = float(lr)
-        elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-            number = float(lr)
-        else:
-            raise TypeError(f"{name} must hold numbers, got {type(lr).__name__}")
+        given: Any = lr  # checked at run time: a state_dict may hold anything
+        tensor = isinstance(given, torch.Tensor) and given.dim() == 0
+        if not (tensor or isinstance(given, numbers.Real)) or isinstance(given, bool):
+            raise TypeError(f"{name} must hold numbers, got {type(given).__name__}")
+        number = float(given)
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"{name} must hold finite learning rates >= 0, got {number}")
     return list(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import types
 import warnings
 from typing import Any, Optional, Union
 
@@ -471,10 +472,10 @@ def _load_state_dict_call() -> tuple[Optional[bool], int]:
     """The ``strict`` of the ``nn.Module.load_state_dict`` call that runs the
     caller (None if another loader runs it), and the ``stacklevel`` that
     points a warning from the caller at that call's caller."""
-    frame = sys._getframe(1)
+    frame: Optional[types.FrameType] = sys._getframe(1)
     depth = 1
     while frame is not None:
         if frame.f_code is nn.Module.load_state_dict.__code__:
             return bool(frame.f_locals.get("strict", True)), depth + 1
-        frame, depth = frame.f_back, depth + 1  # type: ignore[assignment]
+        frame, depth = frame.f_back, depth + 1
     return None, 2
