@@ -90,8 +90,8 @@ void categorical_run_scalar(const T *x, int64_t rows, int64_t V, const int64_t *
     const T x_target = xr[t];
     if (gr != nullptr) {
       for (int64_t i = 0; i < V; ++i)
-        gr[i] = categorical_grad(xr[i], m, ls, false, scale);
-      gr[t] = categorical_grad(x_target, m, ls, true, scale);
+        gr[i] = categorical_grad(xr[i], m, ls, st.rest, false, scale);
+      gr[t] = categorical_grad(x_target, m, ls, st.rest, true, scale);
     }
     loss[r] = static_cast<double>(categorical_nll(m, ls, x_target));
   }
@@ -210,8 +210,13 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
   auto *grad = static_cast<G *>(p.grad_recon);
   const int64_t n = p.row_len;
   const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
-  const T inv_var = T(1) / static_cast<T>(p.gaussian_var);
-  const T log_norm = static_cast<T>(gaussian_log_norm(p.gaussian_var));
+  // A variance whose reciprocal overflows T divides in float64 instead
+  // (gaussian_inv_var_overflows), on the scalar path.
+  const bool divide =
+      p.likelihood == Likelihood::kGaussian && gaussian_inv_var_overflows<T>(p.gaussian_var);
+  const T inv_var = divide ? T(0) : static_cast<T>(1.0 / p.gaussian_var);
+  const double log_norm_wide = gaussian_log_norm(p.gaussian_var);
+  const T log_norm = static_cast<T>(log_norm_wide);
 
   auto chunk_bounds = [&](int64_t u) {
     const int64_t row = u / chunks_per_row;
@@ -225,7 +230,8 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
     }
   };
   if constexpr (std::is_same_v<S, float>) {
-    if (const PointwiseChunkF32 chunk = pointwise_chunk_f32(level, p.likelihood)) {
+    const PointwiseChunkF32 chunk = divide ? nullptr : pointwise_chunk_f32(level, p.likelihood);
+    if (chunk != nullptr) {
       const PointwiseConsts c{scale, inv_var, log_norm};
       parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
         for (int64_t u = begin; u < end; ++u) {
@@ -260,8 +266,12 @@ void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
         [](T a, T b) { return bernoulli_grad(a, b); });
     break;
   case Likelihood::kGaussian:
-    run([&](T a, T b) { return gaussian_nll(a, b, inv_var, log_norm); },
-        [&](T a, T b) { return gaussian_grad(a, b, inv_var); });
+    if (divide)
+      run([&](T a, T b) { return gaussian_nll_div(a, b, p.gaussian_var, log_norm_wide); },
+          [&](T a, T b) { return gaussian_grad_div(a, b, p.gaussian_var); });
+    else
+      run([&](T a, T b) { return gaussian_nll(a, b, inv_var, log_norm); },
+          [&](T a, T b) { return gaussian_grad(a, b, inv_var); });
     break;
   default:
     run([](T a, T b) { return mse_nll(a, b); }, [](T a, T b) { return mse_grad(a, b); });

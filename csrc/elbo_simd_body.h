@@ -75,6 +75,24 @@ template <typename T> void row_scale_pass(T *prev, int64_t n, T factor) {
     W::store_tail(prev + i, n - i, W::mul(W::load_tail(prev + i, n - i, W::zero()), f));
 }
 
+// The sum of p[0, n) (the exps a row's pass 2 stored into grad).
+template <typename T> T row_sum_pass(const T *p, int64_t n) {
+  using W = VecT<T>;
+  using R = typename W::R;
+  constexpr int L = W::kLanes;
+  R s0 = W::zero(), s1 = W::zero(), s2 = W::zero(), s3 = W::zero();
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    s0 = W::add(s0, W::loadu(p + i));
+    s1 = W::add(s1, W::loadu(p + i + L));
+    s2 = W::add(s2, W::loadu(p + i + 2 * L));
+    s3 = W::add(s3, W::loadu(p + i + 3 * L));
+  }
+  for (; i < n; i += L)
+    s0 = W::add(s0, W::load_tail(p + i, n - i, W::zero()));
+  return lanes_sum<T>(W::add(W::add(s0, s1), W::add(s2, s3)));
+}
+
 // Pass 2 of x[0, n) (returns the sum of the exps; stores them into grad
 // with kGrad), fused with pass 1 of next[0, n) (its max into *next_max,
 // with kNext) and pass 3 of prev[0, n) (with kPrev).
@@ -134,6 +152,27 @@ T fused_row_pass(const T *x, int64_t n, T row_max, T *grad, const T *next, T *ne
   return lanes_sum<T>(W::add(W::add(s0, s1), W::add(s2, s3)));
 }
 
+// LseState's rest of row x[0, n) from its pass 2: sum = the sum of every
+// exp(x_i - max), 1 for each maximal element included. sum - 1 carries the
+// rounding of the adds made after a lane took the max's 1 (an ulp of 1
+// each), which is most of rest when the max dominates. So a confident row
+// (the target is the finite max and sum < 2: a second maximal element
+// would make sum >= 2, so the target is the only one) sums its other terms
+// again without the 1: the exps pass 2 stored into grad (read from L2, no
+// exp), or, without a gradient, the exps of x around the target. Other
+// rows keep sum - 1 (exact for sum < 2^24): the hot loop is unchanged.
+template <typename T>
+T row_rest(const T *x, const T *grad, int64_t n, int64_t t, T x_target, T row_max, T sum) {
+  if (!(x_target == row_max && sum < T(2) && std::fabs(row_max) != T(INFINITY)))
+    return sum - T(1);
+  if (grad != nullptr)
+    return row_sum_pass(grad, t) + row_sum_pass(grad + t + 1, n - t - 1);
+  return fused_row_pass<T, false, false, false>(x, t, row_max, nullptr, nullptr, nullptr, nullptr,
+                                                T(0)) +
+         fused_row_pass<T, false, false, false>(x + t + 1, n - t - 1, row_max, nullptr, nullptr,
+                                                nullptr, nullptr, T(0));
+}
+
 template <typename T>
 void categorical_run(const T *x, int64_t rows, int64_t n, const int64_t *target, T *grad, T scale,
                      double *loss) {
@@ -170,12 +209,13 @@ void categorical_run(const T *x, int64_t rows, int64_t n, const int64_t *target,
                                                                    nullptr, prev, prev_factor);
     if (prev != nullptr) // its scale pass is done
       prev[prev_t] = prev_target_grad;
-    const T ls = lse_log_sum(LseState<T>{row_max, sum});
+    const T rest = row_rest(xr, gr, n, t, x_target, row_max, sum);
+    const T ls = lse_log_sum(LseState<T>{row_max, rest});
     loss[r] = static_cast<double>(categorical_nll(row_max, ls, x_target));
     if (gr != nullptr) {
       prev = gr;
-      prev_factor = scale / sum;
-      prev_target_grad = categorical_grad(x_target, row_max, ls, true, scale);
+      prev_factor = scale / (T(1) + rest);
+      prev_target_grad = categorical_grad(x_target, row_max, ls, rest, true, scale);
       prev_t = t;
     }
     row_max = next_max;

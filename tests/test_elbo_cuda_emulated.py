@@ -17,6 +17,7 @@ tests/test_elbo_cuda.py's job on a GPU.
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import shutil
 import subprocess
@@ -505,3 +506,68 @@ def test_global_kl_per_dim_replaces_the_batch_mean(emulated):
     torch.testing.assert_close(got["loss"], ref.loss.reshape(-1), **TOL[torch.float32])
     torch.testing.assert_close(got["grad_mu"].double(), leaves["mu"].grad, **TOL[torch.float32])
     assert bool((got["grad_mu"][:, 3:] == 0).all()) and bool((got["grad_mu"][:, :3] != 0).all())
+
+
+def _exact_categorical(row: torch.Tensor, t: int) -> tuple[float, float]:
+    """Loss and target gradient of one row in float64 from its rounded values:
+    rest = sum of exp(x_i - max) over all but its first maximal element (fsum)."""
+    x = row.double()
+    m = float(x.max())
+    first = int((x == m).nonzero()[0])
+    e = [math.exp(float(v) - m) for v in x]
+    rest = math.fsum(e[:first] + e[first + 1 :])
+    loss = math.log1p(rest) - (float(x[t]) - m)
+    grad_t = -rest / (1.0 + rest) if t == first else e[t] / (1.0 + rest) - 1.0
+    return loss, grad_t
+
+
+@pytest.mark.parametrize("vocab", [3, 40, 1500])  # warp kernel (scalar, vector), block kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_confident_row_keeps_its_digits(emulated, vocab, dtype):
+    # Regression: lse_push kept s = sum exp(x_j - m), so a row whose target
+    # is its max got log(s) with s = 1 + rest rounded to an ulp of 1 (2.2% off
+    # for [100, 87, 85] in fp32), and p_t - 1 cancelled. The state now
+    # carries rest: log1p(rest) and -rest / (1 + rest), a few ulps of each.
+    eps = torch.finfo(dtype).eps
+    for c in (0.0, 1e2, 1e4):
+        for gap in (8.8, 13.0):
+            x = c - gap - 30.0 - 0.37 * torch.arange(vocab, dtype=torch.float64).repeat(3, 1)
+            x[0, 0], x[0, 1] = c, c - gap  # the target, the max, first
+            x[1, -1], x[1, 0] = c, c - gap  # last
+            x[2, 0], x[2, -1] = c, c  # a tie
+            target = torch.tensor([[0], [vocab - 1], [0]])
+            inputs = dict(
+                recon_input=x.to(dtype).reshape(3, 1, vocab), target=target,
+                mu=torch.zeros(3, 2, dtype=dtype), logvar=torch.zeros(3, 2, dtype=dtype),
+            )  # fmt: skip
+            got = run_emulated(emulated, inputs, 1.0, reduction="none")
+            for r in range(3):
+                t = int(target[r, 0])
+                loss, grad_t = _exact_categorical(inputs["recon_input"][r, 0], t)
+                what = (dtype, vocab, c, gap, r)
+                assert abs(got["loss"][r].item() - loss) <= 4 * eps * loss, (what, got["loss"][r])
+                g = got["grad_recon"][r, 0, t].item()
+                assert abs(g - grad_t) <= 4 * eps * abs(grad_t), (what, g, grad_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_tiny_gaussian_variance_gives_finite_values(emulated, dtype):
+    # Regression: inv_var = 1 / var was inf in fp32 below 2.9e-39, so every
+    # element with x == target gave 0 * inf = NaN. Such variances divide in
+    # float64 (gaussian_inv_var_overflows).
+    var = 1e-320 if dtype == torch.float64 else 1e-40
+    x = torch.zeros(2, 6, dtype=dtype)
+    x[0, :3] = torch.tensor([0.5, -1.0, 2.0])
+    y = x.clone()
+    y[0, 0] += {torch.float64: 1e-150, torch.float32: 1e-3, torch.bfloat16: 2**-6}[dtype]
+    inputs = dict(recon_input=x, target=y, mu=torch.zeros(2, 3, dtype=dtype),
+                  logvar=torch.zeros(2, 3, dtype=dtype))  # fmt: skip
+    got = run_emulated(emulated, inputs, 0.0, likelihood="gaussian", gaussian_var=var,
+                       reduction="none")  # fmt: skip
+    arith = torch.float64 if dtype == torch.float64 else torch.float32
+    d = (x.to(arith) - y.to(arith)).double()  # rounded as the kernel's x - y
+    log_norm = math.log(2 * math.pi) + math.log(var)
+    want_loss = (0.5 * (d * d / var + log_norm)).sum(1)
+    assert torch.isfinite(got["loss"]).all(), got["loss"]
+    torch.testing.assert_close(got["loss"], want_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["grad_recon"].double(), (d / var).to(arith).double())

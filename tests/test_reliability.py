@@ -201,6 +201,94 @@ def test_categorical_loss_keeps_its_digits_at_large_logits(level):
     assert proc.stdout.strip() == "ok"
 
 
+_CONFIDENT_SCRIPT = """
+import math, torch, klanneal
+from klanneal import elbo_loss
+assert klanneal.build_info()["simd"] == "{level}", klanneal.build_info()
+
+
+def rows(c, vocab, gap):
+    # Per example one row: the target the unique max at the front and at the
+    # end, a tie for the max on the target, and an ordinary row between them.
+    far = c - gap - 30.0 - 0.37 * torch.arange(vocab, dtype=torch.float64)
+    x = far.repeat(4, 1)
+    x[0, 0], x[0, 1], x[0, -1] = c, c - gap, c - gap - 2.0
+    x[1, -1], x[1, 0] = c, c - gap
+    x[2] = c + 3.0 * torch.sin(torch.arange(vocab, dtype=torch.float64))
+    x[3, 1], x[3, 2], x[3, 0] = c, c, c - gap
+    return x, torch.tensor([0, vocab - 1, 1, 1])
+
+
+def exact(x, t):
+    # From the rounded inputs, in float64: rest = sum over the row but its
+    # first maximal element of exp(x_i - max), summed exactly (fsum).
+    x = x.double()
+    m = float(x.max())
+    first = int((x == m).nonzero()[0])
+    e = [math.exp(float(v) - m) for v in x]
+    rest = math.fsum(e[:first] + e[first + 1 :])
+    loss = math.log1p(rest) - (float(x[t]) - m)
+    grad = [v / (1.0 + rest) for v in e]
+    grad[t] = -rest / (1.0 + rest) if t == first else grad[t] - 1.0
+    return loss, torch.tensor(grad, dtype=torch.float64)
+
+
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    eps = torch.finfo(torch.float32 if dtype == torch.bfloat16 else dtype).eps
+    grad_eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    for vocab in (3, 40, 203):  # scalar tails and whole vectors
+        for c in (0.0, 1e2, 1e4, -1e4):
+            if dtype == torch.bfloat16 and abs(c) > 1e2:
+                continue  # rounded to multiples of 64: many equal terms, V roundings
+            for gap in (8.8, 13.0, 25.0):  # p_t = 0.99985, rest = 2.3e-6, 1.4e-11
+                x64, target = rows(c, vocab, gap)
+                for mode in ("grad", "inplace", "no_grad"):
+                    leaf = x64.to(dtype).reshape(4, 1, vocab).requires_grad_(mode != "no_grad")
+                    x = leaf * 1.0 if mode == "inplace" else leaf
+                    mu = torch.zeros(4, 1, dtype=dtype)
+                    out = elbo_loss(x, target.reshape(4, 1), mu, mu, reduction="none",
+                                    inplace=mode == "inplace")
+                    if mode != "no_grad":
+                        (2.5 * out.loss).sum().backward()
+                    for r in range(4):
+                        loss, grad = exact(leaf.detach()[r, 0], int(target[r]))
+                        got = out.loss[r].item()
+                        what = (dtype, vocab, c, gap, mode, r, got, loss)
+                        assert abs(got - loss) <= 4 * eps * loss, what
+                        if mode == "no_grad":
+                            continue
+                        g = leaf.grad[r, 0].double() / 2.5
+                        # The others are exp((x_i - max) - log(s)): that
+                        # difference rounds to an ulp of x_i - max (0 at the
+                        # max); the smallest are subnormal.
+                        row = leaf.detach()[r, 0].double()
+                        tol = (4 + (row.max() - row)) * grad_eps * grad.abs() + tiny
+                        assert ((g - grad).abs() <= tol).all(), (what, g, grad)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("level", _levels())
+def test_a_confident_row_keeps_its_digits(level):
+    # Regression: the loss of a row whose target is its max is log(s) with
+    # s = 1 + rest close to 1, which kept the error of an ulp of 1: row
+    # [100, 87, 85] gave 2.6226e-06 for 2.5662e-06 in fp32 (2.2%), and the
+    # target's gradient p_t - 1 cancelled (4e-4 relative at p_t = 0.99985).
+    # Now log1p(rest) and -rest / (1 + rest): a few ulps of each, at every
+    # offset and SIMD level, with and without a gradient, inplace or not.
+    if level == "avx2" and klanneal.build_info()["simd"] == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONFIDENT_SCRIPT.format(level=level)],
+        env=dict(os.environ, KLANNEAL_SIMD=level),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+
+
 def test_half_logits_at_large_offsets():
     x = _two_class(1000.0, 7.0, torch.bfloat16, vocab=40).requires_grad_()
     mu = torch.zeros(1, 1, dtype=torch.bfloat16)
@@ -401,6 +489,60 @@ def test_a_huge_gaussian_variance_does_not_overflow():
                          likelihood="gaussian", gaussian_var=1e308)  # fmt: skip
     assert math.isfinite(out.loss.item())
     assert out.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
+
+
+_TINY_VAR_SCRIPT = """
+import math, torch, klanneal
+from klanneal import elbo_loss
+assert klanneal.build_info()["simd"] == "{level}", klanneal.build_info()
+cases = [(torch.float32, 1e-40, 1e-3), (torch.float32, 1e-300, 1e-3),
+         (torch.float16, 1e-40, 2**-6), (torch.bfloat16, 1e-40, 2**-6),
+         (torch.float64, 1e-320, 1e-150)]
+for dtype, var, delta in cases:
+    for shape in ((2, 6), (2, 67)):  # a SIMD tail, whole vectors
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen).to(dtype)
+        x[0, 0] = 0.5
+        y = x.clone()
+        y[0, 0] += delta
+        leaf = x.clone().requires_grad_()
+        z = torch.zeros(2, 3, dtype=dtype)
+        out = elbo_loss(leaf, y, z, z, likelihood="gaussian", gaussian_var=var,
+                        reduction="none", beta=0.0)
+        (2.5 * out.loss).sum().backward()
+        # float64 from the difference as the kernels round it (fp32 for half inputs).
+        arith = torch.float64 if dtype == torch.float64 else torch.float32
+        d = (x.to(arith) - y.to(arith)).double()
+        log_norm = math.log(2 * math.pi) + math.log(var)
+        want = (0.5 * (d * d / var + log_norm)).sum(1).to(out.loss.dtype)
+        what = (dtype, var, shape, out.loss, want)
+        assert not out.loss.isnan().any(), what
+        torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0, msg=str(what))
+        # Where x == target the gradient is 0 (it was 0 * inf = NaN); where
+        # d / var overflows the gradient's dtype, inf.
+        grad = (2.5 * (d / var).to(arith)).to(dtype)
+        torch.testing.assert_close(leaf.grad, grad, rtol=1e-6, atol=0, msg=str(what))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("level", _levels())
+def test_a_tiny_gaussian_variance_is_finite_at_every_simd_level(level):
+    # Regression: inv_var = 1 / var overflowed fp32 below var = 2.9e-39, and
+    # every element with x == target gave 0 * inf = NaN, loss and gradient
+    # (fp32/fp16/bf16 inputs, and fp64 below 5.6e-309). Such variances divide
+    # in float64 instead.
+    if level == "avx2" and klanneal.build_info()["simd"] == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    proc = subprocess.run(
+        [sys.executable, "-c", _TINY_VAR_SCRIPT.format(level=level)],
+        env=dict(os.environ, KLANNEAL_SIMD=level),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
 
 
 # ---- 6. the worker pool is capped ------------------------------------------------------

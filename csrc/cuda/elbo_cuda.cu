@@ -129,8 +129,10 @@ void launch_recon(const ElboParams &p, double *partials, int64_t n_chunks, cudaS
   }
   case Likelihood::kGaussian: {
     // log(2*pi*var) and 1/var once per launch, in float64.
-    const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{A(1.0 / p.gaussian_var),
-                                                            A(gaussian_log_norm(p.gaussian_var))};
+    const double var = p.gaussian_var, log_norm = gaussian_log_norm(var);
+    const bool divide = gaussian_inv_var_overflows<A>(var);
+    const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{divide ? A(0) : A(1.0 / var),
+                                                            A(log_norm), divide, var, log_norm};
     cuda::elementwise_kernel<T, Likelihood::kGaussian>
         <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
                                                                       scale);

@@ -159,11 +159,12 @@ __device__ __forceinline__ LseState<Acc<T>> row_lse_partial(const T *x, int64_t 
 }
 
 // Pass 2: grad_j = (softmax_j - [j == target]) * scale, the target term
-// formed in Acc (fp32 at least) by categorical_grad before the cast.
+// formed in Acc (fp32 at least) by categorical_grad before the cast (from
+// the row's rest when the target is its max).
 template <typename T>
-__device__ __forceinline__ void row_write_grad(const T *x, Acc<T> *grad, int64_t len,
-                                               bool vectorised, int lane, int lanes, Acc<T> m,
-                                               Acc<T> log_sum, int64_t target, Acc<T> scale) {
+__device__ __forceinline__ void
+row_write_grad(const T *x, Acc<T> *grad, int64_t len, bool vectorised, int lane, int lanes,
+               Acc<T> m, Acc<T> log_sum, Acc<T> rest, int64_t target, Acc<T> scale) {
   int64_t tail_begin = 0;
   if (vectorised) {
     const int64_t n_vec = len / kVec<T>;
@@ -175,14 +176,14 @@ __device__ __forceinline__ void row_write_grad(const T *x, Acc<T> *grad, int64_t
 #pragma unroll
       for (int k = 0; k < kVec<T>; ++k) {
         const int64_t j = i * kVec<T> + k;
-        out.v[k] = categorical_grad(to_acc(pk.v[k]), m, log_sum, j == target, scale);
+        out.v[k] = categorical_grad(to_acc(pk.v[k]), m, log_sum, rest, j == target, scale);
       }
       gv[i] = out;
     }
     tail_begin = n_vec * kVec<T>;
   }
   for (int64_t j = tail_begin + lane; j < len; j += lanes) {
-    grad[j] = categorical_grad(to_acc(x[j]), m, log_sum, j == target, scale);
+    grad[j] = categorical_grad(to_acc(x[j]), m, log_sum, rest, j == target, scale);
   }
 }
 
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   using A = Acc<T>;
   using WarpReduce = cub::WarpReduce<LseState<A>>;
   __shared__ typename WarpReduce::TempStorage temp[kWarpsPerBlock];
-  __shared__ A row_max[kWarpsPerBlock], row_log_sum[kWarpsPerBlock];
+  __shared__ A row_max[kWarpsPerBlock], row_log_sum[kWarpsPerBlock], row_rest[kWarpsPerBlock];
 
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
@@ -249,13 +250,15 @@ __global__ void __launch_bounds__(kBlockThreads)
       const A log_sum = lse_log_sum(st);
       row_max[warp] = st.m;
       row_log_sum[warp] = log_sum;
+      row_rest[warp] = st.rest;
       partials[row] = static_cast<double>(categorical_nll(st.m, log_sum, x_target));
     }
     __syncwarp();
     if (g != nullptr) {
-      row_write_grad(x, g, len, vectorised, lane, 32, row_max[warp], row_log_sum[warp], t, scale);
+      row_write_grad(x, g, len, vectorised, lane, 32, row_max[warp], row_log_sum[warp],
+                     row_rest[warp], t, scale);
     }
-    // row_max, row_log_sum and temp of this warp are reused by its next row.
+    // row_max, row_log_sum, row_rest and temp of this warp are reused by its next row.
     __syncwarp();
   }
 }
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<LseState<A>, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
-  __shared__ A row_max, row_log_sum;
+  __shared__ A row_max, row_log_sum, row_rest;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t len = p.row_len;
@@ -299,14 +302,16 @@ __global__ void __launch_bounds__(kBlockThreads)
       const A log_sum = lse_log_sum(st);
       row_max = st.m;
       row_log_sum = log_sum;
+      row_rest = st.rest;
       partials[row] = static_cast<double>(categorical_nll(st.m, log_sum, x_target));
     }
     // Also orders thread 0's read of x[t] before any write of the row.
     __syncthreads();
     if (g != nullptr) {
-      row_write_grad(x, g, len, vectorised, tid, kBlockThreads, row_max, row_log_sum, t, scale);
+      row_write_grad(x, g, len, vectorised, tid, kBlockThreads, row_max, row_log_sum, row_rest, t,
+                     scale);
     }
-    // row_max, row_log_sum and temp are reused by the next row.
+    // row_max, row_log_sum, row_rest and temp are reused by the next row.
     __syncthreads();
   }
 }
@@ -323,8 +328,16 @@ template <typename A> struct ElementwiseLoss<Likelihood::kBernoulli, A> {
 
 template <typename A> struct ElementwiseLoss<Likelihood::kGaussian, A> {
   A inv_var, log_norm;
-  __device__ __forceinline__ A nll(A x, A y) const { return gaussian_nll(x, y, inv_var, log_norm); }
-  __device__ __forceinline__ A grad(A x, A y) const { return gaussian_grad(x, y, inv_var); }
+  // gaussian_inv_var_overflows<A>(var): divide by var in float64 instead.
+  bool divide;
+  double var, log_norm_wide;
+  __device__ __forceinline__ double nll(A x, A y) const {
+    return divide ? gaussian_nll_div(x, y, var, log_norm_wide)
+                  : static_cast<double>(gaussian_nll(x, y, inv_var, log_norm));
+  }
+  __device__ __forceinline__ A grad(A x, A y) const {
+    return divide ? gaussian_grad_div(x, y, var) : gaussian_grad(x, y, inv_var);
+  }
 };
 
 template <typename A> struct ElementwiseLoss<Likelihood::kMse, A> {

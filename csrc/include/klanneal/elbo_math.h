@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "klanneal/common.h"
 
@@ -21,25 +22,34 @@ using std::log1p;
 #endif
 
 // ---- categorical: online log-sum-exp --------------------------------------
-// State of a running max m and sum s = sum_j exp(x_j - m). The row's
-// log-sum-exp is m + log(s). NaN propagates: exp(NaN - m) is NaN.
+// State of a running max m and rest = sum_j exp(x_j - m) over every element
+// but one maximal one (the row's sum s of exp(x_j - m) is 1 + rest). The
+// row's log-sum-exp is m + log1p(rest). Keeping rest rather than s keeps a
+// confident row's digits: when the max dominates, s = 1 + rest rounds rest
+// to an ulp of 1 (rest = 2.6e-6 kept 2% of error in fp32), while rest
+// itself is a sum of small terms with a small relative error. NaN
+// propagates: exp(NaN - m) is NaN.
 template <typename T> struct LseState {
   T m;
-  T s;
+  T rest;
 };
 
 template <typename T> KLANNEAL_HD LseState<T> lse_init() { return {-INFINITY, T(0)}; }
 
-// Adds one element. Invariants: m is never NaN (NaN > m is false), s == 0
-// while m == -inf, and a NaN element makes s NaN for good, so a NaN logit
-// gives a NaN loss as in the reference. -inf elements add nothing; a row of
-// only -inf ends with lse = -inf and a NaN loss, also as the reference.
+// Adds one element. Invariants: m is never NaN (NaN > m is false), rest == 0
+// while m == -inf (no element is the max yet), and a NaN element makes rest
+// NaN for good, so a NaN logit gives a NaN loss as in the reference. -inf
+// elements add nothing; a row of only -inf ends with m = -inf and a NaN
+// loss, also as the reference. A new max x turns the old one into a
+// non-maximal term: rest' = (rest + 1) * exp(m - x), formed as
+// rest * w + w so that no 1 + rest is rounded.
 template <typename T> KLANNEAL_HD LseState<T> lse_push(LseState<T> st, T x) {
   if (x > st.m) {
-    st.s = st.s * exp(st.m - x) + T(1); // exp(-inf) = 0 for the first element
+    const T w = exp(st.m - x); // 0 for the first element (m = -inf, rest = 0)
+    st.rest = st.rest * w + w;
     st.m = x;
   } else if (x != -INFINITY) {
-    st.s += exp(x - st.m);
+    st.rest += exp(x - st.m); // a tie with the max adds its 1 here
   }
   return st;
 }
@@ -51,25 +61,28 @@ template <typename T> KLANNEAL_HD LseState<T> lse_merge(LseState<T> a, LseState<
     a = b;
     b = t;
   }
-  // Now a.m >= b.m. An empty (all -inf) b has s == 0 and adds nothing; a NaN
-  // s in either carries through the sum.
+  // Now a.m >= b.m. An empty (all -inf) b has no max and rest == 0, and adds
+  // nothing; a NaN rest in either carries through the sum. Otherwise b's
+  // max joins a's rest with the rest of b: (b.rest + 1) * exp(b.m - a.m).
   if (b.m == -INFINITY)
-    return {a.m, a.s + b.s};
-  return {a.m, a.s + b.s * exp(b.m - a.m)};
+    return {a.m, a.rest + b.rest};
+  const T w = exp(b.m - a.m);
+  return {a.m, a.rest + (b.rest * w + w)};
 }
 
-// log(s), the row's log-sum-exp minus its max. The loss and the gradient are
-// formed from (m, log s) without ever forming lse = m + log(s): that sum
-// rounds to one ulp of |m|, so with logits around 1e4 it would cost the
-// loss (a few nats) most of its digits. x - m is exact for the elements that
-// matter (Sterbenz), and log(s) lies in [0, log V].
+// log(s) = log1p(rest), the row's log-sum-exp minus its max. The loss and
+// the gradient are formed from (m, log s) without ever forming
+// lse = m + log(s): that sum rounds to one ulp of |m|, so with logits around
+// 1e4 it would cost the loss (a few nats) most of its digits. x - m is exact
+// for the elements that matter (Sterbenz), and log(s) lies in [0, log V].
 // A +inf logit (m == +inf) gives NaN, as the reference's inf - inf does (the
-// online update would leave s = 1: an inf loss and a mostly finite gradient).
+// online update would leave rest = 0: an inf loss and a mostly finite gradient).
 template <typename T> KLANNEAL_HD T lse_log_sum(LseState<T> st) {
-  return st.m == T(INFINITY) ? T(NAN) : log(st.s);
+  return st.m == T(INFINITY) ? T(NAN) : log1p(st.rest);
 }
 
-// Loss of one row: logsumexp(x) - x[target] = log(s) - (x[target] - m).
+// Loss of one row: logsumexp(x) - x[target] = log(s) - (x[target] - m); for
+// a target that is the row's max, log1p(rest) to the last digits.
 template <typename T> KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) {
   return log_sum - (x_target - m);
 }
@@ -77,8 +90,14 @@ template <typename T> KLANNEAL_HD T categorical_nll(T m, T log_sum, T x_target) 
 // d loss / d x_j = softmax_j - [j == target], times scale, with softmax_j =
 // exp((x_j - m) - log(s)). The target term is formed in T (fp32 at least)
 // before any cast to a low-precision dtype: p_t - 1 loses everything if p_t
-// is first rounded to fp16/bf16.
-template <typename T> KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, bool is_target, T scale) {
+// is first rounded to fp16/bf16. When the target is the row's (finite) max,
+// p_t - 1 = 1/(1 + rest) - 1 = -rest / (1 + rest), formed from rest: p_t - 1
+// would cancel to the rounding error of p_t (4e-4 relative at p_t = 0.99985
+// in fp32). Ties are included: another maximal element is 1 of rest.
+template <typename T>
+KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, T rest, bool is_target, T scale) {
+  if (is_target && x == m && fabs(m) != T(INFINITY))
+    return -(rest / (T(1) + rest)) * scale;
   const T p = exp((x - m) - log_sum);
   return (is_target ? p - T(1) : p) * scale;
 }
@@ -118,6 +137,26 @@ template <typename T> KLANNEAL_HD T gaussian_nll(T x, T y, T inv_var, T log_norm
 }
 
 template <typename T> KLANNEAL_HD T gaussian_grad(T x, T y, T inv_var) { return (x - y) * inv_var; }
+
+// Whether 1/var overflows T (var below 1/FLT_MAX ~ 2.9e-39 with fp32
+// arithmetic, ~5.6e-309 with fp64): inv_var would be inf and every element
+// with x == y would give 0 * inf = NaN. Such variances take the
+// gaussian_*_div formulas, in float64. Host code, once per launch.
+template <typename T> inline bool gaussian_inv_var_overflows(double var) {
+  return !(1.0 / var <= static_cast<double>(std::numeric_limits<T>::max()));
+}
+
+// The gaussian term and its gradient dividing by var in float64 (d = x - y
+// rounded in T, as gaussian_nll's): the term is finite wherever it fits in
+// float64 (it is summed in float64), the gradient wherever it fits in T.
+template <typename T> KLANNEAL_HD double gaussian_nll_div(T x, T y, double var, double log_norm) {
+  const double d = static_cast<double>(x - y);
+  return 0.5 * (d * d / var + log_norm);
+}
+
+template <typename T> KLANNEAL_HD T gaussian_grad_div(T x, T y, double var) {
+  return static_cast<T>(static_cast<double>(x - y) / var);
+}
 
 template <typename T> KLANNEAL_HD T mse_nll(T x, T y) {
   const T d = x - y;
