@@ -22,10 +22,12 @@ inline ScheduleParams schedule_params_from_list(const std::vector<double> &v) {
                                         std::to_string(v.size()));
   // kind and shape become enums: range-check them before the cast (a
   // double outside int32's range would make the cast undefined).
-  KLANNEAL_CHECK_ARG(v[0] >= 0.0 && v[0] <= 3.0 && v[1] >= 0.0 && v[1] <= 2.0 &&
-                         v[0] == static_cast<double>(static_cast<int32_t>(v[0])) &&
-                         v[1] == static_cast<double>(static_cast<int32_t>(v[1])),
-                     "schedule: kind must be a whole number in 0..3 and shape in 0..2");
+  KLANNEAL_CHECK_ARG(
+      v[0] >= 0.0 && v[0] < kNumScheduleKinds && v[1] >= 0.0 && v[1] < kNumRampShapes &&
+          v[0] == static_cast<double>(static_cast<int32_t>(v[0])) &&
+          v[1] == static_cast<double>(static_cast<int32_t>(v[1])),
+      "schedule: kind must be a whole number in 0.." + std::to_string(kNumScheduleKinds - 1) +
+          " and shape in 0.." + std::to_string(kNumRampShapes - 1));
   ScheduleParams s;
   s.kind = static_cast<ScheduleKind>(static_cast<int32_t>(v[0]));
   s.shape = static_cast<RampShape>(static_cast<int32_t>(v[1]));

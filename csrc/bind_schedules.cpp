@@ -19,9 +19,10 @@ namespace {
 
 ScheduleParams checked_params(const std::vector<double> &params) {
   // kind and shape become enums: range-check them before the cast.
-  KLANNEAL_CHECK_ARG(params.size() != 8 || (params[0] >= 0.0 && params[0] <= 3.0 &&
-                                            params[1] >= 0.0 && params[1] <= 2.0),
-                     "schedule: kind must be in 0..3 and shape in 0..2");
+  KLANNEAL_CHECK_ARG(params.size() != 8 || (params[0] >= 0.0 && params[0] < kNumScheduleKinds &&
+                                            params[1] >= 0.0 && params[1] < kNumRampShapes),
+                     "schedule: kind must be in 0.." + std::to_string(kNumScheduleKinds - 1) +
+                         " and shape in 0.." + std::to_string(kNumRampShapes - 1));
   const ScheduleParams p = schedule_params_from_list(params);
   check_schedule_params(p);
   return p;

@@ -246,12 +246,13 @@ void frange_cycle_zero_linear(double *out, int64_t n_iter, double start, double 
 void check_schedule_params(const ScheduleParams &p) {
   const int32_t kind = static_cast<int32_t>(p.kind);
   const int32_t shape = static_cast<int32_t>(p.shape);
-  KLANNEAL_CHECK_ARG(kind >= 0 && kind <= 3,
+  KLANNEAL_CHECK_ARG(kind >= 0 && kind < kNumScheduleKinds,
                      "schedule: kind must be 0 (constant), 1 (monotonic), 2 (cyclical) or "
                      "3 (capacity), got " +
                          std::to_string(kind));
-  KLANNEAL_CHECK_ARG(shape >= 0 && shape <= 2,
-                     "schedule: shape must be 0 (linear), 1 (sigmoid) or 2 (cosine), got " +
+  KLANNEAL_CHECK_ARG(shape >= 0 && shape < kNumRampShapes,
+                     "schedule: shape must be 0 (linear), 1 (sigmoid), 2 (cosine) or 3 "
+                     "(logistic), got " +
                          std::to_string(shape));
   KLANNEAL_CHECK_ARG(std::isfinite(p.start) && std::isfinite(p.stop) &&
                          std::isfinite(p.total_steps) && std::isfinite(p.n_cycles) &&

@@ -84,7 +84,8 @@ class HostSchedule(Schedule):
             if not _is_integer_dtype(steps_t.dtype, torch_module):
                 raise TypeError(f"steps must be an integer tensor, got dtype {steps_t.dtype}")
             flat = steps_t.detach().cpu().to(torch_module.int64).numpy()
-            return torch_module.from_numpy(self._checked_values(flat)).to(steps_t.device)
+            result: torch.Tensor = torch_module.from_numpy(self._checked_values(flat))
+            return result.to(steps_t.device)
         if isinstance(n_or_steps, (int, np.integer)) and not isinstance(n_or_steps, bool):
             n = _as_int("n", n_or_steps, 0, 2**62)
             return self._values(np.arange(n, dtype=np.int64))

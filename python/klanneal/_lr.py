@@ -227,10 +227,11 @@ class Fu2019LR(LRScheduler):
     ) -> None:
         from klanneal.recipes import SCHEDULES
 
-        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral):
-            raise TypeError(f"total_steps must be an int, got {type(total_steps).__name__}")
-        if total_steps < 4:
-            raise ValueError(f"total_steps must be >= 4 (one per cycle), got {total_steps}")
+        total: Any = total_steps  # checked at run time: a caller may pass anything
+        if isinstance(total, bool) or not isinstance(total, numbers.Integral):
+            raise TypeError(f"total_steps must be an int, got {type(total).__name__}")
+        if total < 4:
+            raise ValueError(f"total_steps must be >= 4 (one per cycle), got {total}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         given: Any = last_epoch
@@ -238,8 +239,8 @@ class Fu2019LR(LRScheduler):
             raise TypeError(f"last_epoch must be an int, got {type(given).__name__}")
         if given < -1:
             raise ValueError(f"last_epoch must be >= -1 (-1: a fresh start), got {given}")
-        self.total_steps = int(total_steps)
-        self.schedule = schedule
+        self.total_steps: int = int(total)
+        self.schedule: str = schedule
         super().__init__(optimizer, int(given))
 
     def get_lr(self) -> list[float | torch.Tensor]:
@@ -248,7 +249,7 @@ class Fu2019LR(LRScheduler):
         if self.schedule == "monotonic":
             return list(self.base_lrs)
         step = max(0, self.last_epoch)
-        return [fu2019_lr(base, step, self.total_steps) for base in self.base_lrs]
+        return [fu2019_lr(float(base), step, self.total_steps) for base in self.base_lrs]
 
     def _get_closed_form_lr(self) -> list[float | torch.Tensor]:
         return self.get_lr()

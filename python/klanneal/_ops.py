@@ -67,7 +67,7 @@ PY_LAYOUT: dict[str, list[str]] = {
     "free_bits_mode": ["batch", "sample"],
     "dtype": ["float32", "float64", "float16", "bfloat16"],
     "schedule_kind": ["constant", "monotonic", "cyclical", "capacity"],
-    "ramp_shape": ["linear", "sigmoid", "cosine"],
+    "ramp_shape": ["linear", "sigmoid", "cosine", "logistic"],
 }  # fmt: skip
 LAYOUT = _C.elbo_layout() if _C is not None else PY_LAYOUT
 

@@ -132,8 +132,9 @@ def elbo_loss(
             option, a schedule without `step`, or inplace=True on a leaf that
             requires grad or on an output that its op saved for its backward.
     """
-    if type(beta) in (list, tuple) or (isinstance(beta, np.ndarray) and beta.ndim == 1):
-        beta = FromArray(beta)  # a table of values per step (build it once: FromArray)
+    given: Any = beta  # lists and arrays are accepted though not in the annotation
+    if isinstance(given, (list, tuple)) or (isinstance(given, np.ndarray) and given.ndim == 1):
+        beta = FromArray(given)  # a table of values per step (build it once: FromArray)
     if isinstance(beta, HostSchedule):
         # A table, an offset or another schedule evaluated in Python: its
         # value at the step (a float, or a 0-d tensor at a step tensor) is

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from klanneal import _validate
+from klanneal._host_schedules import as_schedule
 from klanneal.elbo import elbo_loss
 from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
@@ -50,7 +51,8 @@ class ELBOLoss(nn.Module):
     in training mode without a ``step()``: the schedule would be frozen.
 
     Args:
-        schedule: a klanneal.schedules object, or a float for a constant beta
+        schedule: a klanneal.schedules object, a list / 1-D array of beta per
+            step (a klanneal.schedules.FromArray), or a float for a constant beta
             (not a Capacity: pass that as ``capacity``).
         capacity: None, a float or a schedule: the capacity C of
             ``klanneal.elbo_loss``, evaluated at the same step.
@@ -85,6 +87,7 @@ class ELBOLoss(nn.Module):
         _validate.check_options(
             likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var
         )
+        schedule = as_schedule(schedule)  # a list or 1-D array of values: FromArray
         _validate.check_not_capacity(schedule, "schedule")
         _validate.check_capacity(capacity)
         if capacity is not None and not _validate.is_schedule(capacity):
@@ -303,7 +306,8 @@ class LinearELBOLoss(ELBOLoss):
     Args:
         linear: the decoder's output layer (an ``nn.Linear`` with V outputs),
             or None with ``weight``.
-        schedule: a klanneal.schedules object, or a float for a constant beta.
+        schedule: a klanneal.schedules object, a list / 1-D array of beta per
+            step (a klanneal.schedules.FromArray), or a float for a constant beta.
         weight: [V, H] projection instead of ``linear`` (e.g. tied embeddings).
         bias: [V] or None; only with ``weight``.
         capacity, reduction, free_bits, free_bits_mode, ignore_index,

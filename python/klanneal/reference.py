@@ -95,7 +95,8 @@ def _beta_value(beta: Any, step: Optional[Union[int, torch.Tensor]]) -> Union[fl
         if not beta._native and isinstance(step, torch.Tensor):
             from klanneal._host_schedules import resolve_host_beta
 
-            return resolve_host_beta(beta, step, step.device)  # type: ignore[arg-type]
+            value: torch.Tensor = resolve_host_beta(beta, step, step.device)  # type: ignore[arg-type]
+            return value
         return float(beta(int(step)))  # type: ignore[arg-type]  # an int or 0-d tensor
     result: Union[float, torch.Tensor] = beta
     return result

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Ramp shapes of ``Cyclical``, in the order of the C++ ``RampShape`` enum.
-SHAPES = ("linear", "sigmoid", "cosine")
+SHAPES = ("linear", "sigmoid", "cosine", "logistic")
 
 _MAX_COUNT = 2**53  # n_iter, n_cycle: exact as float64, like Python's int/int
 _MAX_STEP = 2**62  # steps beyond this are clamped: every schedule holds `stop` long before
@@ -361,7 +361,7 @@ def frange_cycle_zero_linear(
 # the oracle the C++ values are tested against.
 
 _KIND_CONSTANT, _KIND_MONOTONIC, _KIND_CYCLICAL, _KIND_CAPACITY = 0, 1, 2, 3
-_SHAPE_LINEAR, _SHAPE_SIGMOID, _SHAPE_COSINE = 0, 1, 2
+_SHAPE_LINEAR, _SHAPE_SIGMOID, _SHAPE_COSINE, _SHAPE_LOGISTIC = (SHAPES.index(s) for s in SHAPES)
 _PI = 3.14159265358979323846  # == math.pi, spelled as in schedule.h
 
 
@@ -371,6 +371,8 @@ def _ramp_shape(shape: int, u: float) -> float:
         hi = 1.0 / (1.0 + math.exp(-6.0))
         s = 1.0 / (1.0 + math.exp(-(12.0 * u - 6.0)))
         return (s - lo) / (hi - lo)
+    if shape == _SHAPE_LOGISTIC:
+        return 1.0 / (1.0 + math.exp(-(12.0 * u - 6.0)))
     if shape == _SHAPE_COSINE:
         return 0.5 - 0.5 * math.cos(_PI * u)
     return u
@@ -767,7 +769,12 @@ class Cyclical(Schedule):
         ratio: Fraction of each period spent ramping, in (0, 1].
         start: Value at the start of each ramp (finite).
         stop: Value at the end of each ramp and after ``total_steps`` (finite).
-        shape: ``"linear"``, ``"sigmoid"`` or ``"cosine"``.
+        shape: ``"linear"``, ``"sigmoid"`` (the paper's ``1/(1+exp(-(12u-6)))``
+            over the ramp's position u, rescaled to run exactly from
+            ``start`` to ``stop``), ``"cosine"`` or ``"logistic"`` (the same
+            curve not rescaled, as the notebook's ``frange_cycle_sigmoid``
+            and Sentence-VAE's logistic annealing: it starts 0.25% of the
+            way and jumps the last 0.25% to ``stop`` at the ramp's end).
         zero_ratio: Fraction of each period held at ``start`` before the ramp,
             in [0, 1), with ``ratio + zero_ratio <= 1``.
 

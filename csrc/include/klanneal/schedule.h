@@ -15,8 +15,14 @@ namespace klanneal {
   X(kConstant, "constant")                                                                         \
   X(kMonotonic, "monotonic") X(kCyclical, "cyclical") X(kCapacity, "capacity")
 enum class ScheduleKind : int32_t { KLANNEAL_SCHEDULE_KINDS(KLANNEAL_ENUM_ENTRY) };
-#define KLANNEAL_RAMP_SHAPES(X) X(kLinear, "linear") X(kSigmoid, "sigmoid") X(kCosine, "cosine")
+#define KLANNEAL_RAMP_SHAPES(X)                                                                    \
+  X(kLinear, "linear") X(kSigmoid, "sigmoid") X(kCosine, "cosine") X(kLogistic, "logistic")
 enum class RampShape : int32_t { KLANNEAL_RAMP_SHAPES(KLANNEAL_ENUM_ENTRY) };
+
+// The number of entries of each list: the valid codes are 0 .. count - 1.
+#define KLANNEAL_COUNT_ENTRY(enumerator, name) +1
+constexpr int32_t kNumScheduleKinds = 0 KLANNEAL_SCHEDULE_KINDS(KLANNEAL_COUNT_ENTRY);
+constexpr int32_t kNumRampShapes = 0 KLANNEAL_RAMP_SHAPES(KLANNEAL_COUNT_ENTRY);
 
 // Plain-old-data so it can be passed by value to a kernel. Python packs it
 // as a list of 8 floats (Schedule.to_params() in klanneal/schedules.py) in
@@ -45,9 +51,11 @@ KLANNEAL_HD double mul_rn(double a, double b) {
 #endif
 }
 
-// Ramp shapes on u in [0, 1], each mapping 0 -> 0 and 1 -> 1. The sigmoid is
-// the paper's 1/(1+exp(-(12u-6))) rescaled so that each cycle starts exactly
-// at `start` and ends at `stop` (the notebook's version starts at 0.0025).
+// Ramp shapes on u in [0, 1], each mapping 0 -> 0 and 1 -> 1 except the
+// logistic. The sigmoid is the paper's 1/(1+exp(-(12u-6))) rescaled so that
+// each cycle starts exactly at `start` and ends at `stop`; the logistic is
+// the same curve not rescaled (0.0025 at u = 0, 0.9975 at u = 1), as the
+// notebook's frange_cycle_sigmoid and Sentence-VAE's logistic annealing are.
 // exp and cos come from the platform's math library, so sigmoid and cosine
 // values may differ between CPU and GPU in the last bit; linear never does.
 KLANNEAL_HD double ramp_shape(RampShape shape, double u) {
@@ -58,6 +66,8 @@ KLANNEAL_HD double ramp_shape(RampShape shape, double u) {
     const double s = 1.0 / (1.0 + exp(-(mul_rn(12.0, u) - 6.0)));
     return (s - lo) / (hi - lo);
   }
+  case RampShape::kLogistic:
+    return 1.0 / (1.0 + exp(-(mul_rn(12.0, u) - 6.0)));
   case RampShape::kCosine:
     return 0.5 - mul_rn(0.5, cos(mul_rn(3.14159265358979323846, u)));
   default:
