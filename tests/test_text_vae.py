@@ -357,3 +357,27 @@ def test_ptb_report_of_step_counted_runs_and_repeated_labels(tmp_path):
     assert labelled.returncode == 0, labelled.stderr[-2000:]
     rows = json.loads((tmp_path / "r3" / "summary.json").read_text())["schedules"]
     assert set(rows) == {"cyclical", "cyclical-seed1"}
+
+
+def test_without_matplotlib_the_run_warns_first_and_skips_the_figures(tmp_path, monkeypatch):
+    # A run of an hour used to fail at its first figure; now the missing
+    # optional dependency is named before training and the figures skipped.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    events = []
+    real_train = text_vae.cli.run_schedule
+
+    def record(*args, **kwargs):
+        events.append("train")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(text_vae.cli, "run_schedule", record)
+
+    def warn(message, *args, **kwargs):
+        events.append(str(message))
+
+    monkeypatch.setattr(text_vae.cli.warnings, "warn", warn)
+    flags = ["--steps", "4", "--schedules", "constant", "--quiet", "--mi-samples", "2"]
+    summary = text_vae.main([*flags, "--eval-samples", "1", "--out", str(tmp_path)])
+    assert "klanneal[demo]" in events[0] and events[1] == "train"
+    assert summary["schedules"]["constant"]["steps"] == 4
+    assert (tmp_path / "summary.md").is_file() and not list(tmp_path.glob("*.png"))

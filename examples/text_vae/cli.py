@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from .data import (
     read_corpus,
     toy_vocab,
 )
-from .report import format_table, ordering_sentence, write_outputs
+from .report import (
+    MISSING_MATPLOTLIB,
+    format_table,
+    has_matplotlib,
+    ordering_sentence,
+    write_outputs,
+)
 from .train import make_schedule, run_schedule
 
 # --------------------------------------------------------------------------- command line
@@ -475,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     with ``--resume``).
     """
     args = parse_args(argv)
+    if not has_matplotlib():  # said now, not after a run of an hour
+        warnings.warn(MISSING_MATPLOTLIB, stacklevel=2)
     torch.set_num_threads(args.threads)
     toy = args.data is None
     data = load_data(args)

@@ -31,12 +31,27 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+MISSING_MATPLOTLIB = (
+    "matplotlib is not installed: the run's figures will be skipped (the tables and JSON "
+    "are written); pip install 'klanneal[demo]' for them"
+)
+
+
+def has_matplotlib() -> bool:
+    """Whether the figures can be drawn (matplotlib, in the demo extra, imports)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _pyplot():
     try:
         import matplotlib
-    except ImportError as err:  # pragma: no cover - matplotlib is in the bench extra
+    except ImportError as err:
         raise RuntimeError(
-            "the demo's figures need matplotlib: pip install 'klanneal[bench]'"
+            "the demo's figures need matplotlib: pip install 'klanneal[demo]'"
         ) from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,24 +282,9 @@ def write_outputs(
     budget = f"{args.epochs:g} epochs = " if args.epochs is not None else ""
     recipe = f"recipe {args.recipe}; " if args.recipe != "none" else ""
     title = f"{what}; {recipe}{budget}{args.steps} steps, seed {args.seed}"
-    plot_curves(results, out_dir / "learning_curves.png", title, summary["optimum_elbo"])
-    figures = ["learning_curves.png"]
-    # The schedules themselves, drawn by klanneal's own plot (python -m klanneal schedule).
-    _pyplot()  # the Agg backend
-    fig = klanneal.schedules.plot_schedules(
-        [(r.name, make_schedule(_schedule_name(r.name), args.steps, args)) for r in results],
-        args.steps,
-        f"beta schedules; {args.steps} steps",
+    figures = (
+        _write_figures(results, args, toy, out_dir, title, summary) if has_matplotlib() else []
     )
-    fig.savefig(out_dir / "schedules.png", dpi=90)
-    _pyplot().close(fig)
-    figures.append("schedules.png")
-    if any(r.valid_curves.get("step") for r in results):
-        plot_valid_curves(results, out_dir / "valid_curves.png", title, args.valid_split)
-        figures.append("valid_curves.png")
-    if toy:
-        plot_latent(results, out_dir / "latent_space.png", 200, args.seed, title)
-        figures.append("latent_space.png")
     lines = [
         "# klanneal text-VAE demo",
         "",
@@ -338,3 +338,33 @@ def git_sha() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha + ("-dirty" if dirty else "")
+
+
+def _write_figures(
+    results: Sequence[RunResult],
+    args: argparse.Namespace,
+    toy: bool,
+    out_dir: Path,
+    title: str,
+    summary: dict[str, Any],
+) -> list[str]:
+    """The PNG figures under ``out_dir``; returns their names."""
+    plot_curves(results, out_dir / "learning_curves.png", title, summary["optimum_elbo"])
+    figures = ["learning_curves.png"]
+    # The schedules themselves, drawn by klanneal's own plot (python -m klanneal schedule).
+    _pyplot()  # the Agg backend
+    fig = klanneal.schedules.plot_schedules(
+        [(r.name, make_schedule(_schedule_name(r.name), args.steps, args)) for r in results],
+        args.steps,
+        f"beta schedules; {args.steps} steps",
+    )
+    fig.savefig(out_dir / "schedules.png", dpi=90)
+    _pyplot().close(fig)
+    figures.append("schedules.png")
+    if any(r.valid_curves.get("step") for r in results):
+        plot_valid_curves(results, out_dir / "valid_curves.png", title, args.valid_split)
+        figures.append("valid_curves.png")
+    if toy:
+        plot_latent(results, out_dir / "latent_space.png", 200, args.seed, title)
+        figures.append("latent_space.png")
+    return figures
