@@ -25,7 +25,7 @@ def build_info() -> dict[str, Any]:
     return {"native": True, **_C.build_info()}
 
 
-from klanneal import metrics, nn, schedules  # noqa: E402
+from klanneal import metrics, nn, recipes, schedules  # noqa: E402
 from klanneal._ops import empty_cache  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.linear import linear_elbo_loss  # noqa: E402
@@ -41,5 +41,6 @@ __all__ = [
     "linear_elbo_loss",
     "metrics",
     "nn",
+    "recipes",
     "schedules",
 ]

@@ -13,6 +13,10 @@ Two families:
   they are evaluated by :func:`schedule_value_ref`, a line-by-line Python
   transcription of the C++ formula; the ``frange_cycle_*`` arrays need the
   extension.
+* Schedules evaluated in Python/PyTorch (``FromArray``, ``Offset`` via
+  ``schedule.offset(k)``, ``Logistic``, ``LinearWarmup``; defined in
+  ``klanneal._host_schedules``): tables of values and other codebases'
+  formulas, taken everywhere a schedule is.
 
 Example:
     >>> from klanneal.schedules import BetaScheduler, Cyclical
