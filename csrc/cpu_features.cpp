@@ -1,11 +1,29 @@
 #include "klanneal/cpu_features.h"
 
 #include <cstdlib>
-#include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace klanneal {
 
 namespace {
+
+// The level KLANNEAL_SIMD asks for: unset or empty, no cap; an unknown value
+// (a typo, "AVX-2", "sse") throws rather than silently running the widest level.
+SimdLevel requested_level(SimdLevel widest) {
+  const char *raw = std::getenv("KLANNEAL_SIMD");
+  if (raw == nullptr)
+    return widest;
+  const std::string cap = normalized_env_value(raw);
+  if (cap.empty())
+    return widest;
+  for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512})
+    if (cap == simd_level_name(level))
+      return level;
+  throw std::invalid_argument("KLANNEAL_SIMD='" + std::string(raw) +
+                              "' is not a SIMD level: set it to scalar, avx2 or avx512 (any "
+                              "case), or unset it for the widest level the CPU supports");
+}
 
 SimdLevel detect() {
   SimdLevel level = SimdLevel::kScalar;
@@ -17,23 +35,14 @@ SimdLevel detect() {
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
     level = SimdLevel::kAvx512;
 #endif
-  if (const char *cap = std::getenv("KLANNEAL_SIMD")) {
-    SimdLevel wanted = level;
-    if (std::strcmp(cap, "scalar") == 0)
-      wanted = SimdLevel::kScalar;
-    if (std::strcmp(cap, "avx2") == 0)
-      wanted = SimdLevel::kAvx2;
-    if (std::strcmp(cap, "avx512") == 0)
-      wanted = SimdLevel::kAvx512;
-    if (static_cast<int>(wanted) < static_cast<int>(level))
-      level = wanted;
-  }
-  return level;
+  const SimdLevel wanted = requested_level(level); // a cap: never above what the CPU has
+  return static_cast<int>(wanted) < static_cast<int>(level) ? wanted : level;
 }
 
 } // namespace
 
 SimdLevel cpu_simd_level() {
+  // An exception leaves the static uninitialised: every call throws it again.
   static const SimdLevel level = detect();
   return level;
 }

@@ -10,6 +10,7 @@
 #include <string>
 #include <thread>
 
+#include "klanneal/cpu_features.h"
 #include "klanneal/parallel_cpu.h"
 
 #if defined(__linux__) || defined(__APPLE__)
@@ -140,14 +141,8 @@ using GompParallel = void (*)(void (*fn)(void *), void *data, unsigned num_threa
 // A switch's value as python/klanneal/_env.py reads it: "", 0, false, no or
 // off (any case, surrounding spaces ignored) switch it off.
 bool switched_off(const char *value) {
-  std::string v(value);
-  const auto first = v.find_first_not_of(" \t\n\r");
-  if (first == std::string::npos)
-    return true;
-  v = v.substr(first, v.find_last_not_of(" \t\n\r") - first + 1);
-  for (char &c : v)
-    c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return v == "0" || v == "false" || v == "no" || v == "off";
+  const std::string v = normalized_env_value(value);
+  return v.empty() || v == "0" || v == "false" || v == "no" || v == "off";
 }
 #endif
 

@@ -605,6 +605,47 @@ def test_every_simd_level_matches_the_reference(level):
     assert proc.stdout.strip().endswith("ok")
 
 
+_SIMD_VALUE_SCRIPT = """
+import pytest, torch, klanneal
+x, t, z = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), torch.zeros(2, 2)
+if {accepted}:
+    klanneal.elbo_loss(x, t, z, z)
+    print(klanneal.build_info()["simd"])
+else:
+    accepted = "scalar, avx2 or avx512"
+    for call in (lambda: klanneal.elbo_loss(x, t, z, z), klanneal.build_info):
+        with pytest.raises(ValueError, match="KLANNEAL_SIMD=.* is not a SIMD level") as info:
+            call()  # every call, not only the first
+        assert accepted in str(info.value), str(info.value)
+    print("refused")
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [("AVX2", "avx2"), (" Scalar ", "scalar"), ("", None), ("avx-2", "refused"),
+     ("sse", "refused"), ("AVX 2", "refused"), ("avx512f", "refused")],
+)  # fmt: skip
+def test_an_unknown_simd_level_is_refused(value, level):
+    # Regression: KLANNEAL_SIMD was compared case-sensitively and an unknown
+    # value was ignored, so AVX2 or a typo silently ran the widest level. Now
+    # it is read as the other switches are (case, surrounding spaces) and any
+    # other value is a ValueError naming the accepted ones.
+    widest = klanneal.build_info()["simd"]
+    if level == "avx2" and widest == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    script = _SIMD_VALUE_SCRIPT.format(accepted=level != "refused")
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, KLANNEAL_SIMD=value),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == (level or widest)
+
+
 def test_inplace_writes_the_gradient_into_the_logits_buffer():
     x, target, mu, logvar = make_inputs("categorical", 3, (4,), 33, 5)
     want = run(elbo_loss_ref, (x, target, mu, logvar), beta=0.5)
