@@ -383,3 +383,63 @@ def test_out_beta_is_the_schedule_rounded_to_the_result_dtype():
     assert out.beta.item() == schedule(333)  # fp64
     out = elbo_loss(*make_inputs("categorical", 2, (3,), 5, 4), schedule, step=333)
     assert out.beta.item() != schedule(333)  # fp32: rounded
+
+
+# ---- bool options (inplace, validate) ---------------------------------------------------
+
+
+def _with_flag(where: str, flag: str, value):
+    """Calls `where` (a function, or builds a module and calls it) with `flag`=value;
+    returns the logits it was given and the output."""
+    from klanneal import linear_elbo_loss
+    from klanneal.nn import ELBOLoss, LinearELBOLoss
+
+    logits, target, mu, logvar = _cat()
+    logits = logits.clone().requires_grad_() * 1.0  # a non-leaf: inplace may write it
+    hidden, weight = torch.randn(2, 3, 6), torch.randn(5, 6, requires_grad=True)
+    if where == "elbo_loss":
+        return logits, elbo_loss(logits, target, mu, logvar, **{flag: value})
+    if where == "linear_elbo_loss":
+        return logits, linear_elbo_loss(hidden, weight, target, mu, logvar, **{flag: value})
+    if where == "ELBOLoss":
+        return logits, ELBOLoss(**{flag: value})(logits, target, mu, logvar)
+    return logits, LinearELBOLoss(weight=weight, **{flag: value})(hidden, target, mu, logvar)
+
+
+FLAG_USES = [
+    ("elbo_loss", "inplace"),
+    ("elbo_loss", "validate"),
+    ("linear_elbo_loss", "validate"),
+    ("ELBOLoss", "inplace"),
+    ("ELBOLoss", "validate"),
+    ("LinearELBOLoss", "validate"),
+]
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, 1, None, torch.tensor(False)])
+@pytest.mark.parametrize(("where", "flag"), FLAG_USES)
+def test_a_flag_that_is_not_a_bool_is_refused(where, flag, value):
+    # Regression: any truthy object was taken as True: inplace="False" (from a
+    # string config) overwrote the logits, validate="no" validated.
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got {type(value).__name__}"):
+        _with_flag(where, flag, value)
+
+
+def test_a_string_inplace_leaves_the_logits_alone():
+    logits, target, mu, logvar = _cat()
+    x = logits.clone().requires_grad_() * 1.0
+    before = x.detach().clone()
+    with pytest.raises(TypeError, match="inplace must be a bool, got str 'False'"):
+        elbo_loss(x, target, mu, logvar, inplace="False")
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize(("where", "flag"), FLAG_USES)
+def test_numpy_bools_are_accepted_as_flags(where, flag, value):
+    import numpy as np
+
+    logits, out = _with_flag(where, flag, np.bool_(value))
+    assert torch.isfinite(out.loss).all()
+    if flag == "inplace":  # the logits hold the gradient exactly when inplace is on
+        assert torch.equal(logits.detach(), _cat()[0]) != value

@@ -226,7 +226,7 @@ def _make_options(
     as_float = _validate.as_float  # free_bits, gaussian_var: symbolic under torch.compile
     return ElboOptions(
         likelihood, reduction, as_float(free_bits), free_bits_mode, int(ignore_index),
-        as_float(gaussian_var), bool(validate),
+        as_float(gaussian_var), _validate.check_flag("validate", validate),
     )  # fmt: skip
 
 

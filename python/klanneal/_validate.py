@@ -84,6 +84,20 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {options}; got {value!r}")
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A bool option (inplace, validate): a Python or numpy bool, as a bool.
+
+    Anything else is refused by name: a truthy string such as "False" from a
+    config file would switch the option on (inplace: overwrite the logits).
+    """
+    if type(value) is bool:
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {kind.__name__} {value!r}")
+
+
 def as_float(value: Any) -> float:
     """float(value) for a real number, also while torch.compile traces: there
     automatic dynamic makes a Python number that changes between calls

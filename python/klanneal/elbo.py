@@ -107,7 +107,8 @@ def elbo_loss(
         validate: check class ids / bernoulli targets / tensor beta and step
             values (a device sync on GPU). With validate=False the kernel
             still never reads out of bounds: a row with a bad class id gets a
-            NaN loss.
+            NaN loss. inplace and validate are bools (numpy bools accepted):
+            anything else, such as the string "False", is a TypeError.
 
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta): loss is differentiable
@@ -145,6 +146,8 @@ def elbo_loss(
     options = _ops.elbo_options(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )
+    if inplace is not False:
+        inplace = _validate.check_flag("inplace", inplace)
     _validate.check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
     if (
         capacity is None

@@ -722,7 +722,8 @@ def linear_elbo_loss(
             a chunk buffer of about 24 MiB). Larger is faster up to a point and
             uses chunk_size * V values of extra memory.
         validate: check the class ids (and tensor beta / step values) and
-            raise; with validate=False a bad class id gives a NaN loss.
+            raise; with validate=False a bad class id gives a NaN loss. A
+            bool (numpy bools accepted; anything else is a TypeError).
 
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta), with the fields and

@@ -116,8 +116,8 @@ class ELBOLoss(nn.Module):
         self.free_bits_mode = free_bits_mode
         self.ignore_index = ignore_index
         self.gaussian_var = float(gaussian_var)
-        self.inplace = inplace
-        self.validate = validate
+        self.inplace = _validate.check_flag("inplace", inplace)
+        self.validate = _validate.check_flag("validate", validate)
         self.register_buffer("current_step", torch.zeros((), dtype=torch.int64))
         self._calls_since_step = 0
         self._warned_stepless = False
