@@ -9,7 +9,7 @@ import pytest
 import torch
 from elbo_cases import LinearWarmup, make_inputs, packed_call
 
-from klanneal import _C, elbo_loss
+from klanneal import _C, elbo_loss, linear_elbo_loss
 
 
 def _cat():
@@ -391,7 +391,6 @@ def test_out_beta_is_the_schedule_rounded_to_the_result_dtype():
 def _with_flag(where: str, flag: str, value):
     """Calls `where` (a function, or builds a module and calls it) with `flag`=value;
     returns the logits it was given and the output."""
-    from klanneal import linear_elbo_loss
     from klanneal.nn import ELBOLoss, LinearELBOLoss
 
     logits, target, mu, logvar = _cat()
@@ -443,3 +442,109 @@ def test_numpy_bools_are_accepted_as_flags(where, flag, value):
     assert torch.isfinite(out.loss).all()
     if flag == "inplace":  # the logits hold the gradient exactly when inplace is on
         assert torch.equal(logits.detach(), _cat()[0]) != value
+
+
+# ---- meta and sparse tensors, one-element beta and step ---------------------------------
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_meta_tensors_skip_the_value_checks(validate):
+    # Regression: with validate=True (the default) meta inputs failed with
+    # "Tensor.item() cannot be called on meta tensors": they hold no values to
+    # check. Shapes and dtypes are still checked and the outputs are meta.
+    x, target, mu, logvar = (_meta(t) for t in _cat())
+    calls = [
+        lambda: elbo_loss(x, target, mu, logvar, validate=validate),
+        lambda: elbo_loss(x, target, mu, logvar, _meta(torch.tensor(0.5)), validate=validate),
+        lambda: elbo_loss(x, torch.rand(2, 3, 5, device="meta"), mu, logvar,
+                          likelihood="bernoulli", reduction="none", validate=validate),
+        lambda: linear_elbo_loss(torch.randn(2, 3, 6, device="meta"),
+                                 torch.randn(5, 6, device="meta"), target, mu, logvar,
+                                 validate=validate),
+    ]  # fmt: skip
+    for call in calls:
+        out = call()
+        assert all(t.is_meta for t in out)
+        assert out.kl_per_dim.shape == (4,)
+    with pytest.raises(ValueError, match="target must have shape"):  # shapes still checked
+        elbo_loss(x, target[:, :2], mu, logvar, validate=validate)
+
+
+SPARSE_CASES = {
+    # name: (a call with that argument sparse, layout)
+    "recon_input": (lambda x, t, m, lv: elbo_loss(x.to_sparse(), t, m, lv), "sparse_coo"),
+    "recon_input csr": (
+        lambda x, t, m, lv: elbo_loss(x.reshape(6, 5).to_sparse_csr(), t.reshape(6), m, lv),
+        "sparse_csr",
+    ),
+    "target": (
+        lambda x, t, m, lv: elbo_loss(
+            x, torch.rand(2, 3, 5).to_sparse(), m, lv, likelihood="bernoulli"
+        ),
+        "sparse_coo",
+    ),  # fmt: skip
+    "mu": (lambda x, t, m, lv: elbo_loss(x, t, m.to_sparse(), lv), "sparse_coo"),
+    "logvar": (lambda x, t, m, lv: elbo_loss(x, t, m, lv.to_sparse()), "sparse_coo"),
+    "prior_mu": (
+        lambda x, t, m, lv: elbo_loss(x, t, m, lv, prior_mu=m.to_sparse(), prior_logvar=lv),
+        "sparse_coo",
+    ),
+    "hidden": (
+        lambda x, t, m, lv: linear_elbo_loss(
+            torch.randn(2, 3, 6).to_sparse(), torch.randn(5, 6), t, m, lv
+        ),
+        "sparse_coo",
+    ),  # fmt: skip
+    "weight": (
+        lambda x, t, m, lv: linear_elbo_loss(
+            torch.randn(2, 3, 6), torch.randn(5, 6).to_sparse(), t, m, lv
+        ),
+        "sparse_coo",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("name", list(SPARSE_CASES))
+def test_a_sparse_tensor_is_refused_by_name(name):
+    # Regression: sparse logits failed deep inside with "unsupported memory
+    # format option Contiguous" (a RuntimeError).
+    call, layout = SPARSE_CASES[name]
+    argument = name.split()[0]
+    message = f"{argument} must be a dense (strided) tensor, got layout torch.{layout}"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call(*_cat())
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_a_one_element_beta_or_step_that_is_not_0d_is_refused(shape):
+    # Regression: accepted although documented as 0-d, and elbo_loss_ref then
+    # broadcast the loss to the tensor's shape ([1] for a [1] beta) while the
+    # fused op returned a 0-d loss. Refused like the schedules' steps.
+    from klanneal.schedules import Cyclical
+
+    x, target, mu, logvar = _cat()
+    hidden, weight = torch.randn(2, 3, 6), torch.randn(5, 6)
+    beta = torch.full(shape, 0.5, requires_grad=True)
+    step = torch.full(shape, 3, dtype=torch.int64)
+    hint = "(for a one-element tensor, pass t.reshape(()))"
+    for call in (
+        lambda: elbo_loss(x, target, mu, logvar, beta),
+        lambda: linear_elbo_loss(hidden, weight, target, mu, logvar, beta),
+    ):
+        with pytest.raises(TypeError, match=re.escape(f"got a tensor of shape {shape}")) as info:
+            call()
+        assert str(info.value).startswith("beta must be a float, a 0-d") and hint in str(info.value)
+    for call in (
+        lambda: elbo_loss(x, target, mu, logvar, Cyclical(100), step=step),
+        lambda: linear_elbo_loss(hidden, weight, target, mu, logvar, Cyclical(100), step=step),
+    ):
+        with pytest.raises(TypeError, match="step must be an int or a 0-d integer tensor") as info:
+            call()
+        assert f"shape {shape}" in str(info.value) and hint in str(info.value)
+    out = elbo_loss(x, target, mu, logvar, beta.reshape(()))  # as the hint says
+    assert out.loss.shape == ()

@@ -153,6 +153,17 @@ def check_options(
         )
 
 
+def check_strided(**tensors: Optional[torch.Tensor]) -> None:
+    """Dense (strided) tensors only: the kernels read raw memory, and a sparse
+    tensor failed deep inside with "unsupported memory format option"."""
+    for name, t in tensors.items():
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(
+                f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                "convert it with .to_dense()"
+            )
+
+
 def _check_is_tensor(**tensors: Any) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -182,6 +193,14 @@ def check_tensor_args(
         and isinstance(logvar, Tensor)
     ):
         _check_is_tensor(recon_input=recon_input, target=target, mu=mu, logvar=logvar)
+    strided = torch.strided
+    if not (
+        recon_input.layout == strided
+        and target.layout == strided
+        and mu.layout == strided
+        and logvar.layout == strided
+    ):
+        check_strided(recon_input=recon_input, target=target, mu=mu, logvar=logvar)
     # is_cpu first: each .device read builds a torch.device.
     if not (recon_input.is_cpu and target.is_cpu and mu.is_cpu and logvar.is_cpu):
         device = mu.device
@@ -272,11 +291,11 @@ def check_tensor_args(
             raise ValueError(f"step is required when {what} is a schedule")
         if isinstance(step, torch.Tensor):
             dtype = step.dtype
-            if step.numel() != 1 or not is_integer(dtype) or dtype == torch.uint64:
+            if step.dim() != 0 or not is_integer(dtype) or dtype == torch.uint64:
                 raise TypeError(
                     "step must be an int or a 0-d integer tensor (not bool or uint64: the "
                     f"op's step is int64), got a tensor of shape {tuple(step.shape)} and "
-                    f"dtype {dtype}"
+                    f"dtype {dtype}{_one_element_hint(step)}"
                 )
             if not step.is_cpu and step.device != mu.device:
                 raise ValueError(f"step is on {step.device} but the inputs are on {mu.device}")
@@ -298,13 +317,21 @@ def check_tensor_args(
 
 
 def _check_beta_tensor(beta: torch.Tensor, mu: torch.Tensor) -> None:
-    if beta.numel() != 1 or not beta.dtype.is_floating_point:
+    if beta.dim() != 0 or not beta.dtype.is_floating_point:
         raise TypeError(
             "beta must be a float, a 0-d floating-point tensor or a klanneal.schedules "
             f"object, got a tensor of shape {tuple(beta.shape)} and dtype {beta.dtype}"
+            f"{_one_element_hint(beta)}"
         )
     if not beta.is_cpu and beta.device != mu.device:
         raise ValueError(f"beta is on {beta.device} but the inputs are on {mu.device}")
+
+
+def _one_element_hint(t: torch.Tensor) -> str:
+    """For a one-element tensor of another shape, such as [1]: how to pass it.
+    Refused rather than read as 0-d, like the schedules' steps: a [1] beta
+    broadcasts elbo_loss_ref's loss to [1]."""
+    return " (for a one-element tensor, pass t.reshape(()))" if t.numel() == 1 else ""
 
 
 def check_not_capacity(schedule: Any, name: str) -> None:
@@ -351,6 +378,7 @@ def check_prior(
     for name, t in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_strided(**{name: t})
         if t.shape != mu.shape:
             raise ValueError(
                 f"{name} must have the shape of mu {tuple(mu.shape)}, got {tuple(t.shape)}"
@@ -399,7 +427,8 @@ def check_values(
 
     With check_target=False the class ids / bernoulli targets are left to the
     caller: the CPU kernel checks them in its own pass over the data and the
-    caller reports a bad one with `raise_invalid_target`.
+    caller reports a bad one with `raise_invalid_target`. Meta tensors hold no
+    values: theirs are not checked (shapes are, before).
     """
     if torch._C._are_functorch_transforms_active():
         # Under torch.func.vmap a branch on a batched tensor's values fails:
@@ -410,6 +439,7 @@ def check_values(
             unwrap_functorch(beta),
             unwrap_functorch(step),
         )
+    check_target = check_target and not target.is_meta
     if check_target and likelihood == "categorical":
         vocab = recon_input.shape[-1]
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
@@ -419,14 +449,14 @@ def check_values(
         bad = ~((target >= 0) & (target <= 1))
         if bool(bad.any()):
             raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
-    if beta is not None:
+    if beta is not None and not beta.is_meta:
         # detach: a learnable beta, read without a requires-grad warning;
         # min: several values under vmap only (NaN first: min propagates it).
         values = beta.detach()
         value = float(values if values.numel() == 1 else values.min())
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"beta must be finite and >= 0, got {value}")
-    if step is not None:
+    if step is not None and not step.is_meta:
         first = int(step if step.numel() == 1 else step.min())
         if first < 0:
             raise ValueError(f"step must be >= 0, got {first}")

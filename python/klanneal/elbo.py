@@ -108,7 +108,8 @@ def elbo_loss(
             values (a device sync on GPU). With validate=False the kernel
             still never reads out of bounds: a row with a bad class id gets a
             NaN loss. inplace and validate are bools (numpy bools accepted):
-            anything else, such as the string "False", is a TypeError.
+            anything else, such as the string "False", is a TypeError. Meta
+            tensors hold no values: validate checks only their shapes.
 
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta): loss is differentiable
@@ -126,7 +127,8 @@ def elbo_loss(
         overflow them (docs/elbo.md, "Mixed precision").
 
     Raises:
-        TypeError: an argument of the wrong type or dtype.
+        TypeError: an argument of the wrong type, dtype or layout (a sparse
+            tensor), or a beta or step tensor that is not 0-d.
         ValueError: mismatched shapes or devices, an empty batch or class
             dimension, an out-of-range value (class id, bernoulli target,
             negative or non-finite beta / free_bits / gaussian_var), an unknown
