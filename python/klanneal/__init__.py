@@ -19,6 +19,10 @@ def build_info() -> dict[str, Any]:
     """How the native extension was built (see ``klanneal._C.build_info``).
 
     Returns ``{"native": False}`` when the extension is missing.
+
+    Raises:
+        ValueError: KLANNEAL_SIMD holds a value other than scalar, avx2 or
+            avx512 (any case), as the first kernel call does.
     """
     if not HAS_NATIVE:
         return {"native": False, "version": __version__, "cuda": False}
