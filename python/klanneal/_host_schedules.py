@@ -420,7 +420,7 @@ def resolve_host_beta(beta: HostSchedule, step: Any, device: Any) -> Any:
     if step is None:
         raise ValueError("step is required when beta is a schedule")
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dim() > 1 or not _is_integer_dtype(step.dtype, torch):
+        if step.dim() != 0 or not _is_integer_dtype(step.dtype, torch):
             raise TypeError(
                 "step must be an int or a 0-d integer tensor, got a tensor of shape "
                 f"{tuple(step.shape)} and dtype {step.dtype}"
