@@ -56,7 +56,7 @@ def schedule_values_cuda(
 
 # ---- fused ELBO (csrc/bind_elbo.cpp, csrc/bind_elbo_cuda.cpp) ----
 # The packed call: sizes, ptrs, floats, ints in the slot orders of
-# elbo_layout() (csrc/include/klanneal/elbo_layout.h); klanneal/_ops.py packs it.
+# elbo_layout() (csrc/include/klanneal/elbo_layout.h); klanneal/_layout.py packs it.
 def elbo_layout() -> dict[str, list[str]]: ...
 def elbo_forward_cpu(
     sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float], ints: Sequence[_Int]

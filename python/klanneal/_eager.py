@@ -1,0 +1,249 @@
+"""The eager path of klanneal.elbo_loss: the device kernel called directly and
+the loss attached by a plain autograd.Function.
+
+In eager mode klanneal.elbo_loss does not go through the dispatcher at all:
+``eager_elbo`` calls the device kernel directly and ``ElboFunction``
+attaches the loss (the cheapest attachment: torch's custom-op wrapper costs
+tens of microseconds per call); with nothing to track (torch.no_grad) there
+is no Function at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Optional
+
+import torch
+
+from klanneal._autograd import _backward_common, _is_one, _save_context
+from klanneal._buffers import _grad_recon_buffer, _latent_grads, _scalar_outputs
+from klanneal._kernels import _kernels, _run_kernel
+from klanneal._layout import FULL_PRECISION, ElboOptions, OpInputs, grad_dtype, result_dtype
+from klanneal._registration import elbo_loss_inplace_op, elbo_loss_op
+
+
+class EagerPlan:
+    """What an eager call's requires-grad flags, dtypes and reduction decide,
+    worked out once per combination (``eager_plan``, a cache of at most
+    2^7 x 4 x 4 x 3 keys).
+
+    asked: the 5 gradients the kernel computes (recon_input, mu, logvar,
+    prior_mu, prior_logvar); tracked: which of eager_elbo's 7 inputs
+    autograd tracks; saved_index: the saved gradient (ctx.saved_tensors
+    index) of each tracked input, for the backward that returns them as they
+    are, or None where one needs more than that (a target or beta gradient,
+    or fp16/bf16 inputs, whose fp32 gradients are cast); dtype: the results'
+    dtype; the gradients' dtypes. It is also ``_backward_common``'s state:
+    ``scaled`` gives the copy that records a backward's in-place scaling.
+    """
+
+    __slots__ = (
+        "asked", "tracked", "saved_index", "dtype", "recon_grad_dtype", "latent_grad_dtype",
+        "reduction", "recon_dtype", "latent_dtype", "grad_recon_input", "grad_target",
+        "grad_beta", "scaled_in_place",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        requires: tuple[bool, ...],
+        recon_dtype: torch.dtype,
+        latent_dtype: torch.dtype,
+        reduction: str,
+    ) -> None:
+        """requires: whether autograd tracks recon_input, target, mu, logvar,
+        beta, prior_mu, prior_logvar (all False with grad mode off). A
+        gaussian/mse target that requires grad gets -grad_recon."""
+        self.asked = eager_need(requires)
+        self.tracked = tuple(k for k, r in enumerate(requires) if r)
+        index = (0, None, 1, 2, None, 3, 4)
+        saved = [index[k] for k in self.tracked]
+        full = recon_dtype in FULL_PRECISION and latent_dtype in FULL_PRECISION
+        self.saved_index = None if None in saved or not full else tuple(saved)
+        self.dtype = result_dtype(recon_dtype, latent_dtype)
+        self.recon_grad_dtype = grad_dtype(recon_dtype)
+        self.latent_grad_dtype = grad_dtype(latent_dtype)
+        self.reduction = reduction
+        self.recon_dtype, self.latent_dtype = recon_dtype, latent_dtype
+        self.grad_recon_input, self.grad_target = requires[0], requires[1]
+        self.grad_beta = requires[4]
+        self.scaled_in_place = False
+
+    def scaled(self) -> EagerPlan:
+        """A copy for one backward to mark (the cached plan is shared by calls)."""
+        copy = object.__new__(EagerPlan)
+        for name in EagerPlan.__slots__:
+            setattr(copy, name, getattr(self, name))
+        return copy
+
+
+eager_plan = functools.cache(EagerPlan)
+
+
+def eager_need(requires: tuple[bool, ...]) -> tuple[bool, bool, bool, bool, bool]:
+    """The gradients the kernel computes (recon_input, mu, logvar, prior_mu,
+    prior_logvar) for the requires-grad flags of eager_elbo's inputs: a
+    gaussian/mse target that requires grad gets -grad_recon."""
+    return (requires[0] or requires[1], requires[2], requires[3], requires[5], requires[6])
+
+
+def eager_elbo(
+    plan: EagerPlan,
+    options: ElboOptions,
+    inputs: tuple[Optional[torch.Tensor], ...],
+    floats: list[float],
+    ints: list[int],
+    step: Optional[torch.Tensor],
+    global_kl_per_dim: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """One eager elbo_loss call: runs the device kernel, then attaches the
+    loss to autograd (ElboFunction) if any input is tracked.
+
+    inputs: recon_input, target, mu, logvar, beta, prior_mu, prior_logvar
+    (None where absent, all contiguous); plan: eager_plan of their
+    requires-grad flags; floats, ints: the packed options, with plan.asked
+    the gradients asked for. Returns loss, recon, kl, kl_per_dim, beta in
+    plan.dtype: written in that dtype on the CPU (out_dtype), in float64 on
+    CUDA and cast.
+    """
+    recon_input, target, mu, logvar, beta, prior_mu, prior_logvar = inputs
+    assert recon_input is not None and target is not None
+    assert mu is not None and logvar is not None
+    need = plan.asked
+    on_cpu = recon_input.is_cpu
+    if on_cpu:
+        scalars = _scalar_outputs(mu, plan.reduction, None, plan.dtype, plan.grad_beta)
+    else:
+        scalars = _scalar_outputs(mu, plan.reduction, recon_input.device, kl_weight=plan.grad_beta)
+    grads = (
+        _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
+        *_latent_grads(mu, need, plan.latent_grad_dtype),
+    )
+    kernel_inputs = (
+        recon_input, target, mu, logvar, prior_mu, prior_logvar, global_kl_per_dim, beta, step,
+    )  # fmt: skip
+    _run_kernel(options, kernel_inputs, scalars, grads, floats, ints)
+    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
+    assert loss is not None and recon is not None and kl is not None
+    assert kl_per_dim is not None and beta_out is not None
+    if not on_cpu:
+        out = plan.dtype
+        loss, recon, kl = loss.to(out), recon.to(out), kl.to(out)
+        kl_per_dim, beta_out = kl_per_dim.to(out), beta_out.to(out)
+    if plan.tracked:
+        # Function.apply's C part (APPLY); only the tracked inputs are its
+        # arguments, unwrapped as Function.apply does (a tensor that escaped
+        # a finished torch.func transform).
+        unwrap = UNWRAP_IF_DEAD
+        tracked = [unwrap(inputs[k]) for k in plan.tracked]
+        loss = APPLY((loss, (*grads, kl_weight), plan), *tracked)
+    return loss, recon, kl, kl_per_dim, beta_out
+
+
+class ElboFunction(torch.autograd.Function):
+    """Eager autograd of klanneal.elbo_loss: attaches the loss of a kernel that
+    already ran (eager_elbo) and returns the gradients it computed.
+
+    Its arguments are (loss, the gradients, the EagerPlan) and, of the
+    inputs, only those that require grad (EagerPlan.tracked): each argument
+    of an autograd.Function costs time on every call, which is what small
+    batches pay for. For the same reason the loss is the only output: recon,
+    kl, kl_per_dim and beta are plain tensors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, state: tuple[Any, ...], *tracked: torch.Tensor) -> torch.Tensor:
+        loss: torch.Tensor = state[0]
+        saved, plan = state[1], state[2]
+        ctx.set_materialize_grads(False)
+        # grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar, kl_weight.
+        ctx.save_for_backward(*saved)
+        ctx.plan = plan
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
+        plan = ctx.plan
+        index = plan.saved_index
+        if (
+            index is not None
+            and not plan.scaled_in_place
+            and type(grad_loss) is torch.Tensor
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and _is_one(grad_loss)
+        ):
+            # The common case (loss.backward() on a scalar loss): the
+            # gradients of the forward pass, as they are (so a later backward
+            # through a retained graph must not scale them in place).
+            ctx.handed_out = True
+            saved = ctx.saved_tensors
+            return (None, *[saved[k] for k in index])
+        ctx.plan = state = plan.scaled()
+        out = _backward_common(ctx, state, grad_loss)
+        # OpInputs order -> eager_elbo's inputs order, then the tracked ones.
+        full = (out[0], out[1], out[2], out[3], out[4], out[8], out[9])
+        return (None, *[full[k] for k in plan.tracked])
+
+
+def _c_apply() -> Any:
+    """torch.autograd.Function's C-level apply bound to ElboFunction, or its
+    Python apply where torch's class layout is not the expected one."""
+    apply = getattr(super(torch.autograd.Function, ElboFunction), "apply", None)
+    if isinstance(apply, types.BuiltinMethodType) and apply.__self__ is ElboFunction:
+        return apply
+    return ElboFunction.apply
+
+
+# eager_elbo calls ElboFunction through APPLY, the C apply of
+# torch.autograd.Function: what Function.apply adds in Python is for
+# torch.func transforms, and elbo_loss takes the reference path whenever one
+# is active; the inputs are unwrapped (UNWRAP_IF_DEAD) as Function.apply
+# does.
+APPLY = _c_apply()
+
+
+UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
+
+
+class _ElboInplace(torch.autograd.Function):
+    """Autograd of the inplace op: the logits buffer becomes its own gradient.
+
+    recon_input is not marked dirty: its autograd history stays that of the
+    decoder output it is, so that views (logits.view(B, T, V)) work too (a
+    Function that marks a view dirty may return only one tensor). The
+    mutation bumps recon_input's version counter (the op declares it; the
+    eager path bumps it by hand): a node that saved the logits for its own
+    backward reports the overwrite.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        i = OpInputs(*inputs)
+        if torch.compiler.is_compiling():
+            outs = elbo_loss_inplace_op(*inputs)
+        else:
+            kernel = _kernels(i.recon_input.device)[1]
+            outs = kernel(*inputs)
+            torch.autograd.graph.increment_version(i.recon_input)
+        _save_context(ctx, i)
+        # outs: 5 scalars, grad_mu, grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar.
+        ctx.save_for_backward(i.recon_input, outs[5], outs[6], outs[8], outs[9], outs[7])
+        ctx.mark_non_differentiable(*outs[1:5])
+        return tuple(outs[:5])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
+        return tuple(_backward_common(ctx, ctx, grad_loss))
+
+
+def elbo_loss_traced(*args: Any) -> tuple[torch.Tensor, ...]:
+    """loss, recon, kl, kl_per_dim, beta (float64) of the op, with its
+    registered autograd: the path under torch.compile and on devices without
+    a native kernel (the op's default kernel is the reference)."""
+    return tuple(elbo_loss_op(*args)[:5])
+
+
+def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:
+    """The inplace op with autograd: loss, recon, kl, kl_per_dim, beta."""
+    return tuple(_ElboInplace.apply(*args))  # type: ignore[no-untyped-call]
