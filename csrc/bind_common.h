@@ -1,4 +1,4 @@
-// Python -> ElboParams. The Python layer (klanneal/_ops.py) passes the packed
+// Python -> ElboParams. The Python layer (klanneal/_kernels.py) passes the packed
 // call of klanneal/elbo_layout.h: pointers are Python ints (tensor.data_ptr(),
 // 0 for "none"), enums are ints, the schedule is 8 floats of the `floats`
 // array (ScheduleParams field order).

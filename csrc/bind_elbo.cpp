@@ -1,4 +1,4 @@
-// _C.elbo_forward_cpu: the packed ElboParams call from klanneal/_ops.py ->
+// _C.elbo_forward_cpu: the packed ElboParams call from klanneal/_kernels.py ->
 // launch_elbo_cpu, with the GIL released (the launcher runs on its own
 // worker threads and never calls back into Python); _C.elbo_layout: the
 // slot names of the packed call and the enum codes, defined once in C++.

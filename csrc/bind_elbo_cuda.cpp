@@ -1,5 +1,5 @@
 // _C.elbo_cuda_workspace_bytes / _C.elbo_forward_cuda: the CUDA entry points
-// of the fused ELBO op. klanneal/_ops.py allocates the outputs and the
+// of the fused ELBO op. klanneal/_kernels.py allocates the outputs and the
 // workspace as torch tensors on the inputs' device and passes raw pointers
 // and torch's current stream; nothing here knows about torch.
 #include "bind.h"

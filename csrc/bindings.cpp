@@ -1,6 +1,6 @@
 // klanneal._C: converts Python ints to pointers, fills the Params structs,
 // releases the GIL and calls the core. Tensors are checked and allocated in
-// Python (klanneal/_ops.py); nothing here knows about torch.
+// Python (klanneal/_kernels.py); nothing here knows about torch.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
