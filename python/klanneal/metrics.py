@@ -11,6 +11,9 @@ The numbers to watch for KL vanishing in a VAE with a strong decoder:
   paper's follow-ups. Zero when the code carries nothing about x.
 * :class:`PosteriorStats` -- both of the above and the KL per dimension,
   accumulated batch by batch over an evaluation loader.
+* :class:`CollapseMonitor` -- during training: the KL per dimension, an EMA
+  estimate of the active units and a collapse flag, streamed over the
+  training batches from the op's ``kl_per_dim`` (no host sync per batch).
 
 Every function takes ``mu`` and ``logvar`` of ``q(z|x) = N(mu, exp(logvar))``
 as ``[N, D]`` tensors (one row per data point) and computes in float64.
@@ -34,7 +37,14 @@ import torch
 
 from klanneal.reference import kl_per_element
 
-__all__ = ["PosteriorStats", "PosteriorSummary", "active_units", "mutual_information"]
+__all__ = [
+    "CollapseMonitor",
+    "CollapseWarning",
+    "PosteriorStats",
+    "PosteriorSummary",
+    "active_units",
+    "mutual_information",
+]
 
 #: Cov_x(E_q[z_d | x]) above this counts as active (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -412,3 +422,7 @@ class PosteriorStats:
             f"PosteriorStats(n={self.n}, threshold={self.threshold}, "
             f"collapse_threshold={self.collapse_threshold}, mi_points={self.mi_points})"
         )
+
+
+# Streamed over the training batches: defined in its own module.
+from klanneal._monitor import CollapseMonitor, CollapseWarning  # noqa: E402

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from klanneal import _validate
+from klanneal._controller import KLController, controller_kl
 from klanneal._host_schedules import as_schedule
+from klanneal._sizing import ScheduleLengthWarning, cycles_end, past_end_message
 from klanneal.elbo import elbo_loss
 from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
@@ -48,7 +50,15 @@ class ELBOLoss(nn.Module):
     (``strict=False``). A model that gains an ELBOLoss submodule gains its
     ``current_step`` and ``_extra_state`` keys (docs/elbo.md shows how to
     load older checkpoints). ``forward`` warns once if it runs 1000 times
-    in training mode without a ``step()``: the schedule would be frozen.
+    in training mode without a ``step()``: the schedule would be frozen;
+    and once (``klanneal.schedules.ScheduleLengthWarning``) the first time
+    it runs in training mode past the end of a cyclical schedule's cycles.
+
+    With a :class:`klanneal.schedules.KLController` as the schedule, every
+    call in training mode feeds the controller this call's detached KL per
+    example (``out.kl`` under "batchmean", ``out.kl / B`` under "sum", its
+    mean under "none"); the next call uses the beta it gives. Its running
+    state is saved in the state_dict with the schedules and restored on load.
 
     Args:
         schedule: a klanneal.schedules object, a list / 1-D array of beta per
@@ -121,6 +131,10 @@ class ELBOLoss(nn.Module):
         self.register_buffer("current_step", torch.zeros((), dtype=torch.int64))
         self._calls_since_step = 0
         self._warned_stepless = False
+        # current_step as an int, counted by step() (None: read it when needed);
+        # the past-the-end warning reads it without a device sync per call.
+        self._host_step: Optional[int] = None
+        self._warned_past_end = False
         self._schedule_mismatch: Optional[str] = None
         self.register_load_state_dict_post_hook(  # type: ignore[no-untyped-call]
             ELBOLoss._report_schedule_mismatch
@@ -136,7 +150,7 @@ class ELBOLoss(nn.Module):
         prior_logvar: Optional[torch.Tensor] = None,
     ) -> ELBOOutput:
         """Loss at the current step; see ``klanneal.elbo_loss`` for shapes and the result."""
-        return elbo_loss(
+        out = elbo_loss(
             recon_input,
             target,
             mu,
@@ -149,6 +163,13 @@ class ELBOLoss(nn.Module):
             inplace=self.inplace,
             **self._step_options(),
         )
+        self._feed_controller(out, mu)
+        return out
+
+    def _feed_controller(self, out: ELBOOutput, mu: torch.Tensor) -> None:
+        """A KLController schedule gets this training call's KL per example."""
+        if self.training and isinstance(self.schedule, KLController):
+            self.schedule.update(controller_kl(out.kl, self.reduction, mu.shape[0]))
 
     def _step_options(self) -> dict[str, Any]:
         """The options both forwards pass on: the step (when a schedule needs it),
@@ -156,7 +177,11 @@ class ELBOLoss(nn.Module):
         training call towards the missing-step() warning."""
         scheduled = _validate.is_schedule(self.schedule) or _validate.is_schedule(self.capacity)
         if self.training and scheduled and not torch.compiler.is_compiling():
-            self._count_stepless_call()
+            # A controller moves with the KL it is fed, not with step().
+            if _validate.is_schedule(self.capacity) or not isinstance(self.schedule, KLController):
+                self._count_stepless_call()
+            if not self._warned_past_end:
+                self._check_schedule_end()
         return dict(
             step=self.current_step if scheduled else None,
             capacity=self.capacity,
@@ -181,11 +206,27 @@ class ELBOLoss(nn.Module):
                 stacklevel=3,
             )
 
+    def _check_schedule_end(self) -> None:
+        schedule = self.schedule
+        end = cycles_end(schedule)
+        if end is None or not isinstance(schedule, Schedule):
+            return
+        if self._host_step is None:  # once (a sync on GPU); then step() counts
+            self.__dict__["_host_step"] = int(self.current_step)
+        step = self._host_step
+        if step is not None and step >= end:
+            self._warned_past_end = True
+            warnings.warn(
+                past_end_message(schedule, step, end), ScheduleLengthWarning, stacklevel=3
+            )
+
     @torch.no_grad()
     def step(self) -> None:
         """Advances the schedule by one step (call once per optimizer step)."""
         self.current_step.add_(1)
         self._calls_since_step = 0
+        if self._host_step is not None:
+            self.__dict__["_host_step"] = self._host_step + 1
 
     @torch.no_grad()
     def set_step(self, step: Union[int, torch.Tensor]) -> None:
@@ -198,6 +239,7 @@ class ELBOLoss(nn.Module):
             raise ValueError(f"step must be >= 0 and < 2**63 (the int64 step counter), got {value}")
         self.current_step.fill_(value)
         self._calls_since_step = 0
+        self._host_step = value
 
     @property
     def beta(self) -> float:
@@ -210,13 +252,19 @@ class ELBOLoss(nn.Module):
         def describe(s: Any) -> Any:
             if s is None or not _validate.is_schedule(s):
                 return s
+            if isinstance(s, KLController):  # its arguments; the running state apart
+                return s.state_dict(running=False)
             return s.state_dict()  # field names: a mismatch can name what differs
 
         return {"schedule": describe(self.schedule), "capacity": describe(self.capacity)}
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The schedules' ``state_dict()``s, saved in the state_dict next to ``current_step``."""
-        return self._schedules_state()
+        """The schedules' ``state_dict()``s, saved in the state_dict next to
+        ``current_step`` (and a KLController's running state, as "controller")."""
+        state = self._schedules_state()
+        if isinstance(self.schedule, KLController):
+            state["controller"] = self.schedule.state_dict()["state"]
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         """Checked in ``_load_from_state_dict`` (which reports a mismatch)."""
@@ -232,8 +280,15 @@ class ELBOLoss(nn.Module):
         error_msgs: list[str],
     ) -> None:
         saved = state_dict.get(prefix + "_extra_state")
+        self._host_step = None  # current_step is about to be overwritten
+        running = saved.get("controller") if isinstance(saved, dict) else None
+        if isinstance(saved, dict) and running is not None:
+            saved = {key: value for key, value in saved.items() if key != "controller"}
         if saved is not None:
             differences = _schedule_differences(saved, self._schedules_state())
+            if running is not None and not differences and isinstance(self.schedule, KLController):
+                config = self.schedule.state_dict(running=False)
+                self.schedule.load_state_dict({**config, "state": running})
             if differences:
                 message = (
                     f"{prefix[:-1] or 'ELBOLoss'}: the checkpoint was saved with different "
@@ -373,7 +428,7 @@ class LinearELBOLoss(ELBOLoss):
         linear = self.__dict__["linear"]
         weight = self.__dict__["_weight"] if linear is None else linear.weight
         bias = self.__dict__["_bias"] if linear is None else linear.bias
-        return linear_elbo_loss(
+        out = linear_elbo_loss(
             hidden,
             weight,
             target,
@@ -386,6 +441,8 @@ class LinearELBOLoss(ELBOLoss):
             chunk_size=self.chunk_size,
             **self._step_options(),
         )
+        self._feed_controller(out, mu)
+        return out
 
     def extra_repr(self) -> str:
         return (

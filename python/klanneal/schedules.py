@@ -51,11 +51,13 @@ __all__ = [
     "Cyclical",
     "CyclicalCosineLR",  # noqa: F822 - defined lazily by __getattr__
     "FromArray",
+    "KLController",  # noqa: F822 - defined lazily by __getattr__
     "LinearWarmup",
     "Logistic",
     "Monotonic",
     "Offset",
     "Schedule",
+    "ScheduleLengthWarning",
     "frange_cycle_cosine",
     "frange_cycle_linear",
     "frange_cycle_sigmoid",
@@ -846,6 +848,25 @@ class Cyclical(Schedule):
         """Steps per cycle, ``total_steps / n_cycles``."""
         return self.total_steps / self.n_cycles
 
+    @classmethod
+    def for_trainer(cls, trainer: Any, **kwargs: Any) -> Cyclical:
+        """A Cyclical spanning the optimizer steps a Lightning ``trainer``
+        plans (``trainer.estimated_stepping_batches``), e.g. in
+        ``configure_optimizers``: ``self.criterion.schedule =
+        Cyclical.for_trainer(self.trainer, n_cycles=4)``.
+
+        Args:
+            trainer: a Lightning Trainer that is fitting (its planned steps are known).
+            kwargs: the other arguments of :class:`Cyclical`.
+
+        Raises:
+            TypeError: ``trainer`` is not a Lightning Trainer.
+            ValueError: it plans no finite number of steps, or an argument is invalid.
+        """
+        from klanneal._sizing import planned_steps
+
+        return cls(planned_steps(trainer), **kwargs)
+
 
 class Capacity(Schedule):
     """Target KL C(t) of the capacity objective ``gamma * |KL - C(t)|`` (Burgess et al. 2018).
@@ -985,12 +1006,17 @@ def plot_schedules(curves: Sequence[tuple[str, Schedule]], steps: int, title: An
 
 
 def __getattr__(name: str) -> Any:
-    # CyclicalCosineLR subclasses torch's LRScheduler: imported on first use,
-    # so that importing the schedules does not import torch.
+    # CyclicalCosineLR subclasses torch's LRScheduler and KLController holds
+    # tensors: imported on first use, so that importing the schedules does
+    # not import torch.
     if name == "CyclicalCosineLR":
         from klanneal._lr import CyclicalCosineLR
 
         return CyclicalCosineLR
+    if name == "KLController":  # a feedback controller on torch tensors
+        from klanneal._controller import KLController
+
+        return KLController
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -1002,3 +1028,4 @@ from klanneal._host_schedules import (  # noqa: E402, F401 - re-exported
     Logistic,
     Offset,
 )
+from klanneal._sizing import ScheduleLengthWarning  # noqa: E402, F401 - re-exported
