@@ -3,6 +3,7 @@ attachment: the gradients computed in the forward pass, scaled by grad_output.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -15,6 +16,14 @@ _DOUBLE_BACKWARD = (
     "of their own. Use klanneal.elbo_loss_ref for losses that need second derivatives."
 )
 
+
+# Positions of the op's inputs (OpInputs) in the gradient list backward returns.
+_IN_RECON, _IN_TARGET, _IN_MU, _IN_LOGVAR, _IN_BETA = (
+    OpInputs._fields.index(name) for name in ("recon_input", "target", "mu", "logvar", "beta")
+)
+_IN_PRIOR_MU, _IN_PRIOR_LOGVAR = (
+    OpInputs._fields.index(name) for name in ("prior_mu", "prior_logvar")
+)
 
 _SECOND_BACKWARD = (
     "klanneal.elbo_loss: a second backward through the same graph (retain_graph=True) is "
@@ -38,85 +47,122 @@ def _backward_common(
     """Gradients of the op's inputs in schema order (OpInputs): the saved ones
     times grad_loss; beta's is grad_loss times d loss / d beta (kl_weight).
 
-    ctx.saved_tensors: grad_recon, grad_mu, grad_logvar, grad_prior_mu,
-    grad_prior_logvar, kl_weight. state (ctx itself for the op, in eager
-    mode the copy of the call's EagerPlan that ElboFunction keeps on ctx):
-    reduction, asked (the 5 gradients the forward computed), recon_dtype,
-    latent_dtype, grad_recon_input, grad_target, grad_beta, scaled_in_place.
+    ctx.saved_tensors: the gradients named in SAVED (grad_recon, grad_mu,
+    grad_logvar, grad_prior_mu, grad_prior_logvar), then kl_weight. state
+    (ctx itself for the op, in eager mode the copy of the call's EagerPlan
+    that ElboFunction keeps on ctx): reduction, asked (the 5 gradients the
+    forward computed), recon_dtype, latent_dtype, grad_recon_input,
+    grad_target, grad_beta, scaled_in_place.
 
     Eager, the saved gradients are scaled in place (no second logits-sized
     buffer), after which they cannot serve another backward; when grad_loss
     is exactly 1 on CPU they are returned untouched. Under tracing
     (torch.compile, opcheck) the product is out of place.
     """
-    if state.scaled_in_place:
-        raise RuntimeError(_SECOND_BACKWARD)
+    check_backward(state, _SECOND_BACKWARD)
     none: list[Optional[torch.Tensor]] = [None] * _N_INPUTS
     if grad_loss is None:  # only non-differentiable outputs reached this node
         return none
-    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-    if eager and torch.is_grad_enabled():
-        # Backward runs in grad mode only under create_graph=True: the result
-        # would be a gradient without a graph, silently wrong for whatever
-        # differentiates it again.
-        raise RuntimeError(_DOUBLE_BACKWARD)
-    saved = ctx.saved_tensors
-    skip = eager and _is_one(grad_loss)
-    # Saved gradients handed out as they are (an earlier backward's grad_loss
-    # was exactly 1) may be held by the caller (torch.autograd.grad's result,
-    # a hook's argument): a later backward through the retained graph scales
-    # them out of place instead of overwriting what the caller holds.
-    in_place = eager and not getattr(ctx, "handed_out", False)
-    grads: list[Optional[torch.Tensor]]
-    if skip:
-        ctx.handed_out = True
-        grads = [g if asked else None for g, asked in zip(saved[:5], state.asked)]
-    else:
-        grads = []
-        for grad, asked in zip(saved[:5], state.asked):
-            if not asked:
-                grads.append(None)
-            elif state.reduction == "none":
-                # grad_loss is [B]: it scales each example's slice.
-                factor = grad_loss.reshape(-1, 1)
-                if in_place:
-                    grad.view(factor.shape[0], -1).mul_(factor)
-                    grads.append(grad)
-                else:
-                    grads.append(
-                        (grad.view(factor.shape[0], -1) * factor).to(grad.dtype).view(grad.shape)
-                    )
-            elif in_place:
-                grads.append(grad.mul_(grad_loss))
-            else:
-                grads.append((grad * grad_loss).to(grad.dtype))
-        if in_place:
-            state.scaled_in_place = True
+    eager = check_eager(grad_loss, _DOUBLE_BACKWARD)
+    *saved, kl_weight = ctx.saved_tensors  # the SAVED gradients, then kl_weight
+    grads, in_place = scale_saved(ctx, state, saved, state.asked, grad_loss, state.reduction, eager)
     # fp16/bf16 inputs: the gradients were kept in fp32 up to here.
     if state.recon_dtype not in FULL_PRECISION and grads[0] is not None:
         grads[0] = grads[0].to(state.recon_dtype)
     if state.latent_dtype not in FULL_PRECISION:
         grads[1:] = [None if g is None else g.to(state.latent_dtype) for g in grads[1:]]
-    # A gaussian/mse target that requires grad: d loss / d target = -d loss / d recon_input.
-    grad_target = None
-    if state.grad_target and grads[0] is not None:
-        if state.grad_recon_input:
-            grad_target = -grads[0]
-        elif in_place:
-            # Negated in place (no second logits-sized buffer): if that is the
-            # saved gradient, it cannot serve another backward.
-            if grads[0] is saved[0]:
-                state.scaled_in_place = True
-            grad_target, grads[0] = grads[0].neg_(), None
-        else:
-            grad_target, grads[0] = -grads[0], None
+    grad_recon, grad_target = _target_grad(state, grads[0], saved[0], in_place)
     out = none
-    out[0], out[1], out[2], out[3] = grads[0], grad_target, grads[1], grads[2]
-    out[8], out[9] = grads[3], grads[4]
+    out[_IN_RECON], out[_IN_TARGET] = grad_recon, grad_target
+    out[_IN_MU], out[_IN_LOGVAR], out[_IN_PRIOR_MU], out[_IN_PRIOR_LOGVAR] = grads[1:]
     if state.grad_beta:
         # A learnable beta (GECO, a Lagrange multiplier): d loss / d beta = the KL term.
-        out[4] = (grad_loss.to(torch.float64) * saved[5].to(torch.float64)).sum()
+        out[_IN_BETA] = (grad_loss.to(torch.float64) * kl_weight.to(torch.float64)).sum()
     return out
+
+
+def check_backward(state: Any, second_backward: str) -> None:
+    """Refuses a backward after one that scaled the saved gradients in place."""
+    if state.scaled_in_place:
+        raise RuntimeError(second_backward)
+
+
+def check_eager(grad: torch.Tensor, double_backward: str) -> bool:
+    """Whether this backward runs eagerly (not traced); refuses double backward.
+
+    Backward runs in grad mode only under create_graph=True: the result
+    would be a gradient without a graph, silently wrong for whatever
+    differentiates it again.
+    """
+    eager = type(grad) is torch.Tensor and not torch.compiler.is_compiling()
+    if eager and torch.is_grad_enabled():
+        raise RuntimeError(double_backward)
+    return eager
+
+
+def scale_saved(
+    ctx: Any,
+    state: Any,
+    saved: Sequence[torch.Tensor],
+    asked: Sequence[bool],
+    grad: torch.Tensor,
+    reduction: str,
+    eager: bool,
+) -> tuple[list[Optional[torch.Tensor]], bool]:
+    """The saved gradients (those ``asked``; None for the others) times the
+    upstream ``grad``, and whether they were scaled in place.
+
+    Eager, they are scaled in place (no second logits-sized buffer), after
+    which they cannot serve another backward (``state.scaled_in_place``);
+    when ``grad`` is exactly 1 on the CPU they are handed out untouched.
+    Gradients handed out so (``ctx.handed_out``) may be held by the caller
+    (torch.autograd.grad's result, a hook's argument): a later backward
+    through the retained graph scales them out of place. Traced
+    (torch.compile, opcheck), always out of place.
+    """
+    in_place = eager and not getattr(ctx, "handed_out", False)
+    if eager and _is_one(grad):
+        ctx.handed_out = True
+        return [g if a else None for g, a in zip(saved, asked)], in_place
+    grads = [_scaled(g, grad, reduction, in_place) if a else None for g, a in zip(saved, asked)]
+    if in_place:
+        state.scaled_in_place = True
+    return grads, in_place
+
+
+def _scaled(
+    grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str, in_place: bool
+) -> torch.Tensor:
+    """A saved gradient times grad_loss ([B] under reduction "none": each
+    example's slice by its own), in place or not."""
+    if reduction == "none":
+        factor = grad_loss.reshape(-1, 1)
+        rows = grad.view(factor.shape[0], -1)
+        if in_place:
+            rows.mul_(factor)
+            return grad
+        return (rows * factor).to(grad.dtype).view(grad.shape)
+    if in_place:
+        return grad.mul_(grad_loss)
+    return (grad * grad_loss).to(grad.dtype)
+
+
+def _target_grad(
+    state: Any, grad: Optional[torch.Tensor], saved: torch.Tensor, in_place: bool
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(recon_input's gradient, target's): a gaussian/mse target that requires
+    grad gets d loss / d target = -d loss / d recon_input."""
+    if not state.grad_target or grad is None:
+        return grad, None
+    if state.grad_recon_input:
+        return grad, -grad
+    if in_place:
+        # Negated in place (no second logits-sized buffer): if that is the
+        # saved gradient, it cannot serve another backward.
+        if grad is saved:
+            state.scaled_in_place = True
+        return None, grad.neg_()
+    return None, -grad
 
 
 def _save_context(ctx: Any, i: OpInputs) -> None:

@@ -19,8 +19,30 @@ import torch
 from klanneal._autograd import _backward_common, _is_one, _save_context
 from klanneal._buffers import _grad_recon_buffer, _latent_grads, _scalar_outputs
 from klanneal._kernels import _kernels, _run_kernel
-from klanneal._layout import FULL_PRECISION, ElboOptions, OpInputs, grad_dtype, result_dtype
+from klanneal._layout import (
+    FULL_PRECISION,
+    SAVED,
+    ElboOptions,
+    InplaceOutputs,
+    OpInputs,
+    Outputs,
+    Results,
+    grad_dtype,
+    result_dtype,
+)
 from klanneal._registration import elbo_loss_inplace_op, elbo_loss_op
+
+# eager_elbo's inputs, in its order (a subset of the op's OpInputs).
+EAGER_INPUTS = ("recon_input", "target", "mu", "logvar", "beta", "prior_mu", "prior_logvar")
+# Each eager input's position among the op's inputs, and among the saved
+# gradients (SAVED; None: an input without one of its own: target's is
+# -grad_recon, beta's comes from kl_weight).
+_OP_INDEX = tuple(OpInputs._fields.index(name) for name in EAGER_INPUTS)
+_GRAD_NAME = {"recon_input": "grad_recon", "mu": "grad_mu", "logvar": "grad_logvar",
+              "prior_mu": "grad_prior_mu", "prior_logvar": "grad_prior_logvar"}  # fmt: skip
+_SAVED_INDEX = tuple(
+    SAVED.index(_GRAD_NAME[name]) if name in _GRAD_NAME else None for name in EAGER_INPUTS
+)
 
 
 class EagerPlan:
@@ -56,8 +78,7 @@ class EagerPlan:
         gaussian/mse target that requires grad gets -grad_recon."""
         self.asked = eager_need(requires)
         self.tracked = tuple(k for k, r in enumerate(requires) if r)
-        index = (0, None, 1, 2, None, 3, 4)
-        saved = [index[k] for k in self.tracked]
+        saved = [_SAVED_INDEX[k] for k in self.tracked]
         full = recon_dtype in FULL_PRECISION and latent_dtype in FULL_PRECISION
         self.saved_index = None if None in saved or not full else tuple(saved)
         self.dtype = result_dtype(recon_dtype, latent_dtype)
@@ -84,7 +105,8 @@ def eager_need(requires: tuple[bool, ...]) -> tuple[bool, bool, bool, bool, bool
     """The gradients the kernel computes (recon_input, mu, logvar, prior_mu,
     prior_logvar) for the requires-grad flags of eager_elbo's inputs: a
     gaussian/mse target that requires grad gets -grad_recon."""
-    return (requires[0] or requires[1], requires[2], requires[3], requires[5], requires[6])
+    recon_input, target, mu, logvar, _, prior_mu, prior_logvar = requires  # EAGER_INPUTS
+    return (recon_input or target, mu, logvar, prior_mu, prior_logvar)
 
 
 def eager_elbo(
@@ -182,7 +204,7 @@ class ElboFunction(torch.autograd.Function):
         ctx.plan = state = plan.scaled()
         out = _backward_common(ctx, state, grad_loss)
         # OpInputs order -> eager_elbo's inputs order, then the tracked ones.
-        full = (out[0], out[1], out[2], out[3], out[4], out[8], out[9])
+        full = [out[k] for k in _OP_INDEX]
         return (None, *[full[k] for k in plan.tracked])
 
 
@@ -227,23 +249,28 @@ class _ElboInplace(torch.autograd.Function):
             outs = kernel(*inputs)
             torch.autograd.graph.increment_version(i.recon_input)
         _save_context(ctx, i)
-        # outs: 5 scalars, grad_mu, grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar.
-        ctx.save_for_backward(i.recon_input, outs[5], outs[6], outs[8], outs[9], outs[7])
-        ctx.mark_non_differentiable(*outs[1:5])
-        return tuple(outs[:5])
+        out = InplaceOutputs(*outs)
+        # In SAVED order (recon_input holds its gradient now), then kl_weight.
+        ctx.save_for_backward(
+            i.recon_input, out.grad_mu, out.grad_logvar, out.grad_prior_mu,
+            out.grad_prior_logvar, out.kl_weight,
+        )  # fmt: skip
+        ctx.mark_non_differentiable(out.recon, out.kl, out.kl_per_dim, out.beta)
+        return out.loss, out.recon, out.kl, out.kl_per_dim, out.beta
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
         return tuple(_backward_common(ctx, ctx, grad_loss))
 
 
-def elbo_loss_traced(*args: Any) -> tuple[torch.Tensor, ...]:
+def elbo_loss_traced(*args: Any) -> Results:
     """loss, recon, kl, kl_per_dim, beta (float64) of the op, with its
     registered autograd: the path under torch.compile and on devices without
     a native kernel (the op's default kernel is the reference)."""
-    return tuple(elbo_loss_op(*args)[:5])
+    out = Outputs(*elbo_loss_op(*args))
+    return Results(out.loss, out.recon, out.kl, out.kl_per_dim, out.beta)
 
 
-def elbo_loss_inplace(*args: Any) -> tuple[torch.Tensor, ...]:
+def elbo_loss_inplace(*args: Any) -> Results:
     """The inplace op with autograd: loss, recon, kl, kl_per_dim, beta."""
-    return tuple(_ElboInplace.apply(*args))  # type: ignore[no-untyped-call]
+    return Results(*_ElboInplace.apply(*args))  # type: ignore[no-untyped-call]

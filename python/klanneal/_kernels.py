@@ -136,26 +136,39 @@ def _launch(
     return scalars, grads
 
 
-def _schema_outputs(
-    scalars: tuple[torch.Tensor, ...], grads: tuple[Optional[torch.Tensor], ...], inplace: bool
+def _outputs(
+    scalars: tuple[torch.Tensor, ...], grads: tuple[Optional[torch.Tensor], ...]
 ) -> Outputs:
-    """The op's outputs: loss, recon, kl, kl_per_dim, beta, [grad_recon,] grad_mu,
-    grad_logvar, kl_weight, grad_prior_mu, grad_prior_logvar (an empty tensor
-    for a gradient not asked for)."""
-    full = tuple(scalars[0].new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
-    return scalars[:5] + full[1 if inplace else 0 : 3] + scalars[5:] + full[3:]
+    """The op's Outputs from the 6 scalars (loss, recon, kl, kl_per_dim, beta,
+    kl_weight) and the 5 gradients (None: not asked for, an empty tensor)."""
+    loss, recon, kl, kl_per_dim, beta, kl_weight = scalars
+    g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar = (
+        loss.new_empty(0, dtype=torch.float32) if g is None else g for g in grads
+    )
+    return Outputs(
+        loss, recon, kl, kl_per_dim, beta, g_recon, g_mu, g_logvar, kl_weight, g_prior_mu,
+        g_prior_logvar,
+    )  # fmt: skip
+
+
+def _inplace_outputs(
+    scalars: tuple[torch.Tensor, ...], grads: tuple[Optional[torch.Tensor], ...]
+) -> InplaceOutputs:
+    """The inplace op's outputs: _outputs without grad_recon (written over recon_input)."""
+    full = _outputs(scalars, grads)
+    return InplaceOutputs(*(getattr(full, name) for name in InplaceOutputs._fields))
 
 
 def _native_kernel(*args: Any, **kwargs: Any) -> Outputs:
     i = OpInputs(*args, **kwargs)
     need_recon = ElboOptions.unpack(i.floats, i.ints).need_grads[0]
     grad_recon = _grad_recon_buffer(i.recon_input) if need_recon else None
-    return _schema_outputs(*_launch(i, grad_recon), inplace=False)
+    return _outputs(*_launch(i, grad_recon))
 
 
 def _native_inplace_kernel(*args: Any, **kwargs: Any) -> InplaceOutputs:
     i = OpInputs(*args, **kwargs)
-    return _schema_outputs(*_launch(i, i.recon_input), inplace=True)
+    return _inplace_outputs(*_launch(i, i.recon_input))
 
 
 def _reference_outputs(i: OpInputs) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -232,14 +245,14 @@ def _reference_kernel(*args: Any, **kwargs: Any) -> Outputs:
     The default kernel: devices without a native one (and builds without
     _C) get the same outputs, the gradients taken with torch.autograd.grad.
     """
-    return _schema_outputs(*_reference_outputs(OpInputs(*args, **kwargs)), inplace=False)
+    return _outputs(*_reference_outputs(OpInputs(*args, **kwargs)))
 
 
 def _reference_inplace_kernel(*args: Any, **kwargs: Any) -> InplaceOutputs:
     i = OpInputs(*args, **kwargs)
     scalars, grads = _reference_outputs(i)
     i.recon_input.copy_(grads[0].to(i.recon_input.dtype))
-    return _schema_outputs(scalars, grads, inplace=True)
+    return _inplace_outputs(scalars, grads)
 
 
 def _kernels(device: torch.device) -> tuple[Any, Any]:

@@ -3,8 +3,8 @@
 The scalar options travel to the op as two lists, ``floats`` and ``ints``,
 whose slot layout is defined in C++ (csrc/include/klanneal/elbo_layout.h) and
 exported by ``_C.elbo_layout()``; :class:`ElboOptions` is the only code that
-packs or reads them, by name. :class:`OpInputs` and :class:`OpOutputs` name
-the op's schema positions.
+packs or reads them, by name. :class:`OpInputs` and :class:`Outputs` name
+the op's schema positions: no code reads them by number.
 """
 
 from __future__ import annotations
@@ -287,10 +287,53 @@ def result_dtype(recon_dtype: torch.dtype, latent_dtype: torch.dtype) -> torch.d
     return dtype if dtype in FULL_PRECISION else torch.float32
 
 
-Outputs = tuple[torch.Tensor, ...]  # the op's 11 outputs (see _schema_outputs)
+class Outputs(NamedTuple):
+    """klanneal::elbo_loss's outputs in schema order: the five results (float64),
+    the gradients computed in the forward pass (an empty tensor for one not
+    asked for) and d loss / d beta per loss element (kl_weight)."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    beta: torch.Tensor
+    grad_recon: torch.Tensor
+    grad_mu: torch.Tensor
+    grad_logvar: torch.Tensor
+    kl_weight: torch.Tensor
+    grad_prior_mu: torch.Tensor
+    grad_prior_logvar: torch.Tensor
 
 
-InplaceOutputs = tuple[torch.Tensor, ...]  # the inplace op's 10: no grad_recon
+class Results(NamedTuple):
+    """The five results every path of klanneal.elbo_loss returns (ELBOOutput's fields)."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    beta: torch.Tensor
+
+
+# What the op's autograd saves for backward, in this order: the gradients of
+# recon_input, mu, logvar, prior_mu, prior_logvar, then kl_weight.
+SAVED = ("grad_recon", "grad_mu", "grad_logvar", "grad_prior_mu", "grad_prior_logvar")
+
+
+class InplaceOutputs(NamedTuple):
+    """klanneal::elbo_loss_inplace's outputs: Outputs without grad_recon (written
+    over recon_input)."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    beta: torch.Tensor
+    grad_mu: torch.Tensor
+    grad_logvar: torch.Tensor
+    kl_weight: torch.Tensor
+    grad_prior_mu: torch.Tensor
+    grad_prior_logvar: torch.Tensor
 
 
 class OpInputs(NamedTuple):

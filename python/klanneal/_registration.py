@@ -23,13 +23,14 @@ import torch
 from klanneal._autograd import _backward_common, _save_context
 from klanneal._buffers import _latent_grads, _op_scalars
 from klanneal._kernels import (
+    _inplace_outputs,
     _native_inplace_kernel,
     _native_kernel,
+    _outputs,
     _reference_inplace_kernel,
     _reference_kernel,
-    _schema_outputs,
 )
-from klanneal._layout import ElboOptions, InplaceOutputs, OpInputs, Outputs, grad_dtype
+from klanneal._layout import SAVED, ElboOptions, InplaceOutputs, OpInputs, Outputs, grad_dtype
 
 try:
     from klanneal import _C
@@ -42,37 +43,26 @@ _ARGS = (
     "float[] floats, int[] ints, Tensor? prior_mu=None, Tensor? prior_logvar=None, "
     "Tensor? global_kl_per_dim=None"
 )
-
-
-torch.library.define("klanneal::elbo_loss", f"({_ARGS}) -> ({', '.join(['Tensor'] * 11)})")
-
-
+_RETURNS = ", ".join(["Tensor"] * len(Outputs._fields))
+_INPLACE_RETURNS = ", ".join(["Tensor"] * len(InplaceOutputs._fields))
+torch.library.define("klanneal::elbo_loss", f"({_ARGS}) -> ({_RETURNS})")
 torch.library.define(
     "klanneal::elbo_loss_inplace",
-    f"({_ARGS.replace('Tensor recon_input', 'Tensor(a!) recon_input')}) -> "
-    f"({', '.join(['Tensor'] * 10)})",
+    f"({_ARGS.replace('Tensor recon_input', 'Tensor(a!) recon_input')}) -> ({_INPLACE_RETURNS})",
 )
-
-
 elbo_loss_op = torch.ops.klanneal.elbo_loss.default
-
-
 elbo_loss_inplace_op = torch.ops.klanneal.elbo_loss_inplace.default
 
-
 torch.library.impl("klanneal::elbo_loss", "default")(_reference_kernel)
-
-
 torch.library.impl("klanneal::elbo_loss_inplace", "default")(_reference_inplace_kernel)
-
-
 if _C is not None:
     for _device in ("cpu", "cuda"):
         torch.library.impl("klanneal::elbo_loss", _device)(_native_kernel)
         torch.library.impl("klanneal::elbo_loss_inplace", _device)(_native_inplace_kernel)
 
 
-def _fake_outputs(i: OpInputs, inplace: bool) -> Outputs:
+def _fake_grads(i: OpInputs) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The op's scalars and gradients as shapes and dtypes only (torch.compile's trace)."""
     args = ElboOptions.unpack(i.floats, i.ints)
     recon_input = i.recon_input
     grad_recon = recon_input.new_empty(
@@ -83,25 +73,24 @@ def _fake_outputs(i: OpInputs, inplace: bool) -> Outputs:
         g if g is not None else i.mu.new_empty(0, dtype=grad_dtype(i.mu.dtype))
         for g in _latent_grads(i.mu, args.need_grads)
     )
-    return _schema_outputs(scalars, (grad_recon,) + latent, inplace)
+    return scalars, (grad_recon, *latent)
 
 
 @torch.library.register_fake("klanneal::elbo_loss")  # type: ignore[untyped-decorator]
 def _elbo_loss_fake(*args: Any, **kwargs: Any) -> Outputs:
-    return _fake_outputs(OpInputs(*args, **kwargs), inplace=False)
+    return _outputs(*_fake_grads(OpInputs(*args, **kwargs)))
 
 
 @torch.library.register_fake("klanneal::elbo_loss_inplace")  # type: ignore[untyped-decorator]
 def _elbo_loss_inplace_fake(*args: Any, **kwargs: Any) -> InplaceOutputs:
-    return _fake_outputs(OpInputs(*args, **kwargs), inplace=True)
+    return _inplace_outputs(*_fake_grads(OpInputs(*args, **kwargs)))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    i = OpInputs(*inputs)
-    _save_context(ctx, i)
-    # grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar, kl_weight.
-    ctx.save_for_backward(*output[5:8], *output[9:11], output[8])
-    ctx.mark_non_differentiable(*output[1:])
+    _save_context(ctx, OpInputs(*inputs))
+    out = Outputs(*output)
+    ctx.save_for_backward(*(getattr(out, name) for name in SAVED), out.kl_weight)
+    ctx.mark_non_differentiable(*(t for t in out if t is not out.loss))
 
 
 def _backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:

@@ -314,11 +314,11 @@ def elbo_loss(
             outs = _ops.elbo_loss_traced(*args)
         dtype = _ops.result_dtype(recon_input.dtype, mu.dtype)
         return ELBOOutput(
-            outs[0].to(dtype),
-            outs[1].detach().to(dtype),
-            outs[2].detach().to(dtype),
-            outs[3].detach().to(dtype),
-            outs[4].detach().to(dtype),
+            outs.loss.to(dtype),
+            outs.recon.detach().to(dtype),
+            outs.kl.detach().to(dtype),
+            outs.kl_per_dim.detach().to(dtype),
+            outs.beta.detach().to(dtype),
         )
     assert plan is not None
     inputs = (recon_input, target, mu, logvar, beta_tensor, prior_mu, prior_logvar)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from klanneal import _ops, _validate
+from klanneal._autograd import check_backward, check_eager, scale_saved
 from klanneal.elbo import _reference_only, elbo_loss
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule
@@ -219,7 +220,18 @@ def _raise_bad_class(found: Any, vocab: int, ignore_index: int) -> None:
     )
 
 
-Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+class LinearOutputs(NamedTuple):
+    """klanneal::linear_nll's outputs: the recon term (float64, under the
+    reduction) and the gradients computed in the forward pass (empty when
+    not asked for, and under reduction "none")."""
+
+    recon: torch.Tensor
+    grad_hidden: torch.Tensor
+    grad_weight: torch.Tensor
+    grad_bias: torch.Tensor
+
+
+Outputs = LinearOutputs
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -315,7 +327,7 @@ def _native_kernel(*args: Any) -> Outputs:
         grads[2].zero_()
     else:
         _chunks(hidden, weight, bias, target, row_weight, opts, row_loss, grads)
-    return (_reduce_rows(row_loss, opts), *grads)
+    return LinearOutputs(_reduce_rows(row_loss, opts), *grads)
 
 
 def _chunks(
@@ -425,7 +437,8 @@ def _reference_kernel(*args: Any) -> Outputs:
             outs.append(grads.pop(0).contiguous())
         else:
             outs.append(hidden.new_empty(0, dtype=compute))
-    return (_reduce_rows(row_loss.detach(), opts), outs[0], outs[1], outs[2])
+    grad_hidden, grad_weight, grad_bias = outs
+    return LinearOutputs(_reduce_rows(row_loss.detach(), opts), grad_hidden, grad_weight, grad_bias)
 
 
 # ---- registration ------------------------------------------------------------------
@@ -449,7 +462,7 @@ def _linear_nll_fake(*args: Any) -> Outputs:
     compute = _ops.grad_dtype(hidden.dtype)
     shape = (opts.batch,) if opts.reduction == "none" else ()
     need_hidden, need_weight, need_bias = opts.op_grads
-    return (
+    return LinearOutputs(
         hidden.new_empty(shape, dtype=torch.float64),
         hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=compute),
         hidden.new_empty(weight.shape if need_weight else (0,), dtype=compute),
@@ -503,41 +516,25 @@ def _backward_common(ctx: Any, grad_recon: Optional[torch.Tensor]) -> list[Optio
     reduction="none" they are computed here (see _save).
     """
     opts: LinearOptions = ctx.opts
-    if ctx.scaled_in_place:
-        raise RuntimeError(_SECOND_BACKWARD)
+    check_backward(ctx, _SECOND_BACKWARD)
     if grad_recon is None or not any(opts.need_grads):
         return [None, None, None]
-    eager = type(grad_recon) is torch.Tensor and not torch.compiler.is_compiling()
-    if eager and torch.is_grad_enabled():
-        raise RuntimeError(_DOUBLE_BACKWARD)
+    eager = check_eager(grad_recon, _DOUBLE_BACKWARD)
+    grads: list[Optional[torch.Tensor]]
     if opts.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
         rows_per_example = hidden.shape[0] // opts.batch
         row_weight = grad_recon.repeat_interleave(rows_per_example)
         ints = dataclasses.replace(opts, reduction="sum", validate=False).pack()
         if eager and _ops.native_available(hidden.device):
-            outs = _native_kernel(hidden, weight, bias, target, row_weight, ints)
+            outs = LinearOutputs(*_native_kernel(hidden, weight, bias, target, row_weight, ints))
         else:
-            outs = linear_nll_op(hidden, weight, bias, target, row_weight, ints)
-        grads: list[Optional[torch.Tensor]] = list(outs[1:])
+            outs = LinearOutputs(*linear_nll_op(hidden, weight, bias, target, row_weight, ints))
+        grads = [outs.grad_hidden, outs.grad_weight, outs.grad_bias]
     else:
         saved = ctx.saved_tensors
-        skip = eager and _ops._is_one(grad_recon)
-        # As in _ops._backward_common: gradients handed out as they are may be
-        # held by the caller, so a later backward scales them out of place.
-        in_place = eager and not getattr(ctx, "handed_out", False)
-        if skip:
-            ctx.handed_out = True
-        grads = []
-        for grad in saved:
-            if grad.numel() == 0 or skip:
-                grads.append(grad)
-            elif in_place:
-                grads.append(grad.mul_(grad_recon))
-            else:
-                grads.append((grad * grad_recon).to(grad.dtype))
-        if in_place and not skip:
-            ctx.scaled_in_place = True
+        # The recon term is a sum (already scaled by the reduction): scaled like elbo_loss's.
+        grads, _ = scale_saved(ctx, ctx, saved, [True] * len(saved), grad_recon, "sum", eager)
     result: list[Optional[torch.Tensor]] = []
     for grad, need, dtype in zip(grads, opts.need_grads, ctx.dtypes):
         if not need or grad is None:
@@ -549,8 +546,10 @@ def _backward_common(ctx: Any, grad_recon: Optional[torch.Tensor]) -> list[Optio
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     hidden, weight, bias, target, _, ints = LinearInputs(*inputs)
-    _save(ctx, hidden, weight, bias, target, ints, tuple(output[1:]))
-    ctx.mark_non_differentiable(*output[1:])
+    out = LinearOutputs(*output)
+    grads = (out.grad_hidden, out.grad_weight, out.grad_bias)
+    _save(ctx, hidden, weight, bias, target, ints, grads)
+    ctx.mark_non_differentiable(*grads)
 
 
 def _backward(ctx: Any, grad_recon: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
