@@ -16,9 +16,10 @@ from typing import Any, NoReturn, Optional, Union, cast
 import torch
 from typing_extensions import TypeGuard
 
+from klanneal.likelihoods import FAMILIES, NAMES
 from klanneal.schedules import Capacity, Schedule
 
-LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "mse")
+LIKELIHOODS = NAMES  # the table of klanneal.likelihoods
 REDUCTIONS = ("batchmean", "sum", "none")
 FREE_BITS_MODES = ("batch", "sample")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -226,7 +227,8 @@ def check_tensor_args(
         )
 
     recon_shape = recon_input.shape
-    if likelihood == "categorical":
+    kind = FAMILIES[likelihood].target
+    if kind == "class_ids":
         if len(recon_shape) < 2:
             raise ValueError(
                 "recon_input must be logits [B, ..., V] for likelihood='categorical', got "
@@ -261,7 +263,7 @@ def check_tensor_args(
                 f"target must have the shape of recon_input {tuple(recon_shape)} for "
                 f"likelihood={likelihood!r}, got {tuple(target.shape)}"
             )
-        if likelihood == "bernoulli" and target.requires_grad:
+        if kind == "probabilities" and target.requires_grad:
             raise ValueError(
                 "target requires grad, but klanneal.elbo_loss gives bernoulli targets no "
                 "gradient; detach it (or use klanneal.elbo_loss_ref)"
@@ -440,12 +442,13 @@ def check_values(
             unwrap_functorch(step),
         )
     check_target = check_target and not target.is_meta
-    if check_target and likelihood == "categorical":
+    kind = FAMILIES[likelihood].target
+    if check_target and kind == "class_ids":
         vocab = recon_input.shape[-1]
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
         if bool(bad.any()):
             raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)
-    elif check_target and likelihood == "bernoulli":
+    elif check_target and kind == "probabilities":
         bad = ~((target >= 0) & (target <= 1))
         if bool(bad.any()):
             raise_invalid_target(recon_input, target, likelihood, ignore_index, bad)

@@ -10,6 +10,7 @@ import torch
 
 from klanneal import _ops, _validate
 from klanneal._host_schedules import FromArray, HostSchedule, resolve_host_beta
+from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.reference import ELBOOutput, elbo_loss_ref
 from klanneal.schedules import Schedule
 
@@ -79,7 +80,9 @@ def elbo_loss(
             that once instead).
         step: int or 0-d integer tensor; required with a schedule (beta or
             capacity), not allowed otherwise.
-        likelihood: "categorical", "bernoulli", "gaussian" or "mse".
+        likelihood: "categorical", "bernoulli", "gaussian" or "mse", or a
+            ``klanneal.likelihoods`` object carrying the family's parameters
+            (``Gaussian(var=0.5)`` is ``"gaussian"`` with ``gaussian_var=0.5``).
         reduction: "batchmean", "sum" or "none" ("none" is not allowed with
             free_bits > 0 in "batch" mode, a batch-level objective).
         free_bits: lambda in nats per latent dimension; 0 disables.
@@ -145,6 +148,8 @@ def elbo_loss(
         beta = resolve_host_beta(beta, step, mu.device)
         if not _validate.is_schedule(capacity):
             step = None
+    if type(likelihood) is not str:  # a klanneal.likelihoods object
+        likelihood, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
     options = _ops.elbo_options(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )

@@ -17,6 +17,7 @@ from klanneal._controller import KLController, controller_kl
 from klanneal._host_schedules import as_schedule
 from klanneal._sizing import ScheduleLengthWarning, cycles_end, past_end_message
 from klanneal.elbo import elbo_loss
+from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule, _tensor_step
@@ -94,6 +95,7 @@ class ELBOLoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
+        likelihood, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
         _validate.check_options(
             likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var
         )

@@ -10,11 +10,12 @@ and obvious on purpose. It does not validate its arguments: call
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
+
+from klanneal.likelihoods import FAMILIES
+from klanneal.likelihoods import resolve as resolve_likelihood
 
 __all__ = ["ELBOOutput", "elbo_loss_ref"]
 
@@ -46,45 +47,13 @@ def _recon_per_example(
     ignore_index: int,
     gaussian_var: float,
 ) -> torch.Tensor:
-    """Sum of the per-element negative log-likelihood of each example: [B]."""
-    batch = recon_input.shape[0]
-    if likelihood == "categorical":
-        vocab = recon_input.shape[-1]
-        # int32/int16/int8 class ids, which the fused op takes: cross_entropy
-        # takes only int64 (and uint8).
-        nll = F.cross_entropy(
-            recon_input.reshape(-1, vocab),
-            target.reshape(-1).to(torch.int64),
-            reduction="none",
-            ignore_index=ignore_index,
-        )
-    elif likelihood == "bernoulli":
-        nll = _bernoulli_nll(recon_input, target)
-    elif likelihood == "gaussian":
-        # log(2 pi) + log(var): 2 pi var itself overflows for var > 2.8e307.
-        log_norm = math.log(2 * math.pi) + math.log(gaussian_var)
-        nll = 0.5 * ((recon_input - target) ** 2 / gaussian_var + log_norm)
-    elif likelihood == "mse":
-        nll = (recon_input - target) ** 2
-    else:
+    """Sum of the per-element negative log-likelihood of each example: [B]
+    (the family's reference formula, klanneal.likelihoods.FAMILIES)."""
+    family = FAMILIES.get(likelihood)
+    if family is None:
         raise ValueError(f"likelihood: unknown likelihood {likelihood!r}")
-    return nll.reshape(batch, -1).sum(dim=1)
-
-
-def _bernoulli_nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits, exact at infinite logits too.
-
-    softplus(-x) + x (1 - y) for x > 0 and softplus(x) - x y otherwise, the
-    linear part taken as 0 where its target factor is exactly 0. Equal to
-    F.binary_cross_entropy_with_logits for finite x (value and gradient
-    sigmoid(x) - y), but where torch gives NaN at x = +-inf (inf - inf,
-    inf * 0) this gives the loss's limits: 0 where the target agrees exactly
-    with the logit's sign, +inf otherwise (as the kernels do).
-    """
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    positive = F.softplus(-x) + torch.where(y == 1, zero, x * (1 - y))
-    negative = F.softplus(x) - torch.where(y == 0, zero, x * y)
-    return torch.where(x > 0, positive, negative)
+    nll = family.nll(recon_input, target, ignore_index=ignore_index, gaussian_var=gaussian_var)
+    return nll.reshape(recon_input.shape[0], -1).sum(dim=1)
 
 
 def _beta_value(beta: Any, step: Optional[Union[int, torch.Tensor]]) -> Union[float, torch.Tensor]:
@@ -171,6 +140,8 @@ def elbo_loss_ref(
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta).
     """
+    if type(likelihood) is not str:  # a klanneal.likelihoods object
+        likelihood, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
     global_mean = None
     if free_bits_group is not None:
 
