@@ -130,6 +130,9 @@ def test_batches_pad_and_ignore_padding():
         (["--beta-stop", "-1"], "--beta-stop must be finite and >= 0"),
         (["--lr", "inf"], "--lr must be finite and > 0"),
         (["--init-range", "inf"], "--init-range must be finite and > 0"),
+        (["--schedules", "controller"], "controller schedule: the controller needs --target-kl"),
+        (["--schedules", "controller", "--target-kl", "-1"], "target_kl must be finite and >= 0"),
+        (["--schedules", "controller", "--target-kl", "1", "--ki", "-1"], "ki must be finite"),
     ],
 )
 def test_bad_flags_are_rejected_with_a_message(flags, fragment, capsys):
@@ -381,3 +384,52 @@ def test_without_matplotlib_the_run_warns_first_and_skips_the_figures(tmp_path, 
     assert "klanneal[demo]" in events[0] and events[1] == "train"
     assert summary["schedules"]["constant"]["steps"] == 4
     assert (tmp_path / "summary.md").is_file() and not list(tmp_path.glob("*.png"))
+
+
+# ---- --schedules controller (ControlVAE's KL controller) -------------------------------------
+
+CONTROLLER = ["--schedules", "controller", "--target-kl", "1.0", "--kp", "0.5", "--ki", "0.02"]
+
+
+def test_the_controller_run_feeds_each_batch_kl_and_writes_its_outputs(tmp_path):
+    summary = text_vae.main([*SHORT, *CONTROLLER, "--out", str(tmp_path)])
+    entry = summary["schedules"]["controller"]
+    _finite_metrics(entry)
+    assert entry["paper"] is None  # the paper has no controller run
+    assert "| controller |" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "schedules.png").exists()  # its beta is in the learning curves
+    assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Each step's beta is the controller's after the KLs of the steps before
+    # (ControlVAE's Algorithm 1 in klanneal.schedules.KLController).
+    curves = json.loads((tmp_path / "curves.json").read_text())["controller"]
+    mirror = klanneal.schedules.KLController(1.0, kp=0.5, ki=0.02)
+    expected = []
+    for kl in curves["kl"]:
+        expected.append(float(mirror.beta))
+        mirror.update(kl)
+    assert curves["beta"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert max(curves["beta"]) > 0.0
+
+
+def test_a_stopped_controller_run_resumes_to_the_same_numbers(tmp_path):
+    flags = [*SHORT, *CONTROLLER]
+    text_vae.main([*flags, "--out", str(tmp_path / "a")])
+    assert text_vae.main([*flags, "--out", str(tmp_path / "b"), "--stop-after", "5"]) is None
+    text_vae.main([*flags, "--out", str(tmp_path / "b"), "--resume"])
+    a = json.loads((tmp_path / "a" / "curves.json").read_text())
+    b = json.loads((tmp_path / "b" / "curves.json").read_text())
+    assert a == b
+
+
+@pytest.mark.slow
+def test_the_controller_holds_the_toy_tasks_kl_at_its_target():
+    # The paper's synthetic task (10 sequences: at most log 10 = 2.30 nats of
+    # code), a set point of 1 nat. Faster gains than ControlVAE's defaults
+    # (kp 0.01, ki 1e-4), which need thousands of steps, and a smaller model.
+    result = _train(
+        [*CONTROLLER, "--steps", "200", "--embed-dim", "16", "--hidden-dim", "32"], "controller"
+    )
+    tail = result.curves["kl"][-50:]  # the training batches' KL per sequence
+    assert sum(tail) / len(tail) == pytest.approx(1.0, rel=0.15)
+    assert result.final.kl == pytest.approx(1.0, rel=0.2)  # evaluated at the end
+    assert 0.1 < result.curves["beta"][-1] < 1.0  # neither bound: beta does the holding

@@ -15,6 +15,7 @@ import klanneal
 import klanneal.schedules
 
 from .data import (
+    EXTRA_SCHEDULES,
     SCHEDULE_NAMES,
     SPECIALS,
     Vocab,
@@ -46,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="demo_output", help="output directory")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    g.add_argument("--schedules", nargs="+", default=list(SCHEDULE_NAMES), choices=SCHEDULE_NAMES)
+    g.add_argument(
+        "--schedules",
+        nargs="+",
+        default=list(SCHEDULE_NAMES),
+        choices=SCHEDULE_NAMES + EXTRA_SCHEDULES,
+        help="controller (not run by default): ControlVAE's feedback beta, needs --target-kl",
+    )
     g.add_argument(
         "--steps",
         type=int,
@@ -228,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="linear",
         choices=("linear", "sigmoid", "cosine"),
         help="cyclical: ramp shape",
+    )
+    g.add_argument(
+        "--target-kl",
+        type=float,
+        default=None,
+        help="controller: the KL set point in nats per sequence (klanneal.schedules."
+        "KLController; beta stays in [--beta-start, --beta-stop])",
+    )
+    g.add_argument(
+        "--kp", type=float, default=0.01, help="controller: proportional gain (ControlVAE's)"
+    )
+    g.add_argument(
+        "--ki", type=float, default=1e-4, help="controller: integral gain (ControlVAE's)"
     )
     g = p.add_argument_group("evaluation")
     g.add_argument(

@@ -14,6 +14,9 @@ SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 IGNORE_INDEX = -100
 SCHEDULE_NAMES = ("constant", "monotonic", "cyclical")
+# Selectable with --schedules, not trained by default: "controller" is
+# ControlVAE's feedback beta (klanneal.schedules.KLController, --target-kl).
+EXTRA_SCHEDULES = ("controller",)
 
 # End-of-training values read off the paper's learning-curve figure for its
 # synthetic 10-sequence data set (Fu et al. 2019), as quoted in issue 6.

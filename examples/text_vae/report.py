@@ -14,7 +14,7 @@ import torch
 
 import klanneal.schedules
 
-from .data import PAPER_TOY, SCHEDULE_NAMES
+from .data import EXTRA_SCHEDULES, PAPER_TOY, SCHEDULE_NAMES
 from .train import RunResult, lr_kind, make_schedule
 
 # --------------------------------------------------------------------------- reporting
@@ -197,7 +197,8 @@ def summarise(results: Sequence[RunResult], args: argparse.Namespace, toy: bool)
             "lr_schedule": lr_kind(r.name, args),
         }
         if toy:
-            schedules[r.name]["paper"] = PAPER_TOY[r.name]
+            # The paper has no controller run: its values are None there.
+            schedules[r.name]["paper"] = PAPER_TOY.get(_schedule_name(r.name))
     kls = {name: s["kl"] for name, s in schedules.items()}
     ordering = None
     if all(n in kls for n in SCHEDULE_NAMES):
@@ -238,7 +239,7 @@ def format_table(summary: dict[str, Any]) -> str:
         au = f"{s['active_units']}/{s['latent_dim']}"
         row = f"| {name} | {_fmt(s['recon'])} | {_fmt(s['kl'])} | {_fmt(s['elbo'])} | "
         if toy:
-            paper = s["paper"]
+            paper = s["paper"] or {"kl": "-", "elbo": "-"}
             row += f"{au} | {_fmt(s['mutual_info'])} | {paper['kl']} | {paper['elbo']} |"
         else:
             row += f"{_fmt(s['perplexity'], 2)} | {au} | {_fmt(s['mutual_info'])} |"
@@ -351,16 +352,21 @@ def _write_figures(
     """The PNG figures under ``out_dir``; returns their names."""
     plot_curves(results, out_dir / "learning_curves.png", title, summary["optimum_elbo"])
     figures = ["learning_curves.png"]
-    # The schedules themselves, drawn by klanneal's own plot (python -m klanneal schedule).
-    _pyplot()  # the Agg backend
-    fig = klanneal.schedules.plot_schedules(
-        [(r.name, make_schedule(_schedule_name(r.name), args.steps, args)) for r in results],
-        args.steps,
-        f"beta schedules; {args.steps} steps",
-    )
-    fig.savefig(out_dir / "schedules.png", dpi=90)
-    _pyplot().close(fig)
-    figures.append("schedules.png")
+    # The schedules themselves, drawn by klanneal's own plot (python -m klanneal schedule);
+    # a controller's beta depends on the run (the learning curves show it).
+    curves = [
+        (r.name, make_schedule(_schedule_name(r.name), args.steps, args))
+        for r in results
+        if _schedule_name(r.name) not in EXTRA_SCHEDULES
+    ]
+    if curves:
+        _pyplot()  # the Agg backend
+        fig = klanneal.schedules.plot_schedules(
+            curves, args.steps, f"beta schedules; {args.steps} steps"
+        )
+        fig.savefig(out_dir / "schedules.png", dpi=90)
+        _pyplot().close(fig)
+        figures.append("schedules.png")
     if any(r.valid_curves.get("step") for r in results):
         plot_valid_curves(results, out_dir / "valid_curves.png", title, args.valid_split)
         figures.append("valid_curves.png")

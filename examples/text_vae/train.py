@@ -20,6 +20,7 @@ import klanneal.recipes
 import klanneal.schedules
 
 from .data import (
+    EXTRA_SCHEDULES,
     IGNORE_INDEX,
     SCHEDULE_NAMES,
     BatchStream,
@@ -37,10 +38,24 @@ def make_schedule(name: str, steps: int, args: argparse.Namespace):
     constant: beta = ``args.beta``; monotonic: one ramp from ``beta_start`` to
     ``beta_stop`` over ``warmup_fraction * steps`` steps, then ``beta_stop``;
     cyclical: ``n_cycles`` cycles over ``steps``, each ramping for ``ratio``
-    of the period after ``zero_ratio`` of it at ``beta_start``.
+    of the period after ``zero_ratio`` of it at ``beta_start``; controller:
+    ControlVAE's PI controller (Shao et al. 2020) holding the KL per
+    sequence at ``target_kl`` with gains ``kp``, ``ki`` and beta in
+    ``[beta_start, beta_stop]`` (a ``klanneal.schedules.KLController``, fed
+    each batch's KL by the training loop; the same under ``--recipe``).
     """
     if name == "constant":
         return klanneal.schedules.Constant(args.beta)
+    if name == "controller":
+        if args.target_kl is None:
+            raise ValueError("the controller needs --target-kl K (its KL set point, nats)")
+        return klanneal.schedules.KLController(
+            args.target_kl,
+            kp=args.kp,
+            ki=args.ki,
+            beta_min=args.beta_start,
+            beta_max=args.beta_stop,
+        )
     if args.recipe == "fu2019":
         # The authors' beta sequence (klanneal.recipes): from 0.1, incremented
         # before use, over 45% of each of 4 cycles or 22.5% of the run.
@@ -61,7 +76,9 @@ def make_schedule(name: str, steps: int, args: argparse.Namespace):
             shape=args.shape,
             zero_ratio=args.zero_ratio,
         )
-    raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULE_NAMES}")
+    raise ValueError(
+        f"unknown schedule {name!r}; expected one of {SCHEDULE_NAMES + EXTRA_SCHEDULES}"
+    )
 
 
 # --------------------------------------------------------------------------- loss
@@ -263,6 +280,8 @@ def train_one(
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = make_schedule(name, args.steps, args)
+    # A KLController: fed each batch's KL below; its state is checkpointed.
+    controlled = isinstance(schedule, klanneal.schedules.KLController)
     lr_scheduler = make_lr_scheduler(name, optimizer, schedule, args)
     batches = BatchStream(train_seqs, args.batch_size, args.seed, bucket=args.bucket)
     z_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -290,6 +309,8 @@ def train_one(
         torch.set_rng_state(state["torch_rng"])
         curves, valid_curves = state["curves"], state["valid_curves"]
         first_step, seconds_before = state["step"], state["seconds"]
+        if state.get("controller") is not None:
+            schedule.load_state_dict(state["controller"])
 
     def checkpoint(step: int, seconds: float) -> None:
         if ckpt is None:
@@ -302,6 +323,7 @@ def train_one(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+                "controller": schedule.state_dict() if controlled else None,
                 "batches": batches.state_dict(),
                 "z_gen": z_gen.get_state(),
                 "drop_gen": drop_gen.get_state(),
@@ -338,6 +360,9 @@ def train_one(
             reduction="batchmean",
         )  # fmt: skip
         out.loss.backward()
+        if controlled:
+            # The batch's KL per sequence moves beta for the next step.
+            schedule.update(out.kl)
         if args.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         lr = optimizer.param_groups[0]["lr"]

@@ -78,6 +78,10 @@ class ELBOLoss(nn.Module):
     current_step: torch.Tensor
     # forward calls in training mode without a step() before the warning.
     STEPLESS_CALLS_WARNING = 1000
+    # current_step as an int, counted by step() (None: read it when needed),
+    # so that the past-the-end warning costs no device sync per call.
+    _host_step: Optional[int] = None
+    _warned_past_end = False
 
     def __init__(
         self,
@@ -133,10 +137,6 @@ class ELBOLoss(nn.Module):
         self.register_buffer("current_step", torch.zeros((), dtype=torch.int64))
         self._calls_since_step = 0
         self._warned_stepless = False
-        # current_step as an int, counted by step() (None: read it when needed);
-        # the past-the-end warning reads it without a device sync per call.
-        self._host_step: Optional[int] = None
-        self._warned_past_end = False
         self._schedule_mismatch: Optional[str] = None
         self.register_load_state_dict_post_hook(  # type: ignore[no-untyped-call]
             ELBOLoss._report_schedule_mismatch
