@@ -70,9 +70,9 @@ class KLController(HostSchedule):
     transcription of Algorithm 1 and of the authors' ``PIDControl.pid``).
 
     **Set point.** ``target_kl`` is a float or a schedule of the step (the
-    paper ramps it, e.g. dSprites: 0.5 nats, +0.15 every 5000 iterations, up
-    to its maximum), evaluated at the number of updates so far (0 at the
-    first). A closed-form one (``Constant``, ``Monotonic``, ``Cyclical``,
+    authors' dSprites script ramps it: 0.5 nats, +0.15 every 5000
+    iterations, up to 18), evaluated at the number of updates so far (0 at
+    the first). A closed-form one (``Constant``, ``Monotonic``, ``Cyclical``,
     ``Capacity``, ``Offset``) is tabulated up to its end (at most 2**24
     steps), so that it too is read on the device.
 
@@ -80,15 +80,18 @@ class KLController(HostSchedule):
     ``ctrl.update(kl)`` takes the batch KL (a 0-d tensor: the KL term per
     example, ``out.kl`` under ``reduction="batchmean"``) and moves beta,
     entirely in tensor ops on the KL's device (the state moves there at the
-    first update): no host sync, traceable by ``torch.compile`` and safe to
-    capture in a CUDA graph (the state is updated in place). As the schedule
+    first update): no host sync, traceable by ``torch.compile``, and the
+    state is updated in place so that a CUDA graph can capture the update
+    (tests/test_controller.py, on a GPU). As the schedule
     of :class:`klanneal.nn.ELBOLoss` it is fed the loss's own detached KL
     after every call in training mode (under gradient accumulation, every
     micro-batch); ``elbo_loss(..., beta=ctrl, step=...)`` reads it without
-    updating it. A non-finite KL is ignored (the state is kept). Calling it
-    (``ctrl(step)``) returns the current beta as a float at any step (a sync
-    on GPU); it has no values at other steps (``values`` and ``offset``
-    raise).
+    updating it. A non-finite KL is ignored (the state is kept). Under
+    data-parallel training each process's controller follows its own
+    batches' KL (for one beta, ``elbo_loss`` and ``update`` with the
+    all-reduced KL). Calling it (``ctrl(step)``) returns the current beta as
+    a float at any step (a sync on GPU); it has no values at other steps
+    (``values`` and ``offset`` raise).
 
     Args:
         target_kl: the set point in nats per example: a float >= 0 or a
