@@ -22,6 +22,7 @@ from klanneal._host_schedules import (
     HostSchedule,
     LinearWarmup,
     Logistic,
+    nonnegative,
     schedule_bounds,
 )
 from klanneal._sizing import schedule_length
@@ -142,16 +143,16 @@ class KLController(HostSchedule):
         beta_max: Any,
         beta_init: Any,
     ) -> None:
-        self.kp = _nonnegative("kp", kp)
-        self.ki = _nonnegative("ki", ki)
-        self.beta_min = _nonnegative("beta_min", beta_min)
-        self.beta_max = _nonnegative("beta_max", beta_max)
+        self.kp = nonnegative("kp", kp)
+        self.ki = nonnegative("ki", ki)
+        self.beta_min = nonnegative("beta_min", beta_min)
+        self.beta_max = nonnegative("beta_max", beta_max)
         if self.beta_max < self.beta_min:
             raise ValueError(
                 f"beta_max must be >= beta_min, got beta_max={self.beta_max}, "
                 f"beta_min={self.beta_min}"
             )
-        init = self.beta_min if beta_init is None else _nonnegative("beta_init", beta_init)
+        init = self.beta_min if beta_init is None else nonnegative("beta_init", beta_init)
         if not self.beta_min <= init <= self.beta_max:
             raise ValueError(
                 f"beta_init must be in [beta_min, beta_max] = [{self.beta_min}, "
@@ -360,15 +361,6 @@ def controller_kl(kl: torch.Tensor, reduction: str, batch_size: int) -> torch.Te
 # ---- checks ---------------------------------------------------------------------------------
 
 
-def _nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    result = float(value)
-    if not (math.isfinite(result) and result >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return result
-
-
 def _check_target(target: Any) -> Union[float, Schedule]:
     if isinstance(target, KLController):
         raise TypeError("target_kl: a KLController's beta is not a KL set point")
@@ -385,7 +377,7 @@ def _check_target(target: Any) -> Union[float, Schedule]:
             "target_kl must be a real number or a klanneal.schedules object, got "
             f"{type(target).__name__}"
         )
-    return _nonnegative("target_kl", target)
+    return nonnegative("target_kl", target)
 
 
 def _device_target(target: Union[float, Schedule]) -> Optional[HostSchedule]:

@@ -316,7 +316,7 @@ class Logistic(HostSchedule):
 
     def _configure(self, k: float, x0: float) -> None:
         self.k = _positive("k", k)
-        self.x0 = _nonnegative("x0", x0)
+        self.x0 = nonnegative("x0", x0)
 
     def _value(self, step: int) -> float:
         # Sentence-VAE: float(1 / (1 + np.exp(-k * (step - x0)))), the same operations.
@@ -368,13 +368,14 @@ class LinearWarmup(HostSchedule):
 
 
 def _positive(name: str, value: Any) -> float:
-    result = _nonnegative(name, value)
+    result = nonnegative(name, value)
     if result == 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return result
 
 
-def _nonnegative(name: str, value: Any) -> float:
+def nonnegative(name: str, value: Any) -> float:
+    """A finite real number >= 0 as a float (TypeError / ValueError naming it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     result = float(value)
