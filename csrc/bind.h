@@ -12,5 +12,7 @@ void register_elbo(pybind11::module_ &m);
 void register_elbo_cuda(pybind11::module_ &m);
 // The CPU gradient-buffer pool (buffer_pool.h) and its DLPack export.
 void register_pool(pybind11::module_ &m);
+// Test hooks of the special functions and count likelihoods (bind_special.cpp).
+void register_special(pybind11::module_ &m);
 
 } // namespace klanneal

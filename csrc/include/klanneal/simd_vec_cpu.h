@@ -13,6 +13,10 @@
 //   select(c, a, b)             a where c, else b
 //   exp                         simd_exp_cpu.h's exp (NaN -> NaN, -inf -> 0)
 //   exp_nonpos                  the same for x <= 0 or NaN only, cheaper (fp32; fp64: exp)
+//   log, floor                  simd_exp_cpu.h's log (0 -> -inf, x < 0 -> NaN); round down
+//   lt, le, gt, ge, eq, both    ordered comparisons (false for NaN), mask and
+//   fmadd, fma_exact            a * b + c with one rounding (the same here; the scalar
+//                               traits of special_math.h tell them apart)
 #pragma once
 
 #include "klanneal/simd_exp_cpu.h"
@@ -63,12 +67,15 @@ template <> struct Vec<Avx2, float> {
   KLANNEAL_VEC_AVX2 R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   KLANNEAL_VEC_AVX2 R div(R a, R b) { return _mm256_div_ps(a, b); }
   KLANNEAL_VEC_AVX2 R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  KLANNEAL_VEC_AVX2 R fma_exact(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   // max(a, b) is b where either is NaN (the kernels rely on the operand order).
   KLANNEAL_VEC_AVX2 R max(R a, R b) { return _mm256_max_ps(a, b); }
   KLANNEAL_VEC_AVX2 R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   KLANNEAL_VEC_AVX2 C eq(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   KLANNEAL_VEC_AVX2 C lt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   KLANNEAL_VEC_AVX2 C gt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  KLANNEAL_VEC_AVX2 C le(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+  KLANNEAL_VEC_AVX2 C ge(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
   KLANNEAL_VEC_AVX2 C in_unit_interval(R a) { // ordered compares: false for NaN
     return _mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_GE_OQ),
                          _mm256_cmp_ps(a, set1(1.0f), _CMP_LE_OQ));
@@ -79,6 +86,10 @@ template <> struct Vec<Avx2, float> {
   KLANNEAL_VEC_AVX2 R exp(R a) { return exp_avx2(a); }
   KLANNEAL_VEC_AVX2 R exp_nonpos(R a) { return exp_nonpos_avx2(a); }
   KLANNEAL_VEC_AVX2 R log1p_unit(R a) { return log1p_unit_avx2(a); }
+  KLANNEAL_VEC_AVX2 R log(R a) { return log_avx2(a); }
+  KLANNEAL_VEC_AVX2 R floor(R a) {
+    return _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
   // Float lanes widened to double and added to two accumulators (low, high).
   KLANNEAL_VEC_AVX2 void add_widened(__m256d *lo, __m256d *hi, R v) {
     *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
@@ -113,11 +124,23 @@ template <> struct Vec<Avx2, double> {
   KLANNEAL_VEC_AVX2 R sub(R a, R b) { return _mm256_sub_pd(a, b); }
   KLANNEAL_VEC_AVX2 R mul(R a, R b) { return _mm256_mul_pd(a, b); }
   KLANNEAL_VEC_AVX2 R fmadd(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  KLANNEAL_VEC_AVX2 R fma_exact(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  KLANNEAL_VEC_AVX2 R div(R a, R b) { return _mm256_div_pd(a, b); }
   KLANNEAL_VEC_AVX2 R max(R a, R b) { return _mm256_max_pd(a, b); }
+  KLANNEAL_VEC_AVX2 R abs(R a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
   KLANNEAL_VEC_AVX2 C eq(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
+  KLANNEAL_VEC_AVX2 C lt(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+  KLANNEAL_VEC_AVX2 C le(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_LE_OQ); }
+  KLANNEAL_VEC_AVX2 C gt(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_GT_OQ); }
+  KLANNEAL_VEC_AVX2 C ge(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_GE_OQ); }
+  KLANNEAL_VEC_AVX2 C both(C a, C b) { return _mm256_and_pd(a, b); }
   KLANNEAL_VEC_AVX2 R select(C c, R a, R b) { return _mm256_blendv_pd(b, a, c); }
   KLANNEAL_VEC_AVX2 R exp(R a) { return exp_avx2(a); }
   KLANNEAL_VEC_AVX2 R exp_nonpos(R a) { return exp_avx2(a); }
+  KLANNEAL_VEC_AVX2 R log(R a) { return log_avx2(a); }
+  KLANNEAL_VEC_AVX2 R floor(R a) {
+    return _mm256_round_pd(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
 };
 
 template <> struct Vec<Avx512, float> {
@@ -144,11 +167,14 @@ template <> struct Vec<Avx512, float> {
   KLANNEAL_VEC_AVX512 R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   KLANNEAL_VEC_AVX512 R div(R a, R b) { return _mm512_div_ps(a, b); }
   KLANNEAL_VEC_AVX512 R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  KLANNEAL_VEC_AVX512 R fma_exact(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   KLANNEAL_VEC_AVX512 R max(R a, R b) { return _mm512_max_ps(a, b); }
   KLANNEAL_VEC_AVX512 R abs(R a) { return _mm512_abs_ps(a); }
   KLANNEAL_VEC_AVX512 C eq(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   KLANNEAL_VEC_AVX512 C lt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   KLANNEAL_VEC_AVX512 C gt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  KLANNEAL_VEC_AVX512 C le(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+  KLANNEAL_VEC_AVX512 C ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
   KLANNEAL_VEC_AVX512 C in_unit_interval(R a) {
     return static_cast<C>(_mm512_cmp_ps_mask(a, zero(), _CMP_GE_OQ) &
                           _mm512_cmp_ps_mask(a, set1(1.0f), _CMP_LE_OQ));
@@ -159,6 +185,10 @@ template <> struct Vec<Avx512, float> {
   KLANNEAL_VEC_AVX512 R exp(R a) { return exp_avx512(a); }
   KLANNEAL_VEC_AVX512 R exp_nonpos(R a) { return exp_nonpos_avx512(a); }
   KLANNEAL_VEC_AVX512 R log1p_unit(R a) { return log1p_unit_avx512(a); }
+  KLANNEAL_VEC_AVX512 R log(R a) { return log_avx512(a); }
+  KLANNEAL_VEC_AVX512 R floor(R a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
   KLANNEAL_VEC_AVX512 void add_widened(__m512d *lo, __m512d *hi, R v) {
     *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
     *hi = _mm512_add_pd(*hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
@@ -190,11 +220,23 @@ template <> struct Vec<Avx512, double> {
   KLANNEAL_VEC_AVX512 R sub(R a, R b) { return _mm512_sub_pd(a, b); }
   KLANNEAL_VEC_AVX512 R mul(R a, R b) { return _mm512_mul_pd(a, b); }
   KLANNEAL_VEC_AVX512 R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  KLANNEAL_VEC_AVX512 R fma_exact(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  KLANNEAL_VEC_AVX512 R div(R a, R b) { return _mm512_div_pd(a, b); }
   KLANNEAL_VEC_AVX512 R max(R a, R b) { return _mm512_max_pd(a, b); }
+  KLANNEAL_VEC_AVX512 R abs(R a) { return _mm512_abs_pd(a); }
   KLANNEAL_VEC_AVX512 C eq(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  KLANNEAL_VEC_AVX512 C lt(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
+  KLANNEAL_VEC_AVX512 C le(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ); }
+  KLANNEAL_VEC_AVX512 C gt(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
+  KLANNEAL_VEC_AVX512 C ge(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_GE_OQ); }
+  KLANNEAL_VEC_AVX512 C both(C a, C b) { return static_cast<C>(a & b); }
   KLANNEAL_VEC_AVX512 R select(C c, R a, R b) { return _mm512_mask_blend_pd(c, b, a); }
   KLANNEAL_VEC_AVX512 R exp(R a) { return exp_avx512(a); }
   KLANNEAL_VEC_AVX512 R exp_nonpos(R a) { return exp_avx512(a); }
+  KLANNEAL_VEC_AVX512 R log(R a) { return log_avx512(a); }
+  KLANNEAL_VEC_AVX512 R floor(R a) {
+    return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
 };
 
 #undef KLANNEAL_VEC_AVX2
