@@ -182,7 +182,7 @@ CASES = {
     ),
     "unknown likelihood": (
         _cat(),
-        {"likelihood": "poisson"},
+        {"likelihood": "gamma"},
         ValueError,
         "likelihood must be one of",
     ),

@@ -7,7 +7,7 @@ import torch
 
 import klanneal
 from klanneal import _ops, likelihoods
-from klanneal.likelihoods import FAMILIES, Bernoulli, Categorical, Gaussian, MSE
+from klanneal.likelihoods import FAMILIES, MSE, Bernoulli, Categorical, Gaussian
 
 
 def test_the_native_families_are_the_cpp_enum_in_order():

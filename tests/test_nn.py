@@ -68,7 +68,7 @@ def test_compiled_module_does_not_recompile_as_step_advances():
 @pytest.mark.parametrize(
     "kwargs,exc,fragment",
     [
-        ({"likelihood": "poisson"}, ValueError, "likelihood must be one of"),
+        ({"likelihood": "gamma"}, ValueError, "likelihood must be one of"),
         ({"reduction": "none", "free_bits": 1.0}, ValueError, "free_bits_mode='batch'"),
         ({"free_bits": -1.0}, ValueError, "free_bits must be finite and >= 0"),
         ({"schedule": -0.5}, ValueError, "constant beta must be finite and >= 0"),

@@ -133,9 +133,21 @@ def check_options(
     free_bits_mode: Any,
     ignore_index: Any,
     gaussian_var: Any,
+    *,
+    with_params: bool = False,
 ) -> None:
-    """Checks the non-tensor options (also used by klanneal.nn.ELBOLoss)."""
+    """Checks the non-tensor options (also used by klanneal.nn.ELBOLoss).
+
+    with_params: the likelihood came as a klanneal.likelihoods object, which
+    carries the parameters a family such as the negative binomial needs (its
+    name alone does not)."""
     _check_choice("likelihood", likelihood, LIKELIHOODS)
+    needs = FAMILIES[likelihood].params
+    if needs and needs != ("gaussian_var",) and not with_params:
+        raise ValueError(
+            f"likelihood={likelihood!r} needs its {', '.join(needs)}: pass a "
+            "klanneal.likelihoods object (e.g. NegativeBinomial(theta)) instead of the name"
+        )
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("free_bits_mode", free_bits_mode, FREE_BITS_MODES)
     free_bits = _check_real("free_bits", free_bits, positive=False)
@@ -228,7 +240,9 @@ def check_tensor_args(
 
     recon_shape = recon_input.shape
     kind = FAMILIES[likelihood].target
-    if kind == "class_ids":
+    if kind == "counts":
+        _check_counts_args(recon_input, target)
+    elif kind == "class_ids":
         if len(recon_shape) < 2:
             raise ValueError(
                 "recon_input must be logits [B, ..., V] for likelihood='categorical', got "
@@ -463,6 +477,65 @@ def check_values(
         first = int(step if step.numel() == 1 else step.min())
         if first < 0:
             raise ValueError(f"step must be >= 0, got {first}")
+
+
+def _check_counts_args(recon_input: torch.Tensor, target: torch.Tensor) -> None:
+    """A count family's mean [B, ...] and counts of its shape (any real dtype)."""
+    if recon_input.dim() < 1:
+        raise ValueError("recon_input must have a batch dimension [B, ...], got a 0-d tensor")
+    dtype = target.dtype
+    if dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"target must hold counts (a float or integer tensor), got {dtype}")
+    if target.shape != recon_input.shape:
+        raise ValueError(
+            f"target must have the shape of recon_input {tuple(recon_input.shape)} (the "
+            f"counts of each mean), got {tuple(target.shape)}"
+        )
+    if target.requires_grad:
+        raise ValueError("target requires grad, but counts get no gradient; detach it")
+
+
+def check_count_values(recon_input: torch.Tensor, target: torch.Tensor, **params: Any) -> None:
+    """Values of a count family's call (they read the tensors: a sync on a GPU):
+    the means finite and > 0, the counts whole numbers >= 0, theta finite and
+    > 0, zi_logits not NaN; each parameter broadcastable to recon_input's shape."""
+    shape = recon_input.shape
+    for name, value in params.items():
+        if isinstance(value, torch.Tensor):
+            try:
+                broadcast = torch.broadcast_shapes(value.shape, shape)  # type: ignore[no-untyped-call]
+            except RuntimeError:
+                broadcast = None
+            if broadcast != shape:
+                raise ValueError(
+                    f"{name} of shape {tuple(value.shape)} does not broadcast to recon_input's "
+                    f"{tuple(shape)} ([G] per gene, or [B, G])"
+                )
+    if recon_input.is_meta:
+        return
+    mu = recon_input.detach()
+    if not bool(((mu > 0) & torch.isfinite(mu)).all()):
+        bad = mu[~((mu > 0) & torch.isfinite(mu))].reshape(-1)[0]
+        raise ValueError(f"recon_input: the means must be finite and > 0, found {float(bad)}")
+    counts = target.detach()
+    if counts.dtype.is_floating_point:
+        ok = torch.isfinite(counts) & (counts >= 0) & (counts == torch.floor(counts))
+    else:
+        ok = counts >= 0
+    if not bool(ok.all()):
+        bad = counts[~ok].reshape(-1)[0]
+        raise ValueError(f"target: counts must be whole numbers >= 0, found {float(bad)}")
+    theta = params.get("theta")
+    if isinstance(theta, torch.Tensor):
+        t = theta.detach()
+        if not bool(((t > 0) & torch.isfinite(t)).all()):
+            bad = t[~((t > 0) & torch.isfinite(t))].reshape(-1)[0]
+            raise ValueError(
+                f"theta: the inverse dispersion must be finite and > 0, found {float(bad)}"
+            )
+    zi = params.get("zi_logits")
+    if isinstance(zi, torch.Tensor) and bool(torch.isnan(zi.detach()).any()):
+        raise ValueError("zi_logits: found NaN")
 
 
 def unwrap_functorch(t: Any) -> Any:

@@ -10,6 +10,7 @@ import torch
 
 from klanneal import _ops, _validate
 from klanneal._host_schedules import FromArray, HostSchedule, resolve_host_beta
+from klanneal.likelihoods import FAMILIES, Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.reference import ELBOOutput, elbo_loss_ref
 from klanneal.schedules import Schedule
@@ -83,6 +84,13 @@ def elbo_loss(
         likelihood: "categorical", "bernoulli", "gaussian" or "mse", or a
             ``klanneal.likelihoods`` object carrying the family's parameters
             (``Gaussian(var=0.5)`` is ``"gaussian"`` with ``gaussian_var=0.5``).
+            The count families of single-cell VAEs, ``Poisson()``,
+            ``NegativeBinomial(theta)`` and
+            ``ZeroInflatedNegativeBinomial(theta, zi_logits)`` (recon_input:
+            the means mu > 0, [B, G]; target: the counts, any real dtype;
+            theta, zi_logits: floats or tensors broadcastable to [B, G], which
+            get their gradients), run on the reference path (plain PyTorch,
+            autograd) until their fused kernels land.
         reduction: "batchmean", "sum" or "none" ("none" is not allowed with
             free_bits > 0 in "batch" mode, a batch-level objective).
         free_bits: lambda in nats per latent dimension; 0 disables.
@@ -149,6 +157,11 @@ def elbo_loss(
         if not _validate.is_schedule(capacity):
             step = None
     if type(likelihood) is not str:  # a klanneal.likelihoods object
+        if isinstance(likelihood, Likelihood) and not FAMILIES[likelihood.name].native:
+            return _reference_family(
+                recon_input, target, mu, logvar, beta, step, likelihood, reduction, free_bits,
+                free_bits_mode, prior_mu, prior_logvar, capacity, free_bits_group, validate,
+            )  # fmt: skip
         likelihood, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
     options = _ops.elbo_options(
         likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
@@ -332,6 +345,41 @@ def elbo_loss(
 
 
 _UNTRACKED = (False,) * 7
+
+
+def _reference_family(
+    recon_input: Any, target: Any, mu: Any, logvar: Any, beta: Any, step: Any,
+    likelihood: Likelihood, reduction: Any, free_bits: Any, free_bits_mode: Any,
+    prior_mu: Any, prior_logvar: Any, capacity: Any, free_bits_group: Any, validate: Any,
+) -> ELBOOutput:  # fmt: skip
+    """A likelihood family without a fused kernel (klanneal.likelihoods'
+    reference-only entries: the count families): the same checks, then
+    elbo_loss_ref, its gradients by autograd (the family's tensors, a
+    learnable theta say, included)."""
+    _validate.check_flag("validate", validate)
+    _validate.check_options(
+        likelihood.name, reduction, free_bits, free_bits_mode, -100, 1.0, with_params=True
+    )
+    _validate.check_tensor_args(
+        recon_input, target, mu, logvar, beta, step, likelihood.name, capacity
+    )
+    if prior_mu is not None or prior_logvar is not None:
+        _validate.check_prior(mu, prior_mu, prior_logvar)
+    group = None if free_bits_group is None else _validate.check_free_bits_group(free_bits_group)
+    if validate and not torch.compiler.is_compiling():
+        _validate.check_count_values(recon_input, target, **likelihood.tensors())
+        tensors = (beta if isinstance(beta, torch.Tensor) else None,)
+        _validate.check_values(
+            recon_input, target, likelihood.name, -100, tensors[0],
+            step if isinstance(step, torch.Tensor) else None, check_target=False,
+        )  # fmt: skip
+    batch_free_bits = float(free_bits) > 0 and free_bits_mode == "batch"
+    return elbo_loss_ref(
+        recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
+        reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
+        prior_mu=prior_mu, prior_logvar=prior_logvar, capacity=capacity,
+        free_bits_group=group if batch_free_bits else None,
+    )  # fmt: skip
 
 
 def _cpu_step(step: torch.Tensor) -> int:

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from klanneal import _count_ref
+
 __all__ = [
     "FAMILIES",
     "Bernoulli",
@@ -33,11 +35,14 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "MSE",
+    "NegativeBinomial",
+    "Poisson",
+    "ZeroInflatedNegativeBinomial",
     "resolve",
 ]
 
 #: The kinds of target a family takes (see klanneal._validate.check_tensor_args).
-TARGET_KINDS = ("class_ids", "probabilities", "real")
+TARGET_KINDS = ("class_ids", "probabilities", "real", "counts")
 
 # nll(recon_input, target, **params) -> per-element negative log-likelihood,
 # recon_input's shape without the class dimension for class ids.
@@ -103,6 +108,23 @@ def _mse_nll(x: torch.Tensor, y: torch.Tensor, **_: Any) -> torch.Tensor:
     return (x - y) ** 2
 
 
+# The count families: recon_input is the mean mu > 0 of each count (scVI's
+# px_rate), target the counts; klanneal._count_ref holds the stable forms.
+def _poisson_nll(x: torch.Tensor, y: torch.Tensor, **_: Any) -> torch.Tensor:
+    return _count_ref.poisson_nll(x, y)
+
+
+def _nb_nll(x: torch.Tensor, y: torch.Tensor, theta: Any, **_: Any) -> torch.Tensor:
+    return _count_ref.nb_nll(x, torch.as_tensor(theta, device=x.device), y)
+
+
+def _zinb_nll(
+    x: torch.Tensor, y: torch.Tensor, theta: Any, zi_logits: Any, **_: Any
+) -> torch.Tensor:
+    theta = torch.as_tensor(theta, device=x.device)
+    return _count_ref.zinb_nll(x, theta, torch.as_tensor(zi_logits, device=x.device), y)
+
+
 #: The table, in the order of the C++ enum for the families with a kernel.
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -111,6 +133,17 @@ FAMILIES: dict[str, Family] = {
         Family("bernoulli", "probabilities", _bernoulli_nll),
         Family("gaussian", "real", _gaussian_nll, params=("gaussian_var",)),
         Family("mse", "real", _mse_nll),
+        # Reference-only until their fused kernels land (the formulas and
+        # their gradients are in csrc/include/klanneal/count_likelihoods.h).
+        Family("poisson", "counts", _poisson_nll, native=False),
+        Family("negative_binomial", "counts", _nb_nll, params=("theta",), native=False),
+        Family(
+            "zero_inflated_negative_binomial",
+            "counts",
+            _zinb_nll,
+            params=("theta", "zi_logits"),
+            native=False,
+        ),  # fmt: skip
     )
 }
 NAMES = tuple(FAMILIES)
@@ -124,6 +157,11 @@ class Likelihood:
 
     def options(self) -> dict[str, Any]:
         """The elbo_loss keyword arguments this object stands for."""
+        return {}
+
+    def tensors(self) -> dict[str, Any]:
+        """The family's parameters that are tensors (or numbers) of their own:
+        a reference-only family's (``Family.params``); empty for the others."""
         return {}
 
 
@@ -169,6 +207,87 @@ class MSE(Likelihood):
     """Squared error (x - y)^2 per element (a Gaussian's shape without its constants)."""
 
     name: str = field(init=False, default="mse")
+
+
+def _param(cls: str, name: str, value: Any, positive: bool) -> Any:
+    """A count family's parameter: a real number or a floating-point tensor
+    (checked for its values by the call, where they are known)."""
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{cls}: {name} must be a floating-point tensor, got {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{cls}: {name} must be a float or a tensor, got {type(value).__name__}")
+    ok = value > 0 if positive else value == value
+    if not (math.isfinite(value) or not positive) or not ok:
+        bound = "finite and > 0" if positive else "a number (not NaN)"
+        raise ValueError(f"{cls}: {name} must be {bound}, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Poisson(Likelihood):
+    """Poisson(target; rate = recon_input) per element: mu - x log mu + lgamma(x + 1).
+
+    recon_input is the mean mu > 0 of each count ([B, G]); target the counts
+    x >= 0, [B, G], any float or integer dtype. Runs on the reference path
+    (plain PyTorch) until its fused kernel lands.
+    """
+
+    name: str = field(init=False, default="poisson")
+
+
+@dataclass(frozen=True, eq=False)
+class NegativeBinomial(Likelihood):
+    """Negative binomial in scvi-tools' parameterisation: mean ``recon_input`` (mu
+    > 0, [B, G]), inverse dispersion ``theta``:
+
+        log p(x) = theta log(theta / (theta + mu)) + x log(mu / (theta + mu))
+                   + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+
+    Args:
+        theta: inverse dispersion > 0: a float, or a tensor broadcastable to
+            [B, G] (per gene [G], scVI's default, typically a learnable
+            parameter: it gets its gradient; per cell and gene [B, G]).
+
+    The target holds the counts x >= 0. Computed in a stable form (Loader's
+    saddle point: no cancellation from theta 1e-6 to 1e8, no epsilon added);
+    reference path until its fused kernel lands.
+    """
+
+    theta: Any = 1.0
+    name: str = field(init=False, default="negative_binomial")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "theta", _param(type(self).__name__, "theta", self.theta, True))
+
+    def tensors(self) -> dict[str, Any]:
+        return {"theta": self.theta}
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroInflatedNegativeBinomial(Likelihood):
+    """The negative binomial mixed with a point mass at 0 of probability
+    sigmoid(zi_logits) (scvi-tools' ZINB), in log space (never the log of a
+    difference).
+
+    Args:
+        theta: inverse dispersion > 0 (a float, or a tensor broadcastable to [B, G]).
+        zi_logits: logits of the zero-inflation probability, a float or a
+            tensor broadcastable to [B, G] ([G] or [B, G]).
+    """
+
+    theta: Any = 1.0
+    zi_logits: Any = 0.0
+    name: str = field(init=False, default="zero_inflated_negative_binomial")
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        object.__setattr__(self, "theta", _param(cls, "theta", self.theta, True))
+        object.__setattr__(self, "zi_logits", _param(cls, "zi_logits", self.zi_logits, False))
+
+    def tensors(self) -> dict[str, Any]:
+        return {"theta": self.theta, "zi_logits": self.zi_logits}
 
 
 def resolve(likelihood: Any, gaussian_var: Any) -> tuple[Any, Any]:

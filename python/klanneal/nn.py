@@ -17,6 +17,7 @@ from klanneal._controller import KLController, controller_kl
 from klanneal._host_schedules import as_schedule
 from klanneal._sizing import ScheduleLengthWarning, cycles_end, past_end_message
 from klanneal.elbo import elbo_loss
+from klanneal.likelihoods import Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
@@ -99,10 +100,14 @@ class ELBOLoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
+        given = likelihood
         likelihood, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
         _validate.check_options(
-            likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var
-        )
+            likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var,
+            with_params=isinstance(given, Likelihood),
+        )  # fmt: skip
+        if isinstance(given, Likelihood) and given.tensors():
+            likelihood = given  # kept whole: its tensors (a learnable theta) are read per call
         schedule = as_schedule(schedule)  # a list or 1-D array of values: FromArray
         _validate.check_not_capacity(schedule, "schedule")
         _validate.check_capacity(capacity)
@@ -151,7 +156,12 @@ class ELBOLoss(nn.Module):
         prior_mu: Optional[torch.Tensor] = None,
         prior_logvar: Optional[torch.Tensor] = None,
     ) -> ELBOOutput:
-        """Loss at the current step; see ``klanneal.elbo_loss`` for shapes and the result."""
+        """Loss at the current step; see ``klanneal.elbo_loss`` for shapes and the result.
+
+        A likelihood whose parameters the decoder computes per batch (a [B, G]
+        theta): set ``criterion.likelihood = NegativeBinomial(theta)`` before
+        the call, or call ``klanneal.elbo_loss`` with the same arguments.
+        """
         out = elbo_loss(
             recon_input,
             target,

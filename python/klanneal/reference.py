@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
-from klanneal.likelihoods import FAMILIES
+from klanneal.likelihoods import FAMILIES, Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 
 __all__ = ["ELBOOutput", "elbo_loss_ref"]
@@ -46,13 +46,23 @@ def _recon_per_example(
     likelihood: str,
     ignore_index: int,
     gaussian_var: float,
+    params: dict[str, Any],
 ) -> torch.Tensor:
     """Sum of the per-element negative log-likelihood of each example: [B]
-    (the family's reference formula, klanneal.likelihoods.FAMILIES)."""
+    (the family's reference formula, klanneal.likelihoods.FAMILIES; params:
+    the family's own parameters, a negative binomial's theta say)."""
     family = FAMILIES.get(likelihood)
     if family is None:
         raise ValueError(f"likelihood: unknown likelihood {likelihood!r}")
-    nll = family.nll(recon_input, target, ignore_index=ignore_index, gaussian_var=gaussian_var)
+    missing = [p for p in family.params if p != "gaussian_var" and p not in params]
+    if missing:
+        raise ValueError(
+            f"likelihood={likelihood!r} needs its {', '.join(missing)}: pass a "
+            "klanneal.likelihoods object (e.g. NegativeBinomial(theta))"
+        )
+    nll = family.nll(
+        recon_input, target, ignore_index=ignore_index, gaussian_var=gaussian_var, **params
+    )
     return nll.reshape(recon_input.shape[0], -1).sum(dim=1)
 
 
@@ -113,7 +123,7 @@ def elbo_loss_ref(
     beta: Any = 1.0,
     *,
     step: Optional[Union[int, torch.Tensor]] = None,
-    likelihood: str = "categorical",
+    likelihood: Union[str, Likelihood] = "categorical",
     reduction: str = "batchmean",
     free_bits: float = 0.0,
     free_bits_mode: str = "batch",
@@ -140,8 +150,13 @@ def elbo_loss_ref(
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta).
     """
-    if type(likelihood) is not str:  # a klanneal.likelihoods object
-        likelihood, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
+    params: dict[str, Any] = {}
+    name: str
+    if isinstance(likelihood, str):
+        name = likelihood
+    else:  # a klanneal.likelihoods object
+        params = likelihood.tensors() if isinstance(likelihood, Likelihood) else {}
+        name, gaussian_var = resolve_likelihood(likelihood, gaussian_var)
     global_mean = None
     if free_bits_group is not None:
 
@@ -149,10 +164,11 @@ def elbo_loss_ref(
             return global_kl_per_dim(kl_bd, free_bits_group)
 
     return reference_loss(
-        recon_input, target, mu, logvar, beta, step=step, likelihood=likelihood,
+        recon_input, target, mu, logvar, beta, step=step, likelihood=name,
         reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
         ignore_index=ignore_index, gaussian_var=gaussian_var, prior_mu=prior_mu,
         prior_logvar=prior_logvar, capacity=capacity, global_mean=global_mean,
+        likelihood_params=params,
     )  # fmt: skip
 
 
@@ -182,6 +198,7 @@ def reference_loss(
     prior_logvar: Optional[torch.Tensor],
     capacity: Any,
     global_mean: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    likelihood_params: Optional[dict[str, Any]] = None,
 ) -> ELBOOutput:
     """elbo_loss_ref with the global batch mean of batch free bits given as a
     function of the local KL_bd (an all-reduce, or the op's precomputed one)."""
@@ -198,7 +215,9 @@ def reference_loss(
     prior_mu, prior_logvar, target = widen(prior_mu), widen(prior_logvar), widen(target)
     beta = _beta_value(beta, step)
 
-    recon_b = _recon_per_example(recon_input, target, likelihood, ignore_index, gaussian_var)
+    recon_b = _recon_per_example(
+        recon_input, target, likelihood, ignore_index, gaussian_var, likelihood_params or {}
+    )
     kl_bd = kl_per_element(mu, logvar, prior_mu, prior_logvar)  # [B, D]
     kl_per_dim = kl_bd.mean(dim=0)  # [D]
     if free_bits > 0 and free_bits_mode == "batch":
