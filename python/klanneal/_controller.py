@@ -25,8 +25,9 @@ from klanneal._host_schedules import (
     nonnegative,
     schedule_bounds,
 )
+from klanneal._schedule_args import StepsLike, _as_int
 from klanneal._sizing import schedule_length
-from klanneal.schedules import Constant, Schedule, StepsLike, _as_int
+from klanneal.schedules import Constant, Schedule
 
 __all__ = ["KLController", "controller_kl"]
 

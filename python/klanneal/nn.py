@@ -15,13 +15,14 @@ from torch import nn
 from klanneal import _validate
 from klanneal._controller import KLController, controller_kl
 from klanneal._host_schedules import as_schedule
+from klanneal._schedule_args import _tensor_step
 from klanneal._sizing import ScheduleLengthWarning, cycles_end, past_end_message
 from klanneal.elbo import elbo_loss
 from klanneal.likelihoods import Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.linear import linear_elbo_loss
 from klanneal.reference import ELBOOutput
-from klanneal.schedules import Schedule, _tensor_step
+from klanneal.schedules import Schedule
 
 __all__ = ["ELBOLoss", "LinearELBOLoss"]
 

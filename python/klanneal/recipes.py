@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from klanneal.schedules import FromArray, _as_int
+from klanneal._schedule_args import _as_int
+from klanneal.schedules import FromArray
 
 __all__ = ["Fu2019", "fu2019"]
 

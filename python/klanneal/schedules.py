@@ -28,20 +28,44 @@ Example:
 
 from __future__ import annotations
 
-import math
-import operator
 import sys
 from collections.abc import Sequence
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from klanneal._env import native_disabled
-
 if TYPE_CHECKING:
     import torch
+
+from klanneal._frange import (
+    frange_cycle_cosine,
+    frange_cycle_linear,
+    frange_cycle_sigmoid,
+    frange_cycle_zero_linear,
+)
+from klanneal._schedule_args import (  # noqa: F401 - used by the schedule modules
+    _MAX_COUNT,
+    _MAX_STEP,
+    SHAPES,
+    FloatArray,
+    StepsLike,
+    _as_float,
+    _as_int,
+    _as_ratio,
+    _as_step,
+    _as_zero_ratio,
+    _check_ramp_length,
+    _check_span,
+    _loaded_native,
+    _native,
+    _tensor_step,
+)
+from klanneal._schedule_ref import (
+    _n_threads,
+    schedule_value_ref,
+    schedule_values_ref,
+)
 
 __all__ = [
     "SHAPES",
@@ -66,294 +90,11 @@ __all__ = [
     "schedule_values_ref",
 ]
 
-#: Ramp shapes of ``Cyclical``, in the order of the C++ ``RampShape`` enum.
-SHAPES = ("linear", "sigmoid", "cosine", "logistic")
-
-_MAX_COUNT = 2**53  # n_iter, n_cycle: exact as float64, like Python's int/int
-_MAX_STEP = 2**62  # steps beyond this are clamped: every schedule holds `stop` long before
-
-StepsLike = Union[int, Sequence[int], "npt.NDArray[np.integer[Any]]", "torch.Tensor"]
-FloatArray = npt.NDArray[np.float64]
-
-
-def _loaded_native() -> ModuleType | None:
-    """klanneal._C, or None when it failed to import or KLANNEAL_DISABLE_NATIVE is set."""
-    from klanneal import _C
-
-    if _C is None or native_disabled():
-        return None
-    return _C
-
-
-def _native(function: str) -> ModuleType:
-    native = _loaded_native()
-    if native is None:
-        raise ImportError(
-            f"klanneal.schedules.{function} needs the compiled extension klanneal._C, which "
-            "failed to import or is disabled by KLANNEAL_DISABLE_NATIVE; reinstall klanneal "
-            "(`make install` or `pip install .`); the schedule objects (Cyclical, ...) work "
-            "without it"
-        )
-    return native
-
 
 # ---- argument checks ---------------------------------------------------------
 
 
-def _as_int(name: str, value: Any, minimum: int, maximum: int = _MAX_COUNT) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        result = operator.index(value)
-    except TypeError:
-        if not isinstance(value, (float, np.floating)):
-            raise TypeError(
-                f"{name} must be an integer, got {type(value).__name__} {value!r}"
-            ) from None
-        if not (math.isfinite(value) and float(value).is_integer()):
-            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-        result = int(value)
-    if result < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {result}")
-    if result > maximum:
-        limit = f"2**{maximum.bit_length() - 1}" if maximum > 2**20 else str(maximum)
-        raise ValueError(f"{name} must be <= {limit}, got {result}")
-    return result
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"{name} must be finite, got {result}")
-    return result
-
-
-def _as_ratio(name: str, value: Any) -> float:
-    result = _as_float(name, value)
-    if not 0.0 < result <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {result}")
-    return result
-
-
-def _as_zero_ratio(name: str, value: Any) -> float:
-    result = _as_float(name, value)
-    if not 0.0 <= result < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {result}")
-    return result
-
-
-def _check_span(start: float, stop: float) -> None:
-    if not math.isfinite(stop - start):
-        raise ValueError(f"stop - start must be finite, got stop={stop}, start={start}")
-
-
-def _check_ramp_length(n_iter: int, n_cycle: int, name: str, ratio: float) -> None:
-    # The published code divides by period*ratio; ZeroDivisionError there.
-    if n_iter > 0 and (n_iter / n_cycle) * ratio == 0.0:
-        raise ValueError(
-            f"{name}={ratio} is too small: (n_iter / n_cycle) * {name} underflows to 0"
-        )
-
-
-def _frange_args(n_iter: Any, start: Any, stop: Any, n_cycle: Any) -> tuple[int, float, float, int]:
-    # The published functions raise TypeError for a float length or cycle
-    # count (np.ones(40000.0), range(4.0)); so do these, rather than read
-    # frange_cycle_linear(0.0, 1.0, 40000, ...) (the notebook's argument
-    # order, often copied) as a schedule of length 0.
-    for name, value in (("n_iter", n_iter), ("n_cycle", n_cycle)):
-        if isinstance(value, (float, np.floating)):
-            raise TypeError(
-                f"{name} must be an integer, got float {value!r} (the arguments are "
-                "(n_iter, start, stop, n_cycle, ratio), as in the published code)"
-            )
-    return (
-        _as_int("n_iter", n_iter, 0),
-        _as_float("start", start),
-        _as_float("stop", stop),
-        _as_int("n_cycle", n_cycle, 1),
-    )
-
-
 # ---- reference-exact arrays ----------------------------------------------------
-
-
-def frange_cycle_linear(
-    n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> FloatArray:
-    """The paper's linear cyclical schedule, bit-identical to the published code.
-
-    Equal (``np.array_equal``, float accumulation included) to::
-
-        def frange_cycle_linear(n_iter, start=0.0, stop=1.0, n_cycle=4, ratio=0.5):
-            L = np.ones(n_iter) * stop
-            period = n_iter/n_cycle
-            step = (stop-start)/(period*ratio)
-            for c in range(n_cycle):
-                v, i = start, 0
-                while v <= stop and (int(i+c*period) < n_iter):
-                    L[int(i+c*period)] = v
-                    v += step
-                    i += 1
-            return L
-
-    for every valid argument. Deviations: ``n_iter == 0`` returns an empty
-    array (the published code raises ZeroDivisionError), and the cost is
-    O(n_iter + n_cycle) where the published loop is O(n_cycle * n_iter)
-    (``start == stop``, whose ramp never ends).
-
-    Args:
-        n_iter: Length of the schedule, an integer >= 0.
-        start: First value of each ramp (finite).
-        stop: Last value of each ramp and the value held after it (finite).
-            ``start > stop`` gives ``stop`` everywhere, as published.
-        n_cycle: Number of cycles, an integer >= 1 (may exceed ``n_iter``).
-        ratio: Fraction of each period spent ramping, in (0, 1].
-
-    Returns:
-        float64 array of shape ``[n_iter]``.
-
-    Raises:
-        TypeError: An argument has the wrong type.
-        ValueError: ``n_iter < 0``, ``n_cycle < 1``, ``ratio`` outside (0, 1]
-            or so small that ``n_iter / n_cycle * ratio`` underflows, or a
-            non-finite or non-integer value.
-    """
-    n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
-    ratio = _as_ratio("ratio", ratio)
-    _check_ramp_length(n_iter, n_cycle, "ratio", ratio)
-    result: FloatArray = _native("frange_cycle_linear").frange_cycle_linear(
-        n_iter, start, stop, n_cycle, ratio
-    )
-    return result
-
-
-def _frange_mapped(
-    kind: str, n_iter: Any, start: Any, stop: Any, n_cycle: Any, ratio: Any
-) -> FloatArray:
-    n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
-    ratio = _as_ratio("ratio", ratio)
-    _check_span(start, stop)
-    _check_ramp_length(n_iter, n_cycle, "ratio", ratio)
-    name = f"frange_cycle_{kind}"
-    result: FloatArray = getattr(_native(name), name)(n_iter, start, stop, n_cycle, ratio)
-    return result
-
-
-def frange_cycle_sigmoid(
-    n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> FloatArray:
-    """The authors' notebook sigmoid schedule, bounds-checked and honouring start/stop.
-
-    Runs the loop of :func:`frange_cycle_linear` and writes
-    ``start + (stop - start) * f((v - start) / (stop - start))`` with
-    ``f(u) = 1 / (1 + exp(-(12u - 6)))``. For ``start=0, stop=1`` this is the
-    notebook's ``1/(1+np.exp(-(v*12.-6.)))`` (up to the last bit of the
-    platform's ``exp``). Deviations from the notebook:
-
-    * the loop also stops at ``int(i + c*period) >= n_iter`` (the notebook
-      has no such check and raises IndexError);
-    * ``start``/``stop`` set the range of the values (the notebook always
-      maps onto (0, 1)); values are clamped to [start, stop], and
-      ``start == stop`` gives ``start``;
-    * unwritten entries hold ``stop`` (the notebook initialises them to 1).
-
-    Note that, like the notebook's, the ramp starts at ``f(0) ~ 0.0025`` and
-    ends near ``f(1) ~ 0.9975`` of the range; :class:`Cyclical` with
-    ``shape="sigmoid"`` rescales it to hit ``start`` and ``stop`` exactly.
-
-    Args:
-        n_iter: Length of the schedule, an integer >= 0.
-        start: Lower end of the range (finite).
-        stop: Upper end of the range (finite); ``start > stop`` gives ``stop``
-            everywhere.
-        n_cycle: Number of cycles, an integer >= 1.
-        ratio: Fraction of each period spent ramping, in (0, 1].
-
-    Returns:
-        float64 array of shape ``[n_iter]``.
-
-    Raises:
-        TypeError: An argument has the wrong type.
-        ValueError: As :func:`frange_cycle_linear`, or ``stop - start``
-            overflows.
-    """
-    return _frange_mapped("sigmoid", n_iter, start, stop, n_cycle, ratio)
-
-
-def frange_cycle_cosine(
-    n_iter: int, start: float = 0.0, stop: float = 1.0, n_cycle: int = 4, ratio: float = 0.5
-) -> FloatArray:
-    """The authors' notebook cosine schedule, bounds-checked and honouring start/stop.
-
-    As :func:`frange_cycle_sigmoid` with ``f(u) = 0.5 - 0.5 * cos(pi * u)``
-    (the notebook's ``0.5-.5*math.cos(v*math.pi)`` for ``start=0, stop=1``),
-    with the same deviations from the notebook: bounds check, ``start``/
-    ``stop`` honoured (values clamped to [start, stop]), unwritten entries
-    hold ``stop`` rather than 1.
-
-    Args:
-        n_iter: Length of the schedule, an integer >= 0.
-        start: Lower end of the range (finite).
-        stop: Upper end of the range (finite).
-        n_cycle: Number of cycles, an integer >= 1.
-        ratio: Fraction of each period spent ramping, in (0, 1].
-
-    Returns:
-        float64 array of shape ``[n_iter]``.
-
-    Raises:
-        TypeError: An argument has the wrong type.
-        ValueError: As :func:`frange_cycle_sigmoid`.
-    """
-    return _frange_mapped("cosine", n_iter, start, stop, n_cycle, ratio)
-
-
-def frange_cycle_zero_linear(
-    n_iter: int,
-    start: float = 0.0,
-    stop: float = 1.0,
-    n_cycle: int = 4,
-    ratio_increase: float = 0.25,
-    ratio_zero: float = 0.25,
-) -> FloatArray:
-    """Optimus' schedule: hold ``start``, ramp linearly to ``stop``, hold ``stop``.
-
-    Each period holds ``start`` for its first ``ratio_zero``, ramps over the
-    next ``ratio_increase`` and then holds ``stop``. Bit-identical to the
-    Optimus code (same loop as :func:`frange_cycle_linear`, writing ``start``
-    while ``i < period*ratio_zero`` without advancing ``v``); ``n_iter == 0``
-    returns an empty array instead of raising ZeroDivisionError.
-
-    Args:
-        n_iter: Length of the schedule, an integer >= 0.
-        start: Value held first and at the start of each ramp (finite).
-        stop: Value at the end of each ramp and held after it (finite).
-        n_cycle: Number of cycles, an integer >= 1.
-        ratio_increase: Fraction of each period spent ramping, in (0, 1].
-        ratio_zero: Fraction of each period held at ``start``, in [0, 1).
-
-    Returns:
-        float64 array of shape ``[n_iter]``.
-
-    Raises:
-        TypeError: An argument has the wrong type.
-        ValueError: As :func:`frange_cycle_linear`, ``ratio_zero`` outside
-            [0, 1), or ``ratio_increase + ratio_zero > 1``.
-    """
-    n_iter, start, stop, n_cycle = _frange_args(n_iter, start, stop, n_cycle)
-    ratio_increase = _as_ratio("ratio_increase", ratio_increase)
-    ratio_zero = _as_zero_ratio("ratio_zero", ratio_zero)
-    if ratio_increase + ratio_zero > 1.0:
-        raise ValueError(
-            f"ratio_increase + ratio_zero must be <= 1, got {ratio_increase} + {ratio_zero}"
-        )
-    _check_ramp_length(n_iter, n_cycle, "ratio_increase", ratio_increase)
-    result: FloatArray = _native("frange_cycle_zero_linear").frange_cycle_zero_linear(
-        n_iter, start, stop, n_cycle, ratio_increase, ratio_zero
-    )
-    return result
 
 
 # ---- pure-Python reference of the C++ schedule_value ---------------------------
@@ -366,124 +107,8 @@ def frange_cycle_zero_linear(
 # the schedule objects evaluate when klanneal._C is missing or disabled, and
 # the oracle the C++ values are tested against.
 
-_KIND_CONSTANT, _KIND_MONOTONIC, _KIND_CYCLICAL, _KIND_CAPACITY = 0, 1, 2, 3
-_SHAPE_LINEAR, _SHAPE_SIGMOID, _SHAPE_COSINE, _SHAPE_LOGISTIC = (SHAPES.index(s) for s in SHAPES)
-_PI = 3.14159265358979323846  # == math.pi, spelled as in schedule.h
-
-
-def _ramp_shape(shape: int, u: float) -> float:
-    if shape == _SHAPE_SIGMOID:
-        lo = 1.0 / (1.0 + math.exp(6.0))
-        hi = 1.0 / (1.0 + math.exp(-6.0))
-        s = 1.0 / (1.0 + math.exp(-(12.0 * u - 6.0)))
-        return (s - lo) / (hi - lo)
-    if shape == _SHAPE_LOGISTIC:
-        return 1.0 / (1.0 + math.exp(-(12.0 * u - 6.0)))
-    if shape == _SHAPE_COSINE:
-        return 0.5 - 0.5 * math.cos(_PI * u)
-    return u
-
-
-def _ramp_between(start: float, stop: float, r: float) -> float:
-    v = start + (stop - start) * r
-    lo, hi = (start, stop) if start < stop else (stop, start)
-    return lo if v < lo else (hi if v > hi else v)
-
-
-def schedule_value_ref(params: Sequence[float], step: int) -> float:
-    """The C++ ``schedule_value`` in pure Python: a schedule's value at one step.
-
-    Args:
-        params: The 8 floats of :meth:`Schedule.to_params` (a valid schedule;
-            they are not checked here).
-        step: Integer step; negative steps are clamped to 0, as in C++.
-
-    Returns:
-        The value, bit-identical to the C++ result on the same machine
-        (sigmoid/cosine ramps use the platform's ``exp``/``cos``, as C++ does).
-    """
-    kind, shape = int(params[0]), int(params[1])
-    start, stop, total_steps, n_cycles, ratio, zero_ratio = (float(v) for v in params[2:8])
-    t = 0.0 if step < 0 else float(step)
-    if kind == _KIND_CONSTANT:
-        return start
-    if kind in (_KIND_MONOTONIC, _KIND_CAPACITY):
-        if not t < total_steps:  # also a warm-up of 0 steps
-            return stop
-        return _ramp_between(start, stop, t / total_steps)
-    if kind == _KIND_CYCLICAL:
-        if not t < total_steps:
-            return stop
-        # Integer-valued doubles below 2**52: the cycle and the position in it
-        # are exact, so cycle boundaries fall on exactly the right step.
-        scaled = t * n_cycles
-        cycle = float(math.floor(scaled / total_steps))
-        tau = (scaled - cycle * total_steps) / total_steps
-        if tau < zero_ratio:
-            return start
-        u = (tau - zero_ratio) / ratio
-        if u >= 1.0:
-            return stop
-        return _ramp_between(start, stop, _ramp_shape(shape, u))
-    return stop
-
-
-def _n_threads() -> int:
-    """Threads for a native fill: torch.get_num_threads() when torch is loaded
-    (torch.set_num_threads is honoured), else 0 (every hardware thread)."""
-    torch_module = sys.modules.get("torch")
-    return int(torch_module.get_num_threads()) if torch_module is not None else 0
-
-
-def schedule_values_ref(params: Sequence[float], steps: npt.ArrayLike) -> FloatArray:
-    """:func:`schedule_value_ref` at every step of an integer array.
-
-    Args:
-        params: The 8 floats of :meth:`Schedule.to_params`.
-        steps: Integer steps, any shape (negative ones are clamped to 0).
-
-    Returns:
-        float64 array of the steps' shape, element for element equal to
-        :func:`schedule_value_ref`.
-    """
-    steps_array = np.asarray(steps)
-    flat = steps_array.reshape(-1).tolist()
-    values = np.array([schedule_value_ref(params, k) for k in flat], dtype=np.float64)
-    return values.reshape(steps_array.shape)
-
 
 # ---- closed-form schedule objects -----------------------------------------------
-
-
-def _as_step(step: Any) -> int:
-    if type(step) is not int:
-        torch_module = sys.modules.get("torch")
-        if torch_module is not None and isinstance(step, torch_module.Tensor):
-            step = _tensor_step(step, torch_module)
-        elif isinstance(step, bool):
-            raise TypeError(f"step must be an integer, got {step!r}")
-    try:
-        result = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}") from None
-    if result < 0:
-        raise ValueError(f"step must be >= 0, got {result}")
-    return min(result, _MAX_STEP)
-
-
-def _tensor_step(step: torch.Tensor, torch_module: Any) -> int:
-    """A 0-d integer tensor step as an int (operator.index would also take a
-    bool tensor as 1, a 1-element tensor of any shape, and fail on a uint64
-    one above 2**63 - 1)."""
-    dtype = step.dtype
-    if step.dim() != 0 or dtype.is_floating_point or dtype.is_complex or dtype == torch_module.bool:
-        raise TypeError(
-            "step must be an integer or a 0-d integer tensor, got a tensor of shape "
-            f"{tuple(step.shape)} and dtype {dtype}"
-        )
-    if step.is_meta:
-        raise ValueError("step: a meta tensor has no value to evaluate the schedule at")
-    return int(step.item())
 
 
 class Schedule:
@@ -901,92 +526,6 @@ class Capacity(Schedule):
 # ---- stateful wrapper ---------------------------------------------------------------
 
 
-class BetaScheduler:
-    """Steps a schedule like torch's LR schedulers step a learning rate.
-
-    Call :meth:`step` once per optimizer step (after ``optimizer.step()``),
-    not once per batch: with gradient accumulation over k batches the
-    schedule then advances once per k batches, as the learning rate does.
-    Construction performs the first step, so ``.last_step == 0`` and
-    ``.beta == schedule(0)``::
-
-        scheduler = BetaScheduler(Cyclical(total_steps=40_000))
-        for batch in loader:
-            loss = recon + scheduler.beta * kl
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            scheduler.step()
-
-    ``state_dict()`` / ``load_state_dict()`` save and restore the schedule
-    and the step, so a resumed run continues the sequence exactly.
-
-    Args:
-        schedule: A :class:`Schedule`, or a sequence / 1-D array of values
-            (a :class:`FromArray`).
-        last_step: Step already taken (-1 for a fresh start, like torch's
-            ``last_epoch``); construction moves to ``last_step + 1``.
-
-    Raises:
-        TypeError: ``schedule`` is not a Schedule.
-        ValueError: ``last_step < -1``.
-    """
-
-    def __init__(self, schedule: Schedule, last_step: int = -1) -> None:
-        from klanneal._host_schedules import as_schedule
-
-        schedule = as_schedule(schedule)  # a list or array of values: FromArray
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a klanneal Schedule, got {type(schedule).__name__}")
-        self.schedule = schedule
-        self.last_step = _as_int("last_step", last_step, -1, _MAX_STEP)
-        self.beta = 0.0
-        self.step()
-
-    def step(self) -> None:
-        """Advance one step and update :attr:`beta` (= ``schedule(last_step)``)."""
-        self.last_step += 1
-        self.beta = self.schedule(self.last_step)
-
-    def get_last_beta(self) -> float:
-        """The current beta, ``schedule(last_step)`` (torch's ``get_last_lr``)."""
-        return self.beta
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"schedule": schedule.state_dict(), "last_step": int}``: plain Python,
-        safe for ``torch.save`` / ``torch.load(weights_only=True)``."""
-        return {"schedule": self.schedule.state_dict(), "last_step": self.last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next :meth:`step` continues exactly.
-
-        The schedule is loaded in place when it has the saved type, otherwise
-        replaced by the saved one.
-
-        Raises:
-            ValueError: A key is missing or a value is invalid.
-        """
-        if not isinstance(state_dict, dict):
-            raise ValueError(
-                f"state_dict must be a dict (from BetaScheduler.state_dict), got "
-                f"{type(state_dict).__name__}"
-            )
-        for key in ("schedule", "last_step"):
-            if key not in state_dict:
-                raise ValueError(f"state_dict is missing {key!r}")
-        last_step = _as_int("last_step", state_dict["last_step"], 0, _MAX_STEP)
-        saved = state_dict["schedule"]
-        if isinstance(saved, dict) and saved.get("type") == type(self.schedule).__name__:
-            self.schedule.load_state_dict(saved)
-        else:
-            self.schedule = Schedule.from_state_dict(saved)
-        self.last_step = last_step
-        self.beta = self.schedule(last_step)
-
-    def __repr__(self) -> str:
-        return f"BetaScheduler({self.schedule!r}, last_step={self.last_step}, beta={self.beta!r})"
-
-
 def plot_schedules(curves: Sequence[tuple[str, Schedule]], steps: int, title: Any = None) -> Any:
     """A matplotlib figure of labelled schedules over steps ``0 .. steps - 1``.
 
@@ -1022,6 +561,7 @@ def __getattr__(name: str) -> Any:
 
 # Schedules evaluated in Python/PyTorch (tables, offsets, Sentence-VAE's
 # forms): defined in their own module, which needs Schedule above.
+from klanneal._beta_scheduler import BetaScheduler  # noqa: E402 - needs Schedule above
 from klanneal._host_schedules import (  # noqa: E402, F401 - re-exported
     FromArray,
     LinearWarmup,
