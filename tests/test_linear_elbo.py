@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from elbo_cases import check_retained_backwards
 
 import klanneal
+import klanneal._linear_op
 from klanneal import elbo_loss_ref, linear_elbo_loss
 from klanneal.linear import LinearOptions, default_chunk_size, linear_nll_op
 from klanneal.nn import LinearELBOLoss
@@ -123,7 +124,7 @@ def test_tiled_projection(monkeypatch, bias, dtype):
     kwargs = dict(beta=0.4, reduction="none")
     untiled = {c: run(fused, inputs, **kwargs, chunk_size=c) for c in (3, 10)}
     # Tiles of 24 bytes: 1-3 vocabulary rows per block, the last one partial.
-    monkeypatch.setattr(klanneal.linear, "TILE_BYTES", 24)
+    monkeypatch.setattr(klanneal._linear_op, "TILE_BYTES", 24)  # the op's module
     for chunk_size, want in untiled.items():
         got = run(fused, inputs, **kwargs, chunk_size=chunk_size)
         assert_matches(got, want, torch.float64)
