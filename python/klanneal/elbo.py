@@ -153,7 +153,7 @@ def elbo_loss(
         # A table, an offset or another schedule evaluated in Python: its
         # value at the step (a float, or a 0-d tensor at a step tensor) is
         # the beta the op sees; the step stays only for a capacity schedule.
-        beta = resolve_host_beta(beta, step, mu.device)
+        beta = resolve_host_beta(beta, step, mu.device if isinstance(mu, torch.Tensor) else None)
         if not _validate.is_schedule(capacity):
             step = None
     if type(likelihood) is not str:  # a klanneal.likelihoods object
