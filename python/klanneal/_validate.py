@@ -222,66 +222,15 @@ def check_tensor_args(
                 "recon_input, target, mu and logvar must be on one device, got "
                 f"{recon_input.device}, {target.device}, {mu.device}, {logvar.device}"
             )
-    floats = FLOAT_DTYPES
-    if not (recon_input.dtype in floats and mu.dtype in floats and logvar.dtype in floats):
-        for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
-            if t.dtype not in floats:
-                raise TypeError(
-                    f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
-                )
-    if logvar.dtype != mu.dtype:
-        raise TypeError(f"logvar must have the dtype of mu ({mu.dtype}), got {logvar.dtype}")
-    if mu.dim() != 2:
-        raise ValueError(f"mu must be 2-D [B, D], got shape {tuple(mu.shape)}")
-    if logvar.shape != mu.shape:
-        raise ValueError(
-            f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}"
-        )
-
+    _check_float_latents(recon_input, mu, logvar)
     recon_shape = recon_input.shape
     kind = FAMILIES[likelihood].target
     if kind == "counts":
         _check_counts_args(recon_input, target)
     elif kind == "class_ids":
-        if len(recon_shape) < 2:
-            raise ValueError(
-                "recon_input must be logits [B, ..., V] for likelihood='categorical', got "
-                f"shape {tuple(recon_shape)}"
-            )
-        target_dtype = target.dtype
-        if target_dtype.is_floating_point or target_dtype.is_complex or target_dtype == torch.bool:
-            raise TypeError(
-                "target must be an integer tensor of class ids for likelihood='categorical', "
-                f"got {target_dtype}"
-            )
-        if target_dtype == torch.uint64:
-            # Ids >= 2**63 would wrap to negative int64 (2**64 - 100 to -100, ignored).
-            raise TypeError("target: uint64 class ids are not supported; pass int64 class ids")
-        if target.shape != recon_shape[:-1]:
-            raise ValueError(
-                f"target must have shape recon_input.shape[:-1] = {tuple(recon_shape[:-1])}"
-                f" for likelihood='categorical', got {tuple(target.shape)}"
-            )
-        if recon_shape[-1] == 0:
-            raise ValueError("recon_input has an empty class dimension (V = 0)")
+        _check_class_ids_target(recon_shape, target)
     else:
-        if len(recon_shape) < 1:
-            raise ValueError("recon_input must have a batch dimension [B, ...], got a 0-d tensor")
-        if target.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"target must be a floating-point tensor for likelihood={likelihood!r}, "
-                f"got {target.dtype}"
-            )
-        if target.shape != recon_shape:
-            raise ValueError(
-                f"target must have the shape of recon_input {tuple(recon_shape)} for "
-                f"likelihood={likelihood!r}, got {tuple(target.shape)}"
-            )
-        if kind == "probabilities" and target.requires_grad:
-            raise ValueError(
-                "target requires grad, but klanneal.elbo_loss gives bernoulli targets no "
-                "gradient; detach it (or use klanneal.elbo_loss_ref)"
-            )
+        _check_elementwise_target(recon_shape, target, likelihood, kind)
 
     batch = mu.shape[0]
     if recon_shape[0] != batch:
@@ -299,6 +248,79 @@ def check_tensor_args(
         if type(beta) is Tensor:
             _check_beta_tensor(beta, mu)
             return
+    _check_beta_step_capacity(beta, step, capacity, mu)
+
+
+def _check_float_latents(recon_input: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> None:
+    """Floating-point recon_input, mu and logvar; mu [B, D] and logvar alike."""
+    floats = FLOAT_DTYPES
+    if not (recon_input.dtype in floats and mu.dtype in floats and logvar.dtype in floats):
+        for name, t in (("recon_input", recon_input), ("mu", mu), ("logvar", logvar)):
+            if t.dtype not in floats:
+                raise TypeError(
+                    f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
+                )
+    if logvar.dtype != mu.dtype:
+        raise TypeError(f"logvar must have the dtype of mu ({mu.dtype}), got {logvar.dtype}")
+    if mu.dim() != 2:
+        raise ValueError(f"mu must be 2-D [B, D], got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(
+            f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}"
+        )
+
+
+def _check_class_ids_target(recon_shape: torch.Size, target: torch.Tensor) -> None:
+    """Logits [B, ..., V] and integer class ids [B, ...] (likelihood 'categorical')."""
+    if len(recon_shape) < 2:
+        raise ValueError(
+            "recon_input must be logits [B, ..., V] for likelihood='categorical', got "
+            f"shape {tuple(recon_shape)}"
+        )
+    target_dtype = target.dtype
+    if target_dtype.is_floating_point or target_dtype.is_complex or target_dtype == torch.bool:
+        raise TypeError(
+            "target must be an integer tensor of class ids for likelihood='categorical', "
+            f"got {target_dtype}"
+        )
+    if target_dtype == torch.uint64:
+        # Ids >= 2**63 would wrap to negative int64 (2**64 - 100 to -100, ignored).
+        raise TypeError("target: uint64 class ids are not supported; pass int64 class ids")
+    if target.shape != recon_shape[:-1]:
+        raise ValueError(
+            f"target must have shape recon_input.shape[:-1] = {tuple(recon_shape[:-1])}"
+            f" for likelihood='categorical', got {tuple(target.shape)}"
+        )
+    if recon_shape[-1] == 0:
+        raise ValueError("recon_input has an empty class dimension (V = 0)")
+
+
+def _check_elementwise_target(
+    recon_shape: torch.Size, target: torch.Tensor, likelihood: str, kind: str
+) -> None:
+    """A floating-point target of recon_input's shape (bernoulli, gaussian, mse)."""
+    if len(recon_shape) < 1:
+        raise ValueError("recon_input must have a batch dimension [B, ...], got a 0-d tensor")
+    if target.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"target must be a floating-point tensor for likelihood={likelihood!r}, "
+            f"got {target.dtype}"
+        )
+    if target.shape != recon_shape:
+        raise ValueError(
+            f"target must have the shape of recon_input {tuple(recon_shape)} for "
+            f"likelihood={likelihood!r}, got {tuple(target.shape)}"
+        )
+    if kind == "probabilities" and target.requires_grad:
+        raise ValueError(
+            "target requires grad, but klanneal.elbo_loss gives bernoulli targets no "
+            "gradient; detach it (or use klanneal.elbo_loss_ref)"
+        )
+
+
+def _check_beta_step_capacity(beta: Any, step: Any, capacity: Any, mu: torch.Tensor) -> None:
+    """beta (a number, a 0-d tensor or a schedule), step (with a schedule only)
+    and capacity, beyond the common calls that check_tensor_args settles itself."""
     check_not_capacity(beta, "beta")
     check_capacity(capacity)
     if is_schedule(beta) or is_schedule(capacity):

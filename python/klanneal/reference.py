@@ -172,6 +172,37 @@ def elbo_loss_ref(
     )  # fmt: skip
 
 
+def _kl_terms(
+    kl_bd: torch.Tensor,
+    free_bits: float,
+    free_bits_mode: str,
+    global_mean: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The KL term per example [B] (None under batch free bits, a batch-level
+    objective) and its batch total, after free bits, from KL_bd [B, D]."""
+    batch = kl_bd.shape[0]
+    if free_bits > 0 and free_bits_mode == "batch":
+        # clamp, not maximum: at a tie the gradient passes (the kernels match
+        # this). The batch mean is compared with lambda in float64, whatever
+        # the latent dtype (as the CPU and CUDA kernels do).
+        local_mean = kl_bd.double().mean(dim=0)
+        if global_mean is None:
+            kl_term_total = batch * local_mean.clamp(min=free_bits).sum()
+        else:
+            # The global mean's value and mask, the gradient of the local mean.
+            mean = global_mean(kl_bd)
+            passing = local_mean - local_mean.detach() + mean
+            kl_term_total = batch * torch.where(mean >= free_bits, passing, free_bits).sum()
+        kl_term_b = None
+    elif free_bits > 0:
+        kl_term_b = kl_bd.clamp(min=free_bits).sum(dim=1)
+        kl_term_total = kl_term_b.sum()
+    else:
+        kl_term_b = kl_bd.sum(dim=1)
+        kl_term_total = kl_term_b.sum()
+    return kl_term_b, kl_term_total
+
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -220,25 +251,7 @@ def reference_loss(
     )
     kl_bd = kl_per_element(mu, logvar, prior_mu, prior_logvar)  # [B, D]
     kl_per_dim = kl_bd.mean(dim=0)  # [D]
-    if free_bits > 0 and free_bits_mode == "batch":
-        # clamp, not maximum: at a tie the gradient passes (the kernels match
-        # this). The batch mean is compared with lambda in float64, whatever
-        # the latent dtype (as the CPU and CUDA kernels do).
-        local_mean = kl_bd.double().mean(dim=0)
-        if global_mean is None:
-            kl_term_total = batch * local_mean.clamp(min=free_bits).sum()
-        else:
-            # The global mean's value and mask, the gradient of the local mean.
-            mean = global_mean(kl_bd)
-            passing = local_mean - local_mean.detach() + mean
-            kl_term_total = batch * torch.where(mean >= free_bits, passing, free_bits).sum()
-        kl_term_b = None
-    elif free_bits > 0:
-        kl_term_b = kl_bd.clamp(min=free_bits).sum(dim=1)
-        kl_term_total = kl_term_b.sum()
-    else:
-        kl_term_b = kl_bd.sum(dim=1)
-        kl_term_total = kl_term_b.sum()
+    kl_term_b, kl_term_total = _kl_terms(kl_bd, free_bits, free_bits_mode, global_mean)
     kl_b = kl_bd.sum(dim=1)
     if capacity is not None:
         c = _beta_value(capacity, step)
