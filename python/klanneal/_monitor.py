@@ -10,11 +10,12 @@ is one.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Optional
 
 import torch
+
+from klanneal.metrics import _check_threshold  # metrics imports this module last
 
 __all__ = ["CollapseMonitor", "CollapseWarning"]
 
@@ -84,13 +85,15 @@ class CollapseMonitor:
         active_threshold: float = _ACTIVE_UNIT_THRESHOLD,
         collapse_threshold: float = _COLLAPSE_THRESHOLD,
     ) -> None:
-        self.decay = _real("decay", decay)
+        self.decay = _check_threshold("decay", decay)
         if not self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         self.patience = _count("patience", patience)
-        self.kl_threshold = None if kl_threshold is None else _real("kl_threshold", kl_threshold)
-        self.active_threshold = _real("active_threshold", active_threshold)
-        self.collapse_threshold = _real("collapse_threshold", collapse_threshold)
+        self.kl_threshold = (
+            None if kl_threshold is None else _check_threshold("kl_threshold", kl_threshold)
+        )
+        self.active_threshold = _check_threshold("active_threshold", active_threshold)
+        self.collapse_threshold = _check_threshold("collapse_threshold", collapse_threshold)
         self.reset()
 
     def reset(self) -> None:
@@ -275,12 +278,3 @@ def _count(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    result = float(value)
-    if not (math.isfinite(result) and result >= 0.0):
-        raise ValueError(f"{name} must be finite and >= 0, got {result}")
-    return result
