@@ -103,7 +103,9 @@ def _kernel_floor(
 
     layout = _C.elbo_layout()
     options = _ops.elbo_options("bernoulli", "batchmean", 0.0, "batch", -100, 1.0, True)
-    floats, ints = options.packed(BETA, None, None, (True, True, True, False, False))
+    floats, ints = options.pack(
+        beta_value=BETA, need_grad_recon=True, need_grad_mu=True, need_grad_logvar=True
+    )
     fp32 = layout["dtype"].index("float32")
     size = {
         "batch": x.shape[0], "n_rows": x.shape[0], "row_len": x.shape[1],

@@ -32,11 +32,11 @@ from klanneal._layout import (
 )
 from klanneal._registration import elbo_loss_inplace_op, elbo_loss_op
 
-# eager_elbo's inputs, in its order (a subset of the op's OpInputs).
+# The inputs whose requires-grad flags decide an eager call (EagerPlan), in
+# this order, and their positions among the op's inputs (OpInputs); the
+# saved gradient of each (SAVED; None: an input without one of its own:
+# target's is -grad_recon, beta's comes from kl_weight).
 EAGER_INPUTS = ("recon_input", "target", "mu", "logvar", "beta", "prior_mu", "prior_logvar")
-# Each eager input's position among the op's inputs, and among the saved
-# gradients (SAVED; None: an input without one of its own: target's is
-# -grad_recon, beta's comes from kl_weight).
 _OP_INDEX = tuple(OpInputs._fields.index(name) for name in EAGER_INPUTS)
 _GRAD_NAME = {"recon_input": "grad_recon", "mu": "grad_mu", "logvar": "grad_logvar",
               "prior_mu": "grad_prior_mu", "prior_logvar": "grad_prior_logvar"}  # fmt: skip
@@ -51,12 +51,13 @@ class EagerPlan:
     2^7 x 4 x 4 x 3 keys).
 
     asked: the 5 gradients the kernel computes (recon_input, mu, logvar,
-    prior_mu, prior_logvar); tracked: which of eager_elbo's 7 inputs
-    autograd tracks; saved_index: the saved gradient (ctx.saved_tensors
-    index) of each tracked input, for the backward that returns them as they
-    are, or None where one needs more than that (a target or beta gradient,
-    or fp16/bf16 inputs, whose fp32 gradients are cast); dtype: the results'
-    dtype; the gradients' dtypes. It is also ``_backward_common``'s state:
+    prior_mu, prior_logvar); tracked: the positions among the op's inputs
+    (OpInputs) of those of EAGER_INPUTS that autograd tracks; saved_index:
+    the saved gradient (ctx.saved_tensors index) of each tracked input, for
+    the backward that returns them as they are, or None where one needs
+    more than that (a target or beta gradient, or fp16/bf16 inputs, whose
+    fp32 gradients are cast); dtype: the results' dtype; the gradients'
+    dtypes. It is also ``_backward_common``'s state:
     ``scaled`` gives the copy that records a backward's in-place scaling.
     """
 
@@ -77,8 +78,9 @@ class EagerPlan:
         beta, prior_mu, prior_logvar (all False with grad mode off). A
         gaussian/mse target that requires grad gets -grad_recon."""
         self.asked = eager_need(requires)
-        self.tracked = tuple(k for k, r in enumerate(requires) if r)
-        saved = [_SAVED_INDEX[k] for k in self.tracked]
+        tracked = [k for k, r in enumerate(requires) if r]
+        self.tracked = tuple(_OP_INDEX[k] for k in tracked)
+        saved = [_SAVED_INDEX[k] for k in tracked]
         full = recon_dtype in FULL_PRECISION and latent_dtype in FULL_PRECISION
         self.saved_index = None if None in saved or not full else tuple(saved)
         self.dtype = result_dtype(recon_dtype, latent_dtype)
@@ -109,28 +111,16 @@ def eager_need(requires: tuple[bool, ...]) -> tuple[bool, bool, bool, bool, bool
     return (recon_input or target, mu, logvar, prior_mu, prior_logvar)
 
 
-def eager_elbo(
-    plan: EagerPlan,
-    options: ElboOptions,
-    inputs: tuple[Optional[torch.Tensor], ...],
-    floats: list[float],
-    ints: list[int],
-    step: Optional[torch.Tensor],
-    global_kl_per_dim: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, ...]:
+def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[torch.Tensor, ...]:
     """One eager elbo_loss call: runs the device kernel, then attaches the
     loss to autograd (ElboFunction) if any input is tracked.
 
-    inputs: recon_input, target, mu, logvar, beta, prior_mu, prior_logvar
-    (None where absent, all contiguous); plan: eager_plan of their
-    requires-grad flags; floats, ints: the packed options, with plan.asked
-    the gradients asked for. Returns loss, recon, kl, kl_per_dim, beta in
-    plan.dtype: written in that dtype on the CPU (out_dtype), in float64 on
-    CUDA and cast.
+    op: the op's inputs (contiguous; floats and ints packed with plan.asked
+    the gradients asked for); plan: eager_plan of their requires-grad flags.
+    Returns loss, recon, kl, kl_per_dim, beta in plan.dtype: written in that
+    dtype on the CPU (out_dtype), in float64 on CUDA and cast.
     """
-    recon_input, target, mu, logvar, beta, prior_mu, prior_logvar = inputs
-    assert recon_input is not None and target is not None
-    assert mu is not None and logvar is not None
+    recon_input, mu = op.recon_input, op.mu
     need = plan.asked
     on_cpu = recon_input.is_cpu
     if on_cpu:
@@ -141,25 +131,20 @@ def eager_elbo(
         _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
         *_latent_grads(mu, need, plan.latent_grad_dtype),
     )
-    kernel_inputs = (
-        recon_input, target, mu, logvar, prior_mu, prior_logvar, global_kl_per_dim, beta, step,
-    )  # fmt: skip
-    _run_kernel(options, kernel_inputs, scalars, grads, floats, ints)
+    _run_kernel(options, op, scalars, grads)
     loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
-    assert loss is not None and recon is not None and kl is not None
-    assert kl_per_dim is not None and beta_out is not None
     if not on_cpu:
         out = plan.dtype
-        loss, recon, kl = loss.to(out), recon.to(out), kl.to(out)
-        kl_per_dim, beta_out = kl_per_dim.to(out), beta_out.to(out)
+        loss, recon, kl = loss.to(out), recon.to(out), kl.to(out)  # type: ignore[union-attr]
+        kl_per_dim, beta_out = kl_per_dim.to(out), beta_out.to(out)  # type: ignore[union-attr]
     if plan.tracked:
         # Function.apply's C part (APPLY); only the tracked inputs are its
         # arguments, unwrapped as Function.apply does (a tensor that escaped
         # a finished torch.func transform).
         unwrap = UNWRAP_IF_DEAD
-        tracked = [unwrap(inputs[k]) for k in plan.tracked]
+        tracked = [unwrap(op[k]) for k in plan.tracked]
         loss = APPLY((loss, (*grads, kl_weight), plan), *tracked)
-    return loss, recon, kl, kl_per_dim, beta_out
+    return loss, recon, kl, kl_per_dim, beta_out  # type: ignore[return-value]
 
 
 class ElboFunction(torch.autograd.Function):
@@ -202,10 +187,8 @@ class ElboFunction(torch.autograd.Function):
             saved = ctx.saved_tensors
             return (None, *[saved[k] for k in index])
         ctx.plan = state = plan.scaled()
-        out = _backward_common(ctx, state, grad_loss)
-        # OpInputs order -> eager_elbo's inputs order, then the tracked ones.
-        full = [out[k] for k in _OP_INDEX]
-        return (None, *[full[k] for k in plan.tracked])
+        out = _backward_common(ctx, state, grad_loss)  # in OpInputs order
+        return (None, *[out[k] for k in plan.tracked])
 
 
 def _c_apply() -> Any:

@@ -43,25 +43,21 @@ def native_available(device: Optional[torch.device]) -> bool:
 
 def _run_kernel(
     opts: ElboOptions,
-    inputs: tuple[Optional[torch.Tensor], ...],
+    op: OpInputs,
     scalars: tuple[Optional[torch.Tensor], ...],
     grads: Sequence[Optional[torch.Tensor]],
-    floats: list[float],
-    ints: list[int],
 ) -> None:
     """Runs recon_input's device's kernel on allocated outputs (both the op and
     the eager path): value checks -> sizes and pointers -> launch.
 
-    inputs: recon_input, target, mu, logvar, prior_mu, prior_logvar,
-    global_kl_per_dim, beta, step (None where absent); scalars: loss, recon,
-    kl, kl_per_dim, beta_out, kl_weight (kl_weight may be None), all of the
-    loss's dtype (float64, or float32 on the CPU: its out_dtype); grads: the
+    op: the op's inputs (contiguous); scalars: loss, recon, kl, kl_per_dim,
+    beta_out, kl_weight (kl_weight may be None), all of the loss's dtype
+    (float64, or the results' dtype on the CPU: its out_dtype); grads: the
     gradients of recon_input, mu, logvar, prior_mu, prior_logvar (None where
     not asked for). The packed lists go to C++ as they are.
     """
-    recon_input, target, mu, logvar, prior_mu, prior_logvar, global_mean, beta, step = inputs
-    assert recon_input is not None and target is not None
-    assert mu is not None and logvar is not None
+    (recon_input, target, mu, logvar, beta, step, floats, ints, prior_mu, prior_logvar,
+     global_mean) = op  # fmt: skip
     loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
     assert loss is not None and recon is not None and kl is not None
     assert kl_per_dim is not None and beta_out is not None
@@ -128,11 +124,7 @@ def _launch(
     args = ElboOptions.unpack(i.floats, i.ints)
     scalars = _op_scalars(i.mu, args.options.reduction, i.recon_input.device)
     grads = (grad_recon, *_latent_grads(i.mu, args.need_grads))
-    inputs = (
-        i.recon_input, i.target, i.mu, i.logvar, i.prior_mu, i.prior_logvar,
-        i.global_kl_per_dim, i.beta, i.step,
-    )  # fmt: skip
-    _run_kernel(args.options, inputs, scalars, grads, i.floats, i.ints)
+    _run_kernel(args.options, i, scalars, grads)
     return scalars, grads
 
 

@@ -124,15 +124,21 @@ class ElboOptions:
 
     def packed(
         self,
-        beta_value: float,
-        schedule: Optional[tuple[float, ...]],
-        capacity: Optional[tuple[float, ...]],
+        beta: Any,
+        capacity: Any,
+        step_tensor: bool,
         need: tuple[bool, bool, bool, bool, bool],
     ) -> tuple[list[float], list[int]]:
-        """``pack`` for one call (need: need_grad_recon ... need_grad_prior_logvar;
-        schedule None: NO_SCHEDULE, the template's),
-        from a template kept per `need` and capacity-or-not: the per-call cost
-        of an elbo_loss call is a list copy and three slot writes."""
+        """``pack`` for one call from a template kept per `need` and
+        capacity-or-not: the per-call cost is a list copy and a few slot
+        writes.
+
+        beta, capacity: klanneal._call.Weight (capacity None: the plain KL
+        term); step_tensor: the call passes a step tensor, at which the
+        kernel evaluates beta's schedule (a constant one for a beta value:
+        resolve_beta) and the capacity's; need: need_grad_recon ...
+        need_grad_prior_logvar.
+        """
         key = (need, capacity is None)
         template = None if torch.compiler.is_compiling() else self._templates.get(key)
         if template is None:
@@ -144,11 +150,17 @@ class ElboOptions:
             if not torch.compiler.is_compiling():
                 self._templates[key] = template
         floats = template[0].copy()
-        floats[_BETA_SLOT] = beta_value
+        floats[_BETA_SLOT] = beta.value
+        schedule = beta.schedule
+        if schedule is None and step_tensor and beta.tensor is None:
+            schedule = constant_schedule(beta.value)
         if schedule is not None:
             floats[_SCHEDULE_SLOT : _SCHEDULE_SLOT + _N_SCHEDULE] = schedule
         if capacity is not None:
-            floats[_CAPACITY_SLOT : _CAPACITY_SLOT + _N_SCHEDULE] = capacity
+            params = capacity.schedule
+            if params is None:
+                params = constant_schedule(capacity.value)
+            floats[_CAPACITY_SLOT : _CAPACITY_SLOT + _N_SCHEDULE] = params
         return floats, template[1].copy()
 
     def pack(

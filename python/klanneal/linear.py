@@ -16,9 +16,10 @@ buffer plus the parameter gradients. The reconstruction part is the op
 ``klanneal::linear_nll`` registered here (a CPU and a CUDA kernel around the
 existing categorical kernel, the pure-PyTorch reference as the default
 kernel, ``register_fake`` and ``register_autograd``); the KL part is
-``klanneal.elbo_loss`` itself on an empty reconstruction (a [B, 0, V] input:
-its kernel computes only the KL term), so beta schedules, step tensors, free
-bits and every KL option come from the one implementation.
+the same call object and kernel as ``klanneal.elbo_loss``'s
+(``klanneal._call.kl_term_call``: a call without reconstruction elements,
+for which the kernel computes only the KL term), so beta schedules, step
+tensors, free bits and every KL option come from the one implementation.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from klanneal import _ops, _validate
-from klanneal.elbo import _reference_only, elbo_loss
+from klanneal._call import kl_term_call
+from klanneal._call import reference_only as _reference_only
+from klanneal.elbo import elbo_loss
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule
 
@@ -203,13 +206,13 @@ def linear_elbo_loss(
         # No kernel for this device (or a torch.func transform, forward-mode AD): the logits
         # are materialised, elbo_loss takes its reference path.
         return elbo_loss(F.linear(hidden, weight, bias), target, mu, logvar, beta, **kl_options)
-    # The KL term: elbo_loss on an empty reconstruction ([B, 0, V]; its
-    # kernel then computes only the KL part), which also checks mu, logvar,
-    # beta, step and every option.
-    batch, vocab = hidden.shape[0], weight.shape[0]
-    no_recon = hidden.new_empty((batch, 0, vocab)).detach()
-    no_target = target.new_empty((batch, 0)).detach()
-    kl_out = elbo_loss(no_recon, no_target, mu, logvar, beta, **kl_options)
+    # The KL term: its own call of the fused kernel (no reconstruction
+    # elements), which also checks mu, logvar, beta, step and every option.
+    batch = hidden.shape[0]
+    kl_out = kl_term_call(
+        mu, logvar, beta, step, hidden, reduction, free_bits, free_bits_mode, ignore_index,
+        prior_mu, prior_logvar, capacity, free_bits_group, validate,
+    ).run()  # fmt: skip
     dtype = kl_out.loss.dtype
     grad_enabled = torch.is_grad_enabled()
     opts = LinearOptions(

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from klanneal import _validate
+from klanneal._call import elbo_call
 from klanneal._controller import KLController, controller_kl
 from klanneal._host_schedules import as_schedule
 from klanneal._schedule_args import _tensor_step
 from klanneal._sizing import ScheduleLengthWarning, cycles_end, past_end_message
-from klanneal.elbo import elbo_loss
 from klanneal.likelihoods import Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.linear import linear_elbo_loss
@@ -163,19 +163,13 @@ class ELBOLoss(nn.Module):
         theta): set ``criterion.likelihood = NegativeBinomial(theta)`` before
         the call, or call ``klanneal.elbo_loss`` with the same arguments.
         """
-        out = elbo_loss(
-            recon_input,
-            target,
-            mu,
-            logvar,
-            self.schedule,
-            prior_mu=prior_mu,
-            prior_logvar=prior_logvar,
-            likelihood=self.likelihood,
-            gaussian_var=self.gaussian_var,
-            inplace=self.inplace,
-            **self._step_options(),
-        )
+        o = self._step_options()
+        out = elbo_call(
+            recon_input, target, mu, logvar, self.schedule, o["step"], self.likelihood,
+            self.reduction, self.free_bits, self.free_bits_mode, self.ignore_index,
+            self.gaussian_var, prior_mu, prior_logvar, self.capacity, self.free_bits_group,
+            self.inplace, self.validate,
+        ).run()  # fmt: skip
         self._feed_controller(out, mu)
         return out
 
