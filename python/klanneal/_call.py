@@ -26,15 +26,23 @@ import numpy as np
 import torch
 
 from klanneal import _validate
+from klanneal._count_op import count_recon
+from klanneal._count_ref import check_count_values
 from klanneal._eager import eager_elbo, eager_need, eager_plan, elbo_loss_inplace, elbo_loss_traced
 from klanneal._host_schedules import FromArray, HostSchedule, resolve_host_beta
 from klanneal._kernels import native_available
-from klanneal._layout import FULL_PRECISION, ElboOptions, OpInputs, elbo_options, result_dtype
+from klanneal._layout import (
+    FULL_PRECISION,
+    ElboOptions,
+    OpInputs,
+    elbo_options,
+    result_dtype,
+)
 from klanneal.likelihoods import FAMILIES, Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.reference import ELBOOutput, elbo_loss_ref
 
-EAGER, TRACED, INPLACE, REFERENCE = "eager", "traced", "inplace", "reference"
+EAGER, TRACED, INPLACE, REFERENCE, COUNTS = "eager", "traced", "inplace", "reference", "counts"
 
 _Tensor = torch.Tensor
 
@@ -79,6 +87,8 @@ class ElboCall:
             return ELBOOutput(*eager_elbo(self.plan, self.options, op))  # type: ignore[arg-type]
         if self.path is REFERENCE:
             return _run_reference(self.options, self.reference)  # type: ignore[arg-type]
+        if self.path is COUNTS:
+            return _run_counts(self.options, self.reference)  # type: ignore[arg-type]
         assert op is not None
         outs = (elbo_loss_inplace if self.path is INPLACE else elbo_loss_traced)(*op)
         dtype = result_dtype(op.recon_input.dtype, op.mu.dtype)
@@ -107,6 +117,7 @@ def elbo_call(
     if type(beta) is not float and type(beta) is not _Tensor:
         beta, step = _host_beta(beta, step, capacity, mu)
     family = likelihood
+    compiling = torch.compiler.is_compiling()
     if type(likelihood) is str:
         options = elbo_options(
             likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
@@ -127,20 +138,22 @@ def elbo_call(
             "inplace=True would overwrite recon_input, a leaf tensor that requires grad (or a "
             "view of one, whose storage it shares); use inplace=False"
         )
+    transforms = not compiling and (_TRANSFORMS_ACTIVE() or _FORWARD_AD._current_level >= 0)
     if (
-        not native_available(None if recon_input.is_cpu else recon_input.device)
-        or reference_only()
-        or not FAMILIES[likelihood].native
+        not FAMILIES[likelihood].native
+        or not native_available(None if recon_input.is_cpu else recon_input.device)
+        or transforms  # reference_only(), with compiling read once
     ):
         reference = dict(
             recon_input=recon_input, target=target, mu=mu, logvar=logvar, beta=beta, step=step,
             likelihood=family if isinstance(family, Likelihood) else likelihood,
             prior_mu=prior_mu, prior_logvar=prior_logvar, capacity=capacity, free_bits_group=group,
         )  # fmt: skip
-        return ElboCall(REFERENCE, options, reference=reference)
+        counts = FAMILIES[likelihood].target == "counts" and not transforms
+        return ElboCall(COUNTS if counts else REFERENCE, options, reference=reference)
     return _native_call(
         options, recon_input, target, mu, logvar, beta, step, prior_mu, prior_logvar, capacity,
-        group, inplace,
+        group, inplace, compiling,
     )  # fmt: skip
 
 
@@ -168,9 +181,9 @@ def _native_call(
     options: ElboOptions, recon_input: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
     logvar: torch.Tensor, beta: Any, step: Any, prior_mu: Optional[torch.Tensor],
     prior_logvar: Optional[torch.Tensor], capacity: Any, group: Any, inplace: bool,
+    compiling: bool,
 ) -> ElboCall:  # fmt: skip
     """The ElboCall of checked arguments on the fused kernel's path."""
-    compiling = torch.compiler.is_compiling()
     if options.likelihood != "categorical" and target.dtype != recon_input.dtype:
         # Promote, as torch's losses do: casting the target down to the
         # predictions' dtype loses it (an fp32 target 0.5004 is 0.5 in bf16).
@@ -206,7 +219,9 @@ def _native_call(
     else:
         plan = eager_plan(requires, recon_input.dtype, mu.dtype, options.reduction)
         need = plan.asked
-    floats, ints = options.packed(beta_weight, capacity_weight, step_tensor is not None, need)
+    floats, ints = options.packed(
+        beta_weight, capacity_weight, step_tensor is not None, need, compiling
+    )
     if options.likelihood == "categorical" and target.dtype != torch.int64:
         target = target.to(torch.int64)
     global_mean = None
@@ -214,10 +229,10 @@ def _native_call(
         global_mean = _global_mean(options, mu, logvar, prior_mu, prior_logvar, group)
     if prior_mu is not None:
         prior_mu, prior_logvar = prior_mu.contiguous(), prior_logvar.contiguous()  # type: ignore[union-attr]
-    op = OpInputs(
+    op = _NEW_TUPLE(OpInputs, (
         recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
         beta_weight.tensor, step_tensor, floats, ints, prior_mu, prior_logvar, global_mean,
-    )  # fmt: skip
+    ))  # fmt: skip
     # fp16/bf16 gradients are kept in fp32 until backward (loss scaling), so
     # they cannot be written over a half-precision recon_input: inplace is a
     # no-op for those dtypes.
@@ -229,6 +244,7 @@ def _native_call(
 
 
 _UNTRACKED = (False,) * 7
+_NEW_TUPLE = tuple.__new__  # OpInputs(...) without its Python __new__ (per call)
 
 
 def beta_as_weight(
@@ -345,7 +361,7 @@ def _run_reference(options: ElboOptions, args: dict[str, Any]) -> ELBOOutput:
         recon_input, target = args["recon_input"], args["target"]
         likelihood = args["likelihood"]
         if isinstance(likelihood, Likelihood):
-            _validate.check_count_values(recon_input, target, **likelihood.tensors())
+            check_count_values(recon_input, target, **likelihood.tensors())
         _validate.check_values(
             recon_input, target, options.likelihood, options.ignore_index,
             beta if isinstance(beta, _Tensor) else None,
@@ -363,6 +379,33 @@ def _run_reference(options: ElboOptions, args: dict[str, Any]) -> ELBOOutput:
         free_bits_mode=options.free_bits_mode, ignore_index=options.ignore_index,
         gaussian_var=options.gaussian_var, **args,
     )  # fmt: skip
+
+
+def _run_counts(options: ElboOptions, args: dict[str, Any]) -> ELBOOutput:
+    """A COUNTS call: the count family's reconstruction op (klanneal._count_op)
+    plus the KL term of the same arguments (kl_term_call)."""
+    recon_input, target, family = args["recon_input"], args["target"], args["likelihood"]
+    params = family.tensors()
+    if options.validate and not torch.compiler.is_compiling():
+        check_count_values(recon_input, target, **params)
+        beta, step = args["beta"], args["step"]
+        _validate.check_values(
+            recon_input, target, options.likelihood, -100,
+            beta if isinstance(beta, _Tensor) else None,
+            step if isinstance(step, _Tensor) else None, check_target=False,
+        )  # fmt: skip
+    kl_out = kl_term_call(
+        args["mu"], args["logvar"], args["beta"], args["step"], recon_input, options.reduction,
+        options.free_bits, options.free_bits_mode, -100, args["prior_mu"],
+        args["prior_logvar"], args["capacity"], args["free_bits_group"], options.validate,
+    ).run()  # fmt: skip
+    recon = count_recon(
+        recon_input, target, options.likelihood, params.get("theta"), params.get("zi_logits"),
+        options.reduction, options.validate,
+    ).to(kl_out.loss.dtype)  # fmt: skip
+    return ELBOOutput(
+        kl_out.loss + recon, recon.detach(), kl_out.kl, kl_out.kl_per_dim, kl_out.beta
+    )
 
 
 def _overwrites_a_leaf(recon_input: torch.Tensor) -> bool:
@@ -411,8 +454,9 @@ def reference_only() -> bool:
     forward-mode derivative; the reference's plain PyTorch ops have both, so
     dual tensors get their tangents."""
     return not torch.compiler.is_compiling() and (
-        torch._C._are_functorch_transforms_active() or _FORWARD_AD._current_level >= 0
+        _TRANSFORMS_ACTIVE() or _FORWARD_AD._current_level >= 0
     )
 
 
 _FORWARD_AD: Any = torch.autograd.forward_ad
+_TRANSFORMS_ACTIVE = torch._C._are_functorch_transforms_active

@@ -17,6 +17,7 @@ promoted dtype; the result is in that dtype, with the inputs' broadcast shape.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -207,3 +208,46 @@ def zinb_nll(mu: Tensor, theta: Tensor, zi_logits: Tensor, x: Tensor) -> Tensor:
     lse = torch.logaddexp(-softplus_neg, nb0 - softplus_pos)
     log_p0 = torch.where(small, torch.log1p(torch.where(small, a, 0.0)), lse)
     return torch.where(pos, softplus_pos + nll_pos, -log_p0)
+
+
+def check_count_values(recon_input: torch.Tensor, target: torch.Tensor, **params: Any) -> None:
+    """Values of a count family's call (they read the tensors: a sync on a GPU):
+    the means finite and > 0, the counts whole numbers >= 0, theta finite and
+    > 0, zi_logits not NaN; each parameter broadcastable to recon_input's shape."""
+    shape = recon_input.shape
+    for name, value in params.items():
+        if isinstance(value, torch.Tensor):
+            try:
+                broadcast = torch.broadcast_shapes(value.shape, shape)  # type: ignore[no-untyped-call]
+            except RuntimeError:
+                broadcast = None
+            if broadcast != shape:
+                raise ValueError(
+                    f"{name} of shape {tuple(value.shape)} does not broadcast to recon_input's "
+                    f"{tuple(shape)} ([G] per gene, or [B, G])"
+                )
+    if recon_input.is_meta:
+        return
+    mu = recon_input.detach()
+    if not bool(((mu > 0) & torch.isfinite(mu)).all()):
+        bad = mu[~((mu > 0) & torch.isfinite(mu))].reshape(-1)[0]
+        raise ValueError(f"recon_input: the means must be finite and > 0, found {float(bad)}")
+    counts = target.detach()
+    if counts.dtype.is_floating_point:
+        ok = torch.isfinite(counts) & (counts >= 0) & (counts == torch.floor(counts))
+    else:
+        ok = counts >= 0
+    if not bool(ok.all()):
+        bad = counts[~ok].reshape(-1)[0]
+        raise ValueError(f"target: counts must be whole numbers >= 0, found {float(bad)}")
+    theta = params.get("theta")
+    if isinstance(theta, torch.Tensor):
+        t = theta.detach()
+        if not bool(((t > 0) & torch.isfinite(t)).all()):
+            bad = t[~((t > 0) & torch.isfinite(t))].reshape(-1)[0]
+            raise ValueError(
+                f"theta: the inverse dispersion must be finite and > 0, found {float(bad)}"
+            )
+    zi = params.get("zi_logits")
+    if isinstance(zi, torch.Tensor) and bool(torch.isnan(zi.detach()).any()):
+        raise ValueError("zi_logits: found NaN")

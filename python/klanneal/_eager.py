@@ -64,7 +64,7 @@ class EagerPlan:
     __slots__ = (
         "asked", "tracked", "saved_index", "dtype", "recon_grad_dtype", "latent_grad_dtype",
         "reduction", "recon_dtype", "latent_dtype", "grad_recon_input", "grad_target",
-        "grad_beta", "scaled_in_place",
+        "grad_beta", "scaled_in_place", "same_dtype_grads",
     )  # fmt: skip
 
     def __init__(
@@ -91,6 +91,7 @@ class EagerPlan:
         self.grad_recon_input, self.grad_target = requires[0], requires[1]
         self.grad_beta = requires[4]
         self.scaled_in_place = False
+        self.same_dtype_grads = full
 
     def scaled(self) -> EagerPlan:
         """A copy for one backward to mark (the cached plan is shared by calls)."""
@@ -127,10 +128,20 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
         scalars = _scalar_outputs(mu, plan.reduction, None, plan.dtype, plan.grad_beta)
     else:
         scalars = _scalar_outputs(mu, plan.reduction, recon_input.device, kl_weight=plan.grad_beta)
-    grads = (
-        _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
-        *_latent_grads(mu, need, plan.latent_grad_dtype),
-    )
+    if plan.same_dtype_grads:
+        # The gradients in the inputs' own dtypes, of their (contiguous)
+        # layouts: empty_like without arguments, the cheapest allocation.
+        empty = torch.empty_like
+        grads: tuple[Optional[torch.Tensor], ...] = (
+            _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
+            empty(mu) if need[1] else None, empty(mu) if need[2] else None,
+            empty(mu) if need[3] else None, empty(mu) if need[4] else None,
+        )  # fmt: skip
+    else:
+        grads = (
+            _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
+            *_latent_grads(mu, need, plan.latent_grad_dtype),
+        )
     _run_kernel(options, op, scalars, grads)
     loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
     if not on_cpu:

@@ -128,6 +128,7 @@ class ElboOptions:
         capacity: Any,
         step_tensor: bool,
         need: tuple[bool, bool, bool, bool, bool],
+        traced: bool = False,
     ) -> tuple[list[float], list[int]]:
         """``pack`` for one call from a template kept per `need` and
         capacity-or-not: the per-call cost is a list copy and a few slot
@@ -137,17 +138,17 @@ class ElboOptions:
         term); step_tensor: the call passes a step tensor, at which the
         kernel evaluates beta's schedule (a constant one for a beta value:
         resolve_beta) and the capacity's; need: need_grad_recon ...
-        need_grad_prior_logvar.
+        need_grad_prior_logvar; traced: torch.compile is tracing (no cache).
         """
         key = (need, capacity is None)
-        template = None if torch.compiler.is_compiling() else self._templates.get(key)
+        template = None if traced else self._templates.get(key)
         if template is None:
             template = self.pack(
                 capacity=None if capacity is None else NO_SCHEDULE,
                 need_grad_recon=need[0], need_grad_mu=need[1], need_grad_logvar=need[2],
                 need_grad_prior_mu=need[3], need_grad_prior_logvar=need[4],
             )  # fmt: skip
-            if not torch.compiler.is_compiling():
+            if not traced:
                 self._templates[key] = template
         floats = template[0].copy()
         floats[_BETA_SLOT] = beta.value
