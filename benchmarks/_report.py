@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
+from _report_counts import count_targets, counts_section
 from _report_format import MIB
 from _report_format import fmt as _fmt
 from _report_format import fmt_ms as _fmt_ms
@@ -88,7 +89,7 @@ def schedule_loop_and_best(rows: list[dict[str, Any]]) -> list[tuple[str, dict, 
 
 
 def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each target of issues 3 and 5 with the measured ratio and whether it was met.
+    """Each target of the issues (3, 5, 10, 12, 24) with the measured ratio and whether it was met.
 
     ``met`` is None when the rows needed were not measured in this run.
     """
@@ -117,6 +118,7 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     results += _step_targets(rows)
     results += linear_targets(rows)
+    results += count_targets(rows)
     return results
 
 
@@ -315,8 +317,11 @@ def _details(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _is_elbo(row: dict[str, Any]) -> bool:
-    """A row of the ELBO cases (not schedules, the step/overhead or the linear cases)."""
-    return row["case"] not in ("schedules", "steps") and row.get("family") != "linear"
+    """A row of the ELBO cases (not schedules, the step/overhead, linear or count cases)."""
+    return row["case"] not in ("schedules", "steps") and row.get("family") not in (
+        "linear",
+        "counts",
+    )
 
 
 def _steps_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -442,6 +447,7 @@ def markdown(
         + _targets_section(targets, config.get("quick", False))
         + _details(rows)
         + linear_section(rows)
+        + counts_section(rows)
         + _steps_section(rows)
         + _schedules_section(rows)
         + _method_section(config, notes)

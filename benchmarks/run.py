@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -26,7 +26,8 @@ import bench_elbo  # noqa: E402
 SCHEDULES = "schedules"
 STEPS = "steps"  # per-call overhead and whole training steps (bench_steps.py)
 LINEAR = "linear"  # fused output projection + ELBO (bench_linear.py)
-ALL_CASES = (*bench_elbo.CASES, LINEAR, STEPS, SCHEDULES)
+COUNTS = "counts"  # Poisson/NB/ZINB losses and an scVI-like step (bench_counts.py)
+ALL_CASES = (*bench_elbo.CASES, LINEAR, COUNTS, STEPS, SCHEDULES)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -56,7 +57,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--providers",
         type=_csv,
         default=list(bench_elbo.PROVIDERS),
-        help=f"subset of {','.join(bench_elbo.PROVIDERS)} (ELBO cases; memcpy is always timed)",
+        help=f"subset of {','.join(bench_elbo.PROVIDERS)} "
+        "(ELBO and count cases; memcpy is always timed)",
     )
     parser.add_argument(
         "--modes", type=_csv, default=list(bench_elbo.MODES), help="subset of forward,full"
@@ -86,8 +88,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="torch CPU threads, also for the memory workers (default: torch's own choice)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    args = parser.parse_args(argv)
+    return _checked_args(parser, parser.parse_args(argv))
 
+
+def _checked_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed options checked, and their defaults filled in (devices, repeats, out)."""
     args.cases = _choose(parser, "--cases", args.cases, ALL_CASES)
     args.providers = _choose(parser, "--providers", args.providers, bench_elbo.PROVIDERS)
     args.modes = _choose(parser, "--modes", args.modes, bench_elbo.MODES)
@@ -127,6 +132,81 @@ def _schedule_rows(quick: bool, notes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _run_cases(
+    args: argparse.Namespace,
+    memory: bool,
+    memory_samples: int,
+    log: Callable[[str], None],
+    failures: list[str],
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """The rows of every chosen case; failures and notes are appended to."""
+    elbo_cases = [c for c in args.cases if c in bench_elbo.CASES]
+    rows = bench_elbo.run(
+        cases=elbo_cases,
+        providers=args.providers,
+        modes=args.modes,
+        devices=args.devices,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        quick=args.quick,
+        memory=memory,
+        memory_samples=memory_samples,
+        log=log,
+        failures=failures,
+    )
+    if LINEAR in args.cases and any(d.type == "cpu" for d in args.devices):
+        import bench_linear
+
+        log("fused output projection + ELBO (benchmarks/bench_linear.py)")
+        rows += bench_linear.run(
+            quick=args.quick,
+            repeats=max(3, args.repeats // 3),
+            warmup=min(args.warmup, 2),
+            memory=memory,
+            memory_samples=1 if args.quick else 2,
+            log=log,
+            failures=failures,
+        )
+    if COUNTS in args.cases:
+        import bench_counts
+
+        log("count likelihoods and an scVI-like step (benchmarks/bench_counts.py)")
+        rows += bench_counts.run(
+            providers=[p for p in args.providers if p in bench_counts.PROVIDERS],
+            devices=args.devices,
+            # The reference path takes seconds per call at G=20000: a third of the repeats.
+            repeats=max(3, args.repeats // 3),
+            warmup=min(args.warmup, 2),
+            quick=args.quick,
+            memory=memory,
+            memory_samples=1 if args.quick else 2,
+            log=log,
+            failures=failures,
+        )
+    if STEPS in args.cases and any(d.type == "cpu" for d in args.devices):
+        import bench_steps
+
+        log("per-call overhead and training steps (benchmarks/bench_steps.py)")
+        rows += bench_steps.run(quick=args.quick, repeats=args.repeats, warmup=args.warmup)
+    if SCHEDULES in args.cases:
+        log("schedules (benchmarks/bench_schedules.py)")
+        rows += _schedule_rows(args.quick, notes)
+    notes += [f"FAILED: {failure}" for failure in failures]
+    return rows
+
+
+def _print_targets(rows: list[dict[str, Any]]) -> None:
+    for target in _report.evaluate_targets(rows):
+        status = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        unit = " us" if target["required"].endswith("us") else "x"
+        measured = "-" if target["measured"] is None else f"{target['measured']:.2f}{unit}"
+        print(
+            f"  target {target['case']}: {target['target']} {target['required']}: "
+            f"{measured} {status}"
+        )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -162,42 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     memory_samples = 1 if args.quick else 3
     failures: list[str] = []
-    elbo_cases = [c for c in args.cases if c not in (SCHEDULES, STEPS, LINEAR)]
-    rows = bench_elbo.run(
-        cases=elbo_cases,
-        providers=args.providers,
-        modes=args.modes,
-        devices=args.devices,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        quick=args.quick,
-        memory=memory,
-        memory_samples=memory_samples,
-        log=log,
-        failures=failures,
-    )
-    if LINEAR in args.cases and any(d.type == "cpu" for d in args.devices):
-        import bench_linear
-
-        log("fused output projection + ELBO (benchmarks/bench_linear.py)")
-        rows += bench_linear.run(
-            quick=args.quick,
-            repeats=max(3, args.repeats // 3),
-            warmup=min(args.warmup, 2),
-            memory=memory,
-            memory_samples=1 if args.quick else 2,
-            log=log,
-            failures=failures,
-        )
-    notes += [f"FAILED: {failure}" for failure in failures]
-    if STEPS in args.cases and any(d.type == "cpu" for d in args.devices):
-        import bench_steps
-
-        log("per-call overhead and training steps (benchmarks/bench_steps.py)")
-        rows += bench_steps.run(quick=args.quick, repeats=args.repeats, warmup=args.warmup)
-    if SCHEDULES in args.cases:
-        log("schedules (benchmarks/bench_schedules.py)")
-        rows += _schedule_rows(args.quick, notes)
+    rows = _run_cases(args, memory, memory_samples, log, failures, notes)
 
     config = {
         "quick": args.quick,
@@ -218,15 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     paths = _report.write(args.out, machine, config, rows, notes)
     log(f"wrote {', '.join(str(p) for p in paths.values())}")
-    targets = _report.evaluate_targets(rows)
-    for target in targets:
-        status = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
-        unit = " us" if target["required"].endswith("us") else "x"
-        measured = "-" if target["measured"] is None else f"{target['measured']:.2f}{unit}"
-        print(
-            f"  target {target['case']}: {target['target']} {target['required']}: "
-            f"{measured} {status}"
-        )
+    _print_targets(rows)
     if failures:
         print(f"{len(failures)} provider(s) failed; see the notes in results.md", file=sys.stderr)
         return 1

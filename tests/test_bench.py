@@ -74,6 +74,14 @@ def test_quick_run_times_every_case_and_provider(quick_run):
     }
     step_targets = [t for t in results["targets"] if t["case"] == "steps"]
     assert len(step_targets) == 2 and all(t["met"] is not None for t in step_targets)
+    # Count likelihoods and the scVI-like step (issue 24), with their targets; quick runs
+    # torch.compile on the first count case only.
+    counts = {(r["case"], r["provider"]) for r in rows if r.get("family") == "counts"}
+    assert {c for c, _ in counts} == {"zinb-2k", "zinb-20k", "nb-2k", "nb-20k", "scvi-step"}
+    assert {p for c, p in counts if c == "zinb-2k"} == {"eager", "compile", "klanneal"}
+    assert {p for c, p in counts if c == "scvi-step"} == {"eager", "klanneal"}
+    count_targets = {t["target"]: t["met"] for t in results["targets"] if t["source"] == "issue 24"}
+    assert len(count_targets) == 3 and count_targets["klanneal: speed-up over eager"] is not None
     for case in ELBO_CASES:
         for mode in ("forward", "full"):
             in_group = {r["provider"] for r in rows if r["case"] == case and r["mode"] == mode}
