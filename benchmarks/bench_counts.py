@@ -28,8 +28,9 @@ As in bench_elbo, px_rate and zi_logits are outputs of ``bench_elbo._DecoderStan
 theta = px_r.exp() is formed before the timed call, and its gradient reaches px_r.grad.
 
 Agreement: before timing, every provider's loss and its gradients with respect to
-px_rate, theta, zi_logits, mu and logvar are compared with eager's (assert_close); a
-provider that disagrees is reported as failed and left out.
+px_rate, theta, zi_logits, mu and logvar are compared with eager's (assert_close, with
+eager's own fp32 rounding error, measured against eager in float64, allowed a few times
+over); a provider that disagrees is reported as failed and left out.
 
 Peak memory: CPU rows run each provider in its own process (this module with
 ``--worker``); CUDA rows measure in-process (see _harness). Not measured for the step.
@@ -43,6 +44,7 @@ px_rate's size, ``peak_extra_bytes``, ``loss_rel_diff_vs_eager``, ...) with ``fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ LATENT = 10
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-3  # fp32: scvi-tools' lgamma(x + theta) - lgamma(theta) cancels digits
 GRAD_ATOL = 1e-4  # times the largest |gradient| of the tensor
+ROUNDING_SLACK = 4.0  # times eager's fp32 rounding error, measured against float64
 
 
 @dataclass(frozen=True)
@@ -228,11 +231,36 @@ def loss_and_gradients(loss_fn: LossFn, inputs: Inputs) -> tuple[torch.Tensor, d
     return loss.detach(), dict(zip(wrt, grads))
 
 
-def assert_agrees(got: tuple[torch.Tensor, dict], want: tuple[torch.Tensor, dict]) -> None:
-    """A provider's loss and gradients against eager's (AssertionError names the tensor)."""
-    torch.testing.assert_close(got[0], want[0], rtol=LOSS_RTOL, atol=0, msg=lambda m: f"loss: {m}")
+Result = tuple[torch.Tensor, dict]  # (loss, {name: gradient}) from loss_and_gradients
+
+
+def _float64(inputs: Inputs) -> Inputs:
+    def f64(t: Optional[torch.Tensor]) -> Any:
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    return Inputs(**{f.name: f64(getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
+
+
+def eager_reference(inputs: Inputs) -> tuple[Result, dict[str, float]]:
+    """eager's fp32 loss and gradients, and the largest difference of each from eager in
+    float64: the fp32 rounding error of scvi-tools' formula on these inputs (the theta
+    gradient, a sum over cells of terms that cancel, has the most)."""
+    fp32 = loss_and_gradients(handwritten_loss, inputs)
+    fp64 = loss_and_gradients(handwritten_loss, _float64(inputs))
+    error = {"loss": float((fp32[0].double() - fp64[0]).abs())}
+    error.update({k: float((g.double() - fp64[1][k]).abs().max()) for k, g in fp32[1].items()})
+    return fp32, error
+
+
+def assert_agrees(got: Result, want: Result, rounding: dict[str, float]) -> None:
+    """A provider's loss and gradients against eager's, allowing ROUNDING_SLACK times
+    eager's own rounding error on top of the tolerances (AssertionError names the tensor)."""
+    torch.testing.assert_close(
+        got[0], want[0], rtol=LOSS_RTOL, atol=ROUNDING_SLACK * rounding["loss"],
+        msg=lambda m: f"loss: {m}",
+    )  # fmt: skip
     for name, expected in want[1].items():
-        atol = GRAD_ATOL * float(expected.abs().max())
+        atol = GRAD_ATOL * float(expected.abs().max()) + ROUNDING_SLACK * rounding[name]
         torch.testing.assert_close(
             got[1][name], expected, rtol=GRAD_RTOL, atol=atol,
             msg=lambda m, name=name: f"gradient of {name}: {m}",
@@ -379,16 +407,18 @@ def _run_case(
     label = f"{case.name} {device.type} float32 {MODE}"
     inputs = make_inputs(case, quick, device)
     compiled = _fresh_compiled(providers)
-    reference: list[tuple[torch.Tensor, dict]] = []
+    reference: list[tuple[Result, dict[str, float]]] = []
     entries, losses = [], {}
     for provider in providers:
 
         def check(provider: str = provider) -> float:
-            result = loss_and_gradients(loss_function(provider, compiled), inputs)
             if provider == "eager":
-                reference.append(result)
-            elif reference:
-                assert_agrees(result, reference[0])
+                reference.append(eager_reference(inputs))
+                result = reference[0][0]
+            else:
+                result = loss_and_gradients(loss_function(provider, compiled), inputs)
+                if reference:
+                    assert_agrees(result, *reference[0])
             entry = build_entry(provider, inputs, compiled)
             entry.call(entry.prepare())  # the timed graph (torch.compile compiles it here)
             entries.append(entry)
