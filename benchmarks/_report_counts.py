@@ -45,10 +45,12 @@ def counts_section(rows: list[dict[str, Any]]) -> list[str]:
     counts = _count_rows(rows)
     if not counts:
         return []
+    repeats = "/".join(str(n) for n in sorted({r["repeats"] for r in counts}))
     lines = [
         "## Count likelihoods",
         "",
-        "Rows from benchmarks/bench_counts.py (issue 24), fp32, forward + backward, gradients "
+        f"Rows from benchmarks/bench_counts.py (issue 24): medians of {repeats} round-robin "
+        "calls per provider, fp32, forward + backward, gradients "
         "of px_rate, theta ([G], per gene), zi_logits, mu and logvar. `eager` = scvi-tools' "
         "log_zinb_positive / log_nb_positive (transcribed in benchmarks/_scvi_loss.py, eps "
         "1e-8) summed over genes + beta * KL, the mean over cells; `compile` = torch.compile "

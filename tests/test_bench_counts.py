@@ -157,7 +157,7 @@ def _row(case, provider, median_ms, device="cpu", mode="full", peak=None):
     return {
         "case": case, "family": "counts", "device": device, "dtype": "float32",
         "mode": mode, "provider": provider, "median_ms": median_ms, "p20_ms": median_ms,
-        "p80_ms": median_ms, "logits_bytes": 1000, "peak_extra_bytes": peak,
+        "p80_ms": median_ms, "repeats": 10, "logits_bytes": 1000, "peak_extra_bytes": peak,
         "zero_fraction": 0.9, "loss_rel_diff_vs_eager": 0.0, "klanneal_native": False,
     }  # fmt: skip
 
@@ -202,5 +202,5 @@ def test_counts_section_renders_ratios_memory_and_the_reference_note():
     text = "\n".join(_report_counts.counts_section(rows))
     assert "| zinb-20k | cpu | klanneal | 100.0 | 100.0-100.0 | 0.50x | 0.25x | 1.00 |" in text
     assert "| zinb-20k | cpu | eager | 50.0 | 50.0-50.0 | 1.00x | 0.50x | 4.00 |" in text
-    assert "reference path" in text
+    assert "reference path" in text and "medians of 10 round-robin calls" in text
     assert _report_counts.counts_section([]) == []
