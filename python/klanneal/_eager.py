@@ -64,7 +64,7 @@ class EagerPlan:
     __slots__ = (
         "asked", "tracked", "saved_index", "dtype", "recon_grad_dtype", "latent_grad_dtype",
         "reduction", "recon_dtype", "latent_dtype", "grad_recon_input", "grad_target",
-        "grad_beta", "scaled_in_place", "same_dtype_grads",
+        "grad_beta", "scaled_in_place", "same_dtype_grads", "plain_scalars",
     )  # fmt: skip
 
     def __init__(
@@ -92,6 +92,8 @@ class EagerPlan:
         self.grad_beta = requires[4]
         self.scaled_in_place = False
         self.same_dtype_grads = full
+        # 0-d loss, recon and kl, and no d loss / d beta (kl_weight).
+        self.plain_scalars = reduction != "none" and not requires[4]
 
     def scaled(self) -> EagerPlan:
         """A copy for one backward to mark (the cached plan is shared by calls)."""
@@ -124,7 +126,14 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
     recon_input, mu = op.recon_input, op.mu
     need = plan.asked
     on_cpu = recon_input.is_cpu
-    if on_cpu:
+    if on_cpu and plan.plain_scalars and plan.dtype is _DEFAULT_DTYPE() and not _FUNCTION_MODE():
+        # The common call's outputs: four 0-d tensors and kl_per_dim [D] in
+        # the default dtype on the CPU (_scalar_outputs' first case, inline).
+        new = torch.empty
+        scalars: tuple[Optional[torch.Tensor], ...] = (
+            new(size=()), new(size=()), new(size=()), new(mu.shape[1]), new(size=()), None,
+        )  # fmt: skip
+    elif on_cpu:
         scalars = _scalar_outputs(mu, plan.reduction, None, plan.dtype, plan.grad_beta)
     else:
         scalars = _scalar_outputs(mu, plan.reduction, recon_input.device, kl_weight=plan.grad_beta)
@@ -218,6 +227,9 @@ def _c_apply() -> Any:
 # does.
 APPLY = _c_apply()
 
+
+_DEFAULT_DTYPE = torch.get_default_dtype
+_FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
 
 UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 

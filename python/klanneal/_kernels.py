@@ -58,9 +58,7 @@ def _run_kernel(
     """
     (recon_input, target, mu, logvar, beta, step, floats, ints, prior_mu, prior_logvar,
      global_mean) = op  # fmt: skip
-    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars
-    assert loss is not None and recon is not None and kl is not None
-    assert kl_per_dim is not None and beta_out is not None
+    loss, recon, kl, kl_per_dim, beta_out, kl_weight = scalars  # only kl_weight may be None
     on_cpu = recon_input.is_cpu
     if opts.validate and (not on_cpu or beta is not None or step is not None):
         # On CPU the kernel checks class ids / bernoulli targets in its own
@@ -78,7 +76,7 @@ def _run_kernel(
     codes = DTYPE_CODES
     sizes = [
         batch, n_rows, row_len, latent_dim, codes[recon_input.dtype], codes[mu.dtype],
-        torch.get_num_threads(), codes[loss.dtype],
+        torch.get_num_threads(), codes[loss.dtype],  # type: ignore[union-attr]
     ]  # fmt: skip
     # In _C.elbo_layout()["ptrs"] order (tests/test_ops_layout.py). data_ptr()
     # is 0 for an empty tensor; the optional ones are None or a tensor.
@@ -89,8 +87,9 @@ def _run_kernel(
         0 if prior_logvar is None else prior_logvar.data_ptr(),
         0 if global_mean is None else global_mean.data_ptr(),
         0 if beta is None else beta.data_ptr(), 0 if step is None else step.data_ptr(),
-        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(), kl_per_dim.data_ptr(),
-        beta_out.data_ptr(), 0 if kl_weight is None else kl_weight.data_ptr(),
+        loss.data_ptr(), recon.data_ptr(), kl.data_ptr(),  # type: ignore[union-attr]
+        kl_per_dim.data_ptr(), beta_out.data_ptr(),  # type: ignore[union-attr]
+        0 if kl_weight is None else kl_weight.data_ptr(),
         0 if g0 is None else g0.data_ptr(), 0 if g1 is None else g1.data_ptr(),
         0 if g2 is None else g2.data_ptr(), 0 if g3 is None else g3.data_ptr(),
         0 if g4 is None else g4.data_ptr(),
