@@ -73,8 +73,8 @@ def elbo_loss(
             ``ZeroInflatedNegativeBinomial(theta, zi_logits)`` (recon_input:
             the means mu > 0, [B, G]; target: the counts, any real dtype;
             theta, zi_logits: floats or tensors broadcastable to [B, G], which
-            get their gradients), run on the reference path (plain PyTorch,
-            autograd) until their fused kernels land.
+            get their gradients), run through the op klanneal::count_nll
+            (docs/elbo.md, "Count likelihoods").
         reduction: "batchmean", "sum" or "none" ("none" is not allowed with
             free_bits > 0 in "batch" mode, a batch-level objective).
         free_bits: lambda in nats per latent dimension; 0 disables.
