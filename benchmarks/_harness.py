@@ -265,3 +265,29 @@ def machine_info() -> dict[str, Any]:
         "argv": sys.argv,
     }
     return info
+
+
+def case_main(
+    doc: str,
+    run: Callable[..., list[dict[str, Any]]],
+    worker: Callable[[dict[str, Any]], dict[str, Any]],
+    argv: Optional[list[str]] = None,
+) -> int:
+    """The command line of a case module run on its own (bench_linear,
+    bench_counts): ``--worker JSON`` measures one provider's memory in this
+    process (run_memory_worker's child); otherwise the case runs and its rows
+    are printed as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--worker", metavar="JSON", help="internal: measure one provider's memory")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    rows = run(quick=args.quick, repeats=args.repeats, memory=not args.no_memory)
+    print(json.dumps(rows, indent=2))
+    return 0

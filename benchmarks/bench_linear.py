@@ -28,8 +28,6 @@ that _report renders them and checks issue 12's targets.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -283,18 +281,7 @@ def run(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", metavar="JSON", help="internal: measure one provider's memory")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(_worker_main(json.loads(args.worker))))
-        return 0
-    rows = run(quick=args.quick, repeats=args.repeats, memory=not args.no_memory)
-    print(json.dumps(rows, indent=2))
-    return 0
+    return _harness.case_main(__doc__, run, _worker_main, argv)
 
 
 if __name__ == "__main__":
