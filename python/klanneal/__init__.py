@@ -29,7 +29,7 @@ def build_info() -> dict[str, Any]:
     return {"native": True, **_C.build_info()}
 
 
-from klanneal import likelihoods, metrics, nn, recipes, schedules  # noqa: E402
+from klanneal import kl_terms, likelihoods, metrics, nn, recipes, schedules  # noqa: E402
 from klanneal._ops import empty_cache  # noqa: E402
 from klanneal.elbo import ELBOOutput, elbo_loss  # noqa: E402
 from klanneal.linear import linear_elbo_loss  # noqa: E402
@@ -42,6 +42,7 @@ __all__ = [
     "elbo_loss",
     "elbo_loss_ref",
     "empty_cache",
+    "kl_terms",
     "likelihoods",
     "linear_elbo_loss",
     "metrics",

@@ -14,6 +14,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
+from klanneal import kl_terms
+from klanneal.kl_terms import KLTerm
 from klanneal.likelihoods import FAMILIES, Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 
@@ -25,7 +27,8 @@ class ELBOOutput(NamedTuple):
 
     Attributes:
         loss: the objective, differentiable w.r.t. recon_input, mu and logvar
-            (and prior_mu, prior_logvar, a beta tensor that requires grad);
+            (and prior_mu, prior_logvar or a prior's tensors, a beta tensor
+            that requires grad);
             0-d, or [B] for reduction="none".
         recon: the reconstruction term under the same reduction, detached.
         kl: the true KL term (before free bits) under the same reduction, detached.
@@ -87,15 +90,10 @@ def kl_per_element(
     prior_mu: Optional[torch.Tensor] = None,
     prior_logvar: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """KL_bd of q = N(mu, exp(logvar)) from N(0, I), or from N(prior_mu, exp(prior_logvar))
-    (a missing one of the two taken as 0)."""
-    if prior_mu is None and prior_logvar is None:
-        return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-    prior_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu
-    prior_logvar = torch.zeros_like(logvar) if prior_logvar is None else prior_logvar
-    return 0.5 * (
-        prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1
-    )
+    """KL_bd [B, D] of q = N(mu, exp(logvar)) from N(0, I), or from N(prior_mu,
+    exp(prior_logvar)) (a missing one of the two taken as 0; priors that
+    broadcast to mu's shape are taken): the formulas of klanneal.kl_terms.FAMILIES."""
+    return kl_terms.resolve(None, prior_mu, prior_logvar).kl(mu, logvar)
 
 
 def global_kl_per_dim(kl_bd: torch.Tensor, group: Any) -> torch.Tensor:
@@ -133,19 +131,27 @@ def elbo_loss_ref(
     prior_logvar: Optional[torch.Tensor] = None,
     capacity: Any = None,
     free_bits_group: Any = None,
+    prior: Optional[KLTerm] = None,
 ) -> ELBOOutput:
-    """Reconstruction + beta * Gaussian KL in plain PyTorch.
+    """Reconstruction + beta * KL in plain PyTorch.
 
     Same arguments and semantics as ``klanneal.elbo_loss`` (without
     validation, ``inplace`` and ``validate``): "batchmean" is (sum of all
     recon terms + beta * KL term) / B, "sum" the same without / B, "none"
     the per-example vector [B]. The KL term is sum_{b,d} KL_bd, or with free
     bits lambda > 0: B * sum_d max(lambda, mean_b KL_bd) ("batch" mode) or
-    sum_b sum_d max(lambda, KL_bd) ("sample" mode). KL_bd is taken from
-    N(prior_mu, exp(prior_logvar)) when given, else from N(0, 1). With a
+    sum_b sum_d max(lambda, KL_bd) ("sample" mode). KL_bd is the formula
+    of ``prior``'s family (a klanneal.kl_terms object, any entry of
+    klanneal.kl_terms.FAMILIES, reference-only ones included; gradients
+    w.r.t. its tensors by autograd), or is taken from N(prior_mu,
+    exp(prior_logvar)) when those are given, else from N(0, 1). With a
     capacity C the KL term t becomes |t - C| per example ("none") or
     B * |t / B - C|. With free_bits_group (batch free bits) the batch mean
     is the global batch's, all-reduced over the group.
+
+    Raises:
+        TypeError: ``prior`` with ``prior_mu`` or ``prior_logvar``, or a
+            ``prior`` that is not a klanneal.kl_terms object.
 
     Returns:
         ELBOOutput(loss, recon, kl, kl_per_dim, beta).
@@ -168,7 +174,7 @@ def elbo_loss_ref(
         reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
         ignore_index=ignore_index, gaussian_var=gaussian_var, prior_mu=prior_mu,
         prior_logvar=prior_logvar, capacity=capacity, global_mean=global_mean,
-        likelihood_params=params,
+        likelihood_params=params, prior=prior,
     )  # fmt: skip
 
 
@@ -230,9 +236,11 @@ def reference_loss(
     capacity: Any,
     global_mean: Optional[Callable[[torch.Tensor], torch.Tensor]],
     likelihood_params: Optional[dict[str, Any]] = None,
+    prior: Optional[KLTerm] = None,
 ) -> ELBOOutput:
     """elbo_loss_ref with the global batch mean of batch free bits given as a
     function of the local KL_bd (an all-reduce, or the op's precomputed one)."""
+    kl_term = kl_terms.resolve(prior, prior_mu, prior_logvar)
     batch = mu.shape[0]
     # At least float32, as torch autocast returns losses: half-precision
     # inputs are accumulated in fp32 and a half result could overflow.
@@ -242,14 +250,14 @@ def reference_loss(
     # Half-precision inputs are computed in float32, as the kernels do (an
     # fp16 sum over a row overflows at 65504); gradients flow back through
     # the casts in the inputs' dtypes.
-    recon_input, mu, logvar = widen(recon_input), widen(mu), widen(logvar)
-    prior_mu, prior_logvar, target = widen(prior_mu), widen(prior_logvar), widen(target)
+    recon_input, mu, logvar, target = widen(recon_input), widen(mu), widen(logvar), widen(target)
+    kl_tensors = {name: widen(t) for name, t in kl_term.tensors().items()}
     beta = _beta_value(beta, step)
 
     recon_b = _recon_per_example(
         recon_input, target, likelihood, ignore_index, gaussian_var, likelihood_params or {}
     )
-    kl_bd = kl_per_element(mu, logvar, prior_mu, prior_logvar)  # [B, D]
+    kl_bd = kl_term.family.kl(mu, logvar, **kl_tensors)  # [B, D], the family's formula
     kl_per_dim = kl_bd.mean(dim=0)  # [D]
     kl_term_b, kl_term_total = _kl_terms(kl_bd, free_bits, free_bits_mode, global_mean)
     kl_b = kl_bd.sum(dim=1)
