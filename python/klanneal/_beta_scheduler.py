@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from klanneal._closed_form import Schedule
 from klanneal._schedule_args import _MAX_STEP, _as_int
-from klanneal.schedules import Schedule
 
 
 class BetaScheduler:

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from klanneal._closed_form import Constant, Schedule
 from klanneal._host_schedules import (
     FromArray,
     HostSchedule,
@@ -27,7 +28,6 @@ from klanneal._host_schedules import (
 )
 from klanneal._schedule_args import StepsLike, _as_int
 from klanneal._sizing import schedule_length
-from klanneal.schedules import Constant, Schedule
 
 __all__ = ["KLController", "controller_kl"]
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from klanneal._closed_form import Schedule
 from klanneal._schedule_args import _MAX_STEP, StepsLike, _as_int, _as_step
-from klanneal.schedules import Schedule
 
 if TYPE_CHECKING:
     import torch

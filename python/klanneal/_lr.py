@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from klanneal.schedules import Cyclical, Schedule
+from klanneal._closed_form import Cyclical, Schedule
+from klanneal._fu2019 import SCHEDULES, fu2019_lr
 
 __all__ = ["CyclicalCosineLR", "Fu2019LR"]
 
@@ -225,8 +226,6 @@ class Fu2019LR(LRScheduler):
         schedule: str = "cyclical",
         last_epoch: int = -1,
     ) -> None:
-        from klanneal.recipes import SCHEDULES
-
         total: Any = total_steps  # checked at run time: a caller may pass anything
         if isinstance(total, bool) or not isinstance(total, numbers.Integral):
             raise TypeError(f"total_steps must be an int, got {type(total).__name__}")
@@ -244,8 +243,6 @@ class Fu2019LR(LRScheduler):
         super().__init__(optimizer, int(given))
 
     def get_lr(self) -> list[float | torch.Tensor]:
-        from klanneal.recipes import fu2019_lr
-
         if self.schedule == "monotonic":
             return list(self.base_lrs)
         step = max(0, self.last_epoch)

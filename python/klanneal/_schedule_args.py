@@ -1,5 +1,5 @@
 """Argument checks and shared types of klanneal.schedules: counts, ratios, steps,
-and the native extension's lookup."""
+a Lightning trainer's planned steps, and the native extension's lookup."""
 
 from __future__ import annotations
 
@@ -142,3 +142,28 @@ def _tensor_step(step: torch.Tensor, torch_module: Any) -> int:
     if step.is_meta:
         raise ValueError("step: a meta tensor has no value to evaluate the schedule at")
     return int(step.item())
+
+
+def planned_steps(trainer: Any) -> int:
+    """The optimizer steps a Lightning ``trainer`` plans for the whole fit
+    (``trainer.estimated_stepping_batches``: ``max_steps``, or the epochs'
+    batches divided by ``accumulate_grad_batches``). Available once the
+    trainer is fitting a module (``configure_optimizers`` and later hooks).
+
+    Raises:
+        TypeError: ``trainer`` has no ``estimated_stepping_batches``.
+        ValueError: the trainer plans no finite number of steps (``max_steps=-1``
+            with ``max_epochs=-1``), or none.
+    """
+    if not hasattr(type(trainer), "estimated_stepping_batches"):
+        raise TypeError(
+            "trainer must be a Lightning Trainer (with estimated_stepping_batches), got "
+            f"{type(trainer).__name__}"
+        )
+    planned = trainer.estimated_stepping_batches
+    if not (isinstance(planned, (int, float)) and math.isfinite(planned) and planned >= 1):
+        raise ValueError(
+            f"the trainer plans {planned} optimizer steps: set max_steps or max_epochs to "
+            "size a schedule from it"
+        )
+    return int(planned)

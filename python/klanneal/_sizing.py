@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-# schedules.py imports this module last, after _host_schedules.
+from klanneal._closed_form import Capacity, Constant, Cyclical, Monotonic, Schedule
 from klanneal._host_schedules import FromArray, LinearWarmup, Offset
-from klanneal.schedules import Capacity, Constant, Cyclical, Monotonic, Schedule
+
+# Defined below the schedule objects, which use it (Cyclical.for_trainer); re-exported.
+from klanneal._schedule_args import planned_steps
 
 __all__ = ["ScheduleLengthWarning", "cycles_end", "planned_steps", "schedule_length"]
 
@@ -71,31 +73,6 @@ def past_end_message(schedule: Schedule, step: int, end: int) -> str:
         "from here. Size the schedule to the run's optimizer steps (total_steps, or "
         "Cyclical.for_trainer(trainer, ...) under Lightning)"
     )
-
-
-def planned_steps(trainer: Any) -> int:
-    """The optimizer steps a Lightning ``trainer`` plans for the whole fit
-    (``trainer.estimated_stepping_batches``: ``max_steps``, or the epochs'
-    batches divided by ``accumulate_grad_batches``). Available once the
-    trainer is fitting a module (``configure_optimizers`` and later hooks).
-
-    Raises:
-        TypeError: ``trainer`` has no ``estimated_stepping_batches``.
-        ValueError: the trainer plans no finite number of steps (``max_steps=-1``
-            with ``max_epochs=-1``), or none.
-    """
-    if not hasattr(type(trainer), "estimated_stepping_batches"):
-        raise TypeError(
-            "trainer must be a Lightning Trainer (with estimated_stepping_batches), got "
-            f"{type(trainer).__name__}"
-        )
-    planned = trainer.estimated_stepping_batches
-    if not (isinstance(planned, (int, float)) and math.isfinite(planned) and planned >= 1):
-        raise ValueError(
-            f"the trainer plans {planned} optimizer steps: set max_steps or max_epochs to "
-            "size a schedule from it"
-        )
-    return int(planned)
 
 
 def length_mismatch(schedule: Any, planned: int) -> Optional[str]:
