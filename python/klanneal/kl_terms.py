@@ -183,9 +183,9 @@ class KLTerm:
         family = FAMILIES.get(name)
         if family is None:
             raise ValueError(f"unknown KL family {name!r}: one of {', '.join(FAMILIES)}")
-        missing = [t for t in family.tensors if t not in tensors]
-        unknown = sorted(set(tensors) - set(family.tensors))
-        if missing or unknown:
+        if tensors.keys() != set(family.tensors):
+            missing = [t for t in family.tensors if t not in tensors]
+            unknown = sorted(set(tensors) - set(family.tensors))
             raise TypeError(
                 f"KL family {name!r} takes {', '.join(family.tensors) or 'no tensors'}: "
                 f"missing {missing}, unknown {unknown}"
@@ -284,6 +284,10 @@ class DiagonalGaussian(KLTerm):
         return value
 
 
+# Shared by every call without a prior (it holds no tensors): no object per call.
+_STANDARD_NORMAL = StandardNormal()
+
+
 def resolve(prior: Any, prior_mu: Any = None, prior_logvar: Any = None) -> KLTerm:
     """The KL-term object of a call's ``prior=``, ``prior_mu=`` and ``prior_logvar=``.
 
@@ -298,7 +302,7 @@ def resolve(prior: Any, prior_mu: Any = None, prior_logvar: Any = None) -> KLTer
     """
     if prior is None:
         if prior_mu is None and prior_logvar is None:
-            return StandardNormal()
+            return _STANDARD_NORMAL
         return DiagonalGaussian(prior_mu, prior_logvar)
     if not isinstance(prior, KLTerm):
         raise TypeError(
