@@ -282,3 +282,62 @@ def test_the_isotropic_formula_at_a_float_variance_is_its_closed_form(isotropic)
     s2 = 1.7
     want = 0.5 * (math.log(s2) + 0.2 + (math.exp(-0.2) + 0.09) / s2 - 1)
     assert float(KLTerm(ISOTROPIC, prior_var=s2).kl(mu, logvar)) == pytest.approx(want, rel=1e-14)
+
+
+# ---- prior= through the public entry points (klanneal._call) ------------------------
+
+
+def test_elbo_loss_takes_prior_objects_like_the_keywords():
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 9, generator=gen), torch.rand(4, 9, generator=gen)
+    mu, logvar, pmu, plv = (torch.randn(4, 3, generator=gen) for _ in range(4))
+    by_keywords = klanneal.elbo_loss(x, y, mu, logvar, 0.5, likelihood="bernoulli",
+                                     prior_mu=pmu, prior_logvar=plv)  # fmt: skip
+    by_object = klanneal.elbo_loss(x, y, mu, logvar, 0.5, likelihood="bernoulli",
+                                   prior=DiagonalGaussian(pmu, plv))  # fmt: skip
+    assert torch.equal(by_keywords.loss, by_object.loss)
+    standard = klanneal.elbo_loss(x, y, mu, logvar, 0.5, likelihood="bernoulli")
+    explicit = klanneal.elbo_loss(x, y, mu, logvar, 0.5, likelihood="bernoulli",
+                                  prior=kl_terms.StandardNormal())  # fmt: skip
+    assert torch.equal(standard.loss, explicit.loss)
+    with pytest.raises(TypeError, match="prior"):
+        klanneal.elbo_loss(
+            x, y, mu, logvar, likelihood="bernoulli", prior=DiagonalGaussian(pmu, plv), prior_mu=pmu
+        )
+    with pytest.raises(TypeError, match="prior"):
+        klanneal.elbo_loss(x, y, mu, logvar, likelihood="bernoulli", prior="normal")
+
+
+@pytest.mark.parametrize("entry", ["elbo_loss", "ELBOLoss", "linear_elbo_loss"])
+def test_a_registered_family_works_through_every_entry_point(isotropic, entry):
+    # Registered in one place (the fixture): elbo_loss, ELBOLoss and
+    # linear_elbo_loss route it to the reference, with gradients for its tensor.
+    gen = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(3, 5, 6, generator=gen), torch.randn(11, 6, generator=gen)
+    target = torch.randint(0, 11, (3, 5), generator=gen)
+    mu, logvar = torch.randn(3, 2, generator=gen), torch.randn(3, 2, generator=gen)
+    results = []
+    for as_diagonal in (False, True):
+        s2 = torch.tensor(0.3, requires_grad=True)
+        leaves = [t.clone().requires_grad_() for t in (hidden, mu, logvar)]
+        if as_diagonal:  # the same prior in the native family: the reference values
+            kw = _as_diagonal(leaves[1], s2)
+            prior = DiagonalGaussian(kw["prior_mu"], kw["prior_logvar"])
+        else:
+            prior = KLTerm(ISOTROPIC, prior_var=s2)
+        logits = torch.nn.functional.linear(leaves[0], weight)
+        if entry == "elbo_loss":
+            out = klanneal.elbo_loss(logits, target, *leaves[1:], 0.7, prior=prior)
+        elif entry == "ELBOLoss":
+            out = klanneal.nn.ELBOLoss(0.7)(logits, target, *leaves[1:], prior=prior)
+        else:
+            out = klanneal.linear_elbo_loss(
+                leaves[0], weight, target, *leaves[1:], 0.7, prior=prior
+            )
+        out.loss.backward()
+        results.append((out.loss.detach(), [t.grad for t in leaves], s2.grad))
+    (loss_a, grads_a, s2_a), (loss_b, grads_b, s2_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(s2_a, s2_b)

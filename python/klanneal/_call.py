@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import torch
 
-from klanneal import _validate
+from klanneal import _validate, kl_terms
 from klanneal._count_op import count_recon
 from klanneal._count_ref import check_count_values
 from klanneal._eager import eager_elbo, eager_need, eager_plan, elbo_loss_inplace, elbo_loss_traced
@@ -105,7 +105,7 @@ def elbo_call(
     recon_input: Any, target: Any, mu: Any, logvar: Any, beta: Any, step: Any,
     likelihood: Any, reduction: Any, free_bits: Any, free_bits_mode: Any, ignore_index: Any,
     gaussian_var: Any, prior_mu: Any, prior_logvar: Any, capacity: Any, free_bits_group: Any,
-    inplace: Any, validate: Any,
+    inplace: Any, validate: Any, prior: Any = None,
 ) -> ElboCall:  # fmt: skip
     """The ElboCall of elbo_loss's arguments (their meaning: its docstring).
 
@@ -130,8 +130,13 @@ def elbo_call(
     if inplace is not False:
         inplace = _validate.check_flag("inplace", inplace)
     _validate.check_tensor_args(recon_input, target, mu, logvar, beta, step, likelihood, capacity)
-    if prior_mu is not None or prior_logvar is not None:
-        _validate.check_prior(mu, prior_mu, prior_logvar)
+    kl_native = True
+    if prior is not None or prior_mu is not None or prior_logvar is not None:
+        term = kl_terms.resolve(prior, prior_mu, prior_logvar)  # the KL-term table's object
+        term.check(mu)
+        kl_native = term.native
+        prior = None if kl_native else term  # a reference-only family goes whole
+        prior_mu, prior_logvar = term.tensors().get("prior_mu"), term.tensors().get("prior_logvar")
     group = None if free_bits_group is None else _validate.check_free_bits_group(free_bits_group)
     if inplace and _overwrites_a_leaf(recon_input):
         raise ValueError(
@@ -141,6 +146,7 @@ def elbo_call(
     transforms = not compiling and (_TRANSFORMS_ACTIVE() or _FORWARD_AD._current_level >= 0)
     if (
         not FAMILIES[likelihood].native
+        or not kl_native
         or not native_available(None if recon_input.is_cpu else recon_input.device)
         or transforms  # reference_only(), with compiling read once
     ):
@@ -149,7 +155,9 @@ def elbo_call(
             likelihood=family if isinstance(family, Likelihood) else likelihood,
             prior_mu=prior_mu, prior_logvar=prior_logvar, capacity=capacity, free_bits_group=group,
         )  # fmt: skip
-        counts = FAMILIES[likelihood].target == "counts" and not transforms
+        if prior is not None:
+            reference["prior"] = prior
+        counts = FAMILIES[likelihood].target == "counts" and kl_native and not transforms
         return ElboCall(COUNTS if counts else REFERENCE, options, reference=reference)
     return _native_call(
         options, recon_input, target, mu, logvar, beta, step, prior_mu, prior_logvar, capacity,
@@ -160,7 +168,7 @@ def elbo_call(
 def kl_term_call(
     mu: Any, logvar: Any, beta: Any, step: Any, like: torch.Tensor, reduction: Any,
     free_bits: Any, free_bits_mode: Any, ignore_index: Any, prior_mu: Any, prior_logvar: Any,
-    capacity: Any, free_bits_group: Any, validate: Any,
+    capacity: Any, free_bits_group: Any, validate: Any, prior: Any = None,
 ) -> ElboCall:  # fmt: skip
     """The ElboCall of the KL term alone, beta times KL under the reduction,
     with every check and option of elbo_loss's KL term (linear_elbo_loss's:
@@ -173,7 +181,7 @@ def kl_term_call(
     return elbo_call(
         no_recon, no_target, mu, logvar, beta, step, "categorical", reduction, free_bits,
         free_bits_mode, ignore_index, 1.0, prior_mu, prior_logvar, capacity, free_bits_group,
-        False, validate,
+        False, validate, prior,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ import torch
 
 from klanneal._call import elbo_call
 from klanneal._call import reference_only as _reference_only  # noqa: F401 - linear, tests
+from klanneal.kl_terms import KLTerm
 from klanneal.likelihoods import Likelihood
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule
@@ -35,6 +36,7 @@ def elbo_loss(
     free_bits_group: Any = None,
     inplace: bool = False,
     validate: bool = True,
+    prior: Optional[KLTerm] = None,
 ) -> ELBOOutput:
     """Negative ELBO: reconstruction NLL + beta * KL(q(z|x) || p(z)), value and
     every gradient in one fused pass.
@@ -84,6 +86,12 @@ def elbo_loss(
         prior_mu, prior_logvar: [B, D] mean and log-variance of a learned
             diagonal-Gaussian prior (both or neither; mu's dtype and device);
             None: N(0, I). Both get gradients.
+        prior: the KL term's prior as a ``klanneal.kl_terms`` object
+            (``StandardNormal()``, ``DiagonalGaussian(prior_mu,
+            prior_logvar)``, or a family registered there, which runs on the
+            reference path until it has a kernel); not together with
+            prior_mu / prior_logvar. None: N(0, I), or the prior_mu /
+            prior_logvar given.
         capacity: None, a float C >= 0, or a schedule (klanneal.schedules.Capacity)
             evaluated at `step`: the capacity objective above.
         free_bits_group: None, "world" or a torch.distributed ProcessGroup:
@@ -133,5 +141,5 @@ def elbo_loss(
     return elbo_call(
         recon_input, target, mu, logvar, beta, step, likelihood, reduction, free_bits,
         free_bits_mode, ignore_index, gaussian_var, prior_mu, prior_logvar, capacity,
-        free_bits_group, inplace, validate,
+        free_bits_group, inplace, validate, prior,
     ).run()  # fmt: skip

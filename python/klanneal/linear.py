@@ -33,6 +33,7 @@ from klanneal import _ops, _validate
 from klanneal._call import kl_term_call
 from klanneal._call import reference_only as _reference_only
 from klanneal.elbo import elbo_loss
+from klanneal.kl_terms import KLTerm
 from klanneal.reference import ELBOOutput
 from klanneal.schedules import Schedule
 
@@ -132,6 +133,7 @@ def linear_elbo_loss(
     free_bits_group: Any = None,
     chunk_size: Optional[int] = None,
     validate: bool = True,
+    prior: Optional[KLTerm] = None,
 ) -> ELBOOutput:
     """Negative ELBO of a categorical decoder from its last hidden states: the output
     projection ``logits = hidden @ weight^T + bias`` fused with
@@ -170,8 +172,8 @@ def linear_elbo_loss(
         free_bits: lambda in nats per latent dimension; 0 disables.
         free_bits_mode: "batch" or "sample".
         ignore_index: target value whose positions contribute nothing.
-        prior_mu, prior_logvar, capacity, free_bits_group: the KL term's
-            options, as in ``klanneal.elbo_loss`` (a learned prior [B, D], the
+        prior_mu, prior_logvar, prior, capacity, free_bits_group: the KL
+            term's options, as in ``klanneal.elbo_loss`` (a learned prior [B, D], the
             capacity objective |KL - C|, batch free bits across processes).
         chunk_size: rows per chunk; None picks one (``default_chunk_size``:
             a chunk buffer of about 24 MiB). Larger is faster up to a point and
@@ -200,7 +202,7 @@ def linear_elbo_loss(
     kl_options: dict[str, Any] = dict(
         step=step, reduction=reduction, free_bits=free_bits, free_bits_mode=free_bits_mode,
         ignore_index=ignore_index, prior_mu=prior_mu, prior_logvar=prior_logvar,
-        capacity=capacity, free_bits_group=free_bits_group, validate=validate,
+        capacity=capacity, free_bits_group=free_bits_group, validate=validate, prior=prior,
     )  # fmt: skip
     if not _ops.native_available(hidden.device) or _reference_only():
         # No kernel for this device (or a torch.func transform, forward-mode AD): the logits
@@ -211,7 +213,7 @@ def linear_elbo_loss(
     batch = hidden.shape[0]
     kl_out = kl_term_call(
         mu, logvar, beta, step, hidden, reduction, free_bits, free_bits_mode, ignore_index,
-        prior_mu, prior_logvar, capacity, free_bits_group, validate,
+        prior_mu, prior_logvar, capacity, free_bits_group, validate, prior,
     ).run()  # fmt: skip
     dtype = kl_out.loss.dtype
     grad_enabled = torch.is_grad_enabled()

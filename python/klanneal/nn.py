@@ -18,6 +18,7 @@ from klanneal._controller import KLController, controller_kl
 from klanneal._host_schedules import as_schedule
 from klanneal._schedule_args import _tensor_step
 from klanneal._sizing import ScheduleLengthWarning, cycles_end, past_end_message
+from klanneal.kl_terms import KLTerm
 from klanneal.likelihoods import Likelihood
 from klanneal.likelihoods import resolve as resolve_likelihood
 from klanneal.linear import linear_elbo_loss
@@ -156,6 +157,7 @@ class ELBOLoss(nn.Module):
         logvar: torch.Tensor,
         prior_mu: Optional[torch.Tensor] = None,
         prior_logvar: Optional[torch.Tensor] = None,
+        prior: Optional[KLTerm] = None,
     ) -> ELBOOutput:
         """Loss at the current step; see ``klanneal.elbo_loss`` for shapes and the result.
 
@@ -168,7 +170,7 @@ class ELBOLoss(nn.Module):
             recon_input, target, mu, logvar, self.schedule, o["step"], self.likelihood,
             self.reduction, self.free_bits, self.free_bits_mode, self.ignore_index,
             self.gaussian_var, prior_mu, prior_logvar, self.capacity, self.free_bits_group,
-            self.inplace, self.validate,
+            self.inplace, self.validate, prior,
         ).run()  # fmt: skip
         self._feed_controller(out, mu)
         return out
@@ -430,6 +432,7 @@ class LinearELBOLoss(ELBOLoss):
         logvar: torch.Tensor,
         prior_mu: Optional[torch.Tensor] = None,
         prior_logvar: Optional[torch.Tensor] = None,
+        prior: Optional[KLTerm] = None,
     ) -> ELBOOutput:
         """Loss at the current step; see ``klanneal.linear_elbo_loss`` for shapes and the result."""
         linear = self.__dict__["linear"]
@@ -445,6 +448,7 @@ class LinearELBOLoss(ELBOLoss):
             bias=bias,
             prior_mu=prior_mu,
             prior_logvar=prior_logvar,
+            prior=prior,
             chunk_size=self.chunk_size,
             **self._step_options(),
         )
