@@ -22,7 +22,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from klanneal._layout import grad_dtype
+from klanneal._env import native_disabled
+from klanneal._layout import DTYPE_CODES, grad_dtype
 from klanneal.likelihoods import FAMILIES
 
 try:
@@ -136,6 +137,94 @@ def _reference_kernel(
     return CountOutputs(recon, empty, empty.clone(), empty.clone())
 
 
+_HAS_NATIVE = _C is not None and hasattr(_C, "count_recon_forward_cpu")
+_LAYOUT: dict[str, list[str]] = _C.count_recon_layout() if _HAS_NATIVE else {}
+
+
+def native_count_kernel(device: torch.device) -> bool:
+    """Whether the native count kernel runs on `device` (else the reference)."""
+    if not _HAS_NATIVE or native_disabled():
+        return False
+    return device.type == "cpu" or (
+        device.type == "cuda" and hasattr(_C, "count_recon_forward_cuda")
+    )
+
+
+def _native_outputs(
+    mu: torch.Tensor,
+    counts: torch.Tensor,
+    theta: Optional[torch.Tensor],
+    zi_logits: Optional[torch.Tensor],
+    opts: CountOptions,
+    row_scale: Optional[torch.Tensor] = None,
+) -> CountOutputs:
+    """The native kernel: the rows' -log p (float64) and the gradients asked
+    for, each times the reduction's scale (and row_scale[b] per example when
+    given: a backward under "none"), in one pass over mu [B, G] (contiguous,
+    in the compute dtype, as counts, theta and zi_logits)."""
+    batch = mu.shape[0]
+    genes = mu.numel() // batch
+
+    def strides(t: Optional[torch.Tensor]) -> tuple[int, ...]:
+        return (0, 0) if t is None else t.expand_as(mu).reshape(batch, genes).stride()
+
+    def grad(t: Optional[torch.Tensor], need: bool) -> Optional[torch.Tensor]:
+        return torch.empty_like(t) if need and t is not None else None
+
+    row_nll = mu.new_empty(batch, dtype=torch.float64)
+    grads = (grad(mu, opts.need_grad_mu), grad(theta, opts.need_grad_theta),
+             grad(zi_logits, opts.need_grad_zi))  # fmt: skip
+    first_invalid = mu.new_empty(2, dtype=torch.int64) if opts.validate else None
+    (t_rows, t_cols), (z_rows, z_cols) = strides(theta), strides(zi_logits)
+    size = {
+        "batch": batch, "genes": genes, "family": COUNT_FAMILIES.index(opts.family),
+        "dtype": DTYPE_CODES[mu.dtype], "n_threads": torch.get_num_threads(), "simd_level": -1,
+        "theta_row_stride": t_rows, "theta_col_stride": t_cols, "zi_row_stride": z_rows,
+        "zi_col_stride": z_cols, "workspace_bytes": 0,
+    }  # fmt: skip
+    tensors = {
+        "mu": mu, "counts": counts, "theta": theta, "zi_logits": zi_logits,
+        "row_scale": row_scale, "row_nll": row_nll, "grad_mu": grads[0], "grad_theta": grads[1],
+        "grad_zi": grads[2], "first_invalid": first_invalid, "workspace": None,
+    }  # fmt: skip
+    sizes = [size[name] for name in _LAYOUT["sizes"]]
+    ptrs = [0 if tensors[n] is None else tensors[n].data_ptr() for n in _LAYOUT["ptrs"]]  # type: ignore[union-attr]
+    floats = [opts.scale(batch)]
+    if mu.is_cpu:
+        _C.count_recon_forward_cpu(sizes, ptrs, floats)
+    else:
+        stream = torch.cuda.current_stream(mu.device).cuda_stream
+        _C.count_recon_forward_cuda(sizes, ptrs, floats, stream)
+    if first_invalid is not None and int(first_invalid[0]) >= 0:
+        _raise_invalid(first_invalid, mu, counts, theta, zi_logits)
+    empty = mu.new_empty(0, dtype=mu.dtype)
+    return CountOutputs(_reduce(row_nll, opts), *(empty if g is None else g for g in grads))
+
+
+def _raise_invalid(
+    where: torch.Tensor, mu: torch.Tensor, counts: torch.Tensor, theta: Any, zi_logits: Any
+) -> None:
+    """The ValueError of check_count_values for the first invalid input the
+    kernel found (its flat index and which input)."""
+    from klanneal._count_ref import check_count_values
+
+    index, which = int(where[0]), int(where[1])
+    check_count_values(mu, counts, theta=theta, zi_logits=zi_logits)  # raises, naming it
+    raise ValueError(f"{_LAYOUT['input'][which]}: invalid value at flat index {index}")
+
+
+def _native_kernel(
+    mu: torch.Tensor,
+    counts: torch.Tensor,
+    theta: Optional[torch.Tensor],
+    zi_logits: Optional[torch.Tensor],
+    ints: list[int],
+) -> CountOutputs:
+    if mu.dim() < 1 or mu.shape[0] == 0:
+        return _reference_kernel(mu, counts, theta, zi_logits, ints)
+    return _native_outputs(mu, counts, theta, zi_logits, CountOptions.unpack(ints))
+
+
 def _fake(
     mu: torch.Tensor,
     counts: torch.Tensor,
@@ -146,9 +235,17 @@ def _fake(
     opts = CountOptions.unpack(ints)
     shape = (mu.shape[0],) if opts.reduction == "none" else ()
     empty = mu.new_empty(0, dtype=grad_dtype(mu.dtype))
+    recon = mu.new_empty(shape, dtype=torch.float64)
+    if not native_count_kernel(mu.device):  # the reference leaves them to backward
+        return CountOutputs(recon, empty, empty.clone(), empty.clone())
+
+    def grad(t: Optional[torch.Tensor], need: bool) -> torch.Tensor:
+        return torch.empty_like(t) if need and t is not None else empty.clone()
+
     return CountOutputs(
-        mu.new_empty(shape, dtype=torch.float64), empty, empty.clone(), empty.clone()
-    )
+        recon, grad(mu, opts.need_grad_mu), grad(theta, opts.need_grad_theta),
+        grad(zi_logits, opts.need_grad_zi),
+    )  # fmt: skip
 
 
 torch.library.define(
@@ -157,6 +254,10 @@ torch.library.define(
     "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.impl("klanneal::count_nll", "default")(_reference_kernel)
+if _HAS_NATIVE:
+    torch.library.impl("klanneal::count_nll", "cpu")(_native_kernel)
+    if hasattr(_C, "count_recon_forward_cuda"):
+        torch.library.impl("klanneal::count_nll", "cuda")(_native_kernel)
 torch.library.register_fake("klanneal::count_nll")(_fake)
 count_nll_op = torch.ops.klanneal.count_nll.default
 
@@ -180,7 +281,12 @@ def _backward(ctx: Any, grad_recon: Optional[torch.Tensor], *unused: Any) -> tup
     mu, counts, theta, zi_logits, *saved = ctx.saved_tensors
     need = (opts.need_grad_mu, opts.need_grad_theta, opts.need_grad_zi)
     computed = all(g.numel() > 0 or not n for g, n in zip(saved, need))
-    if opts.reduction == "none" or not computed:
+    if (opts.reduction == "none" or not computed) and native_count_kernel(mu.device):
+        # The kernel again, each example's gradient times its upstream one.
+        row_scale = grad_recon.to(torch.float64).expand(mu.shape[0]).contiguous()
+        out = _native_outputs(mu, counts, theta, zi_logits, opts, row_scale=row_scale)
+        grads = [g if n else None for g, n in zip(out[1:], need)]
+    elif opts.reduction == "none" or not computed:
         grads = _reference_grads(mu, counts, theta, zi_logits, opts, grad_recon)
     else:
         grads = [g * grad_recon if n else None for g, n in zip(saved, need)]
