@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   klanneal::register_elbo_cuda(m);
   klanneal::register_pool(m);
   klanneal::register_special(m);
+  klanneal::register_count(m);
 }

@@ -97,3 +97,11 @@ def count_nll_cpu(
     zi_logits: _RealArray | None,
     simd_level: str,
 ) -> tuple[_RealArray, _RealArray, _RealArray, _RealArray]: ...
+
+# ---- count reconstruction kernel (csrc/bind_count.cpp) ----
+# The packed call: sizes, ptrs, floats in the slot orders of count_recon_layout()
+# (csrc/include/klanneal/count_recon.h).
+def count_recon_layout() -> dict[str, list[str]]: ...
+def count_recon_forward_cpu(
+    sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float]
+) -> None: ...

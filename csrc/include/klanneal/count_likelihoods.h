@@ -10,10 +10,13 @@
 //   ZinbNll<T>::nll_grad(x, mu, theta, zi_logits)      -> {nll, d_mu, d_theta, d_zi_logits}
 //   ...::nll(...)                                      -> nll only
 //   ...::valid_target(x)                               -> x finite and >= 0
+//   count_nll::FamilyNll<F, O>::nll_grad(x, mu, theta, zi_logits): the same
+//                                  for family F (CountFamily), one interface
 //
 // T = float (fp32/fp16/bf16 inputs, converted by the caller) or double.
 #pragma once
 
+#include "klanneal/count_family.h"
 #include "klanneal/special_math.h"
 
 namespace klanneal {

@@ -6,7 +6,8 @@
 //
 // No #include and no include guard: included after special_math_body.h, in
 // the same namespace (count_likelihoods.h for the scalar traits; a SIMD
-// translation unit once per ISA). Names live in namespace count_nll.
+// translation unit once per ISA), with klanneal/count_family.h's CountFamily
+// visible. Names live in namespace count_nll.
 //
 // Inputs: x >= 0 (a count; any finite real >= 0 is accepted), mu >= 0,
 // 0 < theta < inf, zi_logits any real. No epsilon is added to any value:
@@ -132,13 +133,16 @@ template <class O> struct NegBinomial {
     const R lw = log1pmx<O>(O::sub(zero, w), q);
 
     // -log p(x), x > 0 (the header's form). 1 + d = n/(theta+mu) and
-    // 1 + u2 = mu n / (x (theta+mu)) are ratios, never 1 + (something).
+    // 1 + u2 = (mu/x) (n/(theta+mu)) are ratios, never 1 + (something); the
+    // latter not as w n / x: w = mu/(theta+mu) is subnormal in fp32 for a
+    // tiny mu and a large theta (1e-37 / 4e7), and the loss ~ x log(rho2)
+    // kept one digit of it.
     const R n = O::add(theta, x);
     const R x_minus_mu = O::sub(x, mu);
     const R d = O::div(x_minus_mu, tm);
     const R l1 = log1pmx<O>(d, O::div(n, tm));
     const R u2 = O::div(O::mul(q, O::sub(zero, x_minus_mu)), x);
-    const R l2 = log1pmx<O>(u2, O::div(O::mul(w, n), x));
+    const R l2 = log1pmx<O>(u2, O::mul(O::div(mu, x), O::div(n, tm)));
     R nll_pos = O::add(O::log(x), special_math::log1p<O>(O::div(x, theta)));
     nll_pos = O::fmadd(constant<O>(0.5), nll_pos, constant<O>(0.91893853320467274178));
     nll_pos = O::sub(nll_pos, O::add(O::mul(theta, l1), O::mul(x, l2)));
@@ -261,6 +265,47 @@ template <class O> struct ZeroInflatedNegBinomial {
   }
 
   static KLANNEAL_HD C valid_target(R x) { return Poisson<O>::valid_target(x); }
+};
+
+// ---- one interface for every family -------------------------------------------------
+// FamilyNll<F, O>::nll_grad(x, mu, theta, zi_logits) -> {nll, d_mu, d_theta, d_zi_logits}
+// for the family F of count_family.h (CountFamily): the row kernels
+// (count_simd_body.h, cuda/count_cuda.cu) are written once against it and
+// instantiated per family from KLANNEAL_COUNT_FAMILIES. A family ignores the
+// parameters it does not have (kHasTheta, kHasZi) and returns 0 for their
+// gradients.
+template <class O> struct CountGrads {
+  typename O::R nll, d_mu, d_theta, d_zi_logits;
+};
+
+template <CountFamily F, class O> struct FamilyNll;
+
+template <class O> struct FamilyNll<CountFamily::kPoisson, O> {
+  using R = typename O::R;
+  static constexpr bool kHasTheta = false, kHasZi = false;
+  static KLANNEAL_HD CountGrads<O> nll_grad(R x, R mu, R, R) {
+    const typename Poisson<O>::Result r = Poisson<O>::nll_grad(x, mu);
+    return {r.nll, r.d_mu, O::set1(0), O::set1(0)};
+  }
+};
+
+template <class O> struct FamilyNll<CountFamily::kNegBinomial, O> {
+  using R = typename O::R;
+  static constexpr bool kHasTheta = true, kHasZi = false;
+  static KLANNEAL_HD CountGrads<O> nll_grad(R x, R mu, R theta, R) {
+    const typename NegBinomial<O>::Result r = NegBinomial<O>::nll_grad(x, mu, theta);
+    return {r.nll, r.d_mu, r.d_theta, O::set1(0)};
+  }
+};
+
+template <class O> struct FamilyNll<CountFamily::kZinb, O> {
+  using R = typename O::R;
+  static constexpr bool kHasTheta = true, kHasZi = true;
+  static KLANNEAL_HD CountGrads<O> nll_grad(R x, R mu, R theta, R zi_logits) {
+    const typename ZeroInflatedNegBinomial<O>::Result r =
+        ZeroInflatedNegBinomial<O>::nll_grad(x, mu, theta, zi_logits);
+    return {r.nll, r.d_mu, r.d_theta, r.d_zi_logits};
+  }
 };
 
 } // namespace count_nll

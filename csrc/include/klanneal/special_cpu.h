@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "klanneal/common.h"
+#include "klanneal/count_family.h"
 #include "klanneal/cpu_features.h"
 
 namespace klanneal {
@@ -24,8 +25,8 @@ namespace cpu {
 // clang-format on
 enum class SpecialFn : int32_t { KLANNEAL_SPECIAL_FNS(KLANNEAL_ENUM_ENTRY) };
 
-#define KLANNEAL_COUNT_FAMILIES(X) X(kPoisson, "poisson") X(kNegBinomial, "nb") X(kZinb, "zinb")
-enum class CountFamily : int32_t { KLANNEAL_COUNT_FAMILIES(KLANNEAL_ENUM_ENTRY) };
+// The families (KLANNEAL_COUNT_FAMILIES) are those of the fused kernel.
+using klanneal::CountFamily;
 
 // out[i] = fn(x[i]) for i < n, T = float or double. Throws
 // std::invalid_argument for a level this build or CPU cannot run.
