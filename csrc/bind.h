@@ -14,7 +14,9 @@ void register_elbo_cuda(pybind11::module_ &m);
 void register_pool(pybind11::module_ &m);
 // Test hooks of the special functions and count likelihoods (bind_special.cpp).
 void register_special(pybind11::module_ &m);
-// The count reconstruction kernel (bind_count.cpp).
+// The count reconstruction kernel (bind_count.cpp) and its CUDA entry points
+// (bind_count_cuda.cpp; a no-op without CUDA).
 void register_count(pybind11::module_ &m);
+void register_count_cuda(pybind11::module_ &m);
 
 } // namespace klanneal

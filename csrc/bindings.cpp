@@ -33,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
   klanneal::register_pool(m);
   klanneal::register_special(m);
   klanneal::register_count(m);
+  klanneal::register_count_cuda(m);
 }

@@ -98,10 +98,16 @@ def count_nll_cpu(
     simd_level: str,
 ) -> tuple[_RealArray, _RealArray, _RealArray, _RealArray]: ...
 
-# ---- count reconstruction kernel (csrc/bind_count.cpp) ----
+# ---- count reconstruction kernel (csrc/bind_count.cpp, csrc/bind_count_cuda.cpp) ----
 # The packed call: sizes, ptrs, floats in the slot orders of count_recon_layout()
 # (csrc/include/klanneal/count_recon.h).
 def count_recon_layout() -> dict[str, list[str]]: ...
 def count_recon_forward_cpu(
     sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float]
+) -> None: ...
+def count_recon_cuda_workspace_bytes(
+    sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float]
+) -> int: ...
+def count_recon_forward_cuda(
+    sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float], stream: _Int
 ) -> None: ...
