@@ -94,10 +94,11 @@ def test_opcheck(reduction, theta_shape):
     if theta_shape == "cell-gene":
         theta = theta.expand(B, G).contiguous()
     family = "poisson" if theta_shape == "none" else "zero_inflated_negative_binomial"
-    opts = _count_op.CountOptions(family, reduction, True, True, theta_shape != "none", True)
+    has_params = theta_shape != "none"
+    opts = _count_op.CountOptions(family, reduction, True, True, has_params, has_params)
     args = (
         rate.requires_grad_(), counts, None if theta_shape == "none" else theta.requires_grad_(),
-        None if theta_shape == "none" else zi.requires_grad_(), opts.pack(),
+        None if theta_shape == "none" else zi.requires_grad_(), None, opts.pack(),
     )  # fmt: skip
     torch.library.opcheck(torch.ops.klanneal.count_nll.default, args)
 

@@ -127,6 +127,7 @@ def _reference_kernel(
     counts: torch.Tensor,
     theta: Optional[torch.Tensor],
     zi_logits: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
     ints: list[int],
 ) -> CountOutputs:
     """The op's default kernel (every device): the reference value; its
@@ -197,8 +198,9 @@ def _native_outputs(
         _C.count_recon_forward_cuda(sizes, ptrs, floats, stream)
     if first_invalid is not None and int(first_invalid[0]) >= 0:
         _raise_invalid(first_invalid, mu, counts, theta, zi_logits)
-    empty = mu.new_empty(0, dtype=mu.dtype)
-    return CountOutputs(_reduce(row_nll, opts), *(empty if g is None else g for g in grads))
+    return CountOutputs(
+        _reduce(row_nll, opts), *(mu.new_empty(0) if g is None else g for g in grads)
+    )  # each its own empty tensor: outputs must not alias
 
 
 def _raise_invalid(
@@ -218,11 +220,13 @@ def _native_kernel(
     counts: torch.Tensor,
     theta: Optional[torch.Tensor],
     zi_logits: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
     ints: list[int],
 ) -> CountOutputs:
     if mu.dim() < 1 or mu.shape[0] == 0:
-        return _reference_kernel(mu, counts, theta, zi_logits, ints)
-    return _native_outputs(mu, counts, theta, zi_logits, CountOptions.unpack(ints))
+        return _reference_kernel(mu, counts, theta, zi_logits, row_scale, ints)
+    opts = CountOptions.unpack(ints)
+    return _native_outputs(mu, counts, theta, zi_logits, opts, row_scale)
 
 
 def _fake(
@@ -230,6 +234,7 @@ def _fake(
     counts: torch.Tensor,
     theta: Optional[torch.Tensor],
     zi_logits: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
     ints: list[int],
 ) -> CountOutputs:
     opts = CountOptions.unpack(ints)
@@ -250,7 +255,8 @@ def _fake(
 
 torch.library.define(
     "klanneal::count_nll",
-    "(Tensor mu, Tensor counts, Tensor? theta, Tensor? zi_logits, int[] ints) "
+    "(Tensor mu, Tensor counts, Tensor? theta, Tensor? zi_logits, Tensor? row_scale, "
+    "int[] ints) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.impl("klanneal::count_nll", "default")(_reference_kernel)
@@ -263,9 +269,9 @@ count_nll_op = torch.ops.klanneal.count_nll.default
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-    mu, counts, theta, zi_logits, ints = inputs
+    mu, counts, theta, zi_logits, _, ints = inputs
     out = CountOutputs(*output)
-    ctx.opts = CountOptions.unpack(ints)
+    ctx.opts, ctx.ints = CountOptions.unpack(ints), ints
     ctx.set_materialize_grads(False)
     # The inputs too: under reduction "none" (per-example upstream
     # gradients: a parameter shared by the examples, theta [G], does not get
@@ -276,21 +282,26 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
 
 def _backward(ctx: Any, grad_recon: Optional[torch.Tensor], *unused: Any) -> tuple[Any, ...]:
     if grad_recon is None:
-        return (None,) * 5
+        return (None,) * 6
     opts = ctx.opts
     mu, counts, theta, zi_logits, *saved = ctx.saved_tensors
-    need = (opts.need_grad_mu, opts.need_grad_theta, opts.need_grad_zi)
+    need = tuple(
+        n and t is not None
+        for n, t in zip((opts.need_grad_mu, opts.need_grad_theta, opts.need_grad_zi),
+                        (mu, theta, zi_logits))
+    )  # fmt: skip
     computed = all(g.numel() > 0 or not n for g, n in zip(saved, need))
     if (opts.reduction == "none" or not computed) and native_count_kernel(mu.device):
         # The kernel again, each example's gradient times its upstream one.
+        # (Through the op: opaque to torch.compile's trace of this backward.)
         row_scale = grad_recon.to(torch.float64).expand(mu.shape[0]).contiguous()
-        out = _native_outputs(mu, counts, theta, zi_logits, opts, row_scale=row_scale)
+        out = CountOutputs(*count_nll_op(mu, counts, theta, zi_logits, row_scale, ctx.ints))
         grads = [g if n else None for g, n in zip(out[1:], need)]
     elif opts.reduction == "none" or not computed:
         grads = _reference_grads(mu, counts, theta, zi_logits, opts, grad_recon)
     else:
         grads = [g * grad_recon if n else None for g, n in zip(saved, need)]
-    return grads[0], None, grads[1], grads[2], None
+    return grads[0], None, grads[1], grads[2], None, None
 
 
 torch.library.register_autograd("klanneal::count_nll", _backward, setup_context=_setup_context)
@@ -333,6 +344,7 @@ def count_recon(
             counts.to(compute).contiguous(),
             None if theta_t is None else theta_t.contiguous(),
             None if zi_t is None else zi_t.contiguous(),
+            None,
             opts.pack(),
         )  # fmt: skip
     )
