@@ -193,7 +193,11 @@ def _native_outputs(
     floats = [opts.scale(batch)]
     if mu.is_cpu:
         _C.count_recon_forward_cpu(sizes, ptrs, floats)
-    else:
+    else:  # the launcher's scratch memory comes from the caller (torch's allocator)
+        nbytes = _C.count_recon_cuda_workspace_bytes(sizes, ptrs, floats)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=mu.device)
+        sizes[_LAYOUT["sizes"].index("workspace_bytes")] = nbytes
+        ptrs[_LAYOUT["ptrs"].index("workspace")] = workspace.data_ptr()
         stream = torch.cuda.current_stream(mu.device).cuda_stream
         _C.count_recon_forward_cuda(sizes, ptrs, floats, stream)
     if first_invalid is not None and int(first_invalid[0]) >= 0:
