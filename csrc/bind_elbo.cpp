@@ -24,7 +24,9 @@ py::list slot_names(const std::vector<const char *> &names) {
 }
 
 #define KLANNEAL_SLOT_NAME(name) #name,
-#define KLANNEAL_CODE_NAME(enumerator, name) name,
+// The "python name" of an entry X(enumerator, "python name", ...).
+#define KLANNEAL_FIRST_ARG(first, ...) first
+#define KLANNEAL_CODE_NAME(enumerator, ...) KLANNEAL_FIRST_ARG(__VA_ARGS__, ~),
 
 py::dict elbo_layout() {
   py::dict d;
@@ -43,6 +45,7 @@ py::dict elbo_layout() {
 
 #undef KLANNEAL_SLOT_NAME
 #undef KLANNEAL_CODE_NAME
+#undef KLANNEAL_FIRST_ARG
 
 } // namespace
 

@@ -30,7 +30,9 @@
 #include "klanneal/cpu_features.h"
 #include "klanneal/elbo.h"
 #include "klanneal/elbo_math.h"
+#include "klanneal/elbo_reduction.h"
 #include "klanneal/elbo_simd_cpu.h"
+#include "klanneal/elementwise_likelihoods.h"
 #include "klanneal/half_cpu.h"
 #include "klanneal/parallel_cpu.h"
 
@@ -42,30 +44,29 @@ using cpu::categorical_run_f32;
 using cpu::categorical_run_f64;
 using cpu::CategoricalRun;
 using cpu::Elem;
+using cpu::elementwise_chunk_f32;
+using cpu::ElementwiseChunkF32;
 using cpu::Grad;
 using cpu::Half;
 using cpu::kl_row_standard_f32;
 using cpu::kl_row_standard_f64;
 using cpu::KlRowStandard;
 using cpu::parallel_for;
-using cpu::pointwise_chunk_f32;
-using cpu::PointwiseChunkF32;
-using cpu::PointwiseConsts;
-using cpu::unit_interval_prefix_f32;
+using cpu::valid_target_prefix_f32;
 using cpu::ValidPrefixF32;
 
-constexpr int64_t kChunk = 16384; // elements per unit, non-categorical
+constexpr int64_t kChunk = 16384; // elements per unit, elementwise likelihoods
 // Elements per thread below which a thread costs more than it saves. A
 // categorical element costs ~0.7 ns (fp32, AVX-512), a bernoulli one ~1.8
 // ns (AVX2), a gaussian one less; handing a range to another thread costs a
 // few microseconds. With klanneal's own pool, a worker sharing its core with
 // torch's still-spinning OpenMP threads made the image case (100K bernoulli
-// elements) slower on 2 threads than on one, so the pointwise likelihoods
+// elements) slower on 2 threads than on one, so the elementwise likelihoods
 // had a thread per 256K elements only; on torch's OpenMP team
 // (parallel_cpu.cpp) 2 threads took the image case from 1.52-1.56x to
 // 1.81-1.97x the hand-written loss in the suite.
 constexpr int64_t kMinElemsPerThreadCategorical = 1 << 15;
-constexpr int64_t kMinElemsPerThreadPointwise = 1 << 15;
+constexpr int64_t kMinElemsPerThreadElementwise = 1 << 15;
 // Latent elements (B * D) from which the KL pass uses the worker threads:
 // each costs an exp (two with a learned prior) and its derivatives, ~2 ns
 // in the vector row kernel (fp32, AVX2): the gaussian case's 256 x 64
@@ -120,22 +121,26 @@ int64_t first_invalid_class(const ElboParams &p) {
   return -1;
 }
 
-// Index in [0, n) of the first bernoulli target outside [0, 1] (NaN
-// included), or -1.
-template <typename S> int64_t first_invalid_probability(const S *y, int64_t n, SimdLevel level) {
+// Index in [0, n) of the first target that likelihood L's check rejects
+// (NaN included), or -1; always -1 for a likelihood without a check.
+template <typename S, Likelihood L>
+int64_t first_invalid_target(const S *y, int64_t n, SimdLevel level) {
   using T = typename Elem<S>::T;
-  int64_t i = 0;
-  if constexpr (std::is_same_v<S, float>) {
-    if (const ValidPrefixF32 prefix = unit_interval_prefix_f32(level))
-      i = prefix(y, n); // skips whole blocks of valid values
+  using Loss = ElementwiseLoss<L, T>;
+  if constexpr (!Loss::kChecksTargets) {
+    return -1;
+  } else {
+    int64_t i = 0;
+    if constexpr (std::is_same_v<S, float>) {
+      if (const ValidPrefixF32 prefix = valid_target_prefix_f32<L>(level))
+        i = prefix(y, n); // skips whole blocks of valid values
+    }
+    (void)level;
+    for (; i < n; ++i)
+      if (!Loss::valid_target(Elem<S>::load(y[i])))
+        return i;
+    return -1;
   }
-  (void)level;
-  for (; i < n; ++i) {
-    const T v = Elem<S>::load(y[i]);
-    if (!(v >= T(0) && v <= T(1)))
-      return i;
-  }
-  return -1;
 }
 
 // ---- reconstruction term ----------------------------------------------------
@@ -151,7 +156,7 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
   using G = Grad<S>;
   auto *grad = static_cast<G *>(p.grad_recon);
   const int64_t V = p.row_len;
-  const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
+  const T scale = reduction_scale<T>(p);
   const CategoricalRun<float> run_f32 = categorical_run<float>(level);
   const CategoricalRun<double> run_f64 = categorical_run<double>(level);
   const G zero = G(0);
@@ -195,113 +200,97 @@ void categorical_rows(const ElboParams &p, double *unit_loss, SimdLevel level, i
   });
 }
 
-// Bernoulli / gaussian / mse: unit u covers elements [c * kChunk, ...) of
-// example u / chunks_per_row.
-// unit_bad (nullptr: no check): bernoulli only, unit_bad[u] = flat index of
-// the first invalid target of unit u, or -1, found while the unit's targets
-// are still in cache.
-template <typename S>
-void pointwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
-                     int64_t chunks_per_row, SimdLevel level, int n_threads) {
+// Unit u covers elements [lo, hi) of example u / chunks_per_row: kChunk of
+// them, fewer at the end of the row.
+struct ChunkBounds {
+  int64_t lo, hi;
+};
+ChunkBounds chunk_bounds(const ElboParams &p, int64_t chunks_per_row, int64_t u) {
+  const int64_t row = u / chunks_per_row;
+  const int64_t lo = row * p.row_len + (u % chunks_per_row) * kChunk;
+  return {lo, std::min(lo + kChunk, (row + 1) * p.row_len)};
+}
+
+// Elementwise likelihood L (ElementwiseLoss<L, T>), unit u covering the
+// elements of chunk_bounds: the vector form for fp32 inputs where the CPU
+// has one (elbo_simd_cpu.h), else the scalar form.
+// unit_bad (nullptr: no check): for a likelihood that checks its targets,
+// unit_bad[u] = flat index of the first invalid target of unit u, or -1,
+// found while the unit's targets are still in cache.
+template <typename S, Likelihood L>
+void elementwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad,
+                       int64_t chunks_per_row, SimdLevel level, int n_threads) {
   using T = typename Elem<S>::T;
   const auto *x = static_cast<const S *>(p.recon_input);
   const auto *y = static_cast<const S *>(p.target);
   using G = Grad<S>;
   auto *grad = static_cast<G *>(p.grad_recon);
-  const int64_t n = p.row_len;
-  const T scale = p.reduction == Reduction::kBatchMean ? T(1) / static_cast<T>(p.batch) : T(1);
-  // A variance whose reciprocal overflows T divides in float64 instead
-  // (gaussian_inv_var_overflows), on the scalar path.
-  const bool divide =
-      p.likelihood == Likelihood::kGaussian && gaussian_inv_var_overflows<T>(p.gaussian_var);
-  const T inv_var = divide ? T(0) : static_cast<T>(1.0 / p.gaussian_var);
-  const double log_norm_wide = gaussian_log_norm(p.gaussian_var);
-  const T log_norm = static_cast<T>(log_norm_wide);
+  const T scale = reduction_scale<T>(p);
+  const ElementwiseLoss<L, T> loss(p);
 
-  auto chunk_bounds = [&](int64_t u) {
-    const int64_t row = u / chunks_per_row;
-    const int64_t lo = row * n + (u % chunks_per_row) * kChunk;
-    return std::make_pair(lo, std::min(lo + kChunk, (row + 1) * n));
-  };
   auto check_unit = [&](int64_t u, int64_t lo, int64_t hi) {
     if (unit_bad != nullptr) {
-      const int64_t i = first_invalid_probability(y + lo, hi - lo, level);
+      const int64_t i = first_invalid_target<S, L>(y + lo, hi - lo, level);
       unit_bad[u] = i < 0 ? -1 : lo + i;
     }
   };
   if constexpr (std::is_same_v<S, float>) {
-    const PointwiseChunkF32 chunk = divide ? nullptr : pointwise_chunk_f32(level, p.likelihood);
+    const ElementwiseChunkF32 chunk = loss.has_lanes() ? elementwise_chunk_f32<L>(level) : nullptr;
     if (chunk != nullptr) {
-      const PointwiseConsts c{scale, inv_var, log_norm};
       parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
         for (int64_t u = begin; u < end; ++u) {
-          const auto [lo, hi] = chunk_bounds(u);
-          unit_loss[u] = chunk(x + lo, y + lo, hi - lo, grad != nullptr ? grad + lo : nullptr, c);
+          const auto [lo, hi] = chunk_bounds(p, chunks_per_row, u);
+          unit_loss[u] =
+              chunk(p, x + lo, y + lo, hi - lo, grad != nullptr ? grad + lo : nullptr, scale);
           check_unit(u, lo, hi);
         }
       });
       return;
     }
   }
-  auto run = [&](auto nll, auto dnll) {
-    parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
-        const auto [lo, hi] = chunk_bounds(u);
-        double acc = 0.0;
-        for (int64_t i = lo; i < hi; ++i) {
-          const T xv = Elem<S>::load(x[i]);
-          const T yv = Elem<S>::load(y[i]);
-          acc += static_cast<double>(nll(xv, yv));
-          if (grad != nullptr)
-            grad[i] = static_cast<G>(dnll(xv, yv) * scale);
-        }
-        unit_loss[u] = acc;
-        check_unit(u, lo, hi);
+  parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const auto [lo, hi] = chunk_bounds(p, chunks_per_row, u);
+      double acc = 0.0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const T xv = Elem<S>::load(x[i]);
+        const T yv = Elem<S>::load(y[i]);
+        acc += static_cast<double>(loss.nll(xv, yv));
+        if (grad != nullptr) // (the compiler drops nll_grad's loss: inline and pure)
+          grad[i] = static_cast<G>(loss.nll_grad(xv, yv).d_x * scale);
       }
-    });
-  };
-  switch (p.likelihood) {
-  case Likelihood::kBernoulli:
-    run([](T a, T b) { return bernoulli_nll(a, b); },
-        [](T a, T b) { return bernoulli_grad(a, b); });
-    break;
-  case Likelihood::kGaussian:
-    if (divide)
-      run([&](T a, T b) { return gaussian_nll_div(a, b, p.gaussian_var, log_norm_wide); },
-          [&](T a, T b) { return gaussian_grad_div(a, b, p.gaussian_var); });
-    else
-      run([&](T a, T b) { return gaussian_nll(a, b, inv_var, log_norm); },
-          [&](T a, T b) { return gaussian_grad(a, b, inv_var); });
-    break;
-  default:
-    run([](T a, T b) { return mse_nll(a, b); }, [](T a, T b) { return mse_grad(a, b); });
-    break;
-  }
+      unit_loss[u] = acc;
+      check_unit(u, lo, hi);
+    }
+  });
 }
 
 template <typename S>
 void recon_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad, int64_t chunks_per_row,
                  SimdLevel level, int n_threads) {
-  if (p.likelihood == Likelihood::kCategorical)
+  if (p.likelihood == Likelihood::kCategorical) {
     categorical_rows<S>(p, unit_loss, level, n_threads);
-  else
-    pointwise_units<S>(p, unit_loss, unit_bad, chunks_per_row, level, n_threads);
+    return;
+  }
+  with_elementwise_likelihood(p.likelihood, [&](auto l) {
+    elementwise_units<S, decltype(l)::value>(p, unit_loss, unit_bad, chunks_per_row, level,
+                                             n_threads);
+  });
 }
 
-// Flat index of the first invalid bernoulli target, or -1, in a pass of its
-// own (for inplace calls, which must not overwrite recon_input when they fail).
-template <typename S>
-int64_t first_invalid_bernoulli_prepass(const ElboParams &p, int64_t chunks_per_row,
-                                        SimdLevel level, int n_threads) {
+// Flat index of the first invalid target of elementwise likelihood L, or -1,
+// in a pass of its own (for inplace calls, which must not overwrite
+// recon_input when they fail).
+template <typename S, Likelihood L>
+int64_t first_invalid_target_prepass(const ElboParams &p, int64_t chunks_per_row, SimdLevel level,
+                                     int n_threads) {
   const auto *y = static_cast<const S *>(p.target);
-  const int64_t n = p.row_len, n_units = p.n_rows * chunks_per_row;
+  const int64_t n_units = p.n_rows * chunks_per_row;
   std::vector<int64_t> unit_bad(static_cast<size_t>(n_units));
   parallel_for(n_units, n_threads, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t row = u / chunks_per_row;
-      const int64_t lo = row * n + (u % chunks_per_row) * kChunk;
-      const int64_t hi = std::min(lo + kChunk, (row + 1) * n);
-      const int64_t i = first_invalid_probability(y + lo, hi - lo, level);
+      const auto [lo, hi] = chunk_bounds(p, chunks_per_row, u);
+      const int64_t i = first_invalid_target<S, L>(y + lo, hi - lo, level);
       unit_bad[u] = i < 0 ? -1 : lo + i;
     }
   });
@@ -325,14 +314,11 @@ template <typename S> KlElem<typename Elem<S>::T> kl_at(const ElboParams &p, int
                           Elem<S>::load(prior_mu[k]), Elem<S>::load(prior_logvar[k]));
 }
 
-// Fills kl_b (true KL per example), klterm_b (per-example KL term: free
-// bits in "sample" mode, then the capacity for kNone), kl_per_dim, and the
-// latent gradients; returns the batch's KL term (free bits, then capacity).
-// At a tie with lambda the gradient passes (torch.clamp). The precision of
-// the comparisons, the same on CPU, CUDA and in the reference: "sample" mode
-// compares each KL_bd in T (the latent dtype's arithmetic type), "batch" mode
-// compares the batch mean, a float64 sum (or the caller's all-reduced
-// global_kl_per_dim), in float64; the capacity compares in float64.
+// Fills kl_b (true KL per example), klterm_b (per-example KL term before
+// the capacity: free bits in "sample" mode), kl_per_dim, and the latent
+// gradients; returns the batch's KL term and, in sign_b, each example's
+// d term / d (term before the capacity) (elbo_reduction.h: batch_kl_term or,
+// for kNone, example_kl_term; klterm_b then holds the terms after it).
 template <typename S>
 double kl_term(const ElboParams &p, double beta, double capacity, int n_threads, SimdLevel level,
                std::vector<double> &kl_b, std::vector<double> &klterm_b) {
@@ -344,15 +330,14 @@ double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
   auto *grad_prior_mu = static_cast<G *>(p.grad_prior_mu);
   auto *grad_prior_logvar = static_cast<G *>(p.grad_prior_logvar);
   const bool any_grad = any_latent_grad(p);
-  const bool free_bits = p.free_bits > 0.0;
-  const bool batch_mode = free_bits && p.free_bits_mode == FreeBitsMode::kBatch;
+  const bool sample_mode = sample_free_bits(p);
+  const bool batch_mode = batch_free_bits(p);
   const T lambda = static_cast<T>(p.free_bits);
-  const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / static_cast<double>(B) : 1.0;
-  const T weight = static_cast<T>(beta * scale);
+  const T weight = kl_grad_weight<T>(p, beta);
 
   // Pass 1, examples in parallel: each KL_bd (with its derivatives computed
-  // once), the per-example sums, and the gradients times beta * scale and
-  // the sample-mode mask. The batch-mode mask and the capacity's sign are
+  // once), the per-example sums, and the gradients times the weight and the
+  // sample-mode mask. The batch-mode mask and the capacity's sign are
   // applied in pass 3, where they are not all 1.
   std::vector<T> kl(static_cast<size_t>(B * D));
   const int threads = B * D >= kMinLatentsPerThread ? n_threads : 1;
@@ -363,7 +348,7 @@ double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
     vector_row = kl_row_standard_f32(level);
   else if constexpr (std::is_same_v<S, double>)
     vector_row = kl_row_standard_f64(level);
-  if (p.prior_mu != nullptr || (free_bits && !batch_mode))
+  if (p.prior_mu != nullptr || sample_mode)
     vector_row = nullptr;
   parallel_for(B, threads, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -383,14 +368,13 @@ double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
       for (int64_t d = 0; d < D; ++d) {
         const int64_t i = b * D + d;
         const KlElem<T> e = kl_at<S>(p, i);
+        const KlTermElem<T> t = kl_term_elem(sample_mode, e.kl, lambda);
         kl[i] = e.kl;
         kb += static_cast<double>(e.kl);
-        tb += static_cast<double>(free_bits && e.kl < lambda ? lambda : e.kl); // keeps NaN
-        if (any_grad) {
-          const bool pass = batch_mode || !free_bits || e.kl >= lambda;
-          store_kl_grads(e, pass ? weight : T(0), i, grad_mu, grad_logvar, grad_prior_mu,
+        tb += static_cast<double>(t.term);
+        if (any_grad)
+          store_kl_grads(e, t.pass ? weight : T(0), i, grad_mu, grad_logvar, grad_prior_mu,
                          grad_prior_logvar);
-        }
       }
       kl_b[b] = kb;
       klterm_b[b] = tb;
@@ -402,49 +386,44 @@ double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
   for (int64_t b = 0; b < B; ++b)
     for (int64_t d = 0; d < D; ++d)
       dim_sum[d] += static_cast<double>(kl[b * D + d]);
+  // sum: what batch_kl_term takes, sum_b klterm_b or the clamped means' sum.
   std::vector<double> dim_factor(static_cast<size_t>(D), 1.0);
   bool masked = false;
-  double total = 0.0;
+  double sum = 0.0;
   for (int64_t d = 0; d < D; ++d) {
-    const double local = dim_sum[d] / static_cast<double>(B);
+    const double local = kl_dim_mean(p, dim_sum[d]);
     if (p.kl_per_dim != nullptr)
       p.kl_per_dim[d] = local;
-    const double mean = p.global_kl_per_dim != nullptr ? p.global_kl_per_dim[d] : local;
     if (batch_mode) {
-      total += mean < p.free_bits ? p.free_bits : mean; // keeps NaN
-      if (!(mean >= p.free_bits)) {
+      const KlDimTerm t = batch_free_bits_dim(p, d, local);
+      sum += t.term;
+      if (!t.pass) {
         dim_factor[d] = 0.0;
         masked = true;
       }
     }
   }
-  if (batch_mode) {
-    total *= static_cast<double>(B);
-  } else {
+  if (!batch_mode)
     for (int64_t b = 0; b < B; ++b)
-      total += klterm_b[b];
-  }
-  // Capacity: |t - C| per example (kNone) or B * |t / B - C| for the batch;
-  // the gradients take sign(. - C).
+      sum += klterm_b[b];
+  // The capacity: per example (kNone) or for the batch.
   std::vector<double> sign_b(static_cast<size_t>(B), 1.0);
-  bool signed_grads = false;
-  if (p.has_capacity) {
-    signed_grads = true;
-    if (p.reduction == Reduction::kNone) {
-      for (int64_t b = 0; b < B; ++b) {
-        sign_b[b] = capacity_sign(klterm_b[b], capacity);
-        klterm_b[b] = capacity_term(klterm_b[b], capacity);
-      }
-    } else {
-      const double per_example = total / static_cast<double>(B);
-      std::fill(sign_b.begin(), sign_b.end(), capacity_sign(per_example, capacity));
-      total = static_cast<double>(B) * capacity_term(per_example, capacity);
+  double total = 0.0;
+  if (p.reduction == Reduction::kNone) {
+    for (int64_t b = 0; b < B; ++b) {
+      const KlTerm t = example_kl_term(p, klterm_b[b], capacity);
+      klterm_b[b] = t.term;
+      sign_b[b] = t.sign;
     }
+  } else {
+    const KlTerm t = batch_kl_term(p, sum, capacity);
+    total = t.term;
+    std::fill(sign_b.begin(), sign_b.end(), t.sign);
   }
 
   // Pass 3: the batch-mode mask and the capacity's sign (factors of 0 and
-  // +-1, so the gradients are those of one product beta * scale * factor).
-  if (any_grad && (masked || signed_grads)) {
+  // +-1, so the gradients are those of one product weight * factor).
+  if (any_grad && (masked || p.has_capacity)) {
     G *grads[4] = {grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar};
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t d = 0; d < D; ++d) {
@@ -494,26 +473,29 @@ void launch_elbo_cpu(const ElboParams &p) {
   const int64_t chunks_per_row = categorical ? 1 : (p.row_len + kChunk - 1) / kChunk;
   const int64_t n_units = p.n_rows * chunks_per_row;
   const int64_t elems = p.n_rows * p.row_len;
-  const int n_threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(std::max(p.n_threads, 1),
-                                             elems / (categorical ? kMinElemsPerThreadCategorical
-                                                                  : kMinElemsPerThreadPointwise))));
+  const int n_threads = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(std::max(p.n_threads, 1),
+                           elems / (categorical ? kMinElemsPerThreadCategorical
+                                                : kMinElemsPerThreadElementwise))));
 
-  // Target checks: class ids (n_rows values) and, for inplace calls,
-  // bernoulli targets before anything is written; otherwise bernoulli
-  // targets in the main pass.
+  // Target checks: class ids (n_rows values) and, for inplace calls, the
+  // targets of an elementwise likelihood that checks them before anything
+  // is written; otherwise those targets in the main pass.
   const bool inplace = p.grad_recon != nullptr && p.grad_recon == p.recon_input;
   bool check_in_pass = false;
   if (p.first_invalid_target != nullptr) {
     int64_t bad = -1;
     if (categorical)
       bad = first_invalid_class(p);
-    else if (p.likelihood == Likelihood::kBernoulli && inplace)
-      bad = dispatch_dtype(p.recon_dtype, [&](auto s) {
-        return first_invalid_bernoulli_prepass<decltype(s)>(p, chunks_per_row, level, n_threads);
+    else if (checks_targets(p.likelihood) && inplace)
+      bad = with_elementwise_likelihood(p.likelihood, [&](auto l) {
+        return dispatch_dtype(p.recon_dtype, [&](auto s) {
+          return first_invalid_target_prepass<decltype(s), decltype(l)::value>(p, chunks_per_row,
+                                                                               level, n_threads);
+        });
       });
     else
-      check_in_pass = p.likelihood == Likelihood::kBernoulli;
+      check_in_pass = !categorical && checks_targets(p.likelihood);
     *p.first_invalid_target = bad;
     if (bad >= 0)
       return;
@@ -550,24 +532,13 @@ void launch_elbo_cpu(const ElboParams &p) {
     double recon_b = 0.0;
     for (int64_t u = b * units_per_example; u < (b + 1) * units_per_example; ++u)
       recon_b += unit_loss[u];
-    if (p.reduction == Reduction::kNone) {
-      p.loss[b] = recon_b + beta * klterm_b[b];
-      p.recon[b] = recon_b;
-      p.kl[b] = kl_b[b];
-      if (p.kl_weight != nullptr)
-        p.kl_weight[b] = klterm_b[b];
-    }
+    if (p.reduction == Reduction::kNone)
+      store_example_outputs(p, b, beta, recon_b, kl_b[b], klterm_b[b]);
     recon_total += recon_b;
     kl_total += kl_b[b];
   }
-  if (p.reduction != Reduction::kNone) {
-    const double divisor = p.reduction == Reduction::kBatchMean ? static_cast<double>(B) : 1.0;
-    *p.loss = (recon_total + beta * klterm_total) / divisor;
-    *p.recon = recon_total / divisor;
-    *p.kl = kl_total / divisor;
-    if (p.kl_weight != nullptr)
-      *p.kl_weight = klterm_total / divisor;
-  }
+  if (p.reduction != Reduction::kNone)
+    store_batch_outputs(p, beta, recon_total, kl_total, klterm_total);
 }
 
 } // namespace klanneal

@@ -10,11 +10,6 @@
 namespace klanneal {
 namespace {
 
-bool valid_dtype(DType d) {
-  const auto v = static_cast<int32_t>(d);
-  return v >= 0 && v <= 3;
-}
-
 bool is_half(DType d) { return d == DType::kFloat16 || d == DType::kBFloat16; }
 
 } // namespace
@@ -24,7 +19,8 @@ void check_elbo_sizes(const ElboParams &p) {
   KLANNEAL_CHECK_ARG(p.n_rows >= 0 && p.row_len >= 0 && p.latent_dim >= 0,
                      "elbo: n_rows, row_len and latent_dim must be >= 0");
   const auto lk = static_cast<int32_t>(p.likelihood);
-  KLANNEAL_CHECK_ARG(lk >= 0 && lk <= 3, "elbo: unknown likelihood " + std::to_string(lk));
+  KLANNEAL_CHECK_ARG(valid_code(lk, kNumLikelihoods),
+                     "elbo: unknown likelihood " + std::to_string(lk));
   if (p.likelihood == Likelihood::kCategorical) {
     // n_rows == 0: an empty middle dimension ([B, 0, V]); the loss is the KL term.
     KLANNEAL_CHECK_ARG(p.row_len > 0, "elbo: categorical rows need V = row_len > 0");
@@ -40,9 +36,12 @@ void check_elbo_params(const ElboParams &p) {
   check_elbo_sizes(p);
   const auto red = static_cast<int32_t>(p.reduction);
   const auto fbm = static_cast<int32_t>(p.free_bits_mode);
-  KLANNEAL_CHECK_ARG(red >= 0 && red <= 2, "elbo: unknown reduction " + std::to_string(red));
-  KLANNEAL_CHECK_ARG(fbm >= 0 && fbm <= 1, "elbo: unknown free_bits_mode " + std::to_string(fbm));
-  KLANNEAL_CHECK_ARG(valid_dtype(p.recon_dtype) && valid_dtype(p.latent_dtype),
+  KLANNEAL_CHECK_ARG(valid_code(red, kNumReductions),
+                     "elbo: unknown reduction " + std::to_string(red));
+  KLANNEAL_CHECK_ARG(valid_code(fbm, kNumFreeBitsModes),
+                     "elbo: unknown free_bits_mode " + std::to_string(fbm));
+  KLANNEAL_CHECK_ARG(valid_code(static_cast<int32_t>(p.recon_dtype), kNumDTypes) &&
+                         valid_code(static_cast<int32_t>(p.latent_dtype), kNumDTypes),
                      "elbo: unknown dtype");
   KLANNEAL_CHECK_ARG(std::isfinite(p.free_bits) && p.free_bits >= 0.0,
                      "elbo: free_bits must be finite and >= 0");
@@ -66,7 +65,7 @@ void check_elbo_params(const ElboParams &p) {
   KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
                          p.beta_out != nullptr,
                      "elbo: null output pointer");
-  // fp16/bf16 gradients are stored in fp32 (see GradOf in elbo_cpu.cpp): they
+  // fp16/bf16 gradients are stored in fp32 (grad_dtype in elbo.h): they
   // cannot be written over a half-precision recon_input.
   KLANNEAL_CHECK_ARG(
       !(p.grad_recon != nullptr && p.grad_recon == p.recon_input && is_half(p.recon_dtype)),

@@ -226,86 +226,43 @@ void categorical_run(const T *x, int64_t rows, int64_t n, const int64_t *target,
   }
 }
 
-// e = exp(-|x|), the one exp of a bernoulli element.
-inline typename VecT<float>::R bernoulli_exp(typename VecT<float>::R x) {
-  using W = VecT<float>;
-  return W::exp_nonpos(W::sub(W::zero(), W::abs(x)));
-}
-
-// The bernoulli loss and gradient of pointwise (below), from e = bernoulli_exp(x).
-inline typename VecT<float>::R
-bernoulli_from_exp(typename VecT<float>::R x, typename VecT<float>::R y, typename VecT<float>::R e,
-                   typename VecT<float>::R *grad, const PointwiseConsts &c) {
-  using W = VecT<float>;
-  using R = typename W::R;
-  const R one = W::set1(1.0f), zero = W::zero();
-  const R r = W::div(one, W::add(one, e));
-  const R sig = W::select(W::lt(x, zero), W::mul(e, r), r);
-  *grad = W::mul(W::sub(sig, y), W::set1(c.scale));
-  // bernoulli_linear_part: x * (1 - y) for x > 0, -(x * y) otherwise, 0
-  // where the target factor is exactly 0 (the limits at infinite logits).
-  // As one product x * f, f = step(x) - y (step: 1 for x > 0, else 0):
-  // x * (0 - y) is -(x * y) exactly, and f == 0 exactly where the factor is.
-  const R f = W::sub(W::select(W::gt(x, zero), one, zero), y);
-  const R linear = W::select(W::eq(f, zero), zero, W::mul(x, f));
-  return W::add(linear, W::log1p_unit(e));
-}
-
-// The per-element loss (returned) and gradient times scale (in *grad) of
-// the formulas of elbo_math.h, on fp32 lanes. kKind: static_cast<int>(Likelihood).
-template <int kKind>
-inline typename VecT<float>::R pointwise(typename VecT<float>::R x, typename VecT<float>::R y,
-                                         typename VecT<float>::R *grad, const PointwiseConsts &c) {
+// ElementwiseChunkF32 (elbo_simd_cpu.h): the vector form of
+// ElementwiseLoss<Lik, float> (this ISA's copy of
+// elementwise_likelihoods_body.h, built from p: its constants cost a few
+// nanoseconds per chunk of thousands of elements). Lanes accumulated in
+// double, summed in lane order at the end. Full vectors use plain loads and
+// stores; only the tail is masked (masked stores are slow on some CPUs,
+// AMD's in particular).
+template <Likelihood Lik>
+double elementwise_chunk(const ElboParams &p, const float *x, const float *y, int64_t n,
+                         float *grad, float scale) {
   using W = VecT<float>;
   using R = typename W::R;
-  if constexpr (kKind == static_cast<int>(Likelihood::kBernoulli)) {
-    // max(x, 0) - x*y + log1p(exp(-|x|)); grad sigmoid(x) - y, with the
-    // sigmoid from the same e = exp(-|x|) (one exp per element):
-    // 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
-    return bernoulli_from_exp(x, y, bernoulli_exp(x), grad, c);
-  } else if constexpr (kKind == static_cast<int>(Likelihood::kGaussian)) {
-    const R d = W::sub(x, y);
-    const R inv_var = W::set1(c.inv_var);
-    *grad = W::mul(W::mul(d, inv_var), W::set1(c.scale));
-    return W::mul(W::set1(0.5f), W::fmadd(W::mul(d, d), inv_var, W::set1(c.log_norm)));
-  } else {
-    const R d = W::sub(x, y);
-    *grad = W::mul(W::mul(W::set1(2.0f), d), W::set1(c.scale));
-    return W::mul(d, d);
-  }
-}
-
-// PointwiseChunkF32 (elbo_simd_cpu.h): lanes accumulated in double, summed
-// in lane order at the end. Full vectors use plain loads and stores; only
-// the tail is masked (masked stores are slow on some CPUs, AMD's in particular).
-template <int kKind>
-double pointwise_chunk(const float *x, const float *y, int64_t n, float *grad,
-                       const PointwiseConsts &c) {
-  using W = VecT<float>;
-  using R = typename W::R;
+  using Loss = ElementwiseLoss<Lik, float>;
   constexpr int L = W::kLanes;
+  const Loss loss(p);
   typename W::Wide lo = W::zero_wide(), hi = W::zero_wide();
   int64_t i = 0;
-  if constexpr (kKind == static_cast<int>(Likelihood::kBernoulli)) {
-    // Two passes over blocks of kBlock elements: the exps into an L1
-    // buffer, then the rest from them. One vector's chain of dependent
-    // operations (the exp, then a division and log1p's polynomial) is ~110
-    // cycles long, more than the out-of-order window overlaps: one pass
-    // ran at ~39 cycles per vector on Zen 3, the throughput bound being
-    // ~17. Split in two, more vectors are in flight: 1.3-1.6x faster there
-    // (one thread, B=128 x 784). Splitting further (the gradient and the
-    // loss in passes of their own) was slower. The same operations in the
-    // same order: the same bits.
+  if constexpr (Loss::kLanesPrepass) {
+    // Two passes over blocks of kBlock elements: lanes_pre (bernoulli: the
+    // exps) into an L1 buffer, then the rest from them. One vector's chain
+    // of dependent operations (bernoulli: the exp, then a division and
+    // log1p's polynomial) is ~110 cycles long, more than the out-of-order
+    // window overlaps: one pass ran at ~39 cycles per vector on Zen 3, the
+    // throughput bound being ~17. Split in two, more vectors are in flight:
+    // 1.3-1.6x faster there (one thread, B=128 x 784). Splitting further
+    // (the gradient and the loss in passes of their own) was slower. The
+    // same operations in the same order: the same bits.
     constexpr int64_t kBlock = 64 * L;
-    alignas(64) float exps[kBlock];
+    alignas(64) float pre[kBlock];
     while (i + L <= n) {
       const int64_t m = std::min<int64_t>(kBlock, (n - i) / L * L);
       for (int64_t j = 0; j < m; j += L)
-        W::storeu(exps + j, bernoulli_exp(W::loadu(x + i + j)));
+        W::storeu(pre + j, Loss::template lanes_pre<W>(W::loadu(x + i + j)));
       for (int64_t j = 0; j < m; j += L) {
         R g;
-        const R l =
-            bernoulli_from_exp(W::loadu(x + i + j), W::loadu(y + i + j), W::loadu(exps + j), &g, c);
+        const R l = loss.template lanes_from_pre<W>(W::loadu(x + i + j), W::loadu(y + i + j),
+                                                    W::loadu(pre + j), scale, &g);
         W::add_widened(&lo, &hi, l);
         if (grad != nullptr)
           W::storeu(grad + i + j, g);
@@ -315,7 +272,7 @@ double pointwise_chunk(const float *x, const float *y, int64_t n, float *grad,
   }
   for (; i + L <= n; i += L) {
     R g;
-    const R l = pointwise<kKind>(W::loadu(x + i), W::loadu(y + i), &g, c);
+    const R l = loss.template lanes<W>(W::loadu(x + i), W::loadu(y + i), scale, &g);
     W::add_widened(&lo, &hi, l);
     if (grad != nullptr)
       W::storeu(grad + i, g);
@@ -323,8 +280,8 @@ double pointwise_chunk(const float *x, const float *y, int64_t n, float *grad,
   if (i < n) {
     const int64_t left = n - i;
     R g;
-    const R l = pointwise<kKind>(W::load_tail(x + i, left, W::zero()),
-                                 W::load_tail(y + i, left, W::zero()), &g, c);
+    const R l = loss.template lanes<W>(W::load_tail(x + i, left, W::zero()),
+                                       W::load_tail(y + i, left, W::zero()), scale, &g);
     W::add_widened(&lo, &hi, W::keep_head(l, left)); // lanes past the end add 0
     if (grad != nullptr)
       W::store_tail(grad + i, left, g);
@@ -338,16 +295,17 @@ double pointwise_chunk(const float *x, const float *y, int64_t n, float *grad,
   return sum;
 }
 
-// ValidPrefixF32 (elbo_simd_cpu.h).
-inline int64_t unit_interval_prefix(const float *y, int64_t n) {
+// ValidPrefixF32 (elbo_simd_cpu.h), for a likelihood that checks its targets.
+template <Likelihood Lik> int64_t valid_target_prefix(const float *y, int64_t n) {
   using W = VecT<float>;
+  using Loss = ElementwiseLoss<Lik, float>;
   constexpr int L = W::kLanes;
   int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    const auto ok = W::both(
-        W::both(W::in_unit_interval(W::loadu(y + i)), W::in_unit_interval(W::loadu(y + i + L))),
-        W::both(W::in_unit_interval(W::loadu(y + i + 2 * L)),
-                W::in_unit_interval(W::loadu(y + i + 3 * L))));
+    const auto ok = W::both(W::both(Loss::template valid_lanes<W>(W::loadu(y + i)),
+                                    Loss::template valid_lanes<W>(W::loadu(y + i + L))),
+                            W::both(Loss::template valid_lanes<W>(W::loadu(y + i + 2 * L)),
+                                    Loss::template valid_lanes<W>(W::loadu(y + i + 3 * L))));
     if (!W::all(ok))
       return i;
   }

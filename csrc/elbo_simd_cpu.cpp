@@ -1,7 +1,9 @@
 // The vectorised CPU kernels of elbo_simd_body.h, instantiated once per ISA:
-// the .inc is included twice, each time in its own namespace under that
-// ISA's target pragma, so one body per formula serves AVX2 and AVX-512 (and
-// fp32 and fp64). Functions defined outside the pragmas (elbo_math.h, the
+// the body is included twice, each time in its own namespace under that
+// ISA's target pragma and after that namespace's copy of the elementwise
+// likelihoods' traits structs (elementwise_likelihoods_body.h, whose vector
+// forms it runs), so one body per formula serves AVX2 and AVX-512 (and fp32
+// and fp64). Functions defined outside the pragmas (elbo_math.h, the
 // standard library) keep the baseline target: nothing compiled for AVX-512
 // can be picked by the linker for the baseline code paths.
 #include "klanneal/elbo_simd_cpu.h"
@@ -12,6 +14,7 @@
 #include <type_traits>
 
 #include "klanneal/elbo_math.h"
+#include "klanneal/elementwise_likelihoods.h"
 #include "klanneal/simd_vec_cpu.h"
 
 namespace klanneal {
@@ -27,6 +30,8 @@ namespace cpu {
 #endif
 namespace avx2 {
 using Isa = simd::Avx2;
+#include "klanneal/elementwise_likelihoods_body.h"
+
 #include "elbo_simd_body.h"
 } // namespace avx2
 #if defined(__clang__)
@@ -44,6 +49,8 @@ using Isa = simd::Avx2;
 #endif
 namespace avx512 {
 using Isa = simd::Avx512;
+#include "klanneal/elementwise_likelihoods_body.h"
+
 #include "elbo_simd_body.h"
 } // namespace avx512
 #if defined(__clang__)
@@ -63,10 +70,6 @@ template <typename F> F at_level(SimdLevel level, F avx512_kernel, F avx2_kernel
   return nullptr;
 }
 
-template <int kKind> PointwiseChunkF32 pointwise_at(SimdLevel level) {
-  return at_level<PointwiseChunkF32>(level, avx512::pointwise_chunk<kKind>,
-                                     avx2::pointwise_chunk<kKind>);
-}
 } // namespace
 
 CategoricalRun<float> categorical_run_f32(SimdLevel level) {
@@ -89,21 +92,19 @@ KlRowStandard<double> kl_row_standard_f64(SimdLevel level) {
                                          avx2::kl_row_standard<double>);
 }
 
-PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood) {
-  switch (likelihood) {
-  case Likelihood::kBernoulli:
-    return pointwise_at<static_cast<int>(Likelihood::kBernoulli)>(level);
-  case Likelihood::kGaussian:
-    return pointwise_at<static_cast<int>(Likelihood::kGaussian)>(level);
-  case Likelihood::kMse:
-    return pointwise_at<static_cast<int>(Likelihood::kMse)>(level);
-  default:
-    return nullptr;
-  }
+template <Likelihood L> ElementwiseChunkF32 elementwise_chunk_f32(SimdLevel level) {
+  return at_level<ElementwiseChunkF32>(level, avx512::elementwise_chunk<L>,
+                                       avx2::elementwise_chunk<L>);
 }
 
-ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level) {
-  return at_level<ValidPrefixF32>(level, avx512::unit_interval_prefix, avx2::unit_interval_prefix);
+template <Likelihood L> ValidPrefixF32 valid_target_prefix_f32(SimdLevel level) {
+  if constexpr (ElementwiseLoss<L, float>::kChecksTargets) {
+    return at_level<ValidPrefixF32>(level, avx512::valid_target_prefix<L>,
+                                    avx2::valid_target_prefix<L>);
+  } else {
+    (void)level;
+    return nullptr;
+  }
 }
 
 int64_t exp_nonpos_mismatches(SimdLevel level, uint32_t stride) {
@@ -117,13 +118,20 @@ int64_t exp_nonpos_mismatches(SimdLevel level, uint32_t stride) {
 
 CategoricalRun<float> categorical_run_f32(SimdLevel) { return nullptr; }
 CategoricalRun<double> categorical_run_f64(SimdLevel) { return nullptr; }
-PointwiseChunkF32 pointwise_chunk_f32(SimdLevel, Likelihood) { return nullptr; }
+template <Likelihood L> ElementwiseChunkF32 elementwise_chunk_f32(SimdLevel) { return nullptr; }
 KlRowStandard<float> kl_row_standard_f32(SimdLevel) { return nullptr; }
 KlRowStandard<double> kl_row_standard_f64(SimdLevel) { return nullptr; }
-ValidPrefixF32 unit_interval_prefix_f32(SimdLevel) { return nullptr; }
+template <Likelihood L> ValidPrefixF32 valid_target_prefix_f32(SimdLevel) { return nullptr; }
 int64_t exp_nonpos_mismatches(SimdLevel, uint32_t) { return -1; }
 
 #endif
+
+// The getters of every elementwise likelihood.
+#define KLANNEAL_INSTANTIATE_GETTERS(enumerator, name, Loss)                                       \
+  template ElementwiseChunkF32 elementwise_chunk_f32<Likelihood::enumerator>(SimdLevel);           \
+  template ValidPrefixF32 valid_target_prefix_f32<Likelihood::enumerator>(SimdLevel);
+KLANNEAL_ELEMENTWISE_LIKELIHOODS(KLANNEAL_INSTANTIATE_GETTERS)
+#undef KLANNEAL_INSTANTIATE_GETTERS
 
 } // namespace cpu
 } // namespace klanneal

@@ -13,6 +13,8 @@
 
 #include "elbo_kernel.cuh"
 #include "klanneal/elbo.h"
+#include "klanneal/elbo_reduction.h"
+#include "klanneal/elementwise_likelihoods.h"
 
 namespace klanneal {
 namespace {
@@ -104,10 +106,8 @@ void launch_recon(const ElboParams &p, double *partials, int64_t n_chunks, cudaS
   using A = cuda::Acc<T>;
   if (p.n_rows == 0 || n_chunks == 0)
     return; // no elements: recon is 0
-  const A scale =
-      p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch)) : A(1);
-  switch (p.likelihood) {
-  case Likelihood::kCategorical:
+  const A scale = reduction_scale<A>(p);
+  if (p.likelihood == Likelihood::kCategorical) {
     if (p.row_len <= cuda::kWarpRowMaxLen) {
       const int64_t blocks = (p.n_rows + cuda::kWarpsPerBlock - 1) / cuda::kWarpsPerBlock;
       cuda::categorical_warp_kernel<T>
@@ -119,48 +119,25 @@ void launch_recon(const ElboParams &p, double *partials, int64_t n_chunks, cudaS
       check_launch("categorical_block_kernel");
     }
     return;
-  case Likelihood::kBernoulli: {
-    const cuda::ElementwiseLoss<Likelihood::kBernoulli, A> f{A(0), A(0)};
-    cuda::elementwise_kernel<T, Likelihood::kBernoulli>
-        <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
-                                                                      scale);
-    check_launch("elementwise_kernel<bernoulli>");
-    return;
   }
-  case Likelihood::kGaussian: {
-    // log(2*pi*var) and 1/var once per launch, in float64.
-    const double var = p.gaussian_var, log_norm = gaussian_log_norm(var);
-    const bool divide = gaussian_inv_var_overflows<A>(var);
-    const cuda::ElementwiseLoss<Likelihood::kGaussian, A> f{divide ? A(0) : A(1.0 / var),
-                                                            A(log_norm), divide, var, log_norm};
-    cuda::elementwise_kernel<T, Likelihood::kGaussian>
-        <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
-                                                                      scale);
-    check_launch("elementwise_kernel<gaussian>");
-    return;
-  }
-  case Likelihood::kMse: {
-    const cuda::ElementwiseLoss<Likelihood::kMse, A> f{A(0), A(0)};
-    cuda::elementwise_kernel<T, Likelihood::kMse>
-        <<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(p, partials, n_chunks, f,
-                                                                      scale);
-    check_launch("elementwise_kernel<mse>");
-    return;
-  }
-  }
+  with_elementwise_likelihood(p.likelihood, [&](auto l) {
+    constexpr Likelihood L = decltype(l)::value;
+    // The likelihood's constants (gaussian: 1/var, log(2 pi var)) once per launch.
+    const ElementwiseLoss<L, A> loss(p);
+    cuda::elementwise_kernel<T, L><<<grid_for(p.n_rows * n_chunks), kBlockThreads, 0, stream>>>(
+        p, partials, n_chunks, loss, scale);
+    check_launch("elementwise_kernel");
+  });
 }
 
 template <typename T>
 void launch_latent(const ElboParams &p, const double *partials, int64_t partials_per_example,
                    double *recon_ex, double *kl_ex, double *term_ex, cudaStream_t stream) {
-  using A = cuda::Acc<T>;
-  const A grad_scale =
-      p.reduction == Reduction::kBatchMean ? A(1.0 / static_cast<double>(p.batch)) : A(1);
   cuda::example_kernel<T><<<grid_for(p.batch), kBlockThreads, 0, stream>>>(
-      p, partials, partials_per_example, recon_ex, kl_ex, term_ex, grad_scale);
+      p, partials, partials_per_example, recon_ex, kl_ex, term_ex);
   check_launch("example_kernel");
   if (p.latent_dim > 0) {
-    cuda::kl_dims_kernel<T><<<grid_for(p.latent_dim), kBlockThreads, 0, stream>>>(p, grad_scale);
+    cuda::kl_dims_kernel<T><<<grid_for(p.latent_dim), kBlockThreads, 0, stream>>>(p);
     check_launch("kl_dims_kernel");
   }
 }

@@ -4,7 +4,8 @@
 //
 //   1. recon:    categorical_warp_kernel / categorical_block_kernel (one warp
 //                or one block per row of logits) or elementwise_kernel (one
-//                block per chunk of an example's row). Writes one float64
+//                block per chunk of an example's row, the scalar form of the
+//                likelihood's traits struct). Writes one float64
 //                partial loss per row (chunk) to the workspace and, in the
 //                same pass, the gradient w.r.t. recon_input.
 //   2. example:  one block per example: sums the example's recon partials and
@@ -16,6 +17,9 @@
 //                mean first.
 //   4. finalize: a single block reduces the per-example values in a fixed
 //                order and writes loss / recon / kl / beta_out (float64).
+//
+// What is done with the sums (the reduction's scale, free bits, the
+// capacity, the outputs) is klanneal/elbo_reduction.h, shared with the CPU.
 //
 // No floating-point atomics anywhere: every sum is a CUB block (or warp)
 // reduction over a fixed assignment of elements to threads, so the loss is
@@ -33,6 +37,8 @@
 
 #include "klanneal/elbo.h"
 #include "klanneal/elbo_math.h"
+#include "klanneal/elbo_reduction.h"
+#include "klanneal/elementwise_likelihoods.h"
 #include "klanneal/schedule.h"
 
 namespace klanneal {
@@ -121,7 +127,7 @@ struct DoubleSum {
 struct ElboSums {
   double recon;   // reconstruction NLL
   double kl;      // true KL
-  double kl_term; // KL term after free bits
+  double kl_term; // KL term after free bits, before the capacity
 };
 struct ElboSumsOp {
   __device__ __forceinline__ ElboSums operator()(const ElboSums &x, const ElboSums &y) const {
@@ -316,45 +322,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// ---- bernoulli / gaussian / mse rows ----------------------------------------------
-// Per-element loss and d loss / d x of the non-categorical likelihoods.
-template <Likelihood L, typename A> struct ElementwiseLoss;
-
-template <typename A> struct ElementwiseLoss<Likelihood::kBernoulli, A> {
-  A inv_var, log_norm; // unused
-  __device__ __forceinline__ A nll(A x, A y) const { return bernoulli_nll(x, y); }
-  __device__ __forceinline__ A grad(A x, A y) const { return bernoulli_grad(x, y); }
-};
-
-template <typename A> struct ElementwiseLoss<Likelihood::kGaussian, A> {
-  A inv_var, log_norm;
-  // gaussian_inv_var_overflows<A>(var): divide by var in float64 instead.
-  bool divide;
-  double var, log_norm_wide;
-  __device__ __forceinline__ double nll(A x, A y) const {
-    return divide ? gaussian_nll_div(x, y, var, log_norm_wide)
-                  : static_cast<double>(gaussian_nll(x, y, inv_var, log_norm));
-  }
-  __device__ __forceinline__ A grad(A x, A y) const {
-    return divide ? gaussian_grad_div(x, y, var) : gaussian_grad(x, y, inv_var);
-  }
-};
-
-template <typename A> struct ElementwiseLoss<Likelihood::kMse, A> {
-  A inv_var, log_norm; // unused
-  __device__ __forceinline__ A nll(A x, A y) const { return mse_nll(x, y); }
-  __device__ __forceinline__ A grad(A x, A y) const { return mse_grad(x, y); }
-};
-
-// One block per (example row, chunk of kElementwiseChunk elements).
+// ---- elementwise likelihoods ---------------------------------------------------------
+// One block per (example row, chunk of kElementwiseChunk elements), the
+// per-element loss and gradient of likelihood L's traits struct
+// (elementwise_likelihoods_body.h).
 //   partials: [n_rows * chunks_per_row] float64, chunk sums, row-major
-//   scale:    d loss / d element loss (1/B for batchmean, else 1)
+//   scale:    d loss / d element loss (reduction_scale)
 // Each element is read and its gradient written by the same thread, so an
 // aliased grad_recon (inplace) is safe.
 template <typename T, Likelihood L>
 __global__ void __launch_bounds__(kBlockThreads)
     elementwise_kernel(const ElboParams p, double *partials, int64_t chunks_per_row,
-                       ElementwiseLoss<L, Acc<T>> f, Acc<T> scale) {
+                       ElementwiseLoss<L, Acc<T>> loss, Acc<T> scale) {
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<double, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
@@ -392,9 +371,9 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int k = 0; k < kVec<T>; ++k) {
           const A xa = to_acc(xp.v[k]);
           const A ya = to_acc(yp.v[k]);
-          sum += static_cast<double>(f.nll(xa, ya));
-          if (g != nullptr)
-            out.v[k] = f.grad(xa, ya) * scale;
+          sum += static_cast<double>(loss.nll(xa, ya));
+          if (g != nullptr) // (nll_grad's loss is dropped: inline and pure)
+            out.v[k] = loss.nll_grad(xa, ya).d_x * scale;
         }
         if (g != nullptr)
           gv[i] = out;
@@ -404,9 +383,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int64_t j = tail_begin + tid; j < n; j += kBlockThreads) {
       const A xa = to_acc(x[j]);
       const A ya = to_acc(y[j]);
-      sum += static_cast<double>(f.nll(xa, ya));
+      sum += static_cast<double>(loss.nll(xa, ya));
       if (g != nullptr)
-        g[j] = f.grad(xa, ya) * scale;
+        g[j] = loss.nll_grad(xa, ya).d_x * scale;
     }
     sum = BlockReduce(temp).Reduce(sum, DoubleSum{});
     if (tid == 0)
@@ -416,49 +395,29 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ---- per example: recon sum and KL ----------------------------------------------
-// Free bits on the KL term: 0 disables (gradient mask 1). With lambda > 0 the
-// term is max(lambda, x), as torch.clamp(x, min=lambda), whose gradient
-// passes where x >= lambda (ties included).
-template <typename A> __device__ __forceinline__ bool free_bits_pass(A x, A lambda) {
-  return x >= lambda;
-}
-
-// The per-dimension batch mean of the free-bits clamp: the caller's
-// all-reduced global one (data-parallel free bits) or this batch's.
-__device__ __forceinline__ double batch_kl_mean(const ElboParams &p, int64_t d, double local) {
-  return p.global_kl_per_dim != nullptr ? p.global_kl_per_dim[d] : local;
-}
-
-// max(lambda, x) with torch.clamp's NaN behaviour: a NaN x stays NaN.
-template <typename A> __device__ __forceinline__ A free_bits_clamp(A x, A lambda) {
-  return x < lambda ? lambda : x;
-}
-
 // One block per example.
 //   partials:   [B * partials_per_example] float64 from the recon kernel
 //   recon_ex:   [B] float64, the example's reconstruction loss
 //   kl_ex:      [B] float64, sum_d KL_bd (true KL)
-//   term_ex:    [B] float64, the example's KL term: sum_d max(lambda, KL_bd)
-//               with sample free bits, else sum_d KL_bd
-//   grad_scale: d loss / d (example's KL term), without beta (1/B or 1)
+//   term_ex:    [B] float64, the example's KL term before the capacity
+//               (sum_d kl_term_elem: sample free bits clamp each KL_bd)
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     example_kernel(const ElboParams p, const double *partials, int64_t partials_per_example,
-                   double *recon_ex, double *kl_ex, double *term_ex, Acc<T> grad_scale) {
+                   double *recon_ex, double *kl_ex, double *term_ex) {
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<ElboSums, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t dims = p.latent_dim;
-  const bool sample_free_bits = p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kSample;
+  const bool sample = sample_free_bits(p);
   // Batch free bits: the mask needs the batch mean, kl_dims_kernel writes
   // those gradients. With a capacity, capacity_grad_kernel applies its sign
   // afterwards.
-  const bool write_grads =
-      any_latent_grad(p) && !(p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch);
+  const bool write_grads = any_latent_grad(p) && !batch_free_bits(p);
   const A lambda = static_cast<A>(p.free_bits);
-  const A factor = write_grads ? static_cast<A>(resolve_beta(p)) * grad_scale : A(0);
+  const A weight = write_grads ? kl_grad_weight<A>(p, resolve_beta(p)) : A(0);
 
   for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
     ElboSums acc{0.0, 0.0, 0.0};
@@ -468,11 +427,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int64_t d = tid; d < dims; d += kBlockThreads) {
       const int64_t k = b * dims + d;
       const KlElem<A> e = kl_at<T>(p, k);
-      const bool pass = !sample_free_bits || free_bits_pass(e.kl, lambda);
+      const KlTermElem<A> t = kl_term_elem(sample, e.kl, lambda);
       acc.kl += static_cast<double>(e.kl);
-      acc.kl_term += static_cast<double>(sample_free_bits ? free_bits_clamp(e.kl, lambda) : e.kl);
+      acc.kl_term += static_cast<double>(t.term);
       if (write_grads)
-        store_latent_grads<T>(p, e, pass ? factor : A(0), k);
+        store_latent_grads<T>(p, e, t.pass ? weight : A(0), k);
     }
     acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
     if (tid == 0) {
@@ -487,11 +446,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---- per latent dimension: kl_per_dim and batch free bits -----------------------------
 // One block per latent dimension d: kl_per_dim[d] = mean_b KL_bd, summed in
 // float64 in a fixed order. With batch free bits the gradient of
-// max(lambda, mean_b KL_bd) passes to every example where the mean >= lambda.
-// Reads are strided by D; B * D is small next to the logits.
+// max(lambda, mean_b KL_bd) passes to every example where the mean >= lambda
+// (batch_free_bits_dim). Reads are strided by D; B * D is small next to the
+// logits.
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    kl_dims_kernel(const ElboParams p, Acc<T> grad_scale) {
+__global__ void __launch_bounds__(kBlockThreads) kl_dims_kernel(const ElboParams p) {
   using A = Acc<T>;
   using BlockReduce = cub::BlockReduce<double, kBlockThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
@@ -499,9 +458,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t dims = p.latent_dim;
-  const bool write_grads =
-      any_latent_grad(p) && p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch;
-  const A factor = write_grads ? static_cast<A>(resolve_beta(p)) * grad_scale : A(0);
+  const bool write_grads = any_latent_grad(p) && batch_free_bits(p);
+  const A weight = write_grads ? kl_grad_weight<A>(p, resolve_beta(p)) : A(0);
 
   for (int64_t d = blockIdx.x; d < dims; d += gridDim.x) {
     double sum = 0.0;
@@ -510,15 +468,13 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     sum = BlockReduce(temp).Reduce(sum, DoubleSum{});
     if (tid == 0) {
-      const double mean = sum / static_cast<double>(p.batch);
+      const double mean = kl_dim_mean(p, sum);
       p.kl_per_dim[d] = mean;
-      // The mask compares the batch mean (the caller's global one if given)
-      // with lambda in float64.
-      dim_passes = free_bits_pass(batch_kl_mean(p, d, mean), p.free_bits);
+      dim_passes = batch_free_bits_dim(p, d, mean).pass;
     }
     __syncthreads();
     if (write_grads) {
-      const A f = dim_passes ? factor : A(0);
+      const A f = dim_passes ? weight : A(0);
       for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
         const int64_t k = b * dims + d;
         store_latent_grads<T>(p, kl_at<T>(p, k), f, k);
@@ -549,49 +505,31 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (p.reduction == Reduction::kNone) {
     // Per example; batch free bits is rejected for kNone by the launcher.
     for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
-      const double term = p.has_capacity ? capacity_term(term_ex[b], capacity) : term_ex[b];
-      signs[b] = p.has_capacity ? capacity_sign(term_ex[b], capacity) : 1.0;
-      p.recon[b] = recon_ex[b];
-      p.kl[b] = kl_ex[b];
-      p.loss[b] = recon_ex[b] + beta * term;
-      if (p.kl_weight != nullptr)
-        p.kl_weight[b] = term;
+      const KlTerm t = example_kl_term(p, term_ex[b], capacity);
+      signs[b] = t.sign;
+      store_example_outputs(p, b, beta, recon_ex[b], kl_ex[b], t.term);
     }
     return;
   }
 
-  const bool batch_free_bits = p.free_bits > 0.0 && p.free_bits_mode == FreeBitsMode::kBatch;
+  // acc.kl_term: sum_b term_ex, or with batch free bits sum_d of the clamped means.
+  const bool batch_free = batch_free_bits(p);
   ElboSums acc{0.0, 0.0, 0.0};
   for (int64_t b = tid; b < p.batch; b += kBlockThreads) {
     acc.recon += recon_ex[b];
     acc.kl += kl_ex[b];
-    if (!batch_free_bits)
+    if (!batch_free)
       acc.kl_term += term_ex[b];
   }
-  if (batch_free_bits) {
-    for (int64_t d = tid; d < p.latent_dim; d += kBlockThreads) {
-      acc.kl_term += free_bits_clamp(batch_kl_mean(p, d, p.kl_per_dim[d]), p.free_bits);
-    }
+  if (batch_free) {
+    for (int64_t d = tid; d < p.latent_dim; d += kBlockThreads)
+      acc.kl_term += batch_free_bits_dim(p, d, p.kl_per_dim[d]).term;
   }
   acc = BlockReduce(temp).Reduce(acc, ElboSumsOp{});
   if (tid == 0) {
-    const double batch = static_cast<double>(p.batch);
-    // Batch free bits is a per-example quantity (it applies to the batch-mean
-    // KL): the batch's KL term is B times it, so that batchmean gives
-    // sum_d max(lambda, mean_b KL_bd) and sum gives B times that.
-    double term = batch_free_bits ? acc.kl_term * batch : acc.kl_term;
-    signs[0] = 1.0;
-    if (p.has_capacity) {
-      // B * |t / B - C|: the capacity applies to the per-example KL term.
-      signs[0] = capacity_sign(term / batch, capacity);
-      term = batch * capacity_term(term / batch, capacity);
-    }
-    const double scale = p.reduction == Reduction::kBatchMean ? 1.0 / batch : 1.0;
-    p.recon[0] = acc.recon * scale;
-    p.kl[0] = acc.kl * scale;
-    p.loss[0] = (acc.recon + beta * term) * scale;
-    if (p.kl_weight != nullptr)
-      p.kl_weight[0] = term * scale;
+    const KlTerm t = batch_kl_term(p, acc.kl_term, capacity);
+    signs[0] = t.sign;
+    store_batch_outputs(p, beta, acc.recon, acc.kl, t.term);
   }
 }
 

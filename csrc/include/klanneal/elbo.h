@@ -20,11 +20,18 @@
 
 namespace klanneal {
 
-#define KLANNEAL_LIKELIHOODS(X)                                                                    \
-  X(kCategorical, "categorical")                                                                   \
-  X(kBernoulli, "bernoulli")                                                                       \
-  X(kGaussian, "gaussian")                                                                         \
-  X(kMse, "mse")
+// The likelihoods, codes 0, 1, ... in list order. The categorical one (rows
+// of logits and a class id, a log-sum-exp per row) comes first; every other
+// one is elementwise, an entry X(enumerator, "python name", traits struct)
+// of KLANNEAL_ELEMENTWISE_LIKELIHOODS: its traits struct
+// (klanneal/elementwise_likelihoods_body.h) is the one definition of its
+// loss, gradient and target check, which the CPU scalar loop, the SIMD body
+// and the CUDA kernel instantiate through this list.
+#define KLANNEAL_ELEMENTWISE_LIKELIHOODS(X)                                                        \
+  X(kBernoulli, "bernoulli", BernoulliLoss)                                                        \
+  X(kGaussian, "gaussian", GaussianLoss)                                                           \
+  X(kMse, "mse", MseLoss)
+#define KLANNEAL_LIKELIHOODS(X) X(kCategorical, "categorical") KLANNEAL_ELEMENTWISE_LIKELIHOODS(X)
 enum class Likelihood : int32_t { KLANNEAL_LIKELIHOODS(KLANNEAL_ENUM_ENTRY) };
 #define KLANNEAL_REDUCTIONS(X) X(kBatchMean, "batchmean") X(kSum, "sum") X(kNone, "none")
 enum class Reduction : int32_t { KLANNEAL_REDUCTIONS(KLANNEAL_ENUM_ENTRY) };
@@ -32,6 +39,9 @@ enum class Reduction : int32_t { KLANNEAL_REDUCTIONS(KLANNEAL_ENUM_ENTRY) };
 // kSample: sum_d max(lambda, KL_bd) for each example.
 #define KLANNEAL_FREE_BITS_MODES(X) X(kBatch, "batch") X(kSample, "sample")
 enum class FreeBitsMode : int32_t { KLANNEAL_FREE_BITS_MODES(KLANNEAL_ENUM_ENTRY) };
+constexpr int32_t kNumLikelihoods = 0 KLANNEAL_LIKELIHOODS(KLANNEAL_COUNT_ENTRY);
+constexpr int32_t kNumReductions = 0 KLANNEAL_REDUCTIONS(KLANNEAL_COUNT_ENTRY);
+constexpr int32_t kNumFreeBitsModes = 0 KLANNEAL_FREE_BITS_MODES(KLANNEAL_COUNT_ENTRY);
 
 // Storage dtype of the gradients of an input stored as `d` (see ElboParams).
 KLANNEAL_HD DType grad_dtype(DType d) {
@@ -68,7 +78,8 @@ struct ElboParams {
 
   // Capacity objective: when has_capacity, C = schedule_value(capacity,
   // step) (at *step_ptr, or at step 0 without one: a constant schedule
-  // carries a plain number) replaces the KL term t by |t - C| (resolve_capacity).
+  // carries a plain number) replaces the KL term t by |t - C| (resolve_capacity;
+  // the arithmetic: klanneal/elbo_reduction.h).
   bool has_capacity = false;
   ScheduleParams capacity;
 
@@ -85,7 +96,9 @@ struct ElboParams {
   // the caller), which replaces the local mean in the clamp and its mask.
   const double *global_kl_per_dim = nullptr; // [D], float64
 
-  // Outputs, all float64; the Python layer casts them to the result dtype.
+  // Outputs, all float64. (With out_dtype float32 the CPU binding points
+  // them at float64 scratch and copies the values into the caller's float32
+  // buffers afterwards: Float32Outputs in csrc/bind_common.h.)
   double *loss = nullptr;       // [B] for kNone, else [1]
   double *recon = nullptr;      // same shape as loss
   double *kl = nullptr;         // same shape as loss; the true KL, before free bits
@@ -138,14 +151,6 @@ KLANNEAL_HD bool any_latent_grad(const ElboParams &p) {
 // The capacity C at this call's step (meaningful only when has_capacity).
 KLANNEAL_HD double resolve_capacity(const ElboParams &p) {
   return schedule_value(p.capacity, p.step_ptr != nullptr ? *p.step_ptr : 0);
-}
-
-// The capacity objective of a KL term t: |t - C|, and its derivative
-// sign(t - C), 0 at t == C (the subgradient torch.abs uses) and NaN for a
-// NaN t. Both in float64.
-KLANNEAL_HD double capacity_term(double t, double c) { return t < c ? c - t : t - c; }
-KLANNEAL_HD double capacity_sign(double t, double c) {
-  return t > c ? 1.0 : t < c ? -1.0 : t == c ? 0.0 : t;
 }
 
 // The parameter contract of both launchers (csrc/elbo_params.cpp): throws

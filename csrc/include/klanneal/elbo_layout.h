@@ -2,7 +2,11 @@
 // four arrays (sizes, pointers, floats, ints) laid out in these slot orders,
 // and _C exports the slot names and every enum code (_C.elbo_layout()), so
 // Python packs by name and never by a literal index. Each list below is an
-// X-macro: X(slot_name, ElboParams field it fills).
+// X-macro X(slot_name); elbo_params_from_packed (csrc/bind_common.h) is the
+// one place that knows which ElboParams field a slot fills (most share its
+// name; the schedules' floats fill ScheduleParams fields; validate and
+// out_dtype are read by the bindings, need_grad_* by the Python layer, which
+// allocates the gradients asked for).
 #pragma once
 
 #include <cstdint>

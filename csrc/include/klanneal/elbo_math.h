@@ -1,11 +1,13 @@
 // Per-element math of the ELBO op and its derivatives: the one definition
 // used by both the CPU kernels and the CUDA kernels, so the CPU tests
 // exercise the same formulas the GPU runs. Arithmetic is in T = float for
-// fp32/fp16/bf16 inputs and T = double for fp64.
+// fp32/fp16/bf16 inputs and T = double for fp64. Here: the categorical
+// rows' log-sum-exp and the Gaussian KL; the elementwise likelihoods are
+// traits structs (elementwise_likelihoods_body.h), what follows the sums is
+// elbo_reduction.h.
 #pragma once
 
 #include <cmath>
-#include <limits>
 
 #include "klanneal/common.h"
 
@@ -101,69 +103,6 @@ KLANNEAL_HD T categorical_grad(T x, T m, T log_sum, T rest, bool is_target, T sc
   const T p = exp((x - m) - log_sum);
   return (is_target ? p - T(1) : p) * scale;
 }
-
-// ---- bernoulli: binary cross-entropy with logits ---------------------------
-// max(x, 0) - x*y + log1p(exp(-|x|)); soft targets y in [0, 1] allowed. The
-// first two terms are written x * (1 - y) for x > 0 and -x * y otherwise,
-// each taken as 0 when its target factor is exactly 0: so infinite logits
-// give the limits of the loss, +inf where the target disagrees (x = +inf,
-// y < 1) and 0 where it agrees exactly (x = +inf, y = 1), instead of the
-// NaN of inf - inf or inf * 0.
-template <typename T> KLANNEAL_HD T bernoulli_linear_part(T x, T y) {
-  if (x > T(0)) {
-    const T w = T(1) - y;
-    return w == T(0) ? T(0) : x * w;
-  }
-  return y == T(0) ? T(0) : -(x * y);
-}
-
-template <typename T> KLANNEAL_HD T bernoulli_nll(T x, T y) {
-  return bernoulli_linear_part(x, y) + log1p(exp(-fabs(x)));
-}
-
-template <typename T> KLANNEAL_HD T bernoulli_grad(T x, T y) { return T(1) / (T(1) + exp(-x)) - y; }
-
-// ---- gaussian with fixed variance, and plain squared error ------------------
-// 0.5 * ((x - y)^2 / var + log(2*pi*var)); log_norm = log(2*pi*var) is
-// computed once per launch, by gaussian_log_norm.
-// log(2 pi var) as log(2 pi) + log(var): 2 pi var overflows for var > 2.8e307.
-KLANNEAL_HD double gaussian_log_norm(double var) {
-  return 1.8378770664093454835606594728112 + log(var);
-}
-
-template <typename T> KLANNEAL_HD T gaussian_nll(T x, T y, T inv_var, T log_norm) {
-  const T d = x - y;
-  return T(0.5) * (d * d * inv_var + log_norm);
-}
-
-template <typename T> KLANNEAL_HD T gaussian_grad(T x, T y, T inv_var) { return (x - y) * inv_var; }
-
-// Whether 1/var overflows T (var below 1/FLT_MAX ~ 2.9e-39 with fp32
-// arithmetic, ~5.6e-309 with fp64): inv_var would be inf and every element
-// with x == y would give 0 * inf = NaN. Such variances take the
-// gaussian_*_div formulas, in float64. Host code, once per launch.
-template <typename T> inline bool gaussian_inv_var_overflows(double var) {
-  return !(1.0 / var <= static_cast<double>(std::numeric_limits<T>::max()));
-}
-
-// The gaussian term and its gradient dividing by var in float64 (d = x - y
-// rounded in T, as gaussian_nll's): the term is finite wherever it fits in
-// float64 (it is summed in float64), the gradient wherever it fits in T.
-template <typename T> KLANNEAL_HD double gaussian_nll_div(T x, T y, double var, double log_norm) {
-  const double d = static_cast<double>(x - y);
-  return 0.5 * (d * d / var + log_norm);
-}
-
-template <typename T> KLANNEAL_HD T gaussian_grad_div(T x, T y, double var) {
-  return static_cast<T>(static_cast<double>(x - y) / var);
-}
-
-template <typename T> KLANNEAL_HD T mse_nll(T x, T y) {
-  const T d = x - y;
-  return d * d;
-}
-
-template <typename T> KLANNEAL_HD T mse_grad(T x, T y) { return T(2) * (x - y); }
 
 // ---- Gaussian KL per element and its derivatives ----------------------------
 // KL(N(mu, exp(lv)) || N(0, 1)) = -0.5 * (1 + lv - mu^2 - exp(lv)), and with a

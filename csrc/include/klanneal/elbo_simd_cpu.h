@@ -2,7 +2,8 @@
 // SIMD level at run time. One body per formula (csrc/elbo_simd_body.h),
 // compiled once per ISA (AVX2+FMA, AVX-512) in csrc/elbo_simd_cpu.cpp; every
 // getter returns nullptr where the level has no vector kernel, and the caller
-// then runs the scalar formulas of elbo_math.h.
+// then runs the scalar formulas (elbo_math.h, the scalar form of the
+// elementwise traits structs).
 #pragma once
 
 #include <cstdint>
@@ -24,24 +25,21 @@ using CategoricalRun = void (*)(const T *x, int64_t rows, int64_t n, const int64
 CategoricalRun<float> categorical_run_f32(SimdLevel level);
 CategoricalRun<double> categorical_run_f64(SimdLevel level);
 
-struct PointwiseConsts {
-  float scale;    // 1/B for batchmean, else 1
-  float inv_var;  // gaussian
-  float log_norm; // gaussian: log(2 pi var)
-};
-
-// Bernoulli / gaussian / mse over fp32 x[0, n), y[0, n): the sum of the
+// Elementwise likelihood L over fp32 x[0, n), y[0, n): the sum of the
 // per-element losses (each lane widened to double before it is added) and,
-// if grad is not null, the gradient times scale.
-using PointwiseChunkF32 = double (*)(const float *x, const float *y, int64_t n, float *grad,
-                                     const PointwiseConsts &c);
-PointwiseChunkF32 pointwise_chunk_f32(SimdLevel level, Likelihood likelihood);
+// if grad is not null, d loss / d x times scale, from the vector form of
+// ElementwiseLoss<L, float> (elementwise_likelihoods_body.h) with the
+// constants of p. Only where that struct's has_lanes() holds.
+using ElementwiseChunkF32 = double (*)(const ElboParams &p, const float *x, const float *y,
+                                       int64_t n, float *grad, float scale);
+template <Likelihood L> ElementwiseChunkF32 elementwise_chunk_f32(SimdLevel level);
 
-// Start of the first block of 4 vectors holding a value outside [0, 1] (NaN
+// For a likelihood whose targets are checked (kChecksTargets): the start of
+// the first block of 4 vectors holding a target its check rejects (NaN
 // included), or of the tail shorter than a block: the caller scans on from
-// there with scalar code.
+// there with scalar code. nullptr for the other likelihoods.
 using ValidPrefixF32 = int64_t (*)(const float *y, int64_t n);
-ValidPrefixF32 unit_interval_prefix_f32(SimdLevel level);
+template <Likelihood L> ValidPrefixF32 valid_target_prefix_f32(SimdLevel level);
 
 // KL against the N(0, I) prior of one example's latents mu[0, n), logvar[0, n)
 // (fp32 or fp64, gaussian_kl_elem of elbo_math.h): writes each KL into kl

@@ -20,7 +20,6 @@ enum class ScheduleKind : int32_t { KLANNEAL_SCHEDULE_KINDS(KLANNEAL_ENUM_ENTRY)
 enum class RampShape : int32_t { KLANNEAL_RAMP_SHAPES(KLANNEAL_ENUM_ENTRY) };
 
 // The number of entries of each list: the valid codes are 0 .. count - 1.
-#define KLANNEAL_COUNT_ENTRY(enumerator, name) +1
 constexpr int32_t kNumScheduleKinds = 0 KLANNEAL_SCHEDULE_KINDS(KLANNEAL_COUNT_ENTRY);
 constexpr int32_t kNumRampShapes = 0 KLANNEAL_RAMP_SHAPES(KLANNEAL_COUNT_ENTRY);
 

@@ -76,10 +76,6 @@ template <> struct Vec<Avx2, float> {
   KLANNEAL_VEC_AVX2 C gt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   KLANNEAL_VEC_AVX2 C le(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
   KLANNEAL_VEC_AVX2 C ge(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
-  KLANNEAL_VEC_AVX2 C in_unit_interval(R a) { // ordered compares: false for NaN
-    return _mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_GE_OQ),
-                         _mm256_cmp_ps(a, set1(1.0f), _CMP_LE_OQ));
-  }
   KLANNEAL_VEC_AVX2 C both(C a, C b) { return _mm256_and_ps(a, b); }
   KLANNEAL_VEC_AVX2 bool all(C c) { return _mm256_movemask_ps(c) == 0xFF; }
   KLANNEAL_VEC_AVX2 R select(C c, R a, R b) { return _mm256_blendv_ps(b, a, c); }
@@ -175,10 +171,6 @@ template <> struct Vec<Avx512, float> {
   KLANNEAL_VEC_AVX512 C gt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   KLANNEAL_VEC_AVX512 C le(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
   KLANNEAL_VEC_AVX512 C ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
-  KLANNEAL_VEC_AVX512 C in_unit_interval(R a) {
-    return static_cast<C>(_mm512_cmp_ps_mask(a, zero(), _CMP_GE_OQ) &
-                          _mm512_cmp_ps_mask(a, set1(1.0f), _CMP_LE_OQ));
-  }
   KLANNEAL_VEC_AVX512 C both(C a, C b) { return static_cast<C>(a & b); }
   KLANNEAL_VEC_AVX512 bool all(C c) { return c == static_cast<C>(0xFFFF); }
   KLANNEAL_VEC_AVX512 R select(C c, R a, R b) { return _mm512_mask_blend_ps(c, b, a); }
