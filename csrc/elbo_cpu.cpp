@@ -235,13 +235,14 @@ void elementwise_units(const ElboParams &p, double *unit_loss, int64_t *unit_bad
     }
   };
   if constexpr (std::is_same_v<S, float>) {
-    const ElementwiseChunkF32 chunk = loss.has_lanes() ? elementwise_chunk_f32<L>(level) : nullptr;
+    const ElementwiseChunkF32<L> chunk =
+        loss.has_lanes() ? elementwise_chunk_f32<L>(level) : nullptr;
     if (chunk != nullptr) {
       parallel_for(p.n_rows * chunks_per_row, n_threads, [&](int64_t begin, int64_t end) {
         for (int64_t u = begin; u < end; ++u) {
           const auto [lo, hi] = chunk_bounds(p, chunks_per_row, u);
           unit_loss[u] =
-              chunk(p, x + lo, y + lo, hi - lo, grad != nullptr ? grad + lo : nullptr, scale);
+              chunk(loss, x + lo, y + lo, hi - lo, grad != nullptr ? grad + lo : nullptr, scale);
           check_unit(u, lo, hi);
         }
       });
@@ -406,19 +407,20 @@ double kl_term(const ElboParams &p, double beta, double capacity, int n_threads,
   if (!batch_mode)
     for (int64_t b = 0; b < B; ++b)
       sum += klterm_b[b];
-  // The capacity: per example (kNone) or for the batch.
+  // The capacity: per example (kNone) or for the batch; sign_b stays 1 without one.
   std::vector<double> sign_b(static_cast<size_t>(B), 1.0);
   double total = 0.0;
-  if (p.reduction == Reduction::kNone) {
+  if (p.reduction != Reduction::kNone) {
+    const KlTerm t = batch_kl_term(p, sum, capacity);
+    total = t.term;
+    if (p.has_capacity)
+      std::fill(sign_b.begin(), sign_b.end(), t.sign);
+  } else if (p.has_capacity) {
     for (int64_t b = 0; b < B; ++b) {
       const KlTerm t = example_kl_term(p, klterm_b[b], capacity);
       klterm_b[b] = t.term;
       sign_b[b] = t.sign;
     }
-  } else {
-    const KlTerm t = batch_kl_term(p, sum, capacity);
-    total = t.term;
-    std::fill(sign_b.begin(), sign_b.end(), t.sign);
   }
 
   // Pass 3: the batch-mode mask and the capacity's sign (factors of 0 and

@@ -226,21 +226,19 @@ void categorical_run(const T *x, int64_t rows, int64_t n, const int64_t *target,
   }
 }
 
-// ElementwiseChunkF32 (elbo_simd_cpu.h): the vector form of
-// ElementwiseLoss<Lik, float> (this ISA's copy of
-// elementwise_likelihoods_body.h, built from p: its constants cost a few
-// nanoseconds per chunk of thousands of elements). Lanes accumulated in
-// double, summed in lane order at the end. Full vectors use plain loads and
-// stores; only the tail is masked (masked stores are slow on some CPUs,
-// AMD's in particular).
+// ElementwiseChunkF32 (elbo_simd_cpu.h): the vector form of likelihood Lik,
+// from this ISA's copy of its traits struct (elementwise_likelihoods_body.h),
+// on the constants of `loss`, the struct built once per launch in namespace
+// klanneal. Lanes accumulated in double, summed in lane order at the end.
+// Full vectors use plain loads and stores; only the tail is masked (masked
+// stores are slow on some CPUs, AMD's in particular).
 template <Likelihood Lik>
-double elementwise_chunk(const ElboParams &p, const float *x, const float *y, int64_t n,
-                         float *grad, float scale) {
+double elementwise_chunk(const klanneal::ElementwiseLoss<Lik, float> &loss, const float *x,
+                         const float *y, int64_t n, float *grad, float scale) {
   using W = VecT<float>;
   using R = typename W::R;
-  using Loss = ElementwiseLoss<Lik, float>;
+  using Loss = ElementwiseLoss<Lik, float>; // this ISA's copy
   constexpr int L = W::kLanes;
-  const Loss loss(p);
   typename W::Wide lo = W::zero_wide(), hi = W::zero_wide();
   int64_t i = 0;
   if constexpr (Loss::kLanesPrepass) {
@@ -261,8 +259,8 @@ double elementwise_chunk(const ElboParams &p, const float *x, const float *y, in
         W::storeu(pre + j, Loss::template lanes_pre<W>(W::loadu(x + i + j)));
       for (int64_t j = 0; j < m; j += L) {
         R g;
-        const R l = loss.template lanes_from_pre<W>(W::loadu(x + i + j), W::loadu(y + i + j),
-                                                    W::loadu(pre + j), scale, &g);
+        const R l = Loss::template lanes_from_pre<W>(loss, W::loadu(x + i + j), W::loadu(y + i + j),
+                                                     W::loadu(pre + j), scale, &g);
         W::add_widened(&lo, &hi, l);
         if (grad != nullptr)
           W::storeu(grad + i + j, g);
@@ -272,7 +270,7 @@ double elementwise_chunk(const ElboParams &p, const float *x, const float *y, in
   }
   for (; i + L <= n; i += L) {
     R g;
-    const R l = loss.template lanes<W>(W::loadu(x + i), W::loadu(y + i), scale, &g);
+    const R l = Loss::template lanes<W>(loss, W::loadu(x + i), W::loadu(y + i), scale, &g);
     W::add_widened(&lo, &hi, l);
     if (grad != nullptr)
       W::storeu(grad + i, g);
@@ -280,8 +278,8 @@ double elementwise_chunk(const ElboParams &p, const float *x, const float *y, in
   if (i < n) {
     const int64_t left = n - i;
     R g;
-    const R l = loss.template lanes<W>(W::load_tail(x + i, left, W::zero()),
-                                       W::load_tail(y + i, left, W::zero()), scale, &g);
+    const R l = Loss::template lanes<W>(loss, W::load_tail(x + i, left, W::zero()),
+                                        W::load_tail(y + i, left, W::zero()), scale, &g);
     W::add_widened(&lo, &hi, W::keep_head(l, left)); // lanes past the end add 0
     if (grad != nullptr)
       W::store_tail(grad + i, left, g);

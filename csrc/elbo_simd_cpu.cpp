@@ -92,9 +92,9 @@ KlRowStandard<double> kl_row_standard_f64(SimdLevel level) {
                                          avx2::kl_row_standard<double>);
 }
 
-template <Likelihood L> ElementwiseChunkF32 elementwise_chunk_f32(SimdLevel level) {
-  return at_level<ElementwiseChunkF32>(level, avx512::elementwise_chunk<L>,
-                                       avx2::elementwise_chunk<L>);
+template <Likelihood L> ElementwiseChunkF32<L> elementwise_chunk_f32(SimdLevel level) {
+  return at_level<ElementwiseChunkF32<L>>(level, avx512::elementwise_chunk<L>,
+                                          avx2::elementwise_chunk<L>);
 }
 
 template <Likelihood L> ValidPrefixF32 valid_target_prefix_f32(SimdLevel level) {
@@ -118,7 +118,7 @@ int64_t exp_nonpos_mismatches(SimdLevel level, uint32_t stride) {
 
 CategoricalRun<float> categorical_run_f32(SimdLevel) { return nullptr; }
 CategoricalRun<double> categorical_run_f64(SimdLevel) { return nullptr; }
-template <Likelihood L> ElementwiseChunkF32 elementwise_chunk_f32(SimdLevel) { return nullptr; }
+template <Likelihood L> ElementwiseChunkF32<L> elementwise_chunk_f32(SimdLevel) { return nullptr; }
 KlRowStandard<float> kl_row_standard_f32(SimdLevel) { return nullptr; }
 KlRowStandard<double> kl_row_standard_f64(SimdLevel) { return nullptr; }
 template <Likelihood L> ValidPrefixF32 valid_target_prefix_f32(SimdLevel) { return nullptr; }
@@ -128,7 +128,8 @@ int64_t exp_nonpos_mismatches(SimdLevel, uint32_t) { return -1; }
 
 // The getters of every elementwise likelihood.
 #define KLANNEAL_INSTANTIATE_GETTERS(enumerator, name, Loss)                                       \
-  template ElementwiseChunkF32 elementwise_chunk_f32<Likelihood::enumerator>(SimdLevel);           \
+  template ElementwiseChunkF32<Likelihood::enumerator>                                             \
+      elementwise_chunk_f32<Likelihood::enumerator>(SimdLevel);                                    \
   template ValidPrefixF32 valid_target_prefix_f32<Likelihood::enumerator>(SimdLevel);
 KLANNEAL_ELEMENTWISE_LIKELIHOODS(KLANNEAL_INSTANTIATE_GETTERS)
 #undef KLANNEAL_INSTANTIATE_GETTERS

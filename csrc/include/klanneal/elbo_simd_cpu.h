@@ -10,6 +10,7 @@
 
 #include "klanneal/cpu_features.h"
 #include "klanneal/elbo.h"
+#include "klanneal/elementwise_likelihoods.h"
 
 namespace klanneal {
 namespace cpu {
@@ -28,11 +29,12 @@ CategoricalRun<double> categorical_run_f64(SimdLevel level);
 // Elementwise likelihood L over fp32 x[0, n), y[0, n): the sum of the
 // per-element losses (each lane widened to double before it is added) and,
 // if grad is not null, d loss / d x times scale, from the vector form of
-// ElementwiseLoss<L, float> (elementwise_likelihoods_body.h) with the
-// constants of p. Only where that struct's has_lanes() holds.
-using ElementwiseChunkF32 = double (*)(const ElboParams &p, const float *x, const float *y,
-                                       int64_t n, float *grad, float scale);
-template <Likelihood L> ElementwiseChunkF32 elementwise_chunk_f32(SimdLevel level);
+// ElementwiseLoss<L, float> (elementwise_likelihoods_body.h) on the
+// constants of `loss`. Only where loss.has_lanes().
+template <Likelihood L>
+using ElementwiseChunkF32 = double (*)(const ElementwiseLoss<L, float> &loss, const float *x,
+                                       const float *y, int64_t n, float *grad, float scale);
+template <Likelihood L> ElementwiseChunkF32<L> elementwise_chunk_f32(SimdLevel level);
 
 // For a likelihood whose targets are checked (kChecksTargets): the start of
 // the first block of 4 vectors holding a target its check rejects (NaN

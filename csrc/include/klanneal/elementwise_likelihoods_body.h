@@ -9,8 +9,9 @@
 // elementwise_likelihoods.h (the scalar forms, KLANNEAL_HD, for the CPU and
 // CUDA), and again in each ISA namespace of csrc/elbo_simd_cpu.cpp under that
 // ISA's target pragma, where the vector forms are compiled (as
-// count_likelihoods_body.h is). A struct of one namespace is not the struct
-// of another: the SIMD kernels build theirs from the ElboParams.
+// count_likelihoods_body.h is). The vector forms are static and read the
+// constants from `self`, the struct built once per launch in namespace
+// klanneal: the copy compiled for an ISA is another type.
 //
 // A traits struct Loss<T>, T = float (fp32/fp16/bf16 inputs) or double
 // (fp64), x the reconstruction input and y the target of one element:
@@ -20,16 +21,18 @@
 //   kChecksTargets         whether targets are checked (validate=True) ...
 //   valid_target(y)        ... and the check (false for NaN where it applies)
 //   has_lanes()            whether the vector form applies to these constants
-//   lanes<W>(x, y, scale, &grad)   the loss on W = simd::Vec<Isa, float> lanes,
-//                          and d_x * scale into grad (fp32 only)
+//   lanes<W>(self, x, y, scale, &grad)   the loss on W = simd::Vec<Isa, float>
+//                          lanes, and d_x * scale into grad (fp32 only)
 //   valid_lanes<W>(y)      valid_target on lanes (where kChecksTargets)
-//   kLanesPrepass          lanes = lanes_from_pre(x, y, lanes_pre(x)): the SIMD
-//                          body runs lanes_pre over a block first (see there)
-// nll_grad's fields are the pattern for likelihoods with per-element
+//   kLanesPrepass          lanes = lanes_from_pre(self, x, y, lanes_pre(x)): the
+//                          SIMD body runs lanes_pre over a block first (see there)
+// The scalar kernels sum nll and store nll_grad's d_x (both inline and pure:
+// the compiler computes what they share once and drops the unused loss).
+// nll_grad's result is the pattern for likelihoods with per-element
 // parameters (count_likelihoods.h: a negative binomial's theta, a
-// zero-inflation logit): those take them after y and add their derivatives
-// to the result ({nll, d_x, d_theta, ...}, as count_nll's Result), which the
-// kernels then store beside grad_recon.
+// zero-inflation logit), none wired yet: they take them after y and add
+// their derivatives to the result ({nll, d_x, d_theta, ...}, count_nll's
+// Result), which the kernel that loads them stores beside grad_recon.
 //
 // The scalar and the vector form of one likelihood may round differently
 // (the vector form's own exp and log1p, one FMA): each backend and SIMD
@@ -70,9 +73,9 @@ template <typename T> struct BernoulliLoss {
   }
   // The loss from e = lanes_pre(x), the gradient's sigmoid from the same e:
   // 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
-  template <class W>
-  typename W::R lanes_from_pre(typename W::R x, typename W::R y, typename W::R e, float scale,
-                               typename W::R *grad) const {
+  template <class W, class Self>
+  static typename W::R lanes_from_pre(const Self &, typename W::R x, typename W::R y,
+                                      typename W::R e, float scale, typename W::R *grad) {
     using R = typename W::R;
     const R one = W::set1(1.0f), zero = W::zero();
     const R r = W::div(one, W::add(one, e));
@@ -85,9 +88,10 @@ template <typename T> struct BernoulliLoss {
     const R linear = W::select(W::eq(f, zero), zero, W::mul(x, f));
     return W::add(linear, W::log1p_unit(e));
   }
-  template <class W>
-  typename W::R lanes(typename W::R x, typename W::R y, float scale, typename W::R *grad) const {
-    return lanes_from_pre<W>(x, y, lanes_pre<W>(x), scale, grad);
+  template <class W, class Self>
+  static typename W::R lanes(const Self &self, typename W::R x, typename W::R y, float scale,
+                             typename W::R *grad) {
+    return lanes_from_pre<W>(self, x, y, lanes_pre<W>(x), scale, grad);
   }
   template <class W> static typename W::C valid_lanes(typename W::R y) {
     return W::both(W::ge(y, W::zero()), W::le(y, W::set1(1.0f)));
@@ -136,13 +140,14 @@ template <typename T> struct GaussianLoss {
   static KLANNEAL_HD bool valid_target(T) { return true; }
 
   bool has_lanes() const { return !divide; }
-  template <class W>
-  typename W::R lanes(typename W::R x, typename W::R y, float scale, typename W::R *grad) const {
+  template <class W, class Self>
+  static typename W::R lanes(const Self &self, typename W::R x, typename W::R y, float scale,
+                             typename W::R *grad) {
     using R = typename W::R;
     const R d = W::sub(x, y);
-    const R iv = W::set1(inv_var);
+    const R iv = W::set1(self.inv_var);
     *grad = W::mul(W::mul(d, iv), W::set1(scale));
-    return W::mul(W::set1(0.5f), W::fmadd(W::mul(d, d), iv, W::set1(log_norm)));
+    return W::mul(W::set1(0.5f), W::fmadd(W::mul(d, d), iv, W::set1(self.log_norm)));
   }
 };
 
@@ -165,8 +170,9 @@ template <typename T> struct MseLoss {
   static KLANNEAL_HD bool valid_target(T) { return true; }
 
   bool has_lanes() const { return true; }
-  template <class W>
-  typename W::R lanes(typename W::R x, typename W::R y, float scale, typename W::R *grad) const {
+  template <class W, class Self>
+  static typename W::R lanes(const Self &, typename W::R x, typename W::R y, float scale,
+                             typename W::R *grad) {
     using R = typename W::R;
     const R d = W::sub(x, y);
     *grad = W::mul(W::mul(W::set1(2.0f), d), W::set1(scale));
