@@ -303,7 +303,13 @@ def _backward(ctx: Any, grad_recon: Optional[torch.Tensor], *unused: Any) -> tup
         grads = [g if n else None for g, n in zip(out[1:], need)]
     elif opts.reduction == "none" or not computed:
         grads = _reference_grads(mu, counts, theta, zi_logits, opts, grad_recon)
-    elif grad_recon.is_cpu and grad_recon.numel() == 1 and grad_recon.item() == 1.0:
+    elif (
+        type(grad_recon) is torch.Tensor  # eager (not a fake or traced tensor)
+        and not torch.compiler.is_compiling()
+        and grad_recon.is_cpu
+        and grad_recon.numel() == 1
+        and grad_recon.item() == 1.0
+    ):
         grads = [g if n else None for g, n in zip(saved, need)]  # loss.backward(): as they are
     else:
         grads = [g * grad_recon if n else None for g, n in zip(saved, need)]
