@@ -343,10 +343,9 @@ def _row(
 
 def _fields(family: str, counts: torch.Tensor) -> dict[str, Any]:
     """The row fields that describe a case's inputs; ``klanneal_native``: whether klanneal
-    has a fused kernel for the family (else elbo_loss runs its reference path)."""
-    from klanneal.likelihoods import FAMILIES
+    runs the count op's native kernel on the CPU (else its pure-PyTorch reference)."""
+    from klanneal._count_op import native_count_kernel
 
-    name = {"zinb": "zero_inflated_negative_binomial", "nb": "negative_binomial"}[family]
     batch, genes = counts.shape
     return {
         "likelihood": family,
@@ -354,7 +353,7 @@ def _fields(family: str, counts: torch.Tensor) -> dict[str, Any]:
         "latent_dim": LATENT,
         "logits_bytes": counts.numel() * 4,  # px_rate's size
         "zero_fraction": float((counts == 0).float().mean()),
-        "klanneal_native": FAMILIES[name].native,
+        "klanneal_native": native_count_kernel(torch.device("cpu")),
     }
 
 
