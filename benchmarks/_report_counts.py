@@ -76,7 +76,7 @@ def counts_section(rows: list[dict[str, Any]]) -> list[str]:
     ]
     if any(r["provider"] == "klanneal" and not r.get("klanneal_native", True) for r in counts):
         notes.append(
-            "\nklanneal ran its pure-PyTorch reference kernel (klanneal/_count_ref.py) for these "
+            "\nklanneal ran its pure-PyTorch reference path (klanneal/_count_ref.py) for these "
             "families: the native count kernel was not available."
         )
     return lines + notes + [""]

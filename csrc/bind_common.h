@@ -82,14 +82,14 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t> &sizes,
   p.ignore_index = i64(IntSlot::k_ignore_index);
   p.free_bits = f64(FloatSlot::k_free_bits);
   p.gaussian_var = f64(FloatSlot::k_gaussian_var);
-  p.beta_value = f64(FloatSlot::k_beta_value);
+  p.beta.value = f64(FloatSlot::k_beta_value);
   auto schedule_at = [&](FloatSlot first) {
     const auto begin = floats.begin() + static_cast<int>(first);
     return schedule_params_from_list(std::vector<double>(begin, begin + 8));
   };
-  p.schedule = schedule_at(FloatSlot::k_schedule_kind);
+  p.beta.schedule = schedule_at(FloatSlot::k_schedule_kind);
   p.has_capacity = i64(IntSlot::k_has_capacity) != 0;
-  p.capacity = schedule_at(FloatSlot::k_capacity_kind);
+  p.capacity.schedule = schedule_at(FloatSlot::k_capacity_kind);
   p.recon_input = ptr(PtrSlot::k_recon_input);
   p.target = ptr(PtrSlot::k_target);
   p.mu = ptr(PtrSlot::k_mu);
@@ -97,7 +97,7 @@ inline ElboParams elbo_params_from_packed(const std::vector<int64_t> &sizes,
   p.prior_mu = ptr(PtrSlot::k_prior_mu);
   p.prior_logvar = ptr(PtrSlot::k_prior_logvar);
   p.global_kl_per_dim = static_cast<const double *>(ptr(PtrSlot::k_global_kl_per_dim));
-  p.beta_ptr = static_cast<const double *>(ptr(PtrSlot::k_beta_ptr));
+  p.beta.tensor = static_cast<const double *>(ptr(PtrSlot::k_beta_ptr));
   p.step_ptr = static_cast<const int64_t *>(ptr(PtrSlot::k_step_ptr));
   p.loss = static_cast<double *>(ptr(PtrSlot::k_loss));
   p.recon = static_cast<double *>(ptr(PtrSlot::k_recon));

@@ -61,7 +61,7 @@ void check_elbo_params(const ElboParams &p) {
                          (p.grad_prior_mu == nullptr && p.grad_prior_logvar == nullptr),
                      "elbo: prior gradients asked for without a prior");
   if (p.has_capacity)
-    check_schedule_params(p.capacity);
+    check_schedule_params(p.capacity.schedule);
   KLANNEAL_CHECK_ARG(p.loss != nullptr && p.recon != nullptr && p.kl != nullptr &&
                          p.beta_out != nullptr,
                      "elbo: null output pointer");
@@ -71,11 +71,11 @@ void check_elbo_params(const ElboParams &p) {
       !(p.grad_recon != nullptr && p.grad_recon == p.recon_input && is_half(p.recon_dtype)),
       "elbo: an inplace gradient needs fp32/fp64 recon_input (fp16/bf16 "
       "gradients are kept in fp32)");
-  if (p.beta_ptr == nullptr && p.step_ptr != nullptr)
-    check_schedule_params(p.schedule);
-  if (p.beta_ptr == nullptr && p.step_ptr == nullptr)
-    KLANNEAL_CHECK_ARG(std::isfinite(p.beta_value) && p.beta_value >= 0.0,
-                       "elbo: beta must be finite and >= 0, got " + std::to_string(p.beta_value));
+  if (p.beta.tensor == nullptr && p.step_ptr != nullptr)
+    check_schedule_params(p.beta.schedule);
+  if (p.beta.tensor == nullptr && p.step_ptr == nullptr)
+    KLANNEAL_CHECK_ARG(std::isfinite(p.beta.value) && p.beta.value >= 0.0,
+                       "elbo: beta must be finite and >= 0, got " + std::to_string(p.beta.value));
 }
 
 } // namespace klanneal

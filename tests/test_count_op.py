@@ -152,3 +152,12 @@ def test_elbo_loss_module_takes_a_count_likelihood():
     out = criterion(rate, counts, mu, logvar)
     out.loss.backward()
     assert theta.grad is not None and theta.grad.shape == (G,)
+
+
+@pytest.mark.skipif(not _count_op._HAS_NATIVE, reason="needs the native count kernel")
+def test_the_family_codes_are_the_kernels():
+    # _count_op.COUNT_FAMILIES[code] names the C++ family of that code.
+    short = {"poisson": "poisson", "nb": "negative_binomial",
+             "zinb": "zero_inflated_negative_binomial"}  # fmt: skip
+    layout = klanneal._C.count_recon_layout()["family"]
+    assert [short[name] for name in layout] == list(_count_op.COUNT_FAMILIES)

@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "device_guard.cuh"
 #include "klanneal/count_likelihoods.h"
 #include "klanneal/count_recon.h"
 
@@ -223,41 +224,7 @@ void check_launch(const char *kernel) {
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-void check_call(cudaError_t err, const char *what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("klanneal: CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-}
-
-// Makes the device holding `device_ptr` current for this library's CUDA
-// runtime (statically linked: it does not share torch's current device) and
-// restores the previous one. (The ELBO launcher has the same guard in its
-// own file, csrc/cuda/elbo_cuda.cu, which is being refactored; one shared
-// header once that lands.)
-class DeviceGuard {
-public:
-  explicit DeviceGuard(const void *device_ptr) {
-    check_call(cudaGetDevice(&previous_), "cudaGetDevice");
-    cudaPointerAttributes attrs{};
-    check_call(cudaPointerGetAttributes(&attrs, device_ptr), "cudaPointerGetAttributes");
-    KLANNEAL_CHECK_ARG(attrs.type == cudaMemoryTypeDevice || attrs.type == cudaMemoryTypeManaged,
-                       "count_recon_cuda: the outputs are not in CUDA device memory");
-    if (attrs.device != previous_) {
-      check_call(cudaSetDevice(attrs.device), "cudaSetDevice");
-      switched_ = true;
-    }
-  }
-  ~DeviceGuard() {
-    if (switched_)
-      cudaSetDevice(previous_); // best effort: destructors must not throw
-  }
-  DeviceGuard(const DeviceGuard &) = delete;
-  DeviceGuard &operator=(const DeviceGuard &) = delete;
-
-private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
+using cuda_util::check_call;
 
 unsigned int grid_for(int64_t work_items) {
   const int64_t n = work_items < 1 ? 1 : work_items;
@@ -309,7 +276,8 @@ void launch_count_recon_cuda(const CountReconParams &p, void *stream) {
                                                  : p.first_invalid;
   if (output == nullptr)
     return; // nothing to write
-  const count_cuda::DeviceGuard guard(output);
+  const cuda_util::DeviceGuard guard(output,
+                                     "count_recon_cuda: the outputs are not in CUDA device memory");
   // `stream` is the caller's current stream of the inputs' device; 0 when
   // that is the legacy default stream.
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "device_guard.cuh"
 #include "elbo_kernel.cuh"
 #include "klanneal/elbo.h"
 #include "klanneal/elbo_reduction.h"
@@ -36,12 +37,7 @@ void check_launch(const char *kernel) {
   }
 }
 
-void check_call(cudaError_t err, const char *what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("klanneal: CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
+using cuda_util::check_call;
 
 // Partial recon sums per example row: categorical rows are reduced by one
 // warp/block each; long non-categorical rows are split into chunks.
@@ -73,33 +69,6 @@ WorkspaceLayout workspace_layout(const ElboParams &p) {
   w.bytes = w.signs + align_up(per_example);
   return w;
 }
-
-// Restores the calling thread's current device of this library's CUDA
-// runtime (statically linked: it does not share torch's current device).
-class DeviceGuard {
-public:
-  explicit DeviceGuard(const void *device_ptr) {
-    check_call(cudaGetDevice(&previous_), "cudaGetDevice");
-    cudaPointerAttributes attrs{};
-    check_call(cudaPointerGetAttributes(&attrs, device_ptr), "cudaPointerGetAttributes");
-    KLANNEAL_CHECK_ARG(attrs.type == cudaMemoryTypeDevice || attrs.type == cudaMemoryTypeManaged,
-                       "elbo_cuda: the inputs are not in CUDA device memory");
-    if (attrs.device != previous_) {
-      check_call(cudaSetDevice(attrs.device), "cudaSetDevice");
-      switched_ = true;
-    }
-  }
-  ~DeviceGuard() {
-    if (switched_)
-      cudaSetDevice(previous_); // best effort: destructors must not throw
-  }
-  DeviceGuard(const DeviceGuard &) = delete;
-  DeviceGuard &operator=(const DeviceGuard &) = delete;
-
-private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
 
 template <typename T>
 void launch_recon(const ElboParams &p, double *partials, int64_t n_chunks, cudaStream_t stream) {
@@ -181,7 +150,7 @@ void launch_elbo_cuda(const ElboParams &p, void *workspace, size_t workspace_byt
                      "elbo_cuda: workspace must be 8-byte aligned");
   // `stream` is torch's current stream of the inputs' device; 0 when that is
   // the legacy default stream, which is then what torch itself uses.
-  const DeviceGuard guard(p.loss);
+  const cuda_util::DeviceGuard guard(p.loss, "elbo_cuda: the inputs are not in CUDA device memory");
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   char *base = static_cast<char *>(workspace);
   double *partials = reinterpret_cast<double *>(base + w.partials);

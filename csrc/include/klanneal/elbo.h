@@ -48,6 +48,26 @@ KLANNEAL_HD DType grad_dtype(DType d) {
   return d == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
 }
 
+// beta or the capacity C as the op takes it: the C++ side of
+// python/klanneal/_call.py's Weight, one type for both. `tensor` (a float64
+// scalar in the op's device memory) if set, else `schedule` at the call's
+// step when it has one, else `value` (resolve_weight).
+struct KlWeight {
+  const double *tensor = nullptr;
+  ScheduleParams schedule;
+  double value = 0.0;
+};
+
+// The weight's value at `step` (null: the call has no step tensor). On the
+// device it reads the current tensor / step, so CUDA graph replays see them.
+KLANNEAL_HD double resolve_weight(const KlWeight &w, const int64_t *step) {
+  if (w.tensor != nullptr)
+    return *w.tensor;
+  if (step != nullptr)
+    return schedule_value(w.schedule, *step);
+  return w.value;
+}
+
 struct ElboParams {
   // recon_input is viewed as [n_rows, row_len]. Categorical: one row per
   // position, row_len = V, rows_per_example = n_rows / batch consecutive rows
@@ -67,21 +87,19 @@ struct ElboParams {
   double gaussian_var = 1.0; // fixed variance of the gaussian likelihood
   int64_t ignore_index = -100;
 
-  // Beta comes from exactly one source, checked in this order:
-  //   beta_ptr  (a float64 scalar in the op's device memory), else
-  //   step_ptr  (an int64 scalar step; beta = schedule_value(schedule, *step)), else
-  //   beta_value.
-  const double *beta_ptr = nullptr;
+  // The call's step (an int64 scalar in the op's device memory) or null: the
+  // schedules of beta and the capacity are evaluated at it (resolve_weight).
   const int64_t *step_ptr = nullptr;
-  ScheduleParams schedule;
-  double beta_value = 1.0;
+  // beta, from exactly one source (KlWeight): its tensor, else its schedule
+  // at *step_ptr, else its value.
+  KlWeight beta{nullptr, ScheduleParams{}, 1.0};
 
-  // Capacity objective: when has_capacity, C = schedule_value(capacity,
-  // step) (at *step_ptr, or at step 0 without one: a constant schedule
-  // carries a plain number) replaces the KL term t by |t - C| (resolve_capacity;
-  // the arithmetic: klanneal/elbo_reduction.h).
+  // Capacity objective: when has_capacity, C (a schedule at *step_ptr, or at
+  // step 0 without one: a constant schedule carries a plain number) replaces
+  // the KL term t by |t - C| (resolve_capacity; the arithmetic:
+  // klanneal/elbo_reduction.h).
   bool has_capacity = false;
-  ScheduleParams capacity;
+  KlWeight capacity;
 
   // Inputs (contiguous).
   const void *recon_input = nullptr; // [n_rows, row_len], recon_dtype
@@ -131,16 +149,8 @@ struct ElboParams {
   int64_t *first_invalid_target = nullptr;
 };
 
-// The single place that picks beta's source (see ElboParams), shared by the
-// CPU and CUDA launchers: on the device it reads the current beta / step, so
-// CUDA graph replays see them.
-KLANNEAL_HD double resolve_beta(const ElboParams &p) {
-  if (p.beta_ptr != nullptr)
-    return *p.beta_ptr;
-  if (p.step_ptr != nullptr)
-    return schedule_value(p.schedule, *p.step_ptr);
-  return p.beta_value;
-}
+// beta at this call's step, shared by the CPU and CUDA launchers.
+KLANNEAL_HD double resolve_beta(const ElboParams &p) { return resolve_weight(p.beta, p.step_ptr); }
 
 // Whether any latent gradient (mu, logvar, prior_mu, prior_logvar) is asked for.
 KLANNEAL_HD bool any_latent_grad(const ElboParams &p) {
@@ -150,7 +160,8 @@ KLANNEAL_HD bool any_latent_grad(const ElboParams &p) {
 
 // The capacity C at this call's step (meaningful only when has_capacity).
 KLANNEAL_HD double resolve_capacity(const ElboParams &p) {
-  return schedule_value(p.capacity, p.step_ptr != nullptr ? *p.step_ptr : 0);
+  const int64_t first = 0; // no step tensor: the constant schedule's value
+  return resolve_weight(p.capacity, p.step_ptr != nullptr ? p.step_ptr : &first);
 }
 
 // The parameter contract of both launchers (csrc/elbo_params.cpp): throws
