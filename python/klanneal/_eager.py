@@ -17,7 +17,12 @@ from typing import Any, Optional
 import torch
 
 from klanneal._autograd import _backward_common, _is_one, _save_context
-from klanneal._buffers import _grad_recon_buffer, _latent_grads, _scalar_outputs
+from klanneal._buffers import (
+    POOL_MIN_BYTES,
+    _grad_recon_buffer,
+    _latent_grads,
+    _scalar_outputs,
+)
 from klanneal._kernels import _kernels, _run_kernel
 from klanneal._layout import (
     FULL_PRECISION,
@@ -126,12 +131,15 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
     recon_input, mu = op.recon_input, op.mu
     need = plan.asked
     on_cpu = recon_input.is_cpu
-    if on_cpu and plan.plain_scalars and plan.dtype is _DEFAULT_DTYPE() and not _FUNCTION_MODE():
+    zero_d = _ZERO_D.get(plan.dtype) if on_cpu and plan.plain_scalars else None
+    if zero_d is not None and not _FUNCTION_MODE():
         # The common call's outputs: four 0-d tensors and kl_per_dim [D] in
-        # the default dtype on the CPU (_scalar_outputs' first case, inline).
-        new = torch.empty
+        # the results' dtype on the CPU; empty_like of a 0-d tensor is the
+        # cheapest allocation there is (torch.empty parses its arguments).
+        new = torch.empty_like
         scalars: tuple[Optional[torch.Tensor], ...] = (
-            new(size=()), new(size=()), new(size=()), new(mu.shape[1]), new(size=()), None,
+            new(zero_d), new(zero_d), new(zero_d),
+            torch.empty(mu.shape[1], dtype=plan.dtype), new(zero_d), None,
         )  # fmt: skip
     elif on_cpu:
         scalars = _scalar_outputs(mu, plan.reduction, None, plan.dtype, plan.grad_beta)
@@ -139,11 +147,17 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
         scalars = _scalar_outputs(mu, plan.reduction, recon_input.device, kl_weight=plan.grad_beta)
     if plan.same_dtype_grads:
         # The gradients in the inputs' own dtypes, of their (contiguous)
-        # layouts: empty_like without arguments, the cheapest allocation.
+        # layouts: empty_like without arguments, the cheapest allocation
+        # (below the pool's size, where _grad_recon_buffer would do the same).
         empty = torch.empty_like
+        if not need[0]:
+            grad_recon = None
+        elif recon_input.numel() * recon_input.itemsize < POOL_MIN_BYTES:
+            grad_recon = empty(recon_input)
+        else:
+            grad_recon = _grad_recon_buffer(recon_input, plan.recon_grad_dtype)
         grads: tuple[Optional[torch.Tensor], ...] = (
-            _grad_recon_buffer(recon_input, plan.recon_grad_dtype) if need[0] else None,
-            empty(mu) if need[1] else None, empty(mu) if need[2] else None,
+            grad_recon, empty(mu) if need[1] else None, empty(mu) if need[2] else None,
             empty(mu) if need[3] else None, empty(mu) if need[4] else None,
         )  # fmt: skip
     else:
@@ -228,7 +242,8 @@ def _c_apply() -> Any:
 APPLY = _c_apply()
 
 
-_DEFAULT_DTYPE = torch.get_default_dtype
+# A 0-d CPU tensor per results' dtype: eager_elbo's outputs are empty_like of it.
+_ZERO_D = {dtype: torch.empty((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
 _FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
 
 UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)

@@ -140,16 +140,7 @@ class ElboOptions:
         resolve_beta) and the capacity's; need: need_grad_recon ...
         need_grad_prior_logvar; traced: torch.compile is tracing (no cache).
         """
-        key = (need, capacity is None)
-        template = None if traced else self._templates.get(key)
-        if template is None:
-            template = self.pack(
-                capacity=None if capacity is None else NO_SCHEDULE,
-                need_grad_recon=need[0], need_grad_mu=need[1], need_grad_logvar=need[2],
-                need_grad_prior_mu=need[3], need_grad_prior_logvar=need[4],
-            )  # fmt: skip
-            if not traced:
-                self._templates[key] = template
+        template = self._template(need, capacity is None, traced)
         floats = template[0].copy()
         floats[_BETA_SLOT] = beta.value
         schedule = beta.schedule
@@ -163,6 +154,33 @@ class ElboOptions:
                 params = constant_schedule(capacity.value)
             floats[_CAPACITY_SLOT : _CAPACITY_SLOT + _N_SCHEDULE] = params
         return floats, template[1].copy()
+
+    def packed_value(
+        self, beta_value: float, need: tuple[bool, bool, bool, bool, bool]
+    ) -> tuple[list[float], list[int]]:
+        """``packed`` for an eager call with a beta value and nothing else
+        per call (no step tensor, no capacity): a list copy and one write."""
+        template = self._templates.get((need, True)) or self._template(need, True, False)
+        floats = template[0].copy()
+        floats[_BETA_SLOT] = beta_value
+        return floats, template[1].copy()
+
+    def _template(
+        self, need: tuple[bool, ...], plain_kl: bool, traced: bool
+    ) -> tuple[list[float], list[int]]:
+        """pack()'s result for these gradients asked for and a capacity (not
+        plain_kl) or not, kept per key (built anew while tracing)."""
+        key = (need, plain_kl)
+        template = None if traced else self._templates.get(key)
+        if template is None:
+            template = self.pack(
+                capacity=None if plain_kl else NO_SCHEDULE,
+                need_grad_recon=need[0], need_grad_mu=need[1], need_grad_logvar=need[2],
+                need_grad_prior_mu=need[3], need_grad_prior_logvar=need[4],
+            )  # fmt: skip
+            if not traced:
+                self._templates[key] = template
+        return template
 
     def pack(
         self,

@@ -8,6 +8,7 @@ import torch
 
 from klanneal._call import elbo_call
 from klanneal._call import reference_only as _reference_only  # noqa: F401 - linear, tests
+from klanneal._common_call import common_call
 from klanneal.kl_terms import KLTerm
 from klanneal.likelihoods import Likelihood
 from klanneal.reference import ELBOOutput
@@ -138,6 +139,16 @@ def elbo_loss(
             option, a schedule without `step`, or inplace=True on a leaf that
             requires grad or on an output that its op saved for its backward.
     """
+    if (
+        step is None and capacity is None and prior is None and prior_mu is None
+        and prior_logvar is None and free_bits_group is None and inplace is False
+    ):  # fmt: skip
+        out = common_call(
+            recon_input, target, mu, logvar, beta, likelihood, reduction, free_bits,
+            free_bits_mode, ignore_index, gaussian_var, validate,
+        )  # fmt: skip
+        if out is not None:
+            return out
     return elbo_call(
         recon_input, target, mu, logvar, beta, step, likelihood, reduction, free_bits,
         free_bits_mode, ignore_index, gaussian_var, prior_mu, prior_logvar, capacity,

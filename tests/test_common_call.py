@@ -1,0 +1,178 @@
+"""klanneal._common_call: the common elbo_loss call, recognised without an
+ElboCall, gives what elbo_call gives, bit for bit, and leaves every other call
+(valid or not) to elbo_call."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import klanneal
+from klanneal._call import elbo_call
+from klanneal._common_call import common_call
+
+pytestmark = pytest.mark.skipif(not klanneal.HAS_NATIVE, reason="needs the native extension")
+
+OPTIONS = ("batchmean", 0.0, "batch", -100, 1.0, True)  # reduction ... validate
+
+
+def _inputs(likelihood="bernoulli", dtype=torch.float32, latent_dtype=None, requires=(1, 1, 1)):
+    gen = torch.Generator().manual_seed(3)
+    latent_dtype = latent_dtype or dtype
+    x = torch.randn(3, 5, 7, generator=gen, dtype=dtype)
+    target = torch.rand(3, 5, 7, generator=gen, dtype=dtype)
+    if likelihood != "bernoulli":
+        target = torch.randn(3, 5, 7, generator=gen, dtype=dtype)
+    mu = torch.randn(3, 4, generator=gen, dtype=latent_dtype)
+    logvar = torch.randn(3, 4, generator=gen, dtype=latent_dtype)
+    for t, r in zip((x, mu, logvar), requires):
+        t.requires_grad_(bool(r))
+    return x, target, mu, logvar
+
+
+def _run_both(x, target, mu, logvar, beta, likelihood, options):
+    """(common_call's outputs and gradients, elbo_call's), on fresh leaves."""
+    results = []
+    for path in ("common", "general"):
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x, mu, logvar)]
+        a, m, lv = leaves
+        if path == "common":
+            out = common_call(a, target, m, lv, beta, likelihood, *options)
+            assert out is not None, "a common call was not recognised"
+        else:
+            out = elbo_call(
+                a, target, m, lv, beta, None, likelihood, *options[:5], None, None, None,
+                None, False, options[5],
+            ).run()  # fmt: skip
+        grads = []
+        if out.loss.requires_grad:
+            upstream = torch.ones_like(out.loss)  # 1: the saved gradients as they are
+            if options[0] == "none":
+                upstream = torch.linspace(0.5, 2, 3, dtype=out.loss.dtype)
+            tracked = [t for t in leaves if t.requires_grad]
+            grads = torch.autograd.grad(out.loss, tracked, upstream)
+        results.append((tuple(out), tuple(grads)))
+    return results
+
+
+CASES = list(
+    itertools.product(
+        ("bernoulli", "gaussian", "mse"),
+        ((torch.float32, None), (torch.float64, None), (torch.float32, torch.float64)),
+        ("float", "fp32 tensor", "fp64 tensor"),
+        ("batchmean", "sum", "none"),
+        ((1, 1, 1), (0, 1, 1), (1, 0, 0), (0, 0, 0)),
+    )
+)
+
+
+@pytest.mark.parametrize("likelihood,dtypes,beta_kind,reduction,requires", CASES)
+def test_a_common_call_is_elbo_calls_result_bit_for_bit(
+    likelihood, dtypes, beta_kind, reduction, requires
+):
+    x, target, mu, logvar = _inputs(likelihood, *dtypes, requires=requires)
+    beta = {
+        "float": 0.7,
+        "fp32 tensor": torch.tensor(0.7),
+        "fp64 tensor": torch.tensor(0.7, dtype=torch.float64),
+    }[beta_kind]
+    free_bits = 0.0 if reduction == "none" else 0.2
+    options = (reduction, free_bits, "batch", -100, 1.0, True)
+    (common, common_grads), (general, general_grads) = _run_both(
+        x, target, mu, logvar, beta, likelihood, options
+    )
+    for got, want in zip(common + common_grads, general + general_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_a_common_call_without_grad_mode_tracks_nothing():
+    x, target, mu, logvar = _inputs()
+    with torch.no_grad():
+        out = common_call(x, target, mu, logvar, 0.5, "bernoulli", *OPTIONS)
+    assert out is not None and not out.loss.requires_grad
+
+
+def _not_common():
+    """Calls common_call must leave to elbo_call: (name, arguments)."""
+    x, target, mu, logvar = _inputs()
+    half = [t.detach().half() for t in (x, target, mu, logvar)]
+    cases = {
+        "categorical": (x, torch.zeros(3, 5, dtype=torch.int64), mu, logvar, 1.0, "categorical"),
+        "a likelihood object": (x, target, mu, logvar, 1.0, klanneal.likelihoods.Bernoulli()),
+        "a Parameter": (torch.nn.Parameter(x.detach()), target, mu, logvar, 1.0, "bernoulli"),
+        "fp16": (*half, 1.0, "bernoulli"),
+        "a target of another dtype": (x, target.double(), mu, logvar, 1.0, "bernoulli"),
+        "logvar of another dtype": (x, target, mu, logvar.double(), 1.0, "bernoulli"),
+        "a target that requires grad": (x, target.clone().requires_grad_(), mu, logvar, 1.0, "mse"),
+        "a beta that requires grad": (
+            x, target, mu, logvar, torch.tensor(0.5, requires_grad=True), "bernoulli"
+        ),
+        "a negative beta": (x, target, mu, logvar, -1.0, "bernoulli"),
+        "a NaN beta tensor": (x, target, mu, logvar, torch.tensor(float("nan")), "bernoulli"),
+        "an infinite beta": (x, target, mu, logvar, float("inf"), "bernoulli"),
+        "a [1] beta": (x, target, mu, logvar, torch.tensor([0.5]), "bernoulli"),
+        "an int beta": (x, target, mu, logvar, 1, "bernoulli"),
+        "an integer beta tensor": (x, target, mu, logvar, torch.tensor(1), "bernoulli"),
+        "a list beta": (x, target, mu, logvar, [0.1, 0.2], "bernoulli"),
+        "a schedule": (
+            x, target, mu, logvar, klanneal.schedules.Cyclical(total_steps=10), "bernoulli"
+        ),
+        "3-D mu": (x, target, mu[None], logvar[None], 1.0, "bernoulli"),
+        "logvar of another shape": (x, target, mu, logvar[:, :3], 1.0, "bernoulli"),
+        "a target of another shape": (x, target[:, :4], mu, logvar, 1.0, "bernoulli"),
+        "another batch size": (x[:2], target[:2], mu, logvar, 1.0, "bernoulli"),
+        "an empty batch": (x[:0], target[:0], mu[:0], logvar[:0], 1.0, "bernoulli"),
+        "a 0-d recon_input": (x[0, 0, 0], target[0, 0, 0], mu, logvar, 1.0, "bernoulli"),
+        "a sparse target": (x, target.detach().to_sparse(), mu, logvar, 1.0, "bernoulli"),
+        "a list recon_input": ([1.0], target, mu, logvar, 1.0, "bernoulli"),
+        "meta tensors": (
+            *[t.detach().to("meta") for t in (x, target, mu, logvar)], 1.0, "bernoulli"
+        ),
+    }  # fmt: skip
+    return list(cases.items())
+
+
+@pytest.mark.parametrize("name,args", _not_common(), ids=[name for name, _ in _not_common()])
+def test_any_other_call_is_left_to_elbo_call(name, args):
+    assert common_call(*args, *OPTIONS) is None
+
+
+def test_calls_under_a_torch_func_transform_are_left_to_elbo_call():
+    x, target, mu, logvar = (t.detach() for t in _inputs())
+    seen = []
+
+    def loss(x):
+        seen.append(common_call(x, target, mu, logvar, torch.tensor(0.5), "bernoulli", *OPTIONS))
+        return klanneal.elbo_loss(x, target, mu, logvar, 0.5, likelihood="bernoulli").loss
+
+    torch.func.grad(loss)(x)
+    assert seen == [None]
+
+
+def test_a_disabled_native_kernel_is_left_to_elbo_call(monkeypatch):
+    monkeypatch.setenv("KLANNEAL_DISABLE_NATIVE", "1")
+    assert common_call(*_inputs(), 0.5, "bernoulli", *OPTIONS) is None
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (("mean", 0.0, "batch", -100, 1.0, True), "reduction"),
+        (("batchmean", -1.0, "batch", -100, 1.0, True), "free_bits"),
+        (("batchmean", 0.0, "batch", -100, 1.0, "yes"), "validate"),
+        (("batchmean", [0.1], "batch", -100, 1.0, True), "free_bits"),  # unhashable
+    ],
+)
+def test_bad_options_raise_elbo_calls_error(options, message):
+    x, target, mu, logvar = _inputs()
+    with pytest.raises((ValueError, TypeError), match=message) as common:
+        common_call(x, target, mu, logvar, 0.5, "bernoulli", *options)
+    with pytest.raises((ValueError, TypeError)) as general:
+        klanneal.elbo_loss(
+            x, target, mu, logvar, 0.5, likelihood="bernoulli", reduction=options[0],
+            free_bits=options[1], validate=options[5],
+        )  # fmt: skip
+    assert str(common.value) == str(general.value)
