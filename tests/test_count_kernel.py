@@ -219,6 +219,76 @@ def test_a_vanishing_mean_at_a_zero_count_costs_nothing(family, dtype):
         torch.testing.assert_close(got["row_nll"], want["row_nll"], rtol=1e-5, atol=1e-30)
 
 
+# ---- the zero-count path ----------------------------------------------------------------
+def sparse_extreme_inputs(family: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """4 examples x 300 genes (a full and a partial gene block) with 95%, 50%, 0% and
+    100% zero counts (some of them -0.0), extreme means and parameters per element."""
+    batch, genes = 4, 300
+    gen = torch.Generator().manual_seed(23)
+
+    def log_uniform(lo, hi):
+        u = torch.rand(batch, genes, generator=gen, dtype=torch.float64)
+        return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+
+    mu = log_uniform(1e-10, 1e8)
+    counts = torch.maximum(torch.poisson(mu.clamp(max=1e6), generator=gen), torch.ones(()))
+    big = torch.rand(batch, genes, generator=gen) < 0.3
+    counts[big] = torch.floor(log_uniform(1.0, 1e6))[big]
+    zero_fraction = torch.tensor([[0.95], [0.5], [0.0], [1.0]], dtype=torch.float64)
+    zero = torch.rand(batch, genes, generator=gen, dtype=torch.float64) < zero_fraction
+    counts[zero] = 0.0
+    counts[zero & (torch.rand(batch, genes, generator=gen) < 0.2)] = -0.0
+    inputs = {"mu": mu, "counts": counts}
+    if has_theta(family):
+        inputs["theta"] = log_uniform(1e-6, 1e8)
+    if has_zi(family):
+        inputs["zi_logits"] = 160.0 * torch.rand(batch, genes, generator=gen) - 80.0
+    return rounded(inputs, dtype)
+
+
+def tile_order_sum(values: list[float]) -> float:
+    """One example's per-gene losses summed in the CPU tile's order (count_simd_body.h:
+    per gene block, slot j += genes j, j + 16, ...; the slots pairwise; the blocks in order)."""
+    total = 0.0
+    for g0 in range(0, len(values), 256):
+        slots = [0.0] * 16
+        for i, value in enumerate(values[g0 : g0 + 256]):
+            slots[i % 16] += value
+        while len(slots) > 1:
+            slots = [slots[2 * j] + slots[2 * j + 1] for j in range(len(slots) // 2)]
+        total += slots[0]
+    return total
+
+
+@pytest.mark.parametrize("level", AVAILABLE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_counts_get_the_bits_of_the_full_formula(family, dtype, level):
+    # The tile evaluates zero counts with nll_grad_zero and the others, packed, with
+    # nll_grad; every element must be what nll_grad gives it alone (_C.count_nll_cpu, the
+    # full formula per element at the same level), bit for bit, at its own position.
+    inputs = sparse_extreme_inputs(family, dtype)
+    got = run_cpu(family, inputs, simd_level=LEVELS.index(level))  # grad_scale 1: exact copies
+    flat = {k: v.reshape(-1).numpy() for k, v in inputs.items()}
+    nll, d_mu, d_theta, d_zi = (
+        torch.from_numpy(out).reshape(inputs["mu"].shape)
+        for out in _C.count_nll_cpu(family, flat["counts"], flat["mu"], flat.get("theta"),
+                                    flat.get("zi_logits"), level)
+    )  # fmt: skip
+
+    def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        ints = torch.int64 if want.element_size() == 8 else torch.int32
+        assert torch.equal(got.view(ints), want.view(ints)), what  # -0.0 is not 0.0 here
+
+    assert_same_bits(got["grad_mu"], d_mu, "grad_mu")
+    if has_theta(family):
+        assert_same_bits(got["grad_theta"], d_theta, "grad_theta")
+    if has_zi(family):
+        assert_same_bits(got["grad_zi"], d_zi, "grad_zi")
+    rows = [tile_order_sum(row.double().tolist()) for row in nll]
+    assert_same_bits(got["row_nll"], torch.tensor(rows, dtype=torch.float64), "row_nll")
+
+
 # ---- validation -----------------------------------------------------------------------
 BAD = [
     ("mu", 0.0), ("mu", -1.0), ("mu", math.inf), ("mu", math.nan),

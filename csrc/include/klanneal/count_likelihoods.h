@@ -9,6 +9,7 @@
 //   NegBinomialNll<T>::nll_grad(x, mu, theta)          -> {nll, d_mu, d_theta}
 //   ZinbNll<T>::nll_grad(x, mu, theta, zi_logits)      -> {nll, d_mu, d_theta, d_zi_logits}
 //   ...::nll(...)                                      -> nll only
+//   ...::nll_grad_zero(mu[, theta[, zi_logits]])       -> nll_grad at x = 0, bit for bit
 //   ...::valid_target(x)                               -> x finite and >= 0
 //   count_nll::FamilyNll<F, O>::nll_grad(x, mu, theta, zi_logits): the same
 //                                  for family F (CountFamily), one interface

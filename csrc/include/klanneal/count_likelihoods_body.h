@@ -48,8 +48,12 @@ template <class O> struct Poisson {
     R d_mu;
   };
 
+  // x = 0 alone (nll_grad's value at a zero count).
+  static KLANNEAL_HD Result nll_grad_zero(R mu) { return {mu, O::set1(1)}; }
+
   static KLANNEAL_HD Result nll_grad(R x, R mu) {
     const typename O::C zero_count = O::eq(x, O::set1(0));
+    const Result at_zero = nll_grad_zero(mu);
     const R mu_minus_x = O::sub(mu, x);
     const R u = O::div(mu_minus_x, x);
     const R rho = O::div(mu, x); // 1 + u as a ratio
@@ -58,8 +62,8 @@ template <class O> struct Poisson {
                      special_math::constant<O>(0.91893853320467274178));
     pos = O::sub(pos, O::mul(x, special_math::log1pmx<O>(u, rho)));
     pos = O::add(pos, special_math::stirling_delta<O>(x));
-    return {O::select(zero_count, mu, pos),
-            O::select(zero_count, O::set1(1), O::div(mu_minus_x, mu))};
+    return {O::select(zero_count, at_zero.nll, pos),
+            O::select(zero_count, at_zero.d_mu, O::div(mu_minus_x, mu))};
   }
 
   static KLANNEAL_HD R nll(R x, R mu) { return nll_grad(x, mu).nll; }
@@ -105,22 +109,26 @@ template <class O> struct NegBinomial {
     R d_theta;
   };
 
+  // The pieces of x = 0, which need no count (ZINB's x = 0 is built on them;
+  // the x > 0 formulas reuse tm and w).
+  struct ZeroParts {
+    R tm;       // theta + mu
+    R w;        // mu / (theta + mu)
+    R q;        // theta / (theta + mu) = d loss(0)/d mu
+    R nll_zero; // -log p(0) = -theta log q >= 0
+    R lw;       // L(-w) = log q + w = -d loss(0)/d theta
+  };
+
   // The pieces ZINB shares: the loss and gradients at x = 0 and at x > 0.
   struct Parts {
-    R nll_zero; // -log p(0) = -theta log q >= 0
+    ZeroParts zero;
     R nll_pos;  // -log p(x) for x > 0
-    R q;        // theta / (theta + mu) = d loss(0)/d mu
-    R lw;       // L(-w) = log q + w = -d loss(0)/d theta
     R d_mu_pos; // d loss(x)/d mu, x > 0
     R d_theta_pos;
   };
 
-  static KLANNEAL_HD Parts parts(R x, R mu, R theta) {
-    using special_math::constant;
-    using special_math::log1pmx;
-    using special_math::stirling_delta;
+  static KLANNEAL_HD ZeroParts zero_parts(R mu, R theta) {
     const R zero = O::set1(0);
-    const R one = constant<O>(1.0);
     const R tm = O::add(theta, mu);
     const R q = O::div(theta, tm);
     const R w = O::div(mu, tm);
@@ -128,9 +136,24 @@ template <class O> struct NegBinomial {
     // mu/theta <= 1 (no overflow for tiny theta, full digits for large).
     const R log_q = O::select(O::lt(theta, mu), O::log(q),
                               O::sub(zero, special_math::log1p<O>(O::div(mu, theta))));
-    const R nll_zero = O::sub(zero, O::mul(theta, log_q));
     // log q + w cancels to O(w^2) for small w: L's series keeps it.
-    const R lw = log1pmx<O>(O::sub(zero, w), q);
+    return {tm, w, q, O::sub(zero, O::mul(theta, log_q)),
+            special_math::log1pmx<O>(O::sub(zero, w), q)};
+  }
+
+  // The loss and gradients at x = 0 from its pieces.
+  static KLANNEAL_HD Result zero_result(const ZeroParts &z) {
+    return {z.nll_zero, z.q, O::sub(O::set1(0), z.lw)};
+  }
+
+  static KLANNEAL_HD Parts parts(R x, R mu, R theta) {
+    using special_math::constant;
+    using special_math::log1pmx;
+    using special_math::stirling_delta;
+    const R zero = O::set1(0);
+    const R one = constant<O>(1.0);
+    const ZeroParts at_zero = zero_parts(mu, theta);
+    const R tm = at_zero.tm, q = at_zero.q, w = at_zero.w;
 
     // -log p(x), x > 0 (the header's form). 1 + d = n/(theta+mu) and
     // 1 + u2 = (mu/x) (n/(theta+mu)) are ratios, never 1 + (something); the
@@ -194,14 +217,21 @@ template <class O> struct NegBinomial {
                   O::sub(special_math::digamma<O>(n), special_math::digamma<O>(theta1)));
     const R e_small = O::add(psi_diff, e_small_rest);
     const R e = O::select(O::ge(theta, special_math::stirling_min<O>()), e_large, e_small);
-    return {nll_zero, nll_pos, q, lw, d_mu_pos, O::sub(zero, O::add(lw, e))};
+    return {at_zero, nll_pos, d_mu_pos, O::sub(zero, O::add(at_zero.lw, e))};
+  }
+
+  // x = 0 alone (nll_grad's value at a zero count).
+  static KLANNEAL_HD Result nll_grad_zero(R mu, R theta) {
+    return zero_result(zero_parts(mu, theta));
   }
 
   static KLANNEAL_HD Result nll_grad(R x, R mu, R theta) {
     const Parts p = parts(x, mu, theta);
+    const Result at_zero = zero_result(p.zero);
     const C zero_count = O::eq(x, O::set1(0));
-    return {O::select(zero_count, p.nll_zero, p.nll_pos), O::select(zero_count, p.q, p.d_mu_pos),
-            O::select(zero_count, O::sub(O::set1(0), p.lw), p.d_theta_pos)};
+    return {O::select(zero_count, at_zero.nll, p.nll_pos),
+            O::select(zero_count, at_zero.d_mu, p.d_mu_pos),
+            O::select(zero_count, at_zero.d_theta, p.d_theta_pos)};
   }
 
   static KLANNEAL_HD R nll(R x, R mu, R theta) { return nll_grad(x, mu, theta).nll; }
@@ -232,13 +262,11 @@ template <class O> struct ZeroInflatedNegBinomial {
     R d_zi_logits;
   };
 
-  static KLANNEAL_HD Result nll_grad(R x, R mu, R theta, R zi_logits) {
+  // The loss and gradients at x = 0 from NB's zero pieces and softplus(+-z).
+  static KLANNEAL_HD Result zero_result(const typename NegBinomial<O>::ZeroParts &nb,
+                                        const special_math::SoftplusPair<O> &sp, R zi_logits) {
     const R zero = O::set1(0);
-    const typename NegBinomial<O>::Parts nb = NegBinomial<O>::parts(x, mu, theta);
-    const special_math::SoftplusPair<O> sp = special_math::softplus_pair<O>(zi_logits);
     const R nb0 = O::sub(zero, nb.nll_zero);
-
-    // x = 0.
     const R gap = O::sub(zi_logits, nb0); // A - B
     const R e = O::exp(O::sub(zero, O::abs(gap)));
     const R inv = O::div(special_math::constant<O>(1.0), O::add(special_math::constant<O>(1.0), e));
@@ -252,12 +280,25 @@ template <class O> struct ZeroInflatedNegBinomial {
                special_math::log1p<O>(e));
     const R log_p0 =
         O::select(O::ge(a, special_math::constant<O>(-0.5)), special_math::log1p<O>(a), lse);
+    return {O::sub(zero, log_p0), O::mul(w_b, nb.q), O::sub(zero, O::mul(w_b, nb.lw)),
+            O::mul(O::mul(w_a, sp.sigmoid_neg), em1)};
+  }
 
-    const C zero_count = O::eq(x, zero);
-    return {O::select(zero_count, O::sub(zero, log_p0), O::add(sp.softplus_pos, nb.nll_pos)),
-            O::select(zero_count, O::mul(w_b, nb.q), nb.d_mu_pos),
-            O::select(zero_count, O::sub(zero, O::mul(w_b, nb.lw)), nb.d_theta_pos),
-            O::select(zero_count, O::mul(O::mul(w_a, sp.sigmoid_neg), em1), sp.sigmoid_pos)};
+  // x = 0 alone (nll_grad's value at a zero count).
+  static KLANNEAL_HD Result nll_grad_zero(R mu, R theta, R zi_logits) {
+    return zero_result(NegBinomial<O>::zero_parts(mu, theta),
+                       special_math::softplus_pair<O>(zi_logits), zi_logits);
+  }
+
+  static KLANNEAL_HD Result nll_grad(R x, R mu, R theta, R zi_logits) {
+    const typename NegBinomial<O>::Parts nb = NegBinomial<O>::parts(x, mu, theta);
+    const special_math::SoftplusPair<O> sp = special_math::softplus_pair<O>(zi_logits);
+    const Result at_zero = zero_result(nb.zero, sp, zi_logits);
+    const C zero_count = O::eq(x, O::set1(0));
+    return {O::select(zero_count, at_zero.nll, O::add(sp.softplus_pos, nb.nll_pos)),
+            O::select(zero_count, at_zero.d_mu, nb.d_mu_pos),
+            O::select(zero_count, at_zero.d_theta, nb.d_theta_pos),
+            O::select(zero_count, at_zero.d_zi_logits, sp.sigmoid_pos)};
   }
 
   static KLANNEAL_HD R nll(R x, R mu, R theta, R zi_logits) {
@@ -273,7 +314,10 @@ template <class O> struct ZeroInflatedNegBinomial {
 // (count_simd_body.h, cuda/count_cuda.cu) are written once against it and
 // instantiated per family from KLANNEAL_COUNT_FAMILIES. A family ignores the
 // parameters it does not have (kHasTheta, kHasZi) and returns 0 for their
-// gradients.
+// gradients. nll_grad_zero(mu, theta, zi_logits) is nll_grad at x = 0, bit
+// for bit (nll_grad selects the same helpers' result there), at a fraction
+// of the cost: no lgamma or digamma. The CPU tile evaluates the zero counts
+// of sparse data (most of a single-cell matrix) with it.
 template <class O> struct CountGrads {
   typename O::R nll, d_mu, d_theta, d_zi_logits;
 };
@@ -287,6 +331,10 @@ template <class O> struct FamilyNll<CountFamily::kPoisson, O> {
     const typename Poisson<O>::Result r = Poisson<O>::nll_grad(x, mu);
     return {r.nll, r.d_mu, O::set1(0), O::set1(0)};
   }
+  static KLANNEAL_HD CountGrads<O> nll_grad_zero(R mu, R, R) {
+    const typename Poisson<O>::Result r = Poisson<O>::nll_grad_zero(mu);
+    return {r.nll, r.d_mu, O::set1(0), O::set1(0)};
+  }
 };
 
 template <class O> struct FamilyNll<CountFamily::kNegBinomial, O> {
@@ -294,6 +342,10 @@ template <class O> struct FamilyNll<CountFamily::kNegBinomial, O> {
   static constexpr bool kHasTheta = true, kHasZi = false;
   static KLANNEAL_HD CountGrads<O> nll_grad(R x, R mu, R theta, R) {
     const typename NegBinomial<O>::Result r = NegBinomial<O>::nll_grad(x, mu, theta);
+    return {r.nll, r.d_mu, r.d_theta, O::set1(0)};
+  }
+  static KLANNEAL_HD CountGrads<O> nll_grad_zero(R mu, R theta, R) {
+    const typename NegBinomial<O>::Result r = NegBinomial<O>::nll_grad_zero(mu, theta);
     return {r.nll, r.d_mu, r.d_theta, O::set1(0)};
   }
 };
@@ -304,6 +356,11 @@ template <class O> struct FamilyNll<CountFamily::kZinb, O> {
   static KLANNEAL_HD CountGrads<O> nll_grad(R x, R mu, R theta, R zi_logits) {
     const typename ZeroInflatedNegBinomial<O>::Result r =
         ZeroInflatedNegBinomial<O>::nll_grad(x, mu, theta, zi_logits);
+    return {r.nll, r.d_mu, r.d_theta, r.d_zi_logits};
+  }
+  static KLANNEAL_HD CountGrads<O> nll_grad_zero(R mu, R theta, R zi_logits) {
+    const typename ZeroInflatedNegBinomial<O>::Result r =
+        ZeroInflatedNegBinomial<O>::nll_grad_zero(mu, theta, zi_logits);
     return {r.nll, r.d_mu, r.d_theta, r.d_zi_logits};
   }
 };
