@@ -97,9 +97,25 @@ void load_row(const CountReconParams &p, int64_t b, int64_t g0, int n, RowArrays
                  p.zi_col_stride, n);
 }
 
-// The key of the row's first invalid element (flat index at + j), or kNoInvalid.
-template <class Fam, typename T>
+// The key of the row's first invalid element (flat index at + j), or
+// kNoInvalid: whole vectors are checked first (CountInputRule over O, the
+// filler lanes valid), the elements one by one only in a row with a bad one.
+template <class Fam, class O, typename T>
 int64_t first_invalid_in_row(const RowArrays<T> &row, int n, int64_t at) {
+  using Rule = count_nll::CountInputRule<O>;
+  typename O::R bad = O::set1(T(0));
+  for (int v = 0; v < n; v += O::kLanes) {
+    const typename O::C ok = Rule::all(O::loadu(row.x + v), O::loadu(row.mu + v),
+                                       O::loadu(row.theta + v), O::loadu(row.zi + v));
+    bad = O::max(bad, O::select(ok, O::set1(T(0)), O::set1(T(1))));
+  }
+  alignas(64) T lanes[kLanesMax];
+  O::storeu(lanes, bad);
+  bool any_bad = false;
+  for (int k = 0; k < O::kLanes; ++k)
+    any_bad |= lanes[k] != T(0);
+  if (!any_bad)
+    return kNoInvalid;
   for (int j = 0; j < n; ++j) {
     const CountInput which = first_invalid_input(row.x[j], row.mu[j], row.theta[j], row.zi[j],
                                                  Fam::kHasTheta, Fam::kHasZi);
@@ -241,7 +257,7 @@ void recon_tile(const CountReconParams &p, const CountReconPlan &w, double *scra
   for (int64_t b = b0; b < b_end; ++b) {
     load_row<S, Fam>(p, b, g0, n, row);
     if (p.first_invalid != nullptr && first_bad == kNoInvalid)
-      first_bad = first_invalid_in_row<Fam>(row, n, b * genes + g0);
+      first_bad = first_invalid_in_row<Fam, O>(row, n, b * genes + g0);
     eval_zero_counts<Fam, O>(row, n);
     eval_nonzero_counts<Fam, O>(row, n);
     add_row<S>(p, w, scratch, row, block, b, n, cols);

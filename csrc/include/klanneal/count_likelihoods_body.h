@@ -38,6 +38,26 @@
 //   -log p = mu                                                    (x = 0).
 namespace count_nll {
 
+// ---- valid inputs --------------------------------------------------------------------
+// The validity rule of each input, lane by lane, over an ops traits O (first_invalid_input
+// of count_recon.h with ScalarOps<T>; the CPU tile's check of whole vectors):
+// mu and theta finite and > 0, counts finite, >= 0 and whole, zi_logits not
+// NaN. Comparisons are ordered (false for NaN).
+template <class O> struct CountInputRule {
+  using R = typename O::R;
+  using C = typename O::C;
+  static KLANNEAL_HD R inf() { return O::set1(static_cast<typename O::T>(INFINITY)); }
+  static KLANNEAL_HD C positive(R v) { return O::both(O::gt(v, O::set1(0)), O::lt(v, inf())); }
+  static KLANNEAL_HD C count(R x) {
+    return O::both(O::both(O::ge(x, O::set1(0)), O::lt(x, inf())), O::eq(x, O::floor(x)));
+  }
+  static KLANNEAL_HD C logit(R z) { return O::eq(z, z); }
+  // Every input of the lane valid (a family's absent parameters: valid filler).
+  static KLANNEAL_HD C all(R x, R mu, R theta, R zi) {
+    return O::both(O::both(positive(mu), count(x)), O::both(positive(theta), logit(zi)));
+  }
+};
+
 // ---- Poisson(mu) ---------------------------------------------------------------
 // loss = mu - x log mu + lgamma(x + 1);  d loss/d mu = 1 - x/mu = (mu - x)/mu
 // (x = 0: loss mu, gradient 1, also at mu = 0).

@@ -20,6 +20,7 @@
 
 #include "klanneal/common.h"
 #include "klanneal/count_family.h"
+#include "klanneal/count_likelihoods.h"
 
 namespace klanneal {
 
@@ -185,19 +186,14 @@ constexpr int64_t kNoInvalid = INT64_MAX;
 template <typename T>
 KLANNEAL_HD CountInput first_invalid_input(T x, T mu, T theta, T zi, bool with_theta,
                                            bool with_zi) {
-  const T inf = static_cast<T>(INFINITY);
-#if defined(__CUDACC__)
-  const bool whole = x == floor(x);
-#else
-  const bool whole = x == std::floor(x);
-#endif
-  if (!(mu > T(0) && mu < inf))
+  using Rule = count_nll::CountInputRule<ScalarOps<T>>;
+  if (!Rule::positive(mu))
     return CountInput::kMu;
-  if (!(x >= T(0) && x < inf && whole))
+  if (!Rule::count(x))
     return CountInput::kCounts;
-  if (with_theta && !(theta > T(0) && theta < inf))
+  if (with_theta && !Rule::positive(theta))
     return CountInput::kTheta;
-  if (with_zi && zi != zi)
+  if (with_zi && !Rule::logit(zi))
     return CountInput::kZi;
   return CountInput::kCount;
 }
