@@ -5,6 +5,8 @@ ElboCall, gives what elbo_call gives, bit for bit, and leaves every other call
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,3 +178,26 @@ def test_bad_options_raise_elbo_calls_error(options, message):
             free_bits=options[1], validate=options[5],
         )  # fmt: skip
     assert str(common.value) == str(general.value)
+
+
+def test_a_default_device_at_import_does_not_move_the_outputs():
+    # The 0-d CPU tensors that the eager outputs are empty_like of are made
+    # at import: under a default device they must still be CPU tensors.
+    script = (
+        "import torch\n"
+        "torch.set_default_device('meta')\n"
+        "import klanneal\n"
+        "torch.set_default_device(None)\n"
+        "x, t = torch.randn(2, 5, requires_grad=True), torch.rand(2, 5)\n"
+        "mu, lv = torch.randn(2, 3), torch.randn(2, 3)\n"
+        "out = klanneal.elbo_loss(x, t, mu, lv, 0.5, likelihood='bernoulli')\n"
+        "out.loss.backward()\n"
+        "want = klanneal.elbo_loss_ref(x, t, mu, lv, 0.5, likelihood='bernoulli').loss\n"
+        "assert all(v.device.type == 'cpu' for v in out), [v.device for v in out]\n"
+        "torch.testing.assert_close(out.loss, want)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

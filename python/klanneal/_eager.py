@@ -242,8 +242,11 @@ def _c_apply() -> Any:
 APPLY = _c_apply()
 
 
-# A 0-d CPU tensor per results' dtype: eager_elbo's outputs are empty_like of it.
-_ZERO_D = {dtype: torch.empty((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
+# A 0-d CPU tensor per results' dtype: eager_elbo's outputs are empty_like of it (on
+# the CPU whatever default device is set when klanneal is imported).
+_ZERO_D = {
+    dtype: torch.empty((), dtype=dtype, device="cpu") for dtype in (torch.float32, torch.float64)
+}
 _FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
 
 UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
