@@ -16,7 +16,7 @@ Cases (fp32, B=128 cells, latent 10): ``zinb-2k``, ``zinb-20k``, ``nb-2k``, ``nb
 (G = 2000 or 20000 genes), and ``scvi-step``: one Adam step of the scVI-like VAE of
 examples/single_cell_vae (encoder on log1p counts, decoder softmax x library -> px_rate,
 per-gene theta = exp(px_r), zi_logits head) on B=128 cells x G=20000 genes, with each
-provider's ZINB loss.
+provider's ZINB loss under a linear KL warm-up (klanneal: through ``klanneal.nn.ELBOLoss``).
 
 Inputs (seeded): px_rate = softmax(decoder logits) * library size, theta = exp(px_r) [G],
 zi_logits [B, G], with the spreads of the example's synthetic data
@@ -450,13 +450,47 @@ def _step_outputs(model: SingleCellVAE, counts: torch.Tensor) -> tuple[torch.Ten
     return px_rate, model.theta(), px_dropout, qz_m, qz_logvar
 
 
+STEP_KL_WARMUP = 400  # steps of the training step's linear KL warm-up (beta 0 -> 1)
+
+
+def _warmed_up_loss(provider: str, loss_fn: LossFn, device: torch.device) -> LossFn:
+    """``f(px_rate, counts, theta, zi_logits, mu, logvar) -> 0-d loss`` with beta on a
+    linear KL warm-up (klanneal.schedules.LinearWarmup(STEP_KL_WARMUP)), one step per
+    call: klanneal through ``klanneal.nn.ELBOLoss`` (its likelihood's tensors set per
+    call, as examples/single_cell_vae does), the hand-written loss with the same
+    schedule's value in a 0-d tensor (a new value is not a torch.compile recompile)."""
+    import klanneal
+    from klanneal.likelihoods import ZeroInflatedNegativeBinomial
+
+    schedule = klanneal.schedules.LinearWarmup(STEP_KL_WARMUP)
+    if provider == "klanneal":
+        criterion = klanneal.nn.ELBOLoss(schedule, likelihood=ZeroInflatedNegativeBinomial())
+
+        def fused(px_rate, counts, theta, zi_logits, mu, logvar):
+            criterion.likelihood = ZeroInflatedNegativeBinomial(theta, zi_logits)
+            loss = criterion(px_rate, counts, mu, logvar).loss
+            criterion.step()
+            return loss
+
+        return fused
+    beta, step = torch.zeros((), device=device), [0]
+
+    def by_hand(px_rate, counts, theta, zi_logits, mu, logvar):
+        beta.fill_(schedule(step[0]))
+        step[0] += 1
+        return loss_fn(px_rate, counts, theta, zi_logits, mu, logvar, beta)
+
+    return by_hand
+
+
 def step_case(
     device: torch.device, providers: list[str], *, repeats: int, warmup: int, quick: bool,
     log: Callable[[str], None], failures: list[str],
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One Adam step of the scVI-like VAE (ZINB, B=128, G=20000) with each provider's
-    loss, one model per provider from the same initial weights. Checked first: each
-    provider's loss on one forward pass of those weights, against eager's."""
+    loss under a linear KL warm-up (_warmed_up_loss), one model per provider from the
+    same initial weights. Checked first: each provider's loss on one forward pass of
+    those weights at beta BETA, against eager's."""
     batch, genes = STEP_QUICK_SHAPE if quick else STEP_SHAPE
     counts = example_data.make_counts(batch, genes, n_types=5, seed=0).counts.to(device)
     beta = torch.tensor(BETA, device=device)
@@ -472,9 +506,11 @@ def step_case(
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = loss_function(provider, compiled)
 
-        def step(_: Any, model=model, opt=opt, loss_fn=loss_fn) -> torch.Tensor:
+        warmed = _warmed_up_loss(provider, loss_fn, device)
+
+        def step(_: Any, model=model, opt=opt, warmed=warmed) -> torch.Tensor:
             px_rate, theta, zi_logits, qz_m, qz_logvar = _step_outputs(model, counts)
-            loss = loss_fn(px_rate, counts, theta, zi_logits, qz_m, qz_logvar, beta)
+            loss = warmed(px_rate, counts, theta, zi_logits, qz_m, qz_logvar)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
