@@ -154,6 +154,21 @@ def test_elbo_loss_module_takes_a_count_likelihood():
     assert theta.grad is not None and theta.grad.shape == (G,)
 
 
+@pytest.mark.parametrize("how", ["module", "name"])
+def test_poisson_takes_the_module_and_its_name(how):
+    # Regression: Poisson has no parameters, so ELBOLoss kept only its name and
+    # likelihood="poisson" went on as a name: the count path read the
+    # parameters of a string (AttributeError).
+    rate, counts, _, _, mu, logvar = _inputs()
+    want = klanneal.elbo_loss(rate, counts, mu, logvar, 0.5, likelihood=Poisson())
+    if how == "module":
+        got = klanneal.nn.ELBOLoss(0.5, likelihood=Poisson())(rate, counts, mu, logvar)
+    else:
+        got = klanneal.elbo_loss(rate, counts, mu, logvar, 0.5, likelihood="poisson")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not _count_op._HAS_NATIVE, reason="needs the native count kernel")
 def test_the_family_codes_are_the_kernels():
     # _count_op.COUNT_FAMILIES[code] names the C++ family of that code.

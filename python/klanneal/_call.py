@@ -393,7 +393,9 @@ def _run_counts(options: ElboOptions, args: dict[str, Any]) -> ELBOOutput:
     """A COUNTS call: the count family's reconstruction op (klanneal._count_op)
     plus the KL term of the same arguments (kl_term_call)."""
     recon_input, target, family = args["recon_input"], args["target"], args["likelihood"]
-    params = family.tensors()
+    # A name reaches here only for a family without parameters (Poisson): the
+    # others refuse their name (check_options), nn.ELBOLoss keeps their object.
+    params = family.tensors() if isinstance(family, Likelihood) else {}
     if options.validate and not torch.compiler.is_compiling():
         # The values themselves are checked by the native kernel, in its pass.
         values = not native_count_kernel(recon_input.device)
