@@ -44,28 +44,8 @@ from klanneal._frange import (
 )
 from klanneal._host_schedules import FromArray, LinearWarmup, Logistic, Offset
 from klanneal._plot import plot_schedules  # noqa: F401 - re-exported
-from klanneal._schedule_args import (  # noqa: F401 - used by the schedule modules
-    _MAX_COUNT,
-    _MAX_STEP,
-    SHAPES,
-    FloatArray,
-    StepsLike,
-    _as_float,
-    _as_int,
-    _as_ratio,
-    _as_step,
-    _as_zero_ratio,
-    _check_ramp_length,
-    _check_span,
-    _loaded_native,
-    _native,
-    _tensor_step,
-)
-from klanneal._schedule_ref import (  # noqa: F401 - _n_threads: used by the schedule modules
-    _n_threads,
-    schedule_value_ref,
-    schedule_values_ref,
-)
+from klanneal._schedule_args import SHAPES
+from klanneal._schedule_ref import schedule_value_ref, schedule_values_ref
 from klanneal._sizing import ScheduleLengthWarning
 
 __all__ = [
