@@ -122,21 +122,20 @@ void finalize(const CountReconParams &p, const CountReconPlan &w, const double *
     return p.grad_scale * (p.row_scale != nullptr ? p.row_scale[b] : 1.0);
   };
   for (int64_t b = 0; b < batch; ++b)
-    p.row_nll[b] = count_row_total(scratch + w.loss, w.gene_blocks, batch, b);
+    p.row_nll[b] = count_total(scratch + w.loss, w.gene_blocks, batch, b);
   auto finish = [&](void *grad, Broadcast broadcast, int64_t rows, int64_t cols) {
     G *out = static_cast<G *>(grad);
     if (rows >= 0)
       for (int64_t b = 0; b < batch; ++b)
-        out[b] = static_cast<G>(count_row_total(scratch + rows, w.gene_blocks, batch, b) *
-                                example_scale(b));
+        out[b] =
+            static_cast<G>(count_total(scratch + rows, w.gene_blocks, batch, b) * example_scale(b));
     if (cols >= 0 && broadcast == Broadcast::kPerGene)
       for (int64_t g = 0; g < genes; ++g)
-        out[g] =
-            static_cast<G>(count_col_total(scratch + cols, w.row_chunks, genes, g) * p.grad_scale);
+        out[g] = static_cast<G>(count_total(scratch + cols, w.row_chunks, genes, g) * p.grad_scale);
     if (cols >= 0 && broadcast == Broadcast::kScalar) {
       double total = 0.0;
       for (int64_t g = 0; g < genes; ++g)
-        total += count_col_total(scratch + cols, w.row_chunks, genes, g);
+        total += count_total(scratch + cols, w.row_chunks, genes, g);
       out[0] = static_cast<G>(total * p.grad_scale);
     }
   };

@@ -9,7 +9,7 @@
 //      the tile's examples (per-gene and scalar parameters); grad_mu and the
 //      per-element gradients written directly.
 //   2. finalize_kernel: the partials added up in their fixed order
-//      (count_row_total / count_col_total, shared with the CPU), the scalar
+//      (count_total, shared with the CPU), the scalar
 //      parameters' totals and the first invalid element reduced by block 0.
 //
 // No floating-point atomics: every sum has a fixed assignment of elements to
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block 0 only: sum over g of count_col_total(g) (a scalar parameter's
+// Block 0 only: sum over g of count_total of gene g (a scalar parameter's
 // gradient) into out[0], times grad_scale.
 template <typename G>
 __device__ void finalize_scalar(const CountReconParams &p, const CountReconPlan &w,
@@ -163,7 +163,7 @@ __device__ void finalize_scalar(const CountReconParams &p, const CountReconPlan 
   __shared__ typename Reduce::TempStorage storage;
   double s = 0.0;
   for (int64_t g = threadIdx.x; g < p.genes; g += kThreads)
-    s += count_col_total(cols, w.row_chunks, p.genes, g);
+    s += count_total(cols, w.row_chunks, p.genes, g);
   const double total = Reduce(storage).Reduce(s, DoubleSum());
   if (threadIdx.x == 0)
     out[0] = static_cast<G>(total * p.grad_scale);
@@ -182,21 +182,21 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
     if (i < batch) {
       const double scale = p.grad_scale * (p.row_scale != nullptr ? p.row_scale[i] : 1.0);
-      p.row_nll[i] = count_row_total(scratch + w.loss, w.gene_blocks, batch, i);
+      p.row_nll[i] = count_total(scratch + w.loss, w.gene_blocks, batch, i);
       if (w.theta_rows >= 0)
-        grad_theta[i] = static_cast<G>(
-            count_row_total(scratch + w.theta_rows, w.gene_blocks, batch, i) * scale);
+        grad_theta[i] =
+            static_cast<G>(count_total(scratch + w.theta_rows, w.gene_blocks, batch, i) * scale);
       if (w.zi_rows >= 0)
         grad_zi[i] =
-            static_cast<G>(count_row_total(scratch + w.zi_rows, w.gene_blocks, batch, i) * scale);
+            static_cast<G>(count_total(scratch + w.zi_rows, w.gene_blocks, batch, i) * scale);
     }
     if (i < genes) {
       if (w.theta_cols >= 0 && w.theta == Broadcast::kPerGene)
-        grad_theta[i] = static_cast<G>(
-            count_col_total(scratch + w.theta_cols, w.row_chunks, genes, i) * p.grad_scale);
+        grad_theta[i] = static_cast<G>(count_total(scratch + w.theta_cols, w.row_chunks, genes, i) *
+                                       p.grad_scale);
       if (w.zi_cols >= 0 && w.zi == Broadcast::kPerGene)
-        grad_zi[i] = static_cast<G>(count_col_total(scratch + w.zi_cols, w.row_chunks, genes, i) *
-                                    p.grad_scale);
+        grad_zi[i] =
+            static_cast<G>(count_total(scratch + w.zi_cols, w.row_chunks, genes, i) * p.grad_scale);
     }
   }
   if (blockIdx.x != 0)

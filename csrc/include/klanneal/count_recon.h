@@ -156,21 +156,15 @@ CountReconPlan count_recon_plan(const CountReconParams &p, int64_t row_chunk);
 size_t count_recon_cuda_workspace_bytes(const CountReconParams &p);
 
 // ---- the finalize arithmetic both backends share ------------------------------------
-// A per-example total: the gene blocks' partials of example b, in block order.
-KLANNEAL_HD double count_row_total(const double *rows, int64_t gene_blocks, int64_t batch,
-                                   int64_t b) {
+// One total from its partials, added in part order: partials[k * stride + index]
+// for k < parts. A per-example total: the gene blocks' partials (parts =
+// gene_blocks, stride = batch, index = b); a per-gene total: the row chunks'
+// (parts = row_chunks, stride = genes, index = g).
+KLANNEAL_HD double count_total(const double *partials, int64_t parts, int64_t stride,
+                               int64_t index) {
   double s = 0.0;
-  for (int64_t k = 0; k < gene_blocks; ++k)
-    s += rows[k * batch + b];
-  return s;
-}
-
-// A per-gene total: the row chunks' partials of gene g, in chunk order.
-KLANNEAL_HD double count_col_total(const double *cols, int64_t row_chunks, int64_t genes,
-                                   int64_t g) {
-  double s = 0.0;
-  for (int64_t c = 0; c < row_chunks; ++c)
-    s += cols[c * genes + g];
+  for (int64_t k = 0; k < parts; ++k)
+    s += partials[k * stride + index];
   return s;
 }
 
