@@ -158,6 +158,17 @@ def run_memory_worker(script: str, spec: dict[str, Any], timeout_s: float = 900)
     return result
 
 
+def cpu_peak_samples(entry: Timed, samples: int) -> list[int]:
+    """A memory worker's measurement: `entry` warmed up (two calls), then its peak
+    extra bytes (cpu_peak_extra_bytes) in each of `samples` calls, each after its
+    own setup. Raises where this kernel cannot reset a process's VmHWM."""
+    for _ in range(2):
+        entry.call(entry.prepare())
+    if not peak_rss_reset_works():
+        raise RuntimeError("/proc/self/clear_refs cannot reset VmHWM on this system")
+    return [cpu_peak_extra_bytes(entry.call, entry.prepare()) for _ in range(samples)]
+
+
 def cpu_peak_extra_bytes(call: Callable[[Any], Any], state: Any) -> int:
     """Peak RSS increase while ``call(state)`` runs, in bytes (see the module docstring).
 

@@ -273,13 +273,7 @@ def _worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     inputs = make_inputs(CASES[spec["case"]], spec["quick"], torch.device(spec["device"]))
     compiled = make_compiled() if spec["provider"] == "compile" else None
     entry = build_entry(spec["provider"], inputs, compiled)
-    for _ in range(2):
-        entry.call(entry.prepare())
-    if not _harness.peak_rss_reset_works():
-        raise RuntimeError("/proc/self/clear_refs cannot reset VmHWM on this system")
-    samples = [
-        _harness.cpu_peak_extra_bytes(entry.call, entry.prepare()) for _ in range(spec["samples"])
-    ]
+    samples = _harness.cpu_peak_samples(entry, spec["samples"])
     threads = torch.get_num_threads()
     return {"peak_extra_bytes": max(samples), "samples": samples, "threads": threads}
 

@@ -304,13 +304,7 @@ def _worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     inputs = make_inputs(case, spec["quick"], device, dtype, requires_grad=mode == "full")
     compiled_ref = make_compiled_ref() if spec["provider"] == "compile" else None
     entry = build_entry(spec["provider"], inputs, case.likelihood, mode, compiled_ref)
-    for _ in range(2):
-        entry.call(entry.prepare())
-    if not _harness.peak_rss_reset_works():
-        raise RuntimeError("/proc/self/clear_refs cannot reset VmHWM on this system")
-    samples = [
-        _harness.cpu_peak_extra_bytes(entry.call, entry.prepare()) for _ in range(spec["samples"])
-    ]
+    samples = _harness.cpu_peak_samples(entry, spec["samples"])
     return {
         "peak_extra_bytes": max(samples),
         "samples": samples,
