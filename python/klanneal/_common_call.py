@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from klanneal._call import _FORWARD_AD, _NEW_TUPLE, _TRANSFORMS_ACTIVE, _UNTRACKED
 from klanneal._eager import eager_elbo, eager_plan
 from klanneal._kernels import native_available
 from klanneal._layout import FULL_PRECISION, OpInputs, _cached_options, elbo_options
@@ -32,8 +33,6 @@ _ELEMENTWISE = frozenset(
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
 _INF = float("inf")
-_UNTRACKED = (False,) * 7
-_NEW_TUPLE = tuple.__new__
 
 
 def common_call(
@@ -117,8 +116,6 @@ def _special_state() -> bool:
 
 
 _IS_COMPILING = torch.compiler.is_compiling
-_TRANSFORMS_ACTIVE = torch._C._are_functorch_transforms_active
-_FORWARD_AD: Any = torch.autograd.forward_ad
 _FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
 _GRAD_ENABLED = torch.is_grad_enabled
 _SPECIAL_STATE = _special_state
