@@ -8,6 +8,8 @@ namespace klanneal {
 
 void register_schedules(pybind11::module_ &m);
 void register_elbo(pybind11::module_ &m);
+// _C.common_elbo, elbo_loss's common call in one C call (bind_common_call.cpp).
+void register_common_call(pybind11::module_ &m);
 // Registers the CUDA entry points when built with CUDA; a no-op otherwise.
 void register_elbo_cuda(pybind11::module_ &m);
 // The CPU gradient-buffer pool (buffer_pool.h) and its DLPack export.

@@ -158,4 +158,31 @@ inline bool wants_float32_outputs(const std::vector<int64_t> &sizes) {
   return sizes[static_cast<size_t>(SizeSlot::k_out_dtype)] == static_cast<int64_t>(DType::kFloat32);
 }
 
+// Runs the CPU launcher on p: the first invalid target's flat index when
+// `validate`, else -1; float32 outputs through Float32Outputs when asked.
+// The GIL is released around the launch when `release_gil` (the launcher
+// never calls back into Python); a call too small to be worth the hand-over
+// keeps it.
+inline int64_t run_elbo_cpu(ElboParams &p, bool validate, bool float32_outputs, bool release_gil) {
+  int64_t first_invalid = -1;
+  if (validate)
+    p.first_invalid_target = &first_invalid;
+  auto launch = [&] {
+    if (release_gil) {
+      pybind11::gil_scoped_release release;
+      launch_elbo_cpu(p);
+    } else {
+      launch_elbo_cpu(p);
+    }
+  };
+  if (float32_outputs) {
+    Float32Outputs outputs(p);
+    launch();
+    outputs.copy_out();
+  } else {
+    launch();
+  }
+  return first_invalid;
+}
+
 } // namespace klanneal

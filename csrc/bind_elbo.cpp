@@ -47,6 +47,15 @@ py::dict elbo_layout() {
 #undef KLANNEAL_CODE_NAME
 #undef KLANNEAL_FIRST_ARG
 
+// The packed call (elbo_layout()) on the CPU; returns the first invalid
+// target's flat index, or -1.
+int64_t elbo_forward_cpu(const std::vector<int64_t> &sizes, const std::vector<uint64_t> &ptrs,
+                         const std::vector<double> &floats, const std::vector<int64_t> &ints) {
+  ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
+  return run_elbo_cpu(p, ints[static_cast<size_t>(IntSlot::k_validate)] != 0,
+                      wants_float32_outputs(sizes), true);
+}
+
 } // namespace
 
 void register_elbo(py::module_ &m) {
@@ -54,35 +63,13 @@ void register_elbo(py::module_ &m) {
         "The packed call of the ELBO bindings: slot names of `sizes`, `ptrs`, `floats` and "
         "`ints` in order, and the names of every enum's codes 0, 1, ... (likelihood, "
         "reduction, free_bits_mode, dtype, schedule_kind, ramp_shape).");
-  m.def(
-      "elbo_forward_cpu",
-      [](const std::vector<int64_t> &sizes, const std::vector<uint64_t> &ptrs,
-         const std::vector<double> &floats, const std::vector<int64_t> &ints) -> int64_t {
-        ElboParams p = elbo_params_from_packed(sizes, ptrs, floats, ints);
-        int64_t first_invalid = -1;
-        if (ints[static_cast<size_t>(IntSlot::k_validate)] != 0)
-          p.first_invalid_target = &first_invalid;
-        if (wants_float32_outputs(sizes)) {
-          Float32Outputs outputs(p);
-          {
-            py::gil_scoped_release release;
-            launch_elbo_cpu(p);
-          }
-          outputs.copy_out();
-          return first_invalid;
-        }
-        {
-          py::gil_scoped_release release;
-          launch_elbo_cpu(p);
-        }
-        return first_invalid;
-      },
-      py::arg("sizes"), py::arg("ptrs"), py::arg("floats"), py::arg("ints"),
-      "Runs the fused ELBO op on CPU tensors given by pointer (the packed call of "
-      "elbo_layout()). Returns the flat index of the first invalid target (class id outside "
-      "[0, V) or bernoulli target outside [0, 1]) when `validate` is set and one was found, "
-      "else -1. The scalar outputs are float64, or float32 with out_dtype float32. Raises "
-      "ValueError on inconsistent parameters.");
+  m.def("elbo_forward_cpu", &elbo_forward_cpu, py::arg("sizes"), py::arg("ptrs"), py::arg("floats"),
+        py::arg("ints"),
+        "Runs the fused ELBO op on CPU tensors given by pointer (the packed call of "
+        "elbo_layout()). Returns the flat index of the first invalid target (class id outside "
+        "[0, V) or bernoulli target outside [0, 1]) when `validate` is set and one was found, "
+        "else -1. The scalar outputs are float64, or float32 with out_dtype float32. Raises "
+        "ValueError on inconsistent parameters.");
   m.def(
       "_exp_nonpos_mismatches",
       [](uint32_t stride) {

@@ -29,6 +29,7 @@ PYBIND11_MODULE(_C, m) {
       "compiler, simd (ISA dispatched to on this CPU), simd_compiled.");
   klanneal::register_schedules(m);
   klanneal::register_elbo(m);
+  klanneal::register_common_call(m);
   klanneal::register_elbo_cuda(m);
   klanneal::register_pool(m);
   klanneal::register_special(m);

@@ -5,7 +5,7 @@
 # callers test for them with hasattr.
 
 from collections.abc import Sequence
-from typing import SupportsFloat, SupportsIndex, SupportsInt, TypedDict, Union
+from typing import Any, SupportsFloat, SupportsIndex, SupportsInt, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,37 @@ def elbo_forward_cpu(
     sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float], ints: Sequence[_Int]
 ) -> int: ...
 def _exp_nonpos_mismatches(stride: _Int) -> int: ...
+
+# elbo_loss's common call in one C call (csrc/bind_common_call.cpp,
+# klanneal/_common_call.py).
+def common_setup(config: dict[str, Any]) -> None: ...
+def common_lane(
+    sizes: Sequence[_Int],
+    floats: Sequence[float],
+    ints: Sequence[_Int],
+    zero_d: Any,
+    dtype: Any,
+    plan: Any,
+    grad_recon: bool,
+    grad_mu: bool,
+    grad_logvar: bool,
+    pool_numel: _Int,
+) -> Any: ...
+def common_elbo(
+    recon_input: Any,
+    target: Any,
+    mu: Any,
+    logvar: Any,
+    beta: Any,
+    likelihood: Any,
+    reduction: Any,
+    free_bits: Any,
+    free_bits_mode: Any,
+    ignore_index: Any,
+    gaussian_var: Any,
+    validate: Any,
+    /,
+) -> Any: ...
 def elbo_cuda_workspace_bytes(
     sizes: Sequence[_Int], ptrs: Sequence[_Int], floats: Sequence[float], ints: Sequence[_Int]
 ) -> int: ...

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from klanneal._layout import _N_INPUTS, FULL_PRECISION, ElboOptions, OpInputs
+from klanneal._layout import _N_INPUTS, FULL_PRECISION, SAVED, ElboOptions, OpInputs
 
 _DOUBLE_BACKWARD = (
     "klanneal.elbo_loss does not support double backward (create_graph=True, as for a "
@@ -24,6 +24,8 @@ _IN_RECON, _IN_TARGET, _IN_MU, _IN_LOGVAR, _IN_BETA = (
 _IN_PRIOR_MU, _IN_PRIOR_LOGVAR = (
     OpInputs._fields.index(name) for name in ("prior_mu", "prior_logvar")
 )
+
+_N_SAVED = len(SAVED)
 
 _SECOND_BACKWARD = (
     "klanneal.elbo_loss: a second backward through the same graph (retain_graph=True) is "
@@ -42,13 +44,18 @@ def _is_one(grad_output: torch.Tensor) -> bool:
 
 
 def _backward_common(
-    ctx: Any, state: Any, grad_loss: Optional[torch.Tensor]
+    ctx: Any,
+    state: Any,
+    grad_loss: Optional[torch.Tensor],
+    saved_slots: Optional[Sequence[int]] = None,
 ) -> list[Optional[torch.Tensor]]:
     """Gradients of the op's inputs in schema order (OpInputs): the saved ones
     times grad_loss; beta's is grad_loss times d loss / d beta (kl_weight).
 
     ctx.saved_tensors: the gradients named in SAVED (grad_recon, grad_mu,
-    grad_logvar, grad_prior_mu, grad_prior_logvar), then kl_weight. state
+    grad_logvar, grad_prior_mu, grad_prior_logvar), then kl_weight; or, with
+    ``saved_slots``, only those computed, each in its slot of that list
+    (ElboFunction). state
     (ctx itself for the op, in eager mode the copy of the call's EagerPlan
     that ElboFunction keeps on ctx): reduction, asked (the 5 gradients the
     forward computed), recon_dtype, latent_dtype, grad_recon_input,
@@ -64,7 +71,13 @@ def _backward_common(
     if grad_loss is None:  # only non-differentiable outputs reached this node
         return none
     eager = check_eager(grad_loss, _DOUBLE_BACKWARD)
-    *saved, kl_weight = ctx.saved_tensors  # the SAVED gradients, then kl_weight
+    if saved_slots is None:
+        saved_all: list[Any] = list(ctx.saved_tensors)
+    else:
+        saved_all = [None] * (_N_SAVED + 1)
+        for slot, tensor in zip(saved_slots, ctx.saved_tensors):
+            saved_all[slot] = tensor
+    *saved, kl_weight = saved_all  # the SAVED gradients, then kl_weight
     grads, in_place = scale_saved(ctx, state, saved, state.asked, grad_loss, state.reduction, eager)
     # fp16/bf16 inputs: the gradients were kept in fp32 up to here.
     if state.recon_dtype not in FULL_PRECISION and grads[0] is not None:

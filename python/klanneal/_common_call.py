@@ -3,26 +3,49 @@
 Most training steps call ``elbo_loss(recon_input, target, mu, logvar, beta,
 likelihood=...)`` with CPU tensors, a float or 0-d tensor beta and nothing
 else: no step, capacity, prior, process group or inplace. ``common_call``
-recognises such a call with a few attribute reads and runs it through the
-eager path's own pieces (``eager_plan``, ``ElboOptions.packed``,
-``eager_elbo``). It has no errors of its own: a call it does not recognise,
-valid or not, returns None, and ``elbo_call`` checks it and raises the error
+(``_C.common_elbo``, csrc/bind_common_call.cpp) recognises such a call and
+runs the eager path in one C call: it reads the tensors' attributes,
+looks up the call's lane (``make_lane``, once per options, dtypes and
+gradients asked for: the EagerPlan and the packed options decoded for the
+kernel), allocates the outputs, launches the kernel and attaches the loss
+(ElboFunction). Per call it costs the attribute reads, the allocations and
+the attachment and nothing more (docs/perf.md).
+
+It has no errors of its own: a call it does not recognise, valid or not,
+returns None and ``elbo_call`` checks it and raises the error
 (docs/architecture.md). The option checks are the one check both share
-(``elbo_options``), and run first in both, as for every float or tensor beta.
+(``elbo_options``, run by ``make_lane``); the kernel's invalid target is
+reported by ``raise_invalid_target``, as on the eager path.
+
+Common: an elementwise native likelihood named by a string; plain CPU
+tensors (not subclasses) of strided layout, of one floating dtype pair
+(recon_input and target fp32/fp64 alike, mu and logvar fp32/fp64 alike)
+and the shapes elbo_call accepts (mu [B, D] with B > 0, logvar mu's shape,
+recon_input [B, ...], target recon_input's shape); a target that does not
+require grad; beta a float or a 0-d floating CPU tensor that does not, in
+[0, inf); grad mode as it is; no torch.compile, torch.func transform,
+forward-mode AD or torch function mode; the native kernel present and not
+disabled (KLANNEAL_DISABLE_NATIVE).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from klanneal._call import _FORWARD_AD, _NEW_TUPLE, _TRANSFORMS_ACTIVE, _UNTRACKED
-from klanneal._eager import eager_elbo, eager_plan
-from klanneal._kernels import native_available
-from klanneal._layout import FULL_PRECISION, OpInputs, _cached_options, elbo_options
+from klanneal._buffers import POOL_MIN_BYTES, _grad_recon_buffer
+from klanneal._eager import _ZERO_D, APPLY, eager_plan
+from klanneal._env import _ENV_BYTES, native_disabled
+from klanneal._layout import DTYPE_CODES, FULL_PRECISION, LAYOUT, elbo_options
+from klanneal._validate import raise_invalid_target
 from klanneal.likelihoods import FAMILIES
 from klanneal.reference import ELBOOutput
+
+try:
+    from klanneal import _C
+except ImportError:  # pragma: no cover - exercised via KLANNEAL_DISABLE_NATIVE
+    _C = None  # type: ignore[assignment]
 
 # The likelihoods of the common call: the native ones with a target of
 # recon_input's shape (categorical's class ids take elbo_call's path).
@@ -30,92 +53,62 @@ _ELEMENTWISE = frozenset(
     name for name, family in FAMILIES.items()
     if family.native and family.target not in ("class_ids", "counts")
 )  # fmt: skip
-_Tensor = torch.Tensor
-_STRIDED = torch.strided
-_INF = float("inf")
 
 
-def common_call(
-    recon_input: Any, target: Any, mu: Any, logvar: Any, beta: Any, likelihood: Any,
-    reduction: Any, free_bits: Any, free_bits_mode: Any, ignore_index: Any, gaussian_var: Any,
-    validate: Any,
-) -> Optional[ELBOOutput]:  # fmt: skip
-    """elbo_loss's result for a common call (the caller has seen no step,
-    capacity, prior, process group or inplace), or None for any other call.
-
-    Common: an elementwise native likelihood named by a string; plain CPU
-    tensors (not subclasses) of one floating dtype pair (recon_input and
-    target fp32/fp64 alike, mu and logvar fp32/fp64 alike) and the shapes
-    elbo_call accepts; a target that does not require grad; beta a float or
-    a 0-d floating CPU tensor that does not, in [0, inf); grad mode as it
-    is; no torch.compile, torch.func transform, forward-mode AD or torch
-    function mode; the native kernel present.
-    """
-    beta_is_float = type(beta) is float
-    if not (
-        (beta_is_float or (
-            type(beta) is _Tensor and beta.dim() == 0 and beta.is_cpu
-            and not beta.requires_grad and beta.dtype.is_floating_point
-        ))
-        and type(likelihood) is str and likelihood in _ELEMENTWISE
-        and type(recon_input) is _Tensor and type(target) is _Tensor
-        and type(mu) is _Tensor and type(logvar) is _Tensor
-        and recon_input.is_cpu and target.is_cpu and mu.is_cpu and logvar.is_cpu
-        and recon_input.layout is _STRIDED and target.layout is _STRIDED
-        and mu.layout is _STRIDED and logvar.layout is _STRIDED
-        and not target.requires_grad and not _SPECIAL_STATE()
-    ):  # fmt: skip
-        return None
-    value = beta if beta_is_float else beta.item()  # after _SPECIAL_STATE: vmap has no item()
-    if not 0 <= value < _INF:
-        return None
-    recon_dtype, latent_dtype = recon_input.dtype, mu.dtype
-    if not (
-        recon_dtype in FULL_PRECISION and target.dtype is recon_dtype
-        and latent_dtype in FULL_PRECISION and logvar.dtype is latent_dtype
-    ):  # fmt: skip
-        return None
-    shape, recon_shape = mu.shape, recon_input.shape
-    if not (
-        len(shape) == 2 and logvar.shape == shape and target.shape == recon_shape
-        and len(recon_shape) > 0 and recon_shape[0] == shape[0] and shape[0] > 0
-    ):  # fmt: skip
-        return None
-    if not native_available(None):
-        return None
-    args = (likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate)
-    try:
-        options = _cached_options(*args)  # elbo_options' cache, not tracing
-    except TypeError:
-        options = elbo_options(*args)  # an unhashable argument: checked uncached
-    if _GRAD_ENABLED():
-        requires = (
-            recon_input.requires_grad, False, mu.requires_grad, logvar.requires_grad,
-            False, False, False,
-        )  # fmt: skip
-    else:
-        requires = _UNTRACKED
-    plan = eager_plan(requires, recon_dtype, latent_dtype, options.reduction)
-    floats, ints = options.packed_value(value, plan.asked)
-    op = _NEW_TUPLE(OpInputs, (
-        recon_input.contiguous(), target.contiguous(), mu.contiguous(), logvar.contiguous(),
-        None, None, floats, ints, None, None, None,
-    ))  # fmt: skip
-    return _NEW_TUPLE(ELBOOutput, eager_elbo(plan, options, op))
-
-
-def _special_state() -> bool:
-    """torch.compile tracing, a torch.func transform, forward-mode AD or a
-    torch function mode is active: elbo_call decides those calls."""
-    return (
-        _IS_COMPILING()
-        or _TRANSFORMS_ACTIVE()
-        or _FORWARD_AD._current_level >= 0
-        or _FUNCTION_MODE()
+def make_lane(
+    likelihood: Any, reduction: Any, free_bits: Any, free_bits_mode: Any, ignore_index: Any,
+    gaussian_var: Any, validate: Any, _free_bits_type: type, _ignore_index_type: type,
+    _gaussian_var_type: type, _validate_type: type, recon_dtype: torch.dtype,
+    target_dtype: torch.dtype, latent_dtype: torch.dtype, logvar_dtype: torch.dtype,
+    grad_recon: bool, grad_mu: bool, grad_logvar: bool,
+) -> Any:  # fmt: skip
+    """The lane of a common call (its key in _C.common_elbo's lane table: the
+    options, their types, the four dtypes and the gradients asked for), or
+    None where the dtypes make it not common. Checks the options first
+    (elbo_options raises the error elbo_call would)."""
+    options = elbo_options(
+        likelihood, reduction, free_bits, free_bits_mode, ignore_index, gaussian_var, validate
     )
+    if not (
+        recon_dtype in FULL_PRECISION and target_dtype is recon_dtype
+        and latent_dtype in FULL_PRECISION and logvar_dtype is latent_dtype
+    ):  # fmt: skip
+        return None
+    requires = (grad_recon, False, grad_mu, grad_logvar, False, False, False)
+    plan = eager_plan(requires, recon_dtype, latent_dtype, options.reduction)
+    floats, ints = options.packed_value(0.0, plan.asked)
+    codes = {
+        "recon_dtype": DTYPE_CODES[recon_dtype], "latent_dtype": DTYPE_CODES[latent_dtype],
+        "out_dtype": DTYPE_CODES[plan.dtype], "n_threads": 1,
+    }  # fmt: skip
+    sizes = [codes.get(name, 0) for name in LAYOUT["sizes"]]
+    return _C.common_lane(
+        sizes, floats, ints, _ZERO_D[plan.dtype], plan.dtype, plan, grad_recon, grad_mu,
+        grad_logvar, POOL_MIN_BYTES // recon_dtype.itemsize,
+    )  # fmt: skip
 
 
-_IS_COMPILING = torch.compiler.is_compiling
-_FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
-_GRAD_ENABLED = torch.is_grad_enabled
-_SPECIAL_STATE = _special_state
+def _python_common_call(*args: Any) -> Optional[ELBOOutput]:
+    """Without the native extension no call is common."""
+    return None
+
+
+common_call: Callable[..., Optional[ELBOOutput]] = _python_common_call
+if _C is not None:
+    _C.common_setup({
+        "tensor_type": torch.Tensor, "strided": torch.strided, "float32": torch.float32,
+        "float64": torch.float64, "elementwise": _ELEMENTWISE, "empty_like": torch.empty_like,
+        "empty": torch.empty, "default_dtype": torch.get_default_dtype,
+        "is_compiling": torch.compiler.is_compiling,
+        "transforms_active": torch._C._are_functorch_transforms_active,
+        "function_mode": torch._C._is_torch_function_mode_enabled,
+        "forward_ad": torch.autograd.forward_ad, "grad_enabled": torch.is_grad_enabled,
+        "num_threads": torch.get_num_threads, "apply": APPLY, "output_type": ELBOOutput,
+        "make_lane": make_lane, "lanes": {}, "large_grad": _grad_recon_buffer,
+        "invalid_target": raise_invalid_target,
+        "env": _ENV_BYTES if _ENV_BYTES is not None else None,
+        "native_disabled": native_disabled,
+    })  # fmt: skip
+    common_call = _C.common_elbo
+
+__all__ = ["common_call", "make_lane"]

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from klanneal._autograd import _backward_common, _is_one, _save_context
+from klanneal._autograd import _backward_common, _save_context
 from klanneal._buffers import (
     POOL_MIN_BYTES,
     _grad_recon_buffer,
@@ -69,7 +69,8 @@ class EagerPlan:
     __slots__ = (
         "asked", "tracked", "saved_index", "dtype", "recon_grad_dtype", "latent_grad_dtype",
         "reduction", "recon_dtype", "latent_dtype", "grad_recon_input", "grad_target",
-        "grad_beta", "scaled_in_place", "same_dtype_grads", "plain_scalars",
+        "grad_beta", "scaled_in_place", "same_dtype_grads", "plain_scalars", "saved_slots",
+        "unit_saved",
     )  # fmt: skip
 
     def __init__(
@@ -99,12 +100,22 @@ class EagerPlan:
         self.same_dtype_grads = full
         # 0-d loss, recon and kl, and no d loss / d beta (kl_weight).
         self.plain_scalars = reduction != "none" and not requires[4]
+        # ElboFunction saves only the tensors computed: their slots among
+        # SAVED + kl_weight (kl_weight: d loss / d beta, for a beta tensor
+        # that requires grad).
+        self.saved_slots = tuple(k for k in range(5) if self.asked[k]) + (
+            (5,) if self.grad_beta else ()
+        )
+        # ElboFunction.backward's unit case (loss.backward() on a 0-d loss
+        # whose inputs' gradients are the saved tensors, in order).
+        self.unit_saved = self.saved_index is not None and self.plain_scalars
 
     def scaled(self) -> EagerPlan:
         """A copy for one backward to mark (the cached plan is shared by calls)."""
         copy = object.__new__(EagerPlan)
         for name in EagerPlan.__slots__:
             setattr(copy, name, getattr(self, name))
+        copy.unit_saved = False  # its backward goes through _backward_common
         return copy
 
 
@@ -177,7 +188,9 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
         # a finished torch.func transform).
         unwrap = UNWRAP_IF_DEAD
         tracked = [unwrap(op[k]) for k in plan.tracked]
-        loss = APPLY((loss, (*grads, kl_weight), plan), *tracked)
+        computed = (*grads, kl_weight)
+        saved = tuple(computed[k] for k in plan.saved_slots)
+        loss = APPLY((loss, saved, plan), *tracked)
     return loss, recon, kl, kl_per_dim, beta_out  # type: ignore[return-value]
 
 
@@ -185,8 +198,9 @@ class ElboFunction(torch.autograd.Function):
     """Eager autograd of klanneal.elbo_loss: attaches the loss of a kernel that
     already ran (eager_elbo) and returns the gradients it computed.
 
-    Its arguments are (loss, the gradients, the EagerPlan) and, of the
-    inputs, only those that require grad (EagerPlan.tracked): each argument
+    Its arguments are (loss, the gradients computed in the order of
+    EagerPlan.saved_slots, the EagerPlan) and, of the inputs, only those
+    that require grad (EagerPlan.tracked): each argument
     of an autograd.Function costs time on every call, which is what small
     batches pay for. For the same reason the loss is the only output: recon,
     kl, kl_per_dim and beta are plain tensors.
@@ -195,33 +209,31 @@ class ElboFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, state: tuple[Any, ...], *tracked: torch.Tensor) -> torch.Tensor:
         loss: torch.Tensor = state[0]
-        saved, plan = state[1], state[2]
         ctx.set_materialize_grads(False)
-        # grad_recon, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar, kl_weight.
-        ctx.save_for_backward(*saved)
-        ctx.plan = plan
+        # The gradients computed, in plan.saved_slots order.
+        ctx.save_for_backward(*state[1])
+        ctx.plan = state[2]
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
         plan = ctx.plan
-        index = plan.saved_index
         if (
-            index is not None
-            and not plan.scaled_in_place
-            and type(grad_loss) is torch.Tensor
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and _is_one(grad_loss)
+            plan.unit_saved
+            and type(grad_loss) is _Tensor
+            and grad_loss.is_cpu
+            and not _GRAD_ENABLED()
+            and not _IS_COMPILING()
+            and grad_loss.item() == 1.0
         ):
-            # The common case (loss.backward() on a scalar loss): the
-            # gradients of the forward pass, as they are (so a later backward
-            # through a retained graph must not scale them in place).
+            # The common case (loss.backward() on a 0-d loss): the gradients
+            # of the forward pass, as they are (so a later backward through
+            # a retained graph must not scale them in place). Any other
+            # unit gradient is handed out the same way by _backward_common.
             ctx.handed_out = True
-            saved = ctx.saved_tensors
-            return (None, *[saved[k] for k in index])
+            return (None, *ctx.saved_tensors)
         ctx.plan = state = plan.scaled()
-        out = _backward_common(ctx, state, grad_loss)  # in OpInputs order
+        out = _backward_common(ctx, state, grad_loss, plan.saved_slots)  # in OpInputs order
         return (None, *[out[k] for k in plan.tracked])
 
 
@@ -248,6 +260,9 @@ _ZERO_D = {
     dtype: torch.empty((), dtype=dtype, device="cpu") for dtype in (torch.float32, torch.float64)
 }
 _FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
+_GRAD_ENABLED = torch.is_grad_enabled
+_IS_COMPILING = torch.compiler.is_compiling
+_Tensor = torch.Tensor
 
 UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 

@@ -142,6 +142,7 @@ def elbo_loss(
     if (
         step is None and capacity is None and prior is None and prior_mu is None
         and prior_logvar is None and free_bits_group is None and inplace is False
+        and not _DYNAMO_COMPILING()  # a C call: torch.compile traces elbo_call's path
     ):  # fmt: skip
         out = common_call(
             recon_input, target, mu, logvar, beta, likelihood, reduction, free_bits,
@@ -154,3 +155,6 @@ def elbo_loss(
         free_bits_mode, ignore_index, gaussian_var, prior_mu, prior_logvar, capacity,
         free_bits_group, inplace, validate, prior,
     ).run()  # fmt: skip
+
+
+_DYNAMO_COMPILING = torch.compiler.is_dynamo_compiling
