@@ -44,6 +44,11 @@ namespace py = pybind11;
 // Launches over fewer elements than this keep the GIL (the hand-over costs
 // more than the launch; the kernel never calls back into Python).
 constexpr int64_t kReleaseGilElems = int64_t{1} << 15;
+// Gradients of at most this many bytes in all are kept on ElboFunction's
+// ctx instead of saved (klanneal._autograd.saved_gradients): cheaper per
+// call, and what they hold after the backward until the graph is freed is
+// small.
+constexpr int64_t kKeepGradBytes = int64_t{1} << 16;
 // The lane table is cleared once it holds this many entries (one per
 // combination of options, dtypes and gradients asked for).
 constexpr Py_ssize_t kMaxLanes = 1024;
@@ -58,6 +63,7 @@ struct CommonLane {
   bool per_example = false;              // reduction "none": loss, recon and kl are [B]
   bool grads[3] = {false, false, false}; // recon_input, mu, logvar
   int64_t pool_numel = 0;                // recon_input's gradient from the pool from here on
+  int64_t recon_itemsize = 4, latent_itemsize = 4;
   PyObject *zero_d = nullptr;
   PyObject *dtype = nullptr;
   PyObject *plan = nullptr;
@@ -298,8 +304,8 @@ PyObject *run(const CommonLane &lane, PyObject *const *args, PyObject *const *in
     throw std::runtime_error("klanneal: invalid_target returned");
   }
 
-  // ElboFunction: (loss, the gradients computed, the plan), then the
-  // inputs that get them.
+  // ElboFunction: (loss, the gradients computed, the plan, whether they are
+  // small enough to be kept on ctx), then the inputs that get them.
   PyObject *tracked[4] = {nullptr, nullptr, nullptr, nullptr};
   PyObject *saved[3] = {nullptr, nullptr, nullptr};
   PyObject *const owners[3] = {x.ptr(), mu.ptr(), logvar.ptr()};
@@ -315,7 +321,11 @@ PyObject *run(const CommonLane &lane, PyObject *const *args, PyObject *const *in
       Py_INCREF(saved[k]);
       PyTuple_SET_ITEM(saved_tuple.ptr(), k, saved[k]);
     }
-    py::object state = steal(PyTuple_Pack(3, out[0].ptr(), saved_tuple.ptr(), lane.plan));
+    const int64_t grad_bytes = (grads[0] ? numel * lane.recon_itemsize : 0) +
+                               (grads[1] ? batch * latent_dim * lane.latent_itemsize : 0) +
+                               (grads[2] ? batch * latent_dim * lane.latent_itemsize : 0);
+    PyObject *keep = grad_bytes <= kKeepGradBytes ? Py_True : Py_False;
+    py::object state = steal(PyTuple_Pack(4, out[0].ptr(), saved_tuple.ptr(), lane.plan, keep));
     tracked[0] = state.ptr();
     out[0] = steal(PyObject_Vectorcall(cfg.apply, tracked, static_cast<size_t>(n + 1), nullptr));
   }
@@ -432,6 +442,9 @@ py::capsule common_lane(const std::vector<int64_t> &sizes, const std::vector<dou
   lane->validate = ints[static_cast<size_t>(IntSlot::k_validate)] != 0;
   lane->float32_outputs = wants_float32_outputs(sizes);
   lane->per_example = lane->base.reduction == Reduction::kNone;
+  auto itemsize = [](DType d) { return d == DType::kFloat64 ? 8 : 4; };
+  lane->recon_itemsize = itemsize(lane->base.recon_dtype);
+  lane->latent_itemsize = itemsize(lane->base.latent_dtype);
   lane->grads[0] = grad_recon;
   lane->grads[1] = grad_mu;
   lane->grads[2] = grad_logvar;

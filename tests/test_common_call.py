@@ -201,3 +201,53 @@ def test_a_default_device_at_import_does_not_move_the_outputs():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_small_gradients_are_kept_on_ctx_and_large_ones_saved():
+    # ElboFunction keeps a small call's gradients as a ctx attribute (cheaper
+    # per call than saved tensors) and saves a large call's, which autograd
+    # frees right after a backward without retain_graph.
+    small = _inputs()
+    loss = common_call(*small, 0.5, "bernoulli", *OPTIONS).loss
+    assert loss.grad_fn.kept is not None and loss.grad_fn.saved_tensors == ()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 512, generator=gen, requires_grad=True)  # 128 KiB of gradient
+    target = torch.rand(64, 512, generator=gen)
+    mu, logvar = (torch.randn(64, 8, generator=gen, requires_grad=True) for _ in range(2))
+    loss = common_call(x, target, mu, logvar, 0.5, "bernoulli", *OPTIONS).loss
+    assert loss.grad_fn.kept is None and len(loss.grad_fn.saved_tensors) == 3
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (64, 512)], ids=["kept", "saved"])
+def test_a_second_backward_through_a_freed_graph_raises_torchs_error(size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*size, generator=gen, requires_grad=True)
+    target = torch.rand(*size, generator=gen)
+    mu, logvar = (torch.randn(size[0], 4, generator=gen, requires_grad=True) for _ in range(2))
+    loss = common_call(x, target, mu, logvar, 0.5, "bernoulli", *OPTIONS).loss
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (64, 512)], ids=["kept", "saved"])
+def test_a_handed_out_gradient_modified_in_place_is_not_handed_out_again(size):
+    # A unit backward hands the saved gradients out as they are (here to a
+    # hook that keeps recon_input's). Unmodified, a backward through the
+    # retained graph hands them out again; modified in place, it must not
+    # (as for torch's saved tensors).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*size, generator=gen, requires_grad=True)
+    target = torch.rand(*size, generator=gen)
+    mu, logvar = (torch.randn(size[0], 4, generator=gen, requires_grad=True) for _ in range(2))
+    y = x * 1.0
+    seen: list[torch.Tensor] = []
+    y.register_hook(seen.append)
+    loss = common_call(y, target, mu, logvar, 0.5, "bernoulli", *OPTIONS).loss
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 2 * seen[0])
+    assert seen[1] is seen[0]
+    seen[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -27,6 +27,12 @@ _IN_PRIOR_MU, _IN_PRIOR_LOGVAR = (
 
 _N_SAVED = len(SAVED)
 
+_MODIFIED = (
+    "klanneal.elbo_loss: a gradient handed out by an earlier backward was modified by an "
+    "inplace operation, so a later backward through the same graph (retain_graph=True) "
+    "cannot hand it out again. Recompute the loss for another backward."
+)
+
 _SECOND_BACKWARD = (
     "klanneal.elbo_loss: a second backward through the same graph (retain_graph=True) is "
     "not supported: the first backward scaled the gradients saved by the forward pass in "
@@ -54,8 +60,8 @@ def _backward_common(
 
     ctx.saved_tensors: the gradients named in SAVED (grad_recon, grad_mu,
     grad_logvar, grad_prior_mu, grad_prior_logvar), then kl_weight; or, with
-    ``saved_slots``, only those computed, each in its slot of that list
-    (ElboFunction). state
+    ``saved_slots`` (ElboFunction), ``saved_gradients(ctx)``: only those
+    computed, each in its slot of that list. state
     (ctx itself for the op, in eager mode the copy of the call's EagerPlan
     that ElboFunction keeps on ctx): reduction, asked (the 5 gradients the
     forward computed), recon_dtype, latent_dtype, grad_recon_input,
@@ -75,7 +81,7 @@ def _backward_common(
         saved_all: list[Any] = list(ctx.saved_tensors)
     else:
         saved_all = [None] * (_N_SAVED + 1)
-        for slot, tensor in zip(saved_slots, ctx.saved_tensors):
+        for slot, tensor in zip(saved_slots, saved_gradients(ctx)):
             saved_all[slot] = tensor
     *saved, kl_weight = saved_all  # the SAVED gradients, then kl_weight
     grads, in_place = scale_saved(ctx, state, saved, state.asked, grad_loss, state.reduction, eager)
@@ -92,6 +98,26 @@ def _backward_common(
         # A learnable beta (GECO, a Lagrange multiplier): d loss / d beta = the KL term.
         out[_IN_BETA] = (grad_loss.to(torch.float64) * kl_weight.to(torch.float64)).sum()
     return out
+
+
+def saved_gradients(ctx: Any) -> tuple[torch.Tensor, ...]:
+    """The gradients ElboFunction's forward kept: ``ctx.kept`` (small ones,
+    kept as an attribute, which costs less per call than saved tensors) or
+    ``ctx.saved_tensors``.
+
+    Kept ones get the saved tensors' checks: reading ctx.saved_tensors (none
+    saved) raises torch's error for a backward through a graph an earlier
+    backward freed, and once handed out (``ctx.handed_out``) they must not
+    have been modified in place (their version is 0 until then: allocated
+    by the call, written by the kernel through a pointer).
+    """
+    kept = ctx.kept
+    if kept is None:
+        return ctx.saved_tensors  # type: ignore[no-any-return]
+    ctx.saved_tensors  # noqa: B018 - raises after the graph was freed
+    if ctx.handed_out and any(t._version != 0 for t in kept):
+        raise RuntimeError(_MODIFIED)
+    return kept  # type: ignore[no-any-return]
 
 
 def check_backward(state: Any, second_backward: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from klanneal._autograd import _backward_common, _save_context
+from klanneal._autograd import _backward_common, _save_context, saved_gradients
 from klanneal._buffers import (
     POOL_MIN_BYTES,
     _grad_recon_buffer,
@@ -190,7 +190,7 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
         tracked = [unwrap(op[k]) for k in plan.tracked]
         computed = (*grads, kl_weight)
         saved = tuple(computed[k] for k in plan.saved_slots)
-        loss = APPLY((loss, saved, plan), *tracked)
+        loss = APPLY((loss, saved, plan, False), *tracked)
     return loss, recon, kl, kl_per_dim, beta_out  # type: ignore[return-value]
 
 
@@ -199,8 +199,9 @@ class ElboFunction(torch.autograd.Function):
     already ran (eager_elbo) and returns the gradients it computed.
 
     Its arguments are (loss, the gradients computed in the order of
-    EagerPlan.saved_slots, the EagerPlan) and, of the inputs, only those
-    that require grad (EagerPlan.tracked): each argument
+    EagerPlan.saved_slots, the EagerPlan, whether to keep the gradients on
+    ctx instead of saving them: the common call keeps small ones) and, of
+    the inputs, only those that require grad (EagerPlan.tracked): each argument
     of an autograd.Function costs time on every call, which is what small
     batches pay for. For the same reason the loss is the only output: recon,
     kl, kl_per_dim and beta are plain tensors.
@@ -208,12 +209,18 @@ class ElboFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, state: tuple[Any, ...], *tracked: torch.Tensor) -> torch.Tensor:
-        loss: torch.Tensor = state[0]
+        loss, saved, plan, keep = state
         ctx.set_materialize_grads(False)
-        # The gradients computed, in plan.saved_slots order.
-        ctx.save_for_backward(*state[1])
-        ctx.plan = state[2]
-        return loss
+        # The gradients computed, in plan.saved_slots order: small ones kept
+        # on ctx (see saved_gradients), the others saved.
+        if keep:
+            ctx.kept = saved
+        else:
+            ctx.kept = None
+            ctx.save_for_backward(*saved)
+        ctx.handed_out = False
+        ctx.plan = plan
+        return loss  # type: ignore[no-any-return]
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor]) -> tuple[Any, ...]:
@@ -223,15 +230,16 @@ class ElboFunction(torch.autograd.Function):
             and type(grad_loss) is _Tensor
             and grad_loss.is_cpu
             and not _GRAD_ENABLED()
-            and not _IS_COMPILING()
+            and not _DYNAMO_COMPILING()
             and grad_loss.item() == 1.0
         ):
             # The common case (loss.backward() on a 0-d loss): the gradients
             # of the forward pass, as they are (so a later backward through
             # a retained graph must not scale them in place). Any other
             # unit gradient is handed out the same way by _backward_common.
+            saved = saved_gradients(ctx)
             ctx.handed_out = True
-            return (None, *ctx.saved_tensors)
+            return (None, *saved)
         ctx.plan = state = plan.scaled()
         out = _backward_common(ctx, state, grad_loss, plan.saved_slots)  # in OpInputs order
         return (None, *[out[k] for k in plan.tracked])
@@ -261,7 +269,9 @@ _ZERO_D = {
 }
 _FUNCTION_MODE = torch._C._is_torch_function_mode_enabled
 _GRAD_ENABLED = torch.is_grad_enabled
-_IS_COMPILING = torch.compiler.is_compiling
+# Dynamo tracing a backward (compiled autograd) sees no fast path; other
+# tracers pass tensor subclasses, which the type check leaves out.
+_DYNAMO_COMPILING = torch.compiler.is_dynamo_compiling
 _Tensor = torch.Tensor
 
 UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
