@@ -78,8 +78,8 @@ struct CommonLane {
 struct Config {
   bool ready = false;
   PyObject *tensor_type, *strided, *float32, *float64, *elementwise, *empty_like, *empty,
-      *default_dtype, *is_compiling, *transforms_active, *function_mode, *forward_ad, *grad_enabled,
-      *num_threads, *apply, *output_type, *make_lane, *lanes, *large_grad, *invalid_target, *env,
+      *default_dtype, *transforms_active, *function_mode, *forward_ad, *grad_enabled, *num_threads,
+      *apply, *output_type, *make_lane, *lanes, *large_grad, *invalid_target, *env,
       *native_disabled, *dtype_kwnames;
 };
 Config cfg;
@@ -87,7 +87,8 @@ Config cfg;
 // Interned attribute names.
 struct Names {
   PyObject *is_cpu, *layout, *dtype, *requires_grad, *shape, *ndim, *contiguous, *data_ptr, *numel,
-      *item, *is_floating_point, *current_level, *env_key;
+      *item, *is_floating_point, *current_level, *env_key, *set_materialize_grads,
+      *save_for_backward, *kept, *handed_out, *plan;
 };
 Names names;
 
@@ -118,10 +119,12 @@ uint64_t data_ptr(PyObject *t) {
   return v;
 }
 
-// torch.compile tracing, a torch.func transform, forward-mode AD or a torch
-// function mode is active: elbo_call decides those calls.
+// A torch.func transform, forward-mode AD or a torch function mode is
+// active: elbo_call decides those calls. (torch.compile never gets here:
+// Dynamo cannot trace a C function, and elbo_loss leaves its calls to
+// elbo_call; other tracers pass tensor subclasses, which are not common.)
 bool special_state() {
-  if (call0(cfg.is_compiling).ptr() != Py_False || call0(cfg.transforms_active).ptr() != Py_False)
+  if (call0(cfg.transforms_active).ptr() != Py_False)
     return true;
   if (as_int(attr(cfg.forward_ad, names.current_level).ptr()) >= 0)
     return true;
@@ -374,6 +377,45 @@ PyObject *common_elbo(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
   return nullptr;
 }
 
+// ElboFunction.forward(ctx, state, *tracked) (klanneal/_eager.py, whose
+// Python forward it replaces, line for line): state is (loss, the
+// gradients computed, the EagerPlan, whether to keep the gradients on ctx).
+PyObject *elbo_function_forward(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+  try {
+    if (nargs < 2 || !PyTuple_CheckExact(args[1]) || PyTuple_GET_SIZE(args[1]) != 4)
+      throw std::invalid_argument("elbo_function_forward: expected (ctx, (loss, saved, plan, "
+                                  "keep), *tracked)");
+    PyObject *ctx = args[0];
+    PyObject *loss = PyTuple_GET_ITEM(args[1], 0);
+    PyObject *saved = PyTuple_GET_ITEM(args[1], 1);
+    steal(PyObject_CallMethodOneArg(ctx, names.set_materialize_grads, Py_False));
+    if (PyTuple_GET_ITEM(args[1], 3) == Py_True) {
+      if (PyObject_SetAttr(ctx, names.kept, saved) < 0)
+        throw py::error_already_set();
+    } else {
+      if (PyObject_SetAttr(ctx, names.kept, Py_None) < 0)
+        throw py::error_already_set();
+      py::object save = attr(ctx, names.save_for_backward);
+      steal(PyObject_Call(save.ptr(), saved, nullptr));
+    }
+    if (PyObject_SetAttr(ctx, names.handed_out, Py_False) < 0 ||
+        PyObject_SetAttr(ctx, names.plan, PyTuple_GET_ITEM(args[1], 2)) < 0)
+      throw py::error_already_set();
+    Py_INCREF(loss);
+    return loss;
+  } catch (py::error_already_set &e) {
+    e.restore();
+  } catch (const std::invalid_argument &e) {
+    PyErr_SetString(PyExc_TypeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef elbo_function_forward_def = {
+    "elbo_function_forward",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&elbo_function_forward)),
+    METH_FASTCALL, "ElboFunction.forward in C (klanneal/_eager.py)."};
+
 PyMethodDef common_elbo_def = {
     "common_elbo", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&common_elbo)),
     METH_FASTCALL,
@@ -395,7 +437,6 @@ void common_setup(const py::dict &config) {
   cfg.empty_like = take("empty_like");
   cfg.empty = take("empty");
   cfg.default_dtype = take("default_dtype");
-  cfg.is_compiling = take("is_compiling");
   cfg.transforms_active = take("transforms_active");
   cfg.function_mode = take("function_mode");
   cfg.forward_ad = take("forward_ad");
@@ -428,7 +469,12 @@ void common_setup(const py::dict &config) {
            intern("item"),
            intern("is_floating_point"),
            intern("_current_level"),
-           PyBytes_FromString("KLANNEAL_DISABLE_NATIVE")};
+           PyBytes_FromString("KLANNEAL_DISABLE_NATIVE"),
+           intern("set_materialize_grads"),
+           intern("save_for_backward"),
+           intern("kept"),
+           intern("handed_out"),
+           intern("plan")};
   cfg.ready = true;
 }
 
@@ -470,6 +516,8 @@ void register_common_call(py::module_ &m) {
         "allocate and the recon_input numel from which its gradient comes from the pool.");
   m.add_object("common_elbo",
                py::reinterpret_steal<py::object>(PyCFunction_New(&common_elbo_def, nullptr)));
+  m.add_object("elbo_function_forward", py::reinterpret_steal<py::object>(
+                                            PyCFunction_New(&elbo_function_forward_def, nullptr)));
 }
 
 } // namespace klanneal

@@ -99,7 +99,6 @@ if _C is not None:
         "tensor_type": torch.Tensor, "strided": torch.strided, "float32": torch.float32,
         "float64": torch.float64, "elementwise": _ELEMENTWISE, "empty_like": torch.empty_like,
         "empty": torch.empty, "default_dtype": torch.get_default_dtype,
-        "is_compiling": torch.compiler.is_dynamo_compiling,
         "transforms_active": torch._C._are_functorch_transforms_active,
         "function_mode": torch._C._is_torch_function_mode_enabled,
         "forward_ad": torch.autograd.forward_ad, "grad_enabled": torch.is_grad_enabled,

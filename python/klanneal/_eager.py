@@ -237,12 +237,26 @@ class ElboFunction(torch.autograd.Function):
             # of the forward pass, as they are (so a later backward through
             # a retained graph must not scale them in place). Any other
             # unit gradient is handed out the same way by _backward_common.
-            saved = saved_gradients(ctx)
+            kept = ctx.kept
+            # Kept and not yet handed out, the graph not freed (reading
+            # ctx.saved_tensors, none saved, raises then): as they are.
+            if kept is None or ctx.handed_out or ctx.saved_tensors:
+                kept = saved_gradients(ctx)
             ctx.handed_out = True
-            return (None, *saved)
+            return (None, *kept)
         ctx.plan = state = plan.scaled()
         out = _backward_common(ctx, state, grad_loss, plan.saved_slots)  # in OpInputs order
         return (None, *[out[k] for k in plan.tracked])
+
+
+# The same forward in C, without the Python frame (what small calls pay
+# for): csrc/bind_common_call.cpp.
+try:
+    from klanneal._C import elbo_function_forward
+
+    ElboFunction.forward = elbo_function_forward  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - builds without the native extension
+    pass
 
 
 def _c_apply() -> Any:
