@@ -76,7 +76,7 @@ clean:
 SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer -g
 SANITIZE_TESTS ?= tests/test_elbo.py tests/test_elbo_errors.py tests/test_reliability.py \
 	tests/test_fuzz.py tests/test_buffer_pool.py tests/test_schedules.py tests/test_nn.py \
-	tests/test_count_kernel.py
+	tests/test_count_kernel.py tests/test_common_call.py
 sanitize: venv
 	rm -rf build/sanitize-pkg
 	KLANNEAL_CUDA=OFF CMAKE_ARGS="-DCMAKE_CXX_FLAGS='$(SANITIZE_FLAGS)' -DCMAKE_SHARED_LINKER_FLAGS='-fsanitize=address,undefined'" \

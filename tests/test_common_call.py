@@ -207,23 +207,24 @@ def test_small_gradients_are_kept_on_ctx_and_large_ones_saved():
     # ElboFunction keeps a small call's gradients as a ctx attribute (cheaper
     # per call than saved tensors) and saves a large call's, which autograd
     # frees right after a backward without retain_graph.
-    small = _inputs()
-    loss = common_call(*small, 0.5, "bernoulli", *OPTIONS).loss
+    loss = common_call(*_sized((3, 5, 7)), 0.5, "bernoulli", *OPTIONS).loss
     assert loss.grad_fn.kept is not None and loss.grad_fn.saved_tensors == ()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 512, generator=gen, requires_grad=True)  # 128 KiB of gradient
-    target = torch.rand(64, 512, generator=gen)
-    mu, logvar = (torch.randn(64, 8, generator=gen, requires_grad=True) for _ in range(2))
-    loss = common_call(x, target, mu, logvar, 0.5, "bernoulli", *OPTIONS).loss
+    loss = common_call(*_sized((64, 512)), 0.5, "bernoulli", *OPTIONS).loss  # 128 KiB
     assert loss.grad_fn.kept is None and len(loss.grad_fn.saved_tensors) == 3
 
 
-@pytest.mark.parametrize("size", [(3, 5, 7), (64, 512)], ids=["kept", "saved"])
-def test_a_second_backward_through_a_freed_graph_raises_torchs_error(size):
+def _sized(size):
+    """Bernoulli inputs: recon_input of `size` (size[0] examples), 4 latents."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*size, generator=gen, requires_grad=True)
     target = torch.rand(*size, generator=gen)
     mu, logvar = (torch.randn(size[0], 4, generator=gen, requires_grad=True) for _ in range(2))
+    return x, target, mu, logvar
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (64, 512)], ids=["kept", "saved"])
+def test_a_second_backward_through_a_freed_graph_raises_torchs_error(size):
+    x, target, mu, logvar = _sized(size)
     loss = common_call(x, target, mu, logvar, 0.5, "bernoulli", *OPTIONS).loss
     loss.backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -236,10 +237,7 @@ def test_a_handed_out_gradient_modified_in_place_is_not_handed_out_again(size):
     # hook that keeps recon_input's). Unmodified, a backward through the
     # retained graph hands them out again; modified in place, it must not
     # (as for torch's saved tensors).
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*size, generator=gen, requires_grad=True)
-    target = torch.rand(*size, generator=gen)
-    mu, logvar = (torch.randn(size[0], 4, generator=gen, requires_grad=True) for _ in range(2))
+    x, target, mu, logvar = _sized(size)
     y = x * 1.0
     seen: list[torch.Tensor] = []
     y.register_hook(seen.append)
