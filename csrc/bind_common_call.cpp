@@ -87,8 +87,7 @@ Config cfg;
 // Interned attribute names.
 struct Names {
   PyObject *is_cpu, *layout, *dtype, *requires_grad, *shape, *ndim, *contiguous, *data_ptr, *numel,
-      *item, *is_floating_point, *current_level, *env_key, *set_materialize_grads,
-      *save_for_backward, *kept, *handed_out, *plan;
+      *item, *is_floating_point, *current_level, *env_key;
 };
 Names names;
 
@@ -377,45 +376,6 @@ PyObject *common_elbo(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
   return nullptr;
 }
 
-// ElboFunction.forward(ctx, state, *tracked) (klanneal/_eager.py, whose
-// Python forward it replaces, line for line): state is (loss, the
-// gradients computed, the EagerPlan, whether to keep the gradients on ctx).
-PyObject *elbo_function_forward(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-  try {
-    if (nargs < 2 || !PyTuple_CheckExact(args[1]) || PyTuple_GET_SIZE(args[1]) != 4)
-      throw std::invalid_argument("elbo_function_forward: expected (ctx, (loss, saved, plan, "
-                                  "keep), *tracked)");
-    PyObject *ctx = args[0];
-    PyObject *loss = PyTuple_GET_ITEM(args[1], 0);
-    PyObject *saved = PyTuple_GET_ITEM(args[1], 1);
-    steal(PyObject_CallMethodOneArg(ctx, names.set_materialize_grads, Py_False));
-    if (PyTuple_GET_ITEM(args[1], 3) == Py_True) {
-      if (PyObject_SetAttr(ctx, names.kept, saved) < 0)
-        throw py::error_already_set();
-    } else {
-      if (PyObject_SetAttr(ctx, names.kept, Py_None) < 0)
-        throw py::error_already_set();
-      py::object save = attr(ctx, names.save_for_backward);
-      steal(PyObject_Call(save.ptr(), saved, nullptr));
-    }
-    if (PyObject_SetAttr(ctx, names.handed_out, Py_False) < 0 ||
-        PyObject_SetAttr(ctx, names.plan, PyTuple_GET_ITEM(args[1], 2)) < 0)
-      throw py::error_already_set();
-    Py_INCREF(loss);
-    return loss;
-  } catch (py::error_already_set &e) {
-    e.restore();
-  } catch (const std::invalid_argument &e) {
-    PyErr_SetString(PyExc_TypeError, e.what());
-  }
-  return nullptr;
-}
-
-PyMethodDef elbo_function_forward_def = {
-    "elbo_function_forward",
-    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&elbo_function_forward)),
-    METH_FASTCALL, "ElboFunction.forward in C (klanneal/_eager.py)."};
-
 PyMethodDef common_elbo_def = {
     "common_elbo", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&common_elbo)),
     METH_FASTCALL,
@@ -469,12 +429,7 @@ void common_setup(const py::dict &config) {
            intern("item"),
            intern("is_floating_point"),
            intern("_current_level"),
-           PyBytes_FromString("KLANNEAL_DISABLE_NATIVE"),
-           intern("set_materialize_grads"),
-           intern("save_for_backward"),
-           intern("kept"),
-           intern("handed_out"),
-           intern("plan")};
+           PyBytes_FromString("KLANNEAL_DISABLE_NATIVE")};
   cfg.ready = true;
 }
 
@@ -516,8 +471,6 @@ void register_common_call(py::module_ &m) {
         "allocate and the recon_input numel from which its gradient comes from the pool.");
   m.add_object("common_elbo",
                py::reinterpret_steal<py::object>(PyCFunction_New(&common_elbo_def, nullptr)));
-  m.add_object("elbo_function_forward", py::reinterpret_steal<py::object>(
-                                            PyCFunction_New(&elbo_function_forward_def, nullptr)));
 }
 
 } // namespace klanneal

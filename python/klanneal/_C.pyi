@@ -78,7 +78,6 @@ def common_lane(
     grad_logvar: bool,
     pool_numel: _Int,
 ) -> Any: ...
-def elbo_function_forward(ctx: Any, state: tuple[Any, ...], /, *tracked: Any) -> Any: ...
 def common_elbo(
     recon_input: Any,
     target: Any,

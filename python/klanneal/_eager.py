@@ -249,16 +249,6 @@ class ElboFunction(torch.autograd.Function):
         return (None, *[out[k] for k in plan.tracked])
 
 
-# The same forward in C, without the Python frame (what small calls pay
-# for): csrc/bind_common_call.cpp.
-try:
-    from klanneal._C import elbo_function_forward
-
-    ElboFunction.forward = elbo_function_forward  # type: ignore[assignment]
-except ImportError:  # pragma: no cover - builds without the native extension
-    pass
-
-
 def _c_apply() -> Any:
     """torch.autograd.Function's C-level apply bound to ElboFunction, or its
     Python apply where torch's class layout is not the expected one."""
