@@ -265,6 +265,21 @@ PyObject *run(const CommonLane &lane, PyObject *const *args, PyObject *const *in
   py::object target = method0(inputs[1], names.contiguous);
   py::object mu = method0(inputs[2], names.contiguous);
   py::object logvar = method0(inputs[3], names.contiguous);
+  // A tensor without storage has no data pointer: a dead functorch wrapper
+  // (one that escaped a finished torch.func transform), which elbo_call
+  // unwraps. Read before anything is allocated.
+  uint64_t input_ptrs[4];
+  PyObject *const tensors[4] = {x.ptr(), target.ptr(), mu.ptr(), logvar.ptr()};
+  for (int k = 0; k < 4; ++k) {
+    PyObject *ptr = PyObject_CallMethodNoArgs(tensors[k], names.data_ptr);
+    if (ptr == nullptr && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+      PyErr_Clear();
+      Py_RETURN_NONE;
+    }
+    input_ptrs[k] = PyLong_AsUnsignedLongLong(steal(ptr).ptr());
+    if (input_ptrs[k] == static_cast<uint64_t>(-1) && PyErr_Occurred())
+      throw py::error_already_set();
+  }
   const int64_t numel = as_int(method0(x.ptr(), names.numel).ptr());
   // loss, recon, kl: 0-d, or [B] under reduction "none"; kl_per_dim [D]; beta 0-d.
   py::object out[5];
@@ -287,10 +302,10 @@ PyObject *run(const CommonLane &lane, PyObject *const *args, PyObject *const *in
   const int64_t threads = as_int(call0(cfg.num_threads).ptr());
   p.n_threads = static_cast<int>(threads < 1 ? 1 : threads > 4096 ? 4096 : threads);
   p.beta.value = value;
-  p.recon_input = reinterpret_cast<void *>(data_ptr(x.ptr()));
-  p.target = reinterpret_cast<void *>(data_ptr(target.ptr()));
-  p.mu = reinterpret_cast<void *>(data_ptr(mu.ptr()));
-  p.logvar = reinterpret_cast<void *>(data_ptr(logvar.ptr()));
+  p.recon_input = reinterpret_cast<void *>(input_ptrs[0]);
+  p.target = reinterpret_cast<void *>(input_ptrs[1]);
+  p.mu = reinterpret_cast<void *>(input_ptrs[2]);
+  p.logvar = reinterpret_cast<void *>(input_ptrs[3]);
   double **scalars[5] = {&p.loss, &p.recon, &p.kl, &p.kl_per_dim, &p.beta_out};
   for (int k = 0; k < 5; ++k)
     *scalars[k] = reinterpret_cast<double *>(data_ptr(out[k].ptr()));

@@ -249,3 +249,22 @@ def test_a_handed_out_gradient_modified_in_place_is_not_handed_out_again(size):
     seen[0].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_tensor_that_escaped_a_finished_transform_is_used_as_the_tensor_it_wraps():
+    # Regression: such a tensor (a dead functorch wrapper) has no storage;
+    # both the common call and the general path failed reading its data
+    # pointer ("Cannot access data pointer of Tensor that doesn't have storage").
+    x, target, mu, logvar = (t.detach() for t in _inputs())
+    escaped = {}
+
+    def keep(a):
+        escaped["x"] = a
+        return (a * 2).sum()
+
+    torch.func.grad(keep)(x)
+    assert common_call(escaped["x"], target, mu, logvar, 0.5, "bernoulli", *OPTIONS) is None
+    got = klanneal.elbo_loss(escaped["x"], target, mu, logvar, 0.5, likelihood="bernoulli")
+    want = klanneal.elbo_loss(x, target, mu, logvar, 0.5, likelihood="bernoulli")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

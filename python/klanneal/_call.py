@@ -114,6 +114,12 @@ def elbo_call(
     the process group, inplace's target. Raises TypeError / ValueError
     naming the first bad argument.
     """
+    # A tensor that escaped a finished torch.func transform (a dead wrapper,
+    # without storage) is used as the tensor it wraps, as Function.apply does.
+    recon_input, target, mu, logvar = (
+        _UNWRAP_IF_DEAD(t) if isinstance(t, _Tensor) else t
+        for t in (recon_input, target, mu, logvar)
+    )
     if type(beta) is not float and type(beta) is not _Tensor:
         beta, step = _host_beta(beta, step, capacity, mu)
     family = likelihood
@@ -252,6 +258,7 @@ def _native_call(
 
 
 _UNTRACKED = (False,) * 7
+_UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 _NEW_TUPLE = tuple.__new__  # OpInputs(...) without its Python __new__ (per call)
 
 
