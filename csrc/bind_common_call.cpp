@@ -19,13 +19,13 @@
 //
 // common_setup(config) hands over, once, the Python objects this needs (the
 // Tensor type, dtypes, torch's allocation functions, the lane table and
-// its builder, ...); common_lane(...) builds a lane (klanneal._eager.CpuLane:
-// what a call with those options, dtypes and gradients asked for needs,
-// kept in the lane table keyed by the arguments that decide it).
+// its builder, ...); common_lane(...) builds a lane for the builder
+// (klanneal._common_call.make_lane: what a call with those options, dtypes
+// and gradients asked for needs, kept in the lane table keyed by the
+// arguments that decide it).
 #include <Python.h>
 
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
