@@ -184,10 +184,9 @@ def eager_elbo(plan: EagerPlan, options: ElboOptions, op: OpInputs) -> tuple[tor
         kl_per_dim, beta_out = kl_per_dim.to(out), beta_out.to(out)  # type: ignore[union-attr]
     if plan.tracked:
         # Function.apply's C part (APPLY); only the tracked inputs are its
-        # arguments, unwrapped as Function.apply does (a tensor that escaped
-        # a finished torch.func transform).
-        unwrap = UNWRAP_IF_DEAD
-        tracked = [unwrap(op[k]) for k in plan.tracked]
+        # arguments (elbo_call has unwrapped a tensor that escaped a
+        # finished torch.func transform, as Function.apply does).
+        tracked = [op[k] for k in plan.tracked]
         computed = (*grads, kl_weight)
         saved = tuple(computed[k] for k in plan.saved_slots)
         loss = APPLY((loss, saved, plan, False), *tracked)
@@ -261,8 +260,7 @@ def _c_apply() -> Any:
 # eager_elbo calls ElboFunction through APPLY, the C apply of
 # torch.autograd.Function: what Function.apply adds in Python is for
 # torch.func transforms, and elbo_loss takes the reference path whenever one
-# is active; the inputs are unwrapped (UNWRAP_IF_DEAD) as Function.apply
-# does.
+# is active; elbo_call unwraps dead wrappers as Function.apply does.
 APPLY = _c_apply()
 
 
@@ -277,8 +275,6 @@ _GRAD_ENABLED = torch.is_grad_enabled
 # tracers pass tensor subclasses, which the type check leaves out.
 _DYNAMO_COMPILING = torch.compiler.is_dynamo_compiling
 _Tensor = torch.Tensor
-
-UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 
 
 class _ElboInplace(torch.autograd.Function):
